@@ -1,0 +1,457 @@
+"""The one training loop for every recipe.
+
+    python -m pipeline.train --config configs/scan_r101_ms1mv2.yaml [--config configs/smoke.yaml] [key=value ...]
+    torchrun --nproc_per_node 8 -m pipeline.train --config ...      # one node
+    sbatch jobs/scan_r101.sh [--config ...] [key=value ...]         # Slurm (srun)
+
+Data-parallel backbone under DeepSpeed; model-parallel class centres in a
+:class:`ShardedMarginClassifier` that stays outside DeepSpeed (its rows differ per rank, so
+its gradients must never be averaged) with its own optimizer. The recipe is looked up in the
+registry and hands back its own loss terms and monitoring values; this loop only sums and logs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_prep.manifest import DataError
+from pipeline import checkpoint as ckpt
+from pipeline import distributed, registry, schedule
+from pipeline.config import Config, ConfigError, dump_config, load_config
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than types; each error names the key."""
+    schedule.validate(cfg.schedule)
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name: unknown optimizer '{cfg.optim.name}' (known: {', '.join(OPTIMIZERS)})")
+    if cfg.deepspeed.precision not in PRECISIONS:
+        raise ConfigError(f"deepspeed.precision: unknown precision '{cfg.deepspeed.precision}' (known: fp32, fp16, bf16)")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"deepspeed.zero_stage: must be 0, 1 or 2 (the classifier is already sharded), got {cfg.deepspeed.zero_stage}")
+    if cfg.deepspeed.grad_accum < 1:
+        raise ConfigError(f"deepspeed.grad_accum: must be >= 1, got {cfg.deepspeed.grad_accum}")
+    if not 0.0 < cfg.classifier.sample_rate <= 1.0:
+        raise ConfigError(f"classifier.sample_rate: must be in (0, 1], got {cfg.classifier.sample_rate}")
+    if not cfg.data.train:
+        raise ConfigError("data.train: not set (a WebDataset shard directory with manifest.json)")
+    for path in cfg.data.val:
+        if not Path(path).is_file():
+            raise ConfigError(f"data.val: verification file '{path}' does not exist")
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    prec = cfg.deepspeed.precision
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.deepspeed.grad_accum,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our client SGD/AdamW (FACTS.md)
+        "gradient_clipping": cfg.optim.grad_clip,
+        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": prec == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_optimizer(cfg: Config, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def param_groups(model: torch.nn.Module, no_decay: set[str], weight_decay: float) -> list[dict]:
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if name in no_decay else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return groups
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None):
+        import deepspeed
+
+        from pipeline.data.loader import build_train_loader
+        from pipeline.losses.margin import CombinedMargin
+        from pipeline.losses.sharded_classifier import ShardedMarginClassifier
+
+        self.cfg = cfg
+        self.info = distributed.init(cfg.device)
+        self.rank, self.world = self.info.rank, self.info.world_size
+        self.device = self.info.device
+        self.dtype = PRECISIONS[cfg.deepspeed.precision]
+        self.out = Path(cfg.output.dir)
+        self.ckpt_root = self.out / "checkpoints"
+        torch.manual_seed(cfg.seed)  # identical initial backbone on every rank
+
+        self.loader = build_train_loader(cfg.data, self.rank, self.world, cfg.seed, cfg.model.input_size)
+        self.gas = cfg.deepspeed.grad_accum
+        self.steps_per_epoch = max(1, self.loader.steps_per_epoch // self.gas)  # optimizer steps
+        self.total_steps = schedule.total_steps(cfg.schedule, self.steps_per_epoch)
+
+        self.model = registry.build_recipe(cfg)
+        margin = CombinedMargin(cfg.margin.s, cfg.margin.m1, cfg.margin.m2, cfg.margin.m3)
+        torch.manual_seed(cfg.seed + 1)  # the classifier shard init is per rank but reproducible
+        self.classifier = ShardedMarginClassifier(
+            self.loader.num_classes, cfg.model.embedding_size, margin, sample_rate=cfg.classifier.sample_rate,
+            rank=self.rank, world_size=self.world,
+            # DeepSpeed averages backbone gradients over ranks; the all-gathered softmax already
+            # sums each sample's gradient from all shards, so scale back up (as arcface_torch does).
+            embedding_grad_scale=float(self.world)).to(self.device)
+
+        groups = param_groups(self.model, self.model.no_weight_decay(), cfg.optim.weight_decay)
+        optimizer = make_optimizer(cfg, groups, cfg.optim.lr)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False)
+        self.cls_optimizer = make_optimizer(
+            cfg, [{"params": list(self.classifier.parameters()), "weight_decay": cfg.optim.weight_decay}],
+            cfg.optim.lr * cfg.classifier.lr_scale)
+
+        self.step = 0  # optimizer steps done
+        self.writer = None
+        self._stop_signal = None
+        if resume:
+            self._resume(resume)
+        if distributed.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.step else None)
+
+    # ------------------------------------------------------------------ schedule
+
+    def _set_lr(self) -> float:
+        factor = schedule.lr_factor(self.cfg.schedule, self.step / self.steps_per_epoch)
+        lr = self.cfg.optim.lr * factor
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        for g in self.cls_optimizer.param_groups:
+            g["lr"] = lr * self.cfg.classifier.lr_scale
+        return lr
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> Path:
+        cfg, out = self.cfg, self.cfg.output
+        self._install_signal_handlers()
+        micro_per_epoch = self.steps_per_epoch * self.gas
+        epoch, offset = divmod(self.step * self.gas, micro_per_epoch)
+        last_ckpt = None
+        tick, tick_step = time.perf_counter(), self.step
+        if distributed.is_main():
+            print(f"[train] recipe={cfg.recipe} backbone={cfg.model.backbone} world={self.world} "
+                  f"classes={self.loader.num_classes} images={self.loader.num_images} "
+                  f"steps/epoch={self.steps_per_epoch} total_steps={self.total_steps} start_step={self.step}", flush=True)
+        while self.step < self.total_steps:
+            self.loader.set_epoch(epoch)
+            batches = iter(self.loader)
+            for _ in range(offset):  # resume mid-epoch: same data order as the interrupted run
+                next(batches)
+            for micro in range(offset, micro_per_epoch):
+                batch = next(batches)
+                terms = self._micro_step(batch, micro)
+                if (micro + 1) % self.gas:
+                    continue
+                self.step += 1
+                if self.step % out.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    rate = (self.step - tick_step) * self.gas * cfg.data.batch_size * self.world / max(now - tick, 1e-9)
+                    self._log(terms, rate)
+                    tick, tick_step = now, self.step
+                if out.histogram_every and self.step % out.histogram_every == 0:
+                    self._log_histograms()
+                if self._should_stop():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, leave
+                    last_ckpt = self.save()
+                    self._requeue()
+                    return last_ckpt
+                if self.step % out.checkpoint_every == 0 or self.step == self.total_steps:
+                    last_ckpt = self.save()
+                if (out.eval_every and self.step % out.eval_every == 0) or self.step == self.total_steps:
+                    self.evaluate()
+                if self.step >= self.total_steps:
+                    break
+            epoch, offset = epoch + 1, 0
+        if self.writer:
+            self.writer.close()
+        if distributed.is_main():
+            print(f"[train] done: checkpoint {last_ckpt}  tensorboard --logdir {self.out / 'tb'}", flush=True)
+        return last_ckpt
+
+    def _micro_step(self, batch: dict, micro: int) -> dict[str, torch.Tensor]:
+        # Per-step seed: partial-FC sampling and dropout are reproducible after --resume.
+        torch.manual_seed((self.cfg.seed * 1_000_003 + self.step * self.gas + micro) * 1009 + self.rank)
+        lr = self._set_lr()
+        batch = {k: self._to_device(v) for k, v in batch.items()}
+        outputs = self.engine(batch)
+        terms: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for name, head in outputs.heads.items():
+            loss = self.classifier(head.embeddings.float(), head.labels)
+            terms[f"cls_{name}"] = loss
+            total = total + head.weight * loss
+        for name, loss in outputs.aux_losses.items():
+            terms[name] = loss.float()
+            total = total + loss.float()
+        terms["total"] = total
+        self.engine.backward(total)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary:
+            self._classifier_step()
+        terms = {k: v.detach() for k, v in terms.items()}
+        terms["_lr"] = torch.tensor(lr)
+        self._scalars = outputs.scalars
+        return terms
+
+    def _classifier_step(self) -> None:
+        params = [p for p in self.classifier.parameters() if p.grad is not None]
+        if self.cfg.deepspeed.precision == "fp16":
+            # engine.backward multiplied the loss by the dynamic loss scale: undo it for the
+            # classifier, and skip its step whenever DeepSpeed skipped the backbone's (overflow).
+            scale = float(getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", 1.0)))
+            for p in params:
+                p.grad.div_(scale)
+            if not self.engine.was_step_applied():
+                self.cls_optimizer.zero_grad(set_to_none=True)
+                return
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        self._cls_grad_norm = torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else None
+        self.cls_optimizer.step()
+        self.cls_optimizer.zero_grad(set_to_none=True)
+
+    def _to_device(self, v):
+        if not torch.is_tensor(v):
+            return v
+        v = v.to(self.device, non_blocking=True)
+        return v.to(self.dtype) if v.is_floating_point() else v
+
+    # ------------------------------------------------------------------ monitoring
+
+    def _mean_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = sorted(values)
+        vec = torch.stack([torch.as_tensor(values[n], dtype=torch.float64).reshape(()) for n in names])
+        if self.world > 1:
+            dist.all_reduce(vec)
+            vec /= self.world
+        return dict(zip(names, vec.tolist()))
+
+    def _log(self, terms: dict, samples_per_s: float) -> None:
+        scalars = {f"loss/{k}": v for k, v in terms.items() if not k.startswith("_")}
+        scalars.update({f"monitor/{k}": torch.as_tensor(v).detach().float().mean() for k, v in self._scalars.items()})
+        cls_norm = getattr(self, "_cls_grad_norm", None)
+        if cls_norm is not None:
+            scalars["grad_norm/classifier_shard_sq"] = cls_norm.double() ** 2
+        means = self._mean_over_ranks(scalars)
+        if "grad_norm/classifier_shard_sq" in means:  # sum of squares over shards = full norm²
+            means["grad_norm/classifier"] = math.sqrt(means.pop("grad_norm/classifier_shard_sq") * self.world)
+        if self.writer is None:
+            return
+        for k, v in means.items():
+            self.writer.add_scalar(k, v, self.step)
+        self.writer.add_scalar("lr", float(terms["_lr"]), self.step)
+        self.writer.add_scalar("samples_per_s", samples_per_s, self.step)
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and math.isfinite(float(norm)):
+            self.writer.add_scalar("grad_norm/backbone", float(norm), self.step)
+        self.writer.flush()
+        print(f"[train] step {self.step}/{self.total_steps} loss {means['loss/total']:.4f} "
+              f"lr {float(terms['_lr']):.4g} {samples_per_s:.1f} samples/s", flush=True)
+
+    def _log_histograms(self) -> None:
+        if self.writer is None:
+            return
+        for name, values in self.model.histograms().items():
+            self.writer.add_histogram(f"hist/{name}", values.detach().float().cpu(), self.step)
+        self.writer.flush()
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        results = {}
+        if self.cfg.data.val and distributed.is_main():
+            from pipeline.eval.verify import evaluate_bin
+
+            self.model.eval()
+
+            def embed(images: torch.Tensor) -> torch.Tensor:
+                return self.model.embed(images.to(self.device, self.dtype)).float()
+
+            for path in self.cfg.data.val:
+                res = evaluate_bin(embed, path, batch_size=self.cfg.data.batch_size, device=str(self.device))
+                name = Path(path).stem
+                results[name] = res
+                if self.writer:
+                    self.writer.add_scalar(f"val/{name}/accuracy", res["accuracy"], self.step)
+                print(f"[eval] step {self.step} {name}: accuracy {res['accuracy']:.4f} ± {res['std']:.4f}", flush=True)
+            self.model.train()
+            if self.writer:
+                self.writer.flush()
+            ckpt.save_json(self.out / "eval_latest.json", {"step": self.step, "results": results})
+        distributed.barrier()
+        return results
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        root = self.ckpt_root
+        tmp = root / ckpt.tmp_name(self.step)
+        if distributed.is_main():
+            root.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+        weight = self.classifier.gather_full(self.classifier.weight.detach())
+        moments = {k: self.classifier.gather_full(v) for k, v in self._classifier_moments().items()}
+        if distributed.is_main():
+            tmp.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, tmp / "config.yaml")
+            torch.save(self.model.inference_backbone().state_dict(), tmp / "model.pt")
+            torch.save(self.model.state_dict(), tmp / "recipe.pt")
+            torch.save({"weight": weight.cpu(), "moments": {k: v.cpu() for k, v in moments.items()},
+                        "step": self._classifier_opt_step()}, tmp / "classifier.pt")
+            ckpt.save_json(tmp / "trainer.json", {
+                "step": self.step, "world_size": self.world, "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps, "recipe": self.cfg.recipe, "backbone": self.cfg.model.backbone})
+            self.model.on_checkpoint(tmp, self.step)
+        distributed.barrier()
+        final = root / ckpt.step_name(self.step)
+        if distributed.is_main():
+            final = ckpt.finalize(root, self.step, self.cfg.output.keep_checkpoints)
+            print(f"[train] checkpoint {final}", flush=True)
+        distributed.barrier()
+        return final
+
+    def _classifier_moments(self) -> dict[str, torch.Tensor]:
+        """Per-row optimizer state of the classifier shard (momentum / Adam moments)."""
+        state = self.cls_optimizer.state.get(self.classifier.weight, {})
+        return {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == self.classifier.weight.shape}
+
+    def _classifier_opt_step(self) -> float:
+        state = self.cls_optimizer.state.get(self.classifier.weight, {})
+        return float(state["step"]) if "step" in state else 0.0
+
+    def _resume(self, where: str) -> None:
+        from pipeline.losses.sharded_classifier import take_shard
+
+        try:
+            path = ckpt.resolve(self.ckpt_root if where == "latest" else where)
+        except FileNotFoundError as exc:
+            if where == "latest":
+                if distributed.is_main():
+                    print(f"[train] --resume: nothing to resume in {self.ckpt_root}; starting fresh", flush=True)
+                return
+            raise ConfigError(f"--resume: {exc}") from None
+        meta = ckpt.load_json(path / "trainer.json")
+        if (meta["recipe"], meta["backbone"]) != (self.cfg.recipe, self.cfg.model.backbone):
+            raise ConfigError(f"--resume: checkpoint {path} is a {meta['recipe']}/{meta['backbone']} run, "
+                              f"this config is {self.cfg.recipe}/{self.cfg.model.backbone}")
+        same_world = meta["world_size"] == self.world
+        try:
+            if same_world:
+                self.engine.load_checkpoint(str(path), tag="deepspeed", load_lr_scheduler_states=False)
+            else:
+                state = torch.load(path / "recipe.pt", map_location="cpu")
+                self.model.load_state_dict(state, strict=True)
+                warnings.warn(f"resuming {path} (world size {meta['world_size']}) on world size {self.world}: "
+                              "backbone optimizer moments are re-initialised; classifier state is re-sharded exactly")
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise ConfigError(f"--resume: checkpoint {path} does not fit this model ({first})") from None
+        cls = torch.load(path / "classifier.pt", map_location="cpu")
+        if cls["weight"].shape[0] != self.loader.num_classes:
+            raise ConfigError(f"--resume: checkpoint {path} has {cls['weight'].shape[0]} classes, "
+                              f"data.train has {self.loader.num_classes}")
+        with torch.no_grad():
+            self.classifier.weight.copy_(take_shard(cls["weight"], self.rank, self.world).to(self.device))
+        if cls["moments"]:
+            state = {k: take_shard(v, self.rank, self.world).to(self.device) for k, v in cls["moments"].items()}
+            if self.cfg.optim.name == "adamw":  # Adam's bias correction needs its step count
+                state["step"] = torch.tensor(cls["step"], dtype=torch.float32)
+            self.cls_optimizer.state[self.classifier.weight] = state
+        self.step = int(meta["step"])
+        if distributed.is_main():
+            print(f"[train] resumed from {path} at step {self.step}", flush=True)
+
+    # ------------------------------------------------------------------ preemption
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. some launchers)
+                pass
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
+        if self.world > 1:
+            dist.all_reduce(flag)  # every rank stops at the same step
+        return bool(flag.item() > 0)
+
+    def _requeue(self) -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if distributed.is_main():
+            print(f"[train] stopped by signal at step {self.step}; checkpoint written", flush=True)
+            if job and self._stop_signal == signal.SIGUSR1:
+                os.system(f"scontrol requeue {job}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.train",
+        description="Train any recipe. Example: python -m pipeline.train --config configs/arcface_r50.yaml "
+                    "--config configs/smoke.yaml data.train=shards/lfw output.dir=runs/try",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="config layer; repeat to stack (later layers win)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                        help="resume from CKPT, or from output.dir's latest checkpoint when no path is given")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.05 data.batch_size=64")
+    args = parser.parse_args(argv)
+    if not args.config:
+        parser.error("at least one --config is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    resume = args.resume
+    if resume is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        resume = "latest"  # requeued by Slurm after preemption: continue where it stopped
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg)
+        trainer = Trainer(cfg, resume=resume)
+        trainer.fit()
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
