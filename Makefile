@@ -1,0 +1,44 @@
+# Two commands for a newcomer:  make demo   and   make test
+# Both create (or reuse) .venv and install what they need; a second run installs nothing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch: on a machine without CUDA install the CPU build. 2.13.0 lies on this machine kind's disk;
+# elsewhere pass TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" (CPU) or
+# TORCH_SPEC="torch==2.13.0" with the CUDA index of your cluster (see README).
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP  := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast bench clean-venv help
+
+help:
+	@echo "make demo   - build a small dataset, train ArcFace iresnet on 2 processes, verify (CPU ok, <15 min)"
+	@echo "make test   - the full test suite (CPU, <30 min on 2 cores; starts a local Slurm when root)"
+	@echo "make bench  - the benchmark scripts (prints ratios; see BENCHMARKS.md)"
+	@echo "variables: DATA=<image folder> VAL=<.bin> for the demo on your own faces"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipeline.demo $(if $(DATA),--data $(DATA)) $(if $(VAL),--val $(VAL)) $(if $(OUT),--out $(OUT))
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slurm and not slow"
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)
