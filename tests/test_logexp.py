@@ -214,3 +214,17 @@ def test_half_precision_inputs_computed_in_float32():
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(ref_logexp_f64(x.float().numpy(), y.float().numpy(), 1.0), rel=1e-5)
     assert math.isfinite(got.item())
+
+
+@pytest.mark.parametrize("name", ["logexp", "l1", "l2"])
+def test_reduction_none_gives_per_sample_values(name):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 32, generator=g)
+    y = torch.randn(5, 32, generator=g)
+    per = feature_distance(name, x, y, p=1.0, reduction="none")
+    assert per.shape == (5,)
+    for i in range(5):
+        assert per[i].item() == pytest.approx(feature_distance(name, x[i:i + 1], y[i:i + 1], p=1.0).item(), rel=1e-6)
+    assert per.mean().item() == pytest.approx(feature_distance(name, x, y, p=1.0).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        feature_distance(name, x, y, reduction="sum")

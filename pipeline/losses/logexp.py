@@ -8,8 +8,8 @@ Metrics in Low Resolution Face Recognition"), Sec. 3.2 and eq. 7.
 * :func:`feature_distance` eq. 7:  the selected distance between the L2-normalised embeddings
   f_HR/‖f_HR‖₂ and f_LR/‖f_LR‖₂.
 
-Every function takes (B, D) tensors, computes one value per sample (D = the embedding size) and
-returns the batch mean, a scalar.
+Every function takes (B, D) tensors and computes one value per sample (D = the embedding size);
+``reduction="mean"`` (default) returns the batch mean, ``reduction="none"`` the (B,) values.
 
 Numerical stability of eq. 5. With a_i = |x_i − y_i|^p ≥ 0 the argument of the log is
 
@@ -54,16 +54,24 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def l1_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: 1/D · Σ_i |x_i − y_i| per sample, batch mean."""
-    _check(x, y)
-    return (_upcast(x) - _upcast(y)).abs().mean(dim=1).mean()
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
-def l2_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Eq. 2: 1/(2D) · Σ_i (x_i − y_i)² per sample, batch mean."""
+def l1_distance(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Eq. 1: 1/D · Σ_i |x_i − y_i| per sample (batch mean unless ``reduction="none"``)."""
     _check(x, y)
-    return 0.5 * (_upcast(x) - _upcast(y)).pow(2).mean(dim=1).mean()
+    return _reduce((_upcast(x) - _upcast(y)).abs().mean(dim=1), reduction)
+
+
+def l2_distance(x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Eq. 2: 1/(2D) · Σ_i (x_i − y_i)² per sample (batch mean unless ``reduction="none"``)."""
+    _check(x, y)
+    return _reduce(0.5 * (_upcast(x) - _upcast(y)).pow(2).mean(dim=1), reduction)
 
 
 def log_one_plus_sum_expm1(a: torch.Tensor) -> torch.Tensor:
@@ -79,8 +87,9 @@ def log_one_plus_sum_expm1(a: torch.Tensor) -> torch.Tensor:
     return torch.where(direct, v_direct, v_factored).squeeze(-1)
 
 
-def logexp_distance(x: torch.Tensor, y: torch.Tensor, p: float = 1.0) -> torch.Tensor:
-    """Eq. 5: 1/(p·D) · log(1 + Σ_i (exp(|x_i − y_i|^p) − 1)) per sample, batch mean.
+def logexp_distance(x: torch.Tensor, y: torch.Tensor, p: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Eq. 5: 1/(p·D) · log(1 + Σ_i (exp(|x_i − y_i|^p) − 1)) per sample (batch mean unless
+    ``reduction="none"``).
 
     ``p`` ≥ 1 (for p < 1 the gradient of |d|^p is unbounded at d = 0). At x_i = y_i the
     subgradient of |·| is taken as 0 (torch's convention), so eq. 4's (±1) factor is sign(x_i − y_i).
@@ -91,11 +100,11 @@ def logexp_distance(x: torch.Tensor, y: torch.Tensor, p: float = 1.0) -> torch.T
         raise ValueError(f"logexp_distance: p must be >= 1, got {p}")
     d = (_upcast(x) - _upcast(y)).abs()
     a = d if p == 1.0 else d.pow(p)
-    return (log_one_plus_sum_expm1(a) / (p * x.shape[1])).mean()
+    return _reduce(log_one_plus_sum_expm1(a) / (p * x.shape[1]), reduction)
 
 
 def feature_distance(name: str, x: torch.Tensor, y: torch.Tensor, p: float = 1.0,
-                     normalize: bool = True) -> torch.Tensor:
+                     normalize: bool = True, reduction: str = "mean") -> torch.Tensor:
     """Eq. 7's L_dist: distance ``name`` (logexp | l1 | l2) between x/‖x‖₂ and y/‖y‖₂.
 
     ``p`` is used by ``logexp`` only. ``normalize=False`` applies the distance to the raw vectors.
@@ -107,7 +116,7 @@ def feature_distance(name: str, x: torch.Tensor, y: torch.Tensor, p: float = 1.0
         x = F.normalize(_upcast(x), dim=1)
         y = F.normalize(_upcast(y), dim=1)
     if name == "logexp":
-        return logexp_distance(x, y, p)
+        return logexp_distance(x, y, p, reduction)
     if name == "l1":
-        return l1_distance(x, y)
-    return l2_distance(x, y)
+        return l1_distance(x, y, reduction)
+    return l2_distance(x, y, reduction)

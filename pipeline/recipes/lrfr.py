@@ -1,0 +1,122 @@
+"""LRFR: multi-resolution augmentation + feature-distance loss on a Siamese HR/LR backbone.
+
+Ling et al., "Dive into the Resolution Augmentations and Metrics in Low Resolution Face
+Recognition: A Plain yet Effective New Baseline" (AAAI 2023), Sec. 3.3, eq. 7:
+
+    f_HR = F_CNN(I_HR),  f_LR = F_CNN(I_LR)                       (one backbone, shared weights)
+    L_dist = L_LogExp(f_HR/‖f_HR‖₂, f_LR/‖f_LR‖₂)                  (eq. 5 / eq. 3; or L1/L2, eqs. 1–2)
+    L_all  = λ·L_dist + ½·L_cls(f_HR) + ½·L_cls(f_LR)              (eq. 7)
+
+L_cls is the shared (class-sharded) margin classifier, CosFace s = 48, m = 0.4 in the paper
+(config ``margin: {s: 48, m1: 1, m2: 0, m3: 0.4}``); the trainer applies it to each entry of
+``StepOutput.heads`` with its weight, so the two halves use one classifier and the trainer has
+no LRFR-specific code.
+
+Data: I_LR is the loader's paired output (``data.augment.paired: true``): the multi-resolution
+copy (bicubic down to 7/14/20 px at 1:1:2 and back up, Sec. 3.1 / 4.1 "MAug") of the *same*
+augmented HR image, so the two views share flip and crop, and ``multires_p: 1.0`` degrades every
+LR view. Note: the authors' public code (github.com/hurricanelx/LRFR, train_webface_pair.py)
+flips the two views independently, draws only 7 and 20 px (probabilities 1:0:1 for 7/14/20),
+divides a batch-summed LogExp by B instead of D and applies it to un-normalised features; we
+follow the paper (shared flip, 7/14/20 at 1:1:2, eq. 5 per sample / (p·D), eq. 7 normalisation).
+
+Monitoring (``StepOutput.scalars``, logged as ``monitor/<name>``): ``dist`` (unweighted L_dist),
+``dist_<s>px`` (L_dist over the samples whose LR copy has s px, one per bucket present in the
+batch; ``dist_clean`` for undegraded copies, lr_size 0) and ``cos_hr_lr`` (mean cosine between
+the two views). Histogram ``lrfr/dim_abs_error``: mean |f̂_HR − f̂_LR| per embedding dimension
+(the quantity of the paper's Fig. 6).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import registry
+from pipeline.config import ConfigError
+from pipeline.losses.logexp import DISTANCES, feature_distance
+from pipeline.recipes.base import ClassifierInput, RecipeModel, StepOutput
+
+
+@dataclass
+class LRFRConfig:
+    """The ``method:`` block of the lrfr recipe."""
+    distance: str = "logexp"  # logexp (eq. 5) | l1 (eq. 1) | l2 (eq. 2)
+    p: float = 1.0  # LogExp exponent (Table 4: "Ours(1)", "Ours(2)"); ignored by l1/l2
+    lambda_dist: float = 1.0  # λ of eq. 7 (Table 5; the paper's main results use 1)
+    cls_weight_hr: float = 0.5  # weight of L_cls(f_HR) in eq. 7
+    cls_weight_lr: float = 0.5  # weight of L_cls(f_LR) in eq. 7
+    normalize: bool = True  # eq. 7: distance between L2-normalised embeddings
+
+
+class LRFRRecipe(RecipeModel):
+    def __init__(self, cfg):
+        super().__init__()
+        m: LRFRConfig = cfg.method
+        self.distance = m.distance
+        self.p = m.p
+        self.lambda_dist = m.lambda_dist
+        self.cls_weight_hr = m.cls_weight_hr
+        self.cls_weight_lr = m.cls_weight_lr
+        self.normalize = m.normalize
+        self.backbone = registry.build_backbone(cfg.model)
+        self._last_dim_error: torch.Tensor | None = None
+
+    def forward(self, batch: dict) -> StepOutput:
+        if "image_lr" not in batch:
+            raise ConfigError("data.augment.paired: the lrfr recipe needs paired batches with 'image_lr' (set data.augment.paired: true)")
+        labels = batch["label"]
+        # Siamese: the same module (shared weights) on both views; two calls so that each view's
+        # BatchNorm statistics are its own, as in a Siamese network and the authors' code.
+        f_hr = self.backbone(batch["image"])
+        f_lr = self.backbone(batch["image_lr"])
+        per_sample = feature_distance(self.distance, f_hr, f_lr, p=self.p, normalize=self.normalize,
+                                      reduction="none")
+        l_dist = per_sample.mean()  # eq. 7's L_dist (batch mean of the per-sample distance)
+
+        scalars: dict[str, torch.Tensor] = {"dist": l_dist.detach()}
+        with torch.no_grad():
+            if "lr_size" in batch:
+                sizes = batch["lr_size"].to(per_sample.device)
+                for s in torch.unique(sizes).tolist():
+                    name = "dist_clean" if s == 0 else f"dist_{int(s)}px"
+                    scalars[name] = per_sample[sizes == s].mean().detach()
+            n_hr = F.normalize(f_hr.detach().float(), dim=1)
+            n_lr = F.normalize(f_lr.detach().float(), dim=1)
+            scalars["cos_hr_lr"] = (n_hr * n_lr).sum(dim=1).mean()
+            self._last_dim_error = (n_hr - n_lr).abs().mean(dim=0).cpu()
+
+        return StepOutput(
+            heads={
+                "hr": ClassifierInput(f_hr, labels, self.cls_weight_hr),
+                "lr": ClassifierInput(f_lr, labels, self.cls_weight_lr),
+            },
+            aux_losses={"dist": self.lambda_dist * l_dist},
+            scalars=scalars,
+        )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        return {} if self._last_dim_error is None else {"lrfr/dim_abs_error": self._last_dim_error}
+
+
+def _validate(cfg) -> None:
+    m: LRFRConfig = cfg.method
+    if m.distance not in DISTANCES:
+        raise ConfigError(f"method.distance: unknown distance '{m.distance}' (known: {', '.join(DISTANCES)})")
+    if m.distance == "logexp" and not m.p >= 1.0:
+        raise ConfigError(f"method.p: LogExp exponent must be >= 1, got {m.p}")
+    for key in ("lambda_dist", "cls_weight_hr", "cls_weight_lr"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"method.{key}: must be >= 0, got {getattr(m, key)}")
+    if not cfg.data.augment.paired:
+        raise ConfigError("data.augment.paired: the lrfr recipe trains on paired HR/LR views; set it to true")
+
+
+@registry.register_recipe("lrfr", LRFRConfig)
+def build(cfg) -> LRFRRecipe:
+    _validate(cfg)
+    return LRFRRecipe(cfg)

@@ -1,0 +1,153 @@
+"""The lrfr recipe: forward contract, eq. 7 assembled as the trainer does, configs, buckets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import registry
+from pipeline.config import ConfigError, load_config
+from pipeline.data.degrade import bicubic_down_up
+from pipeline.losses.margin import CombinedMargin
+from pipeline.recipes.base import StepOutput
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(*overrides):
+    return load_config([], ["recipe=lrfr", "model.backbone=iresnet18", "model.width=0.0625",
+                            "model.embedding_size=32", "model.input_size=32", "data.augment.paired=true",
+                            *overrides])
+
+
+def make_batch(n=6, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    sizes = torch.tensor([7, 14, 20, 20, 7, 14][:n])
+    lr = torch.stack([bicubic_down_up(img[i], int(s)) for i, s in enumerate(sizes)])
+    return {"image": img, "image_lr": lr, "label": torch.arange(n) % 3, "lr_size": sizes}
+
+
+def test_forward_heads_aux_scalars_and_gradients():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = registry.build_recipe(cfg)
+    batch = make_batch()
+    out = model(batch)
+    assert isinstance(out, StepOutput)
+    assert set(out.heads) == {"hr", "lr"}
+    assert out.heads["hr"].weight == 0.5 and out.heads["lr"].weight == 0.5
+    assert out.heads["hr"].embeddings.shape == (6, 32)
+    assert torch.equal(out.heads["lr"].labels, batch["label"])
+    assert set(out.aux_losses) == {"dist"}
+    assert {"dist", "dist_7px", "dist_14px", "dist_20px", "cos_hr_lr"} <= set(out.scalars)
+    # per-bucket values are the means of the per-sample distance over each bucket
+    model.eval()  # deterministic BN for an exact re-computation
+    out = model(batch)
+    with torch.no_grad():
+        f_hr = model.backbone(batch["image"])
+        f_lr = model.backbone(batch["image_lr"])
+    for s in (7, 14, 20):
+        idx = batch["lr_size"] == s
+        from pipeline.losses.logexp import logexp_distance
+        ref = logexp_distance(F.normalize(f_hr[idx], dim=1), F.normalize(f_lr[idx], dim=1), 1.0)
+        assert out.scalars[f"dist_{s}px"].item() == pytest.approx(ref.item(), rel=1e-5)
+    # gradient of the aux loss reaches the shared backbone through both views
+    model.train()
+    model.zero_grad()
+    out = model(batch)
+    out.aux_losses["dist"].backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    # heads carry graphs too
+    model.zero_grad()
+    out = model(batch)
+    (out.heads["hr"].embeddings.sum() + out.heads["lr"].embeddings.sum()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    assert "lrfr/dim_abs_error" in model.histograms()
+
+
+def test_total_loss_as_trainer_assembles_matches_hand_computation():
+    """L_all = λ·L_dist + ½·CE(CosFace(f_HR)) + ½·CE(CosFace(f_LR)) (eq. 7), computed by hand."""
+    torch.manual_seed(1)
+    cfg = tiny_cfg("method.lambda_dist=2.0", "margin.s=48", "margin.m2=0.0", "margin.m3=0.4")
+    model = registry.build_recipe(cfg).eval()
+    batch = make_batch(seed=3)
+    n_cls = 3
+    w = torch.randn(n_cls, 32, dtype=torch.float64)
+    margin = CombinedMargin(s=cfg.margin.s, m1=cfg.margin.m1, m2=cfg.margin.m2, m3=cfg.margin.m3)
+
+    out = model(batch)
+    # what the trainer does: Σ_heads weight·CE(margin(cos)) + Σ aux
+    total = sum(out.aux_losses.values())
+    for head in out.heads.values():
+        cos = F.normalize(head.embeddings.double(), dim=1) @ F.normalize(w, dim=1).t()
+        total = total + head.weight * F.cross_entropy(margin(cos, head.labels), head.labels)
+
+    # by hand, in numpy float64
+    with torch.no_grad():
+        f_hr = model.backbone(batch["image"]).double().numpy()
+        f_lr = model.backbone(batch["image_lr"]).double().numpy()
+    y = batch["label"].numpy()
+    wn = w.numpy() / np.linalg.norm(w.numpy(), axis=1, keepdims=True)
+
+    def cosface_ce(f):
+        fn = f / np.linalg.norm(f, axis=1, keepdims=True)
+        logits = 48.0 * (fn @ wn.T)
+        logits[np.arange(len(y)), y] -= 48.0 * 0.4
+        logits -= logits.max(1, keepdims=True)
+        return float(np.mean(-(logits[np.arange(len(y)), y] - np.log(np.exp(logits).sum(1)))))
+
+    hn = f_hr / np.linalg.norm(f_hr, axis=1, keepdims=True)
+    ln = f_lr / np.linalg.norm(f_lr, axis=1, keepdims=True)
+    D = hn.shape[1]
+    l_dist = float(np.mean(np.log(1 + np.sum(np.exp(np.abs(hn - ln)) - 1, axis=1)) / D))
+    hand = 2.0 * l_dist + 0.5 * cosface_ce(f_hr) + 0.5 * cosface_ce(f_lr)
+    assert total.item() == pytest.approx(hand, rel=1e-5)
+
+
+@pytest.mark.parametrize("dist,p", [("l1", 1.0), ("l2", 1.0), ("logexp", 2.0)])
+def test_distance_switch(dist, p):
+    torch.manual_seed(0)
+    model = registry.build_recipe(tiny_cfg(f"method.distance={dist}", f"method.p={p}")).eval()
+    batch = make_batch()
+    out = model(batch)
+    with torch.no_grad():
+        hn = F.normalize(model.backbone(batch["image"]), dim=1).double()
+        ln = F.normalize(model.backbone(batch["image_lr"]), dim=1).double()
+    d = (hn - ln).abs()
+    ref = {"l1": d.mean(1), "l2": 0.5 * d.pow(2).mean(1),
+           "logexp": torch.log(1 + (torch.exp(d.pow(2)) - 1).sum(1)) / (2.0 * d.shape[1])}[dist].mean()
+    assert out.aux_losses["dist"].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_config_validation_errors():
+    with pytest.raises(ConfigError, match="method.distance"):
+        registry.build_recipe(tiny_cfg("method.distance=cosine"))
+    with pytest.raises(ConfigError, match="method.p"):
+        registry.build_recipe(tiny_cfg("method.p=0.5"))
+    with pytest.raises(ConfigError, match="data.augment.paired"):
+        registry.build_recipe(load_config([], ["recipe=lrfr", "model.backbone=iresnet18", "model.width=0.0625"]))
+    with pytest.raises(ConfigError, match="method.lambda_dist"):
+        registry.build_recipe(tiny_cfg("method.lambda_dist=-1"))
+    with pytest.raises(ConfigError, match="unknown key 'method.gamma'"):
+        tiny_cfg("method.gamma=1")
+    model = registry.build_recipe(tiny_cfg())
+    with pytest.raises(ConfigError, match="image_lr"):
+        model({"image": torch.zeros(2, 3, 32, 32), "label": torch.zeros(2, dtype=torch.long)})
+
+
+def test_clean_bucket_and_embed():
+    model = registry.build_recipe(tiny_cfg()).eval()
+    batch = make_batch(n=4)
+    batch["lr_size"] = torch.tensor([0, 0, 7, 7])
+    batch["image_lr"][:2] = batch["image"][:2]
+    out = model(batch)
+    assert out.scalars["dist_clean"].item() == pytest.approx(0.0, abs=1e-7)
+    assert "dist_7px" in out.scalars
+    emb = model.embed(batch["image"])
+    assert emb.shape == (4, 32)
+    assert model.inference_backbone() is model.backbone
