@@ -1,0 +1,322 @@
+"""SCAN-CNN: scale attention convolution (SAC), local shortcut (LSC), response maximisation (RMO).
+
+Source: "Scale Attention for Learning Deep Face Representation" (seed text
+``../shared/seeds/scan_cnn_scale_attention.md``), Sec. 4, 6.1 and Appendices A, E.
+
+One :class:`ScaleAttentionConv` replaces a 3×3 convolution. Per output filter ``o`` it holds the
+kernel ``k[o]`` and a learnable scale ``t[o]``; with LSC also an independent kernel ``k_i[o]``:
+
+- Gaussian (eq. 2, D = 2), sampled at integer offsets ``d ∈ {-(K-1)..K-1}²`` — 5×5 for K = 3,
+  as the paper sets it (Sec. 6.1)::
+
+      g(d; t) = 1/(2πt) · exp(-(d1² + d2²) / (2t))
+
+  **Normalisation:** eq. 2 as written, i.e. the continuous density sampled on the grid, *not*
+  renormalised to sum 1 (Sec. 4.1: "g is an instance of Eq. 2 in 2D form"). At t = 1 the 5×5
+  samples sum to 0.982; for small t the prefactor 1/(2πt) cancels the normalised-derivative
+  factor t (γm = 1), so ``k_s → k/(2π)`` as t → 0: the SAC "reduces to the plain convolution",
+  exactly the degeneration the paper describes for RMO without LSC (Sec. 6.2, Fig. 3c).
+  ``gaussian_sum1=True`` renormalises the 5×5 samples to sum 1 instead (an option, not the paper).
+- Scale-attended kernel (eq. 4)::   k_s = t^γm · (k ⊛ g(t))
+  **Edge handling:** ``k ⊛ g`` is the full 2-D convolution (7×7 for K = 3) centre-cropped to
+  K×K; this is the same thing as a 'same'-size convolution of k (zero padded) with g, i.e.
+  ``scipy.signal.convolve2d(k, g, mode="same")``. A 5×5 g is exactly large enough for this: two
+  taps of a 3×3 kernel are at most 2 apart, so every entry of g can reach the crop.
+  Computed through the separability of eq. 2: ``k_s = t^γm · c(t) · G k Gᵀ`` with the K×K
+  Toeplitz matrix ``G[p, q] = exp(-(p-q)² / (2t))`` and ``c(t) = 1/(2πt)``.
+- Local shortcut (eq. 8)::   f_out = (k_s + k_i) ⊛ f_in = k_u ⊛ f_in
+- Response maximisation (eq. 6), per SAC layer and per sample n, with ``‖·‖₂`` the L2 norm of
+  the layer's whole output map f_out[n] (C×H×W) — the norm of "f_out" in eq. 6, H and W its
+  height and width — averaged over the mini-batch::
+
+      L_scale = mean_n exp(-λ ‖f_out[n]‖₂ / (H·W))
+
+  The recipe sums it over SAC layers and adds it to the recognition loss (eq. 7).
+
+**Keeping t positive.** ``t = t_min + softplus(ρ)`` with ``t_min = 1e-3``; "t initialised as 1"
+(Sec. 6.1) maps to ``ρ₀ = softplus⁻¹(1 - t_min) = log(expm1(1 - t_min))`` ≈ 0.5397. Softplus
+rather than exp: for t ≳ 1 softplus is nearly the identity (dt/dρ = sigmoid(ρ) → 1), so t moves
+like the paper's unconstrained parameter, while exp would scale every step by t itself (and slow
+the collapse toward 0 that the ablation is about). The floor keeps ``exp(-d²/(2t))``'s gradient
+``d²/(2t²)·exp(…)`` finite (for t → 0 in float32 it becomes inf·0 = NaN).
+
+**Efficient RMO (Appendix E, Fig. 8).** L_scale's gradient reaches only the layer's own
+parameters (k, t, k_i): its input is detached for this term, so no gradient of L_scale flows into
+earlier layers. ``efficient_rmo=True`` does this at no extra convolution: one autograd Function
+computes ``y = conv(x, k_u)`` and L_scale from the same y; in backward, the input gradient uses the
+recognition gradient only and the weight gradient uses recognition + RMO gradients (convolution
+is linear in its output gradient). ``efficient_rmo=False`` is the naive form: L_scale on y with
+plain autograd, so its gradient flows through all earlier layers too.
+
+**Which convolutions become SAC:** every 3×3 convolution of the IResNet (the stem and both convs
+of every residual block), i.e. every convolution built through iresnet's ``conv3x3`` hook. The
+1×1 convolutions of the ``downsample`` shortcuts (and SE's 1×1 fc convs) stay plain: for a 1×1
+kernel a K×K-cropped Gaussian is a single number, so scale has no meaning there.
+
+**Inference (eq. 5, 8).** :func:`fold` replaces every SAC by one ``nn.Conv2d`` holding k_u under
+the same module name, so a folded SCAN-IResNet has exactly the plain IResNet's parameters and its
+``state_dict`` loads into :func:`pipeline.models.iresnet.build_iresnet` with ``strict=True``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import registry
+from pipeline.models.iresnet import build_iresnet
+
+__all__ = [
+    "ScaleAttentionConv", "SacOptions", "sac_factory", "fold", "sac_layers", "rmo_per_sample",
+    "build_scan_iresnet", "SCAN_OPTION_KEYS",
+]
+
+
+def rmo_per_sample(y: torch.Tensor, lam: float) -> torch.Tensor:
+    """Eq. 6 per sample: exp(-λ ‖y[n]‖₂ / (H·W)) for y of shape (N, C, H, W) → (N,) float32."""
+    hw = y.shape[-2] * y.shape[-1]
+    norm = torch.linalg.vector_norm(y.flatten(1).float(), dim=1)
+    return torch.exp(-lam * norm / hw)
+
+
+class _ConvWithRMO(torch.autograd.Function):
+    """y = conv2d(x, w) and eq. 6's per-sample L from the same y; L's gradient reaches w only."""
+
+    @staticmethod
+    def forward(ctx, x, w, stride, padding, lam):
+        y = F.conv2d(x, w, None, stride, padding)
+        hw = y.shape[-2] * y.shape[-1]
+        norm = torch.linalg.vector_norm(y.flatten(1).float(), dim=1)
+        loss = torch.exp(-lam * norm / hw)
+        # Save what the convolution actually consumed (autocast may have cast x, w to y's dtype).
+        ctx.save_for_backward(x.to(y.dtype), w.to(y.dtype), y, norm, loss)
+        ctx.conf = (stride, padding, lam, hw, x.dtype, w.dtype)
+        ctx.set_materialize_grads(False)
+        return y, loss
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_loss):
+        x, w, y, norm, loss = ctx.saved_tensors
+        stride, padding, lam, hw, x_dtype, w_dtype = ctx.conf
+        conv_args = (None, stride, padding, (1, 1), False, (0, 0), 1)
+        grad_x = grad_w = None
+        if grad_y is not None:
+            grad_y = grad_y.to(y.dtype)
+        if ctx.needs_input_grad[0] and grad_y is not None:
+            # input gradient: recognition path only (the RMO term sees a detached input)
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_y, x, w, *conv_args, (True, False, False))[0].to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            g = grad_y
+            if grad_loss is not None:
+                # d/dy exp(-λ‖y‖/HW) = -λ/HW · L · y/‖y‖ (per sample; 0 where ‖y‖ = 0)
+                coef = grad_loss.float() * loss * (-lam / hw) / norm.clamp_min(1e-12)
+                g_rmo = coef.to(y.dtype).view(-1, *([1] * (y.dim() - 1))) * y
+                g = g_rmo if g is None else g + g_rmo
+            if g is not None:
+                grad_w = torch.ops.aten.convolution_backward(
+                    g, x, w, *conv_args, (False, True, False))[1].to(w_dtype)
+        return grad_x, grad_w, None, None, None
+
+
+def _inv_softplus(v: float) -> float:
+    return math.log(math.expm1(v))
+
+
+class ScaleAttentionConv(nn.Module):
+    """A K×K convolution with per-filter scale attention (eq. 4), LSC (eq. 8) and RMO (eq. 6).
+
+    Parameters (names kept stable for checkpoints): ``weight`` = k (out, in, K, K);
+    ``scale_raw`` = ρ (out,) with t = t_min + softplus(ρ) (only if ``sac``); ``weight_i`` = k_i
+    (only if ``lsc``). ``sac=False`` drops t and the Gaussian (k_s = k, a plain kernel), so the
+    three switches of Table 1 are independent. After a training-mode forward with ``rmo``, the
+    layer's L_scale (batch mean, eq. 6) is held until :meth:`pop_rmo`.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int | None = None, *, sac: bool = True, lsc: bool = True, rmo: bool = True,
+                 gamma_m: float = 1.0, rmo_lambda: float = 1.0, efficient_rmo: bool = True,
+                 t_min: float = 1e-3, gaussian_sum1: bool = False, init_std: float = 0.1):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"ScaleAttentionConv: kernel_size must be odd, got {kernel_size}")
+        if not 0.0 < t_min < 1.0:
+            raise ValueError(f"ScaleAttentionConv: t_min must be in (0, 1), got {t_min}")
+        self.in_planes, self.out_planes = in_planes, out_planes
+        self.kernel_size, self.stride = kernel_size, stride
+        self.padding = kernel_size // 2 if padding is None else padding
+        self.sac, self.lsc, self.rmo = sac, lsc, rmo
+        self.gamma_m, self.rmo_lambda, self.efficient_rmo = gamma_m, rmo_lambda, efficient_rmo
+        self.t_min, self.gaussian_sum1 = t_min, gaussian_sum1
+        shape = (out_planes, in_planes, kernel_size, kernel_size)
+        # arcface_torch initialises every conv weight with N(0, 0.1); k and k_i follow it.
+        self.weight = nn.Parameter(torch.randn(shape) * init_std)
+        if sac:
+            self.scale_raw = nn.Parameter(torch.full((out_planes,), _inv_softplus(1.0 - t_min)))
+        if lsc:
+            self.weight_i = nn.Parameter(torch.randn(shape) * init_std)
+        idx = torch.arange(kernel_size, dtype=torch.float64)
+        self.register_buffer("_d2", (idx[:, None] - idx[None, :]) ** 2, persistent=False)
+        self._rmo_loss: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_planes}, {self.out_planes}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, sac={self.sac}, lsc={self.lsc}, rmo={self.rmo}, gamma_m={self.gamma_m}, "
+                f"rmo_lambda={self.rmo_lambda}, efficient_rmo={self.efficient_rmo}")
+
+    # ------------------------------------------------------------------ kernels
+    @property
+    def t(self) -> torch.Tensor:
+        """Scale per output filter, (out,): t = t_min + softplus(ρ) > 0."""
+        if not self.sac:
+            raise AttributeError("ScaleAttentionConv built with sac=False has no scale t")
+        return self.t_min + F.softplus(self.scale_raw)
+
+    def gaussian(self) -> torch.Tensor:
+        """g(t) of eq. 2 (D = 2) per output filter on the (2K-1)×(2K-1) offset grid: (out, 2K-1, 2K-1)."""
+        t = self.t.view(-1, 1, 1)
+        d = torch.arange(-(self.kernel_size - 1), self.kernel_size, dtype=t.dtype, device=t.device)
+        r2 = d.view(1, -1, 1) ** 2 + d.view(1, 1, -1) ** 2
+        g = torch.exp(-r2 / (2 * t))
+        if self.gaussian_sum1:
+            return g / g.sum(dim=(1, 2), keepdim=True)
+        return g / (2 * math.pi * t)
+
+    def scaled_kernel(self) -> torch.Tensor:
+        """k_s = t^γm · (k ⊛ g(t)) (eq. 4), 'same'-size (centre-cropped) convolution, (out, in, K, K)."""
+        if not self.sac:
+            return self.weight
+        t = self.t
+        d2 = self._d2.to(t.dtype)
+        toeplitz = torch.exp(-d2.unsqueeze(0) / (2 * t.view(-1, 1, 1)))  # G[o, p, q] (eq. 2, 1-D factor)
+        if self.gaussian_sum1:
+            d = torch.arange(-(self.kernel_size - 1), self.kernel_size, dtype=t.dtype, device=t.device)
+            norm = torch.exp(-(d.view(1, -1) ** 2) / (2 * t.view(-1, 1))).sum(dim=1) ** 2
+        else:
+            norm = 2 * math.pi * t
+        coef = t.pow(self.gamma_m) / norm  # t^γm · c(t)
+        ks = torch.einsum("opq,oiqs,ors->oipr", toeplitz, self.weight, toeplitz)
+        return ks * coef.view(-1, 1, 1, 1)
+
+    def kernel(self) -> torch.Tensor:
+        """k_u = k_s + k_i (eq. 8; k_s alone without LSC), the kernel actually applied."""
+        ks = self.scaled_kernel()
+        return ks + self.weight_i if self.lsc else ks
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.kernel()
+        if self.rmo and self.training and torch.is_grad_enabled():
+            if self.efficient_rmo:
+                y, loss = _ConvWithRMO.apply(x, w, (self.stride,) * 2, (self.padding,) * 2, float(self.rmo_lambda))
+            else:
+                y = F.conv2d(x, w, None, self.stride, self.padding)
+                loss = rmo_per_sample(y, self.rmo_lambda)
+            self._rmo_loss = loss.mean()
+            return y
+        return F.conv2d(x, w, None, self.stride, self.padding)
+
+    def pop_rmo(self) -> torch.Tensor | None:
+        """This layer's L_scale from the last training forward (eq. 6, batch mean), then forget it."""
+        loss, self._rmo_loss = self._rmo_loss, None
+        return loss
+
+    @torch.no_grad()
+    def to_conv(self) -> nn.Conv2d:
+        """One plain ``nn.Conv2d`` (no bias) with weight k_u: the inference form (eq. 5, 8)."""
+        conv = nn.Conv2d(self.in_planes, self.out_planes, self.kernel_size, self.stride, self.padding, bias=False)
+        conv = conv.to(device=self.weight.device, dtype=self.weight.dtype)
+        conv.weight.copy_(self.kernel())
+        return conv
+
+
+def sac_layers(model: nn.Module) -> list[tuple[str, ScaleAttentionConv]]:
+    """(qualified name, module) of every ScaleAttentionConv in ``model``, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ScaleAttentionConv)]
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Replace every ScaleAttentionConv in ``model`` (in place) by its plain ``nn.Conv2d`` (k_u).
+
+    Returns ``model``. The module names are unchanged, so a folded SCAN-IResNet's ``state_dict``
+    is a plain IResNet's. Deep-copy first to keep the trainable form.
+    """
+    if isinstance(model, ScaleAttentionConv):
+        return model.to_conv()
+    for name, child in list(model.named_children()):
+        if isinstance(child, ScaleAttentionConv):
+            setattr(model, name, child.to_conv())
+        else:
+            fold(child)
+    return model
+
+
+# ---------------------------------------------------------------------- backbones
+
+# model.options keys understood by the scan_* backbones, with their defaults (the full SCAN-CNN).
+SCAN_OPTION_KEYS = {
+    "sac": True, "lsc": True, "rmo": True, "gamma_m": 1.0, "rmo_lambda": 1.0,
+    "efficient_rmo": True, "t_min": 1e-3, "gaussian_sum1": False,
+}
+
+
+class SacOptions(dict):
+    """Validated SCAN switches (a dict of :data:`SCAN_OPTION_KEYS`)."""
+
+    @classmethod
+    def from_options(cls, options: dict, where: str = "model.options") -> "SacOptions":
+        from pipeline.config import ConfigError
+
+        out = cls(SCAN_OPTION_KEYS)
+        for key, value in (options or {}).items():
+            if key not in SCAN_OPTION_KEYS:
+                raise ConfigError(f"{where}: unknown key '{key}' for a SCAN backbone (known: {', '.join(SCAN_OPTION_KEYS)})")
+            default = SCAN_OPTION_KEYS[key]
+            ok = isinstance(value, bool) if isinstance(default, bool) else (
+                isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok:
+                raise ConfigError(f"{where}: key '{key}' expects {type(default).__name__}, got {value!r}")
+            out[key] = type(default)(value)
+        if not 0.0 < out["t_min"] < 1.0:
+            raise ConfigError(f"{where}: key 't_min' must be in (0, 1), got {out['t_min']}")
+        return out
+
+
+def sac_factory(sac: bool = True, lsc: bool = True, rmo: bool = True, gamma_m: float = 1.0,
+                rmo_lambda: float = 1.0, efficient_rmo: bool = True, t_min: float = 1e-3,
+                gaussian_sum1: bool = False):
+    """A ``conv3x3(in, out, stride)`` factory for :func:`build_iresnet`: SAC layers, or plain 3×3
+    convs when sac, lsc and rmo are all off (then the network *is* the plain IResNet)."""
+    def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Module:
+        if not (sac or lsc or rmo):
+            return nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        return ScaleAttentionConv(in_planes, out_planes, 3, stride, 1, sac=sac, lsc=lsc, rmo=rmo,
+                                  gamma_m=gamma_m, rmo_lambda=rmo_lambda, efficient_rmo=efficient_rmo,
+                                  t_min=t_min, gaussian_sum1=gaussian_sum1)
+    return conv3x3
+
+
+def build_scan_iresnet(depth: int, width: float = 1.0, embedding_size: int = 512, dropout: float = 0.0,
+                       input_size: int = 112, se: bool = False, **sac_options) -> nn.Module:
+    """SCAN-IResNet-``depth``: :func:`build_iresnet` with every 3×3 conv a ScaleAttentionConv."""
+    opts = SacOptions.from_options(sac_options, where="build_scan_iresnet")
+    return build_iresnet(depth, width=width, embedding_size=embedding_size, dropout=dropout,
+                         input_size=input_size, se=se, conv3x3=sac_factory(**opts))
+
+
+def _from_cfg(depth: int, se: bool):
+    def build(model_cfg) -> nn.Module:
+        opts = SacOptions.from_options(model_cfg.options)
+        return build_iresnet(depth, width=model_cfg.width, embedding_size=model_cfg.embedding_size,
+                             dropout=model_cfg.dropout, input_size=model_cfg.input_size, se=se,
+                             conv3x3=sac_factory(**opts))
+    name = f"scan_{'se_' if se else ''}iresnet{depth}"
+    build.__name__ = name
+    build.__doc__ = f"{name}: SCAN switches from model.options ({', '.join(SCAN_OPTION_KEYS)})."
+    return build
+
+
+for _depth, _se in ((18, False), (50, False), (100, False), (50, True), (100, True)):
+    registry.register_backbone(f"scan_{'se_' if _se else ''}iresnet{_depth}")(_from_cfg(_depth, _se))
