@@ -12,6 +12,7 @@ The ``method:`` block belongs to the recipe: its schema is the dataclass the rec
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -209,7 +210,7 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Conf
 
 # --------------------------------------------------------------------------- validation
 
-_SCALARS = (bool, int, float, str)
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _check_value(tp: Any, value: Any, key: str, origin: dict) -> Any:
@@ -234,6 +235,8 @@ def _check_value(tp: Any, value: Any, key: str, origin: dict) -> Any:
             fail("an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
         return float(value)

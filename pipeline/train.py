@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_prep.manifest import DataError
+from data_prep.manifest import DataError, read_manifest
 from pipeline import checkpoint as ckpt
 from pipeline import distributed, registry, schedule
 from pipeline.config import Config, ConfigError, dump_config, load_config
@@ -47,6 +47,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"classifier.sample_rate: must be in (0, 1], got {cfg.classifier.sample_rate}")
     if not cfg.data.train:
         raise ConfigError("data.train: not set (a WebDataset shard directory with manifest.json)")
+    read_manifest(cfg.data.train)  # missing / empty shard directory → one-line DataError
     for path in cfg.data.val:
         if not Path(path).is_file():
             raise ConfigError(f"data.val: verification file '{path}' does not exist")

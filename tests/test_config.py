@@ -1,0 +1,95 @@
+"""Config layering, overrides and one-line errors; schedules stated in epochs."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import schedule
+from pipeline.config import ConfigError, ScheduleConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_layers_and_overrides(tmp_path):
+    base = write(tmp_path, "base.yaml", "optim: {lr: 0.1, momentum: 0.9}\nmodel: {backbone: iresnet18}\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\noptim: {lr: 0.05}\n")
+    top = write(tmp_path, "top.yaml", "data: {batch_size: 7}\n")
+    cfg = load_config([child, top], ["optim.weight_decay=1e-4", "data.val=[a.bin, b.bin]"])
+    assert cfg.optim.lr == 0.05 and cfg.optim.momentum == 0.9  # child wins, base fills in
+    assert cfg.model.backbone == "iresnet18" and cfg.data.batch_size == 7
+    assert cfg.optim.weight_decay == pytest.approx(1e-4)
+    assert cfg.data.val == ["a.bin", "b.bin"]
+    # later --config layers win over earlier ones
+    assert load_config([top, write(tmp_path, "t2.yaml", "data: {batch_size: 9}\n")]).data.batch_size == 9
+
+
+@pytest.mark.parametrize("text,override,fragment", [
+    ("optim: {lrr: 0.1}\n", None, "unknown key 'optim.lrr'"),
+    ("optim: {lr: fast}\n", None, "key 'optim.lr' expects a number"),
+    ("data: {batch_size: 1.5}\n", None, "key 'data.batch_size' expects an integer"),
+    ("recipe: nosuch\n", None, "unknown recipe 'nosuch'"),
+    ("{}\n", "model.nosuch=1", "command line: unknown key 'model.nosuch'"),
+    ("{}\n", "method.nosuch=1", "unknown key 'method.nosuch'"),
+])
+def test_errors_name_file_and_key(tmp_path, text, override, fragment):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_config([path], [override] if override else [])
+    msg = str(err.value)
+    assert fragment in msg and "\n" not in msg
+    if override is None and "recipe" not in fragment:
+        assert str(path) in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([tmp_path / "nope.yaml"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([write(tmp_path, "x.yaml", "a: [1,\n")])
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config([path])
+
+
+def test_train_cli_one_line_error(tmp_path):
+    cfg = write(tmp_path, "c.yaml", "base: %s\ndata: {train: %s}\n" % (REPO / "configs/smoke.yaml", tmp_path / "missing"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(cfg)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and "missing" in err[-1] and "does not exist" in err[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_step_schedule_in_epochs():
+    cfg = ScheduleConfig(kind="step", epochs=30, milestones=[16, 24, 28], gamma=0.1)
+    assert schedule.lr_factor(cfg, 0.0) == 1.0
+    assert schedule.lr_factor(cfg, 15.99) == 1.0
+    assert schedule.lr_factor(cfg, 16.0) == pytest.approx(0.1)
+    assert schedule.lr_factor(cfg, 25.0) == pytest.approx(0.01)
+    assert schedule.lr_factor(cfg, 29.0) == pytest.approx(0.001)
+
+
+def test_warmup_poly_cosine():
+    warm = ScheduleConfig(kind="poly", epochs=10, warmup_epochs=2, power=2.0)
+    assert schedule.lr_factor(warm, 1.0) == pytest.approx(0.5)
+    assert schedule.lr_factor(warm, 6.0) == pytest.approx((1 - 4 / 8) ** 2)
+    cos = ScheduleConfig(kind="cosine", epochs=10)
+    assert schedule.lr_factor(cos, 5.0) == pytest.approx(0.5)
+    assert schedule.lr_factor(cos, 2.5) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert schedule.total_steps(ScheduleConfig(epochs=2.5), 10) == 25
+    assert schedule.total_steps(ScheduleConfig(epochs=2.5, max_steps=7), 10) == 7
+    with pytest.raises(ConfigError, match="schedule.kind"):
+        schedule.validate(ScheduleConfig(kind="linear"))
