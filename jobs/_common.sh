@@ -11,13 +11,14 @@
 #      each task derives RANK/WORLD_SIZE/LOCAL_RANK from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
 #      (pipeline/distributed.py);
 #   4. runs `srun python -m pipeline.train --config <recipe> "$@"`, one task per GPU;
-#   5. preemption: the header asks for `--signal=B:USR1@120`, i.e. Slurm sends SIGUSR1 to this
-#      batch shell 120 s before the time limit. The trap forwards it to srun, which forwards it
-#      to every task; the trainer writes a checkpoint and exits; then this shell calls
-#      `scontrol requeue $SLURM_JOB_ID` (the job has --requeue). The requeued job starts again
-#      with the same job id (same MASTER_PORT) and SLURM_RESTART_COUNT+1, and the trainer resumes
-#      from the newest checkpoint in output.dir. The log (--open-mode=append) keeps every run.
-#      Simulate it with:  scancel --signal=USR1 --batch <jobid>
+#   5. preemption: the header asks for `--signal=USR1@120`: 120 s before the time limit Slurm
+#      sends SIGUSR1 to every task of the job step (not to this batch shell). The trainer
+#      (pipeline/train.py) agrees across ranks to stop after the current step, writes a
+#      checkpoint, and rank 0 calls `scontrol requeue $SLURM_JOB_ID` (the job has --requeue).
+#      The requeued job starts again with the same job id (same MASTER_PORT) and
+#      SLURM_RESTART_COUNT+1, and the trainer resumes from the newest checkpoint in output.dir.
+#      The log (--open-mode=append) keeps every run.
+#      Simulate it with:  scancel --signal=USR1 <jobid>
 
 lowq_log() { echo "[$(date '+%F %T')] ${SLURM_JOB_NAME:-job} ${SLURM_JOB_ID:-?}: $*"; }
 
@@ -58,25 +59,10 @@ lowq_train() {
              "master=$MASTER_ADDR:$MASTER_PORT python=$PYTHON"
     lowq_log "srun $PYTHON -m pipeline.train --config $recipe $*"
 
-    local preempted=0 srun_pid rc
+    local rc=0
     # srun (22.05) does not inherit --cpus-per-task from sbatch: pass it on explicitly.
     srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-        "$PYTHON" -m pipeline.train --config "$recipe" "$@" &
-    srun_pid=$!
-    trap 'preempted=1; lowq_log "SIGUSR1: asking the tasks to checkpoint and stop"; kill -USR1 "$srun_pid" 2>/dev/null || true' USR1
-    # `wait` returns early (status > 128) when the trap runs: wait until srun has really exited,
-    # then read its status (bash keeps the status of a reaped background job).
-    while kill -0 "$srun_pid" 2>/dev/null; do
-        wait "$srun_pid" || true
-    done
-    rc=0
-    wait "$srun_pid" || rc=$?
-    trap - USR1
-    if [ "$preempted" = 1 ]; then
-        lowq_log "tasks stopped (srun rc=$rc); requeueing"
-        scontrol requeue "$SLURM_JOB_ID"
-        return 0
-    fi
+        "$PYTHON" -m pipeline.train --config "$recipe" "$@" || rc=$?
     lowq_log "srun finished rc=$rc"
     return "$rc"
 }
