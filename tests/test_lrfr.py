@@ -141,13 +141,62 @@ def test_config_validation_errors():
 
 
 def test_clean_bucket_and_embed():
-    model = registry.build_recipe(tiny_cfg()).eval()
+    model = registry.build_recipe(tiny_cfg("data.augment.multires_p=0.5")).eval()
     batch = make_batch(n=4)
     batch["lr_size"] = torch.tensor([0, 0, 7, 7])
     batch["image_lr"][:2] = batch["image"][:2]
     out = model(batch)
     assert out.scalars["dist_clean"].item() == pytest.approx(0.0, abs=1e-7)
     assert "dist_7px" in out.scalars
+    # fixed key set (the trainer all-reduces scalars by name): empty buckets read NaN
+    assert {"dist_7px", "dist_14px", "dist_20px", "dist_clean"} <= set(out.scalars)
+    assert torch.isnan(out.scalars["dist_14px"])
+    model_p1 = registry.build_recipe(tiny_cfg("data.augment.multires_p=1.0"))
+    assert "dist_clean" not in model_p1(batch).scalars
     emb = model.embed(batch["image"])
     assert emb.shape == (4, 32)
     assert model.inference_backbone() is model.backbone
+
+
+def test_configs_hold_the_paper_settings_and_every_layer_stacks():
+    r34 = load_config([REPO / "configs/lrfr_r34_casia.yaml"])
+    assert r34.recipe == "lrfr" and r34.model.backbone == "iresnet34"
+    assert (r34.margin.s, r34.margin.m1, r34.margin.m2, r34.margin.m3) == (48.0, 1.0, 0.0, 0.4)
+    assert (r34.optim.lr, r34.optim.momentum, r34.optim.weight_decay) == (0.1, 0.9, 5e-4)
+    assert (r34.schedule.kind, r34.schedule.epochs, r34.schedule.milestones, r34.schedule.gamma) == ("step", 28, [16, 24], 0.1)
+    assert r34.data.batch_size * 2 == 256  # per rank × the paper's 2 GPUs
+    a = r34.data.augment
+    assert a.paired and a.multires_p == 1.0 and a.multires_sizes == [7, 14, 20] and a.multires_weights == [1, 1, 2]
+    m = r34.method
+    assert (m.distance, m.p, m.lambda_dist, m.cls_weight_hr, m.cls_weight_lr, m.normalize) == ("logexp", 1.0, 1.0, 0.5, 0.5, True)
+    r50 = load_config([REPO / "configs/lrfr_r50_ms1m.yaml"])
+    assert r50.model.backbone == "iresnet50" and r50.optim.lr == 0.01
+    assert (r50.schedule.epochs, r50.schedule.milestones) == (16, [8, 12])
+    assert r50.margin.s == 48.0 and r50.data.augment.multires_weights == [1, 1, 2]
+
+    layers = sorted((REPO / "configs/lrfr").glob("*.yaml"))
+    assert len(layers) >= 15
+    expect = {
+        "aug_14px": lambda c: c.data.augment.multires_sizes == [14],
+        "paug": lambda c: c.data.augment.multires_sizes == [7, 14, 28, 56] and c.data.augment.multires_weights == [1, 1, 1, 1],
+        "dist_l1": lambda c: c.method.distance == "l1",
+        "dist_l2": lambda c: c.method.distance == "l2",
+        "dist_logexp_p2": lambda c: c.method.distance == "logexp" and c.method.p == 2.0,
+        "no_dist": lambda c: c.method.lambda_dist == 0.0,
+        "baseline": lambda c: c.recipe == "margin" and not c.data.augment.paired,
+        "ratio_1_0_1": lambda c: c.data.augment.multires_sizes == [7, 20] and c.data.augment.multires_weights == [1, 1],
+        "ratio_2_1_1": lambda c: c.data.augment.multires_sizes == [7, 14, 20] and c.data.augment.multires_weights == [2, 1, 1],
+    }
+    for layer in layers:
+        for main in ("lrfr_r34_casia.yaml", "lrfr_r50_ms1m.yaml"):
+            cfg = load_config([REPO / "configs" / main, layer])
+            if layer.stem in expect:
+                assert expect[layer.stem](cfg), layer.name
+        if layer.stem.startswith("ratio_"):
+            want = [int(v) for v in layer.stem.split("_")[1:]]
+            got = dict(zip(cfg.data.augment.multires_sizes, cfg.data.augment.multires_weights))
+            assert [got.get(s, 0) for s in (7, 14, 20)] == want, layer.name
+    # Table 4 rows that stack two layers
+    cfg = load_config([REPO / "configs/lrfr_r34_casia.yaml", REPO / "configs/lrfr/aug_14px.yaml",
+                       REPO / "configs/lrfr/dist_l2.yaml"])
+    assert cfg.method.distance == "l2" and cfg.data.augment.multires_sizes == [14]

@@ -21,8 +21,10 @@ divides a batch-summed LogExp by B instead of D and applies it to un-normalised 
 follow the paper (shared flip, 7/14/20 at 1:1:2, eq. 5 per sample / (p·D), eq. 7 normalisation).
 
 Monitoring (``StepOutput.scalars``, logged as ``monitor/<name>``): ``dist`` (unweighted L_dist),
-``dist_<s>px`` (L_dist over the samples whose LR copy has s px, one per bucket present in the
-batch; ``dist_clean`` for undegraded copies, lr_size 0) and ``cos_hr_lr`` (mean cosine between
+``dist_<s>px`` (L_dist over the samples whose LR copy has s px, one per size in
+``data.augment.multires_sizes``, plus ``dist_clean`` for undegraded copies (lr_size 0) when
+``multires_p`` < 1) and ``cos_hr_lr``. The bucket keys are the same at every step and on every
+rank (the trainer all-reduces scalars by name); a bucket with no sample in the batch reads NaN (mean cosine between
 the two views). Histogram ``lrfr/dim_abs_error``: mean |f̂_HR − f̂_LR| per embedding dimension
 (the quantity of the paper's Fig. 6).
 """
@@ -60,6 +62,8 @@ class LRFRRecipe(RecipeModel):
         self.cls_weight_hr = m.cls_weight_hr
         self.cls_weight_lr = m.cls_weight_lr
         self.normalize = m.normalize
+        aug = cfg.data.augment
+        self.buckets = sorted({int(s) for s in aug.multires_sizes}) + ([0] if aug.multires_p < 1.0 else [])
         self.backbone = registry.build_backbone(cfg.model)
         self._last_dim_error: torch.Tensor | None = None
 
@@ -77,11 +81,15 @@ class LRFRRecipe(RecipeModel):
 
         scalars: dict[str, torch.Tensor] = {"dist": l_dist.detach()}
         with torch.no_grad():
-            if "lr_size" in batch:
-                sizes = batch["lr_size"].to(per_sample.device)
-                for s in torch.unique(sizes).tolist():
-                    name = "dist_clean" if s == 0 else f"dist_{int(s)}px"
-                    scalars[name] = per_sample[sizes == s].mean().detach()
+            sizes = batch.get("lr_size")
+            for s in self.buckets:
+                name = "dist_clean" if s == 0 else f"dist_{s}px"
+                if sizes is None:
+                    scalars[name] = torch.tensor(float("nan"))
+                    continue
+                mask = sizes.to(per_sample.device) == s
+                # NaN (not absent) when the bucket is empty: keys must match across ranks
+                scalars[name] = per_sample[mask].mean() if mask.any() else torch.tensor(float("nan"))
             n_hr = F.normalize(f_hr.detach().float(), dim=1)
             n_lr = F.normalize(f_lr.detach().float(), dim=1)
             scalars["cos_hr_lr"] = (n_hr * n_lr).sum(dim=1).mean()
