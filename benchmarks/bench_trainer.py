@@ -1,0 +1,94 @@
+"""Trainer overhead: samples/s of the trainer's step (DeepSpeed engine + sharded classifier +
+recipe contract + logging hooks) vs a bare PyTorch loop of the same model and loss, in one process.
+
+    .venv/bin/python benchmarks/bench_trainer.py [--backbone iresnet50] [--batch 32] [--steps 4] [--rounds 3]
+
+Both loops see the same in-memory batch (data loading is measured by bench_loaders.py), run
+alternately for several rounds so machine noise hits both, and the ratio is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="iresnet50")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per round and loop")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
+    args = ap.parse_args()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+    from pipeline.config import load_config
+    from pipeline.losses.margin import CombinedMargin
+    from pipeline.models.iresnet import build_iresnet
+    from pipeline.train import Trainer
+
+    tmp = Path(tempfile.mkdtemp())
+    shards = tmp / "shards"
+    subprocess.run([sys.executable, "-m", "data_prep.folder2wds", "--list",
+                    f"{args.shared}/lfw_view1_112/train_list.txt", "--out", str(shards)], check=True, cwd=REPO,
+                   capture_output=True)
+    cfg = load_config([REPO / "configs/arcface_r50.yaml"], [
+        f"model.backbone={args.backbone}", f"data.train={shards}", f"data.batch_size={args.batch}",
+        f"output.dir={tmp / 'run'}", "device=cpu", "data.num_workers=0", "deepspeed.zero_stage=1"])
+    trainer = Trainer(cfg)
+    C = trainer.loader.num_classes
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(args.batch, 3, 112, 112, generator=gen) * 2 - 1,
+             "label": torch.randint(0, C, (args.batch,), generator=gen)}
+
+    torch.manual_seed(0)
+    bare = build_iresnet(int(args.backbone.replace("iresnet", "")))
+    weight = torch.nn.Parameter(torch.randn(C, 512) * 0.01)
+    margin = CombinedMargin(64.0, 1.0, 0.5, 0.0)
+    opt = torch.optim.SGD([{"params": bare.parameters()}, {"params": [weight]}], lr=0.1, momentum=0.9,
+                          weight_decay=5e-4)
+
+    def bare_step():
+        emb = bare(batch["image"])
+        cos = F.linear(F.normalize(emb), F.normalize(weight))
+        loss = F.cross_entropy(margin(cos, batch["label"]), batch["label"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def trainer_step():
+        trainer._micro_step(batch, 0)
+        trainer.step += 1
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        return args.steps * args.batch / (time.perf_counter() - t)
+
+    rows = []
+    for r in range(args.rounds):
+        b, t = timed(bare_step), timed(trainer_step)
+        rows.append((b, t))
+        print(f"round {r}: bare {b:7.2f} samples/s   trainer {t:7.2f} samples/s   ratio {t / b:.3f}", flush=True)
+    bare_med = sorted(x for x, _ in rows)[len(rows) // 2]
+    tr_med = sorted(y for _, y in rows)[len(rows) // 2]
+    print(f"\n{args.backbone} batch {args.batch}, CPU ({torch.get_num_threads()} threads): "
+          f"bare {bare_med:.2f} samples/s, trainer {tr_med:.2f} samples/s, "
+          f"ratio trainer/bare = {tr_med / bare_med:.3f} (goal >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
