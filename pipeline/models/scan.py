@@ -74,10 +74,15 @@ __all__ = [
 ]
 
 
+def _accurate(y: torch.Tensor) -> torch.Tensor:
+    """y in at least float32 (the norm of a half-precision map is accumulated in float32)."""
+    return y if y.dtype == torch.float64 else y.float()
+
+
 def rmo_per_sample(y: torch.Tensor, lam: float) -> torch.Tensor:
-    """Eq. 6 per sample: exp(-λ ‖y[n]‖₂ / (H·W)) for y of shape (N, C, H, W) → (N,) float32."""
+    """Eq. 6 per sample: exp(-λ ‖y[n]‖₂ / (H·W)) for y of shape (N, C, H, W) → (N,), ≥ float32."""
     hw = y.shape[-2] * y.shape[-1]
-    norm = torch.linalg.vector_norm(y.flatten(1).float(), dim=1)
+    norm = torch.linalg.vector_norm(_accurate(y).flatten(1), dim=1)
     return torch.exp(-lam * norm / hw)
 
 
@@ -88,7 +93,7 @@ class _ConvWithRMO(torch.autograd.Function):
     def forward(ctx, x, w, stride, padding, lam):
         y = F.conv2d(x, w, None, stride, padding)
         hw = y.shape[-2] * y.shape[-1]
-        norm = torch.linalg.vector_norm(y.flatten(1).float(), dim=1)
+        norm = torch.linalg.vector_norm(_accurate(y).flatten(1), dim=1)
         loss = torch.exp(-lam * norm / hw)
         # Save what the convolution actually consumed (autocast may have cast x, w to y's dtype).
         ctx.save_for_backward(x.to(y.dtype), w.to(y.dtype), y, norm, loss)
@@ -112,7 +117,7 @@ class _ConvWithRMO(torch.autograd.Function):
             g = grad_y
             if grad_loss is not None:
                 # d/dy exp(-λ‖y‖/HW) = -λ/HW · L · y/‖y‖ (per sample; 0 where ‖y‖ = 0)
-                coef = grad_loss.float() * loss * (-lam / hw) / norm.clamp_min(1e-12)
+                coef = grad_loss.to(loss.dtype) * loss * (-lam / hw) / norm.clamp_min(1e-12)
                 g_rmo = coef.to(y.dtype).view(-1, *([1] * (y.dim() - 1))) * y
                 g = g_rmo if g is None else g + g_rmo
             if g is not None:

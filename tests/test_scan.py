@@ -1,0 +1,304 @@
+"""SCAN-CNN: SAC kernel (eqs. 2, 4) vs scipy, LSC (eq. 8), RMO (eq. 6) and its efficient gradient
+(App. E), folding (eq. 5) against the plain IResNet, and the recipe's contract."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.signal import convolve2d, correlate2d
+
+from pipeline import registry
+from pipeline.config import ConfigError, load_config
+from pipeline.models.iresnet import build_iresnet
+from pipeline.models.scan import (ScaleAttentionConv, _ConvWithRMO, build_scan_iresnet, fold, rmo_per_sample,
+                                  sac_layers)
+
+TINY = dict(width=0.0625, embedding_size=16, input_size=32)
+
+
+def _randomise_t(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in sac_layers(model):
+            if m.sac:
+                m.scale_raw.copy_(torch.randn(m.scale_raw.shape, generator=g) * 1.5)
+
+
+def _randomise_bn(model: torch.nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def _gauss_eq2(t: float, sum1: bool = False) -> np.ndarray:
+    """Eq. 2, D = 2, sampled on the 5×5 integer grid (independent of the module's separable form)."""
+    d = np.arange(-2, 3, dtype=np.float64)
+    r2 = d[:, None] ** 2 + d[None, :] ** 2
+    g = np.exp(-r2 / (2 * t))
+    return g / g.sum() if sum1 else g / (2 * np.pi * t)
+
+
+# --------------------------------------------------------------------------- SAC kernel
+
+
+def test_t_initialised_to_one_and_positive():
+    m = ScaleAttentionConv(4, 5)
+    assert torch.allclose(m.t, torch.ones(5), atol=1e-6)
+    with torch.no_grad():
+        m.scale_raw.fill_(-200.0)  # far below: t stays at its floor, finite gradient
+    assert torch.all(m.t >= m.t_min) and torch.all(m.t > 0)
+    m.kernel().sum().backward()
+    assert torch.isfinite(m.scale_raw.grad).all()
+
+
+@pytest.mark.parametrize("sum1", [False, True])
+@pytest.mark.parametrize("gamma_m", [1.0, 0.5])
+def test_scaled_kernel_matches_scipy_same_convolution(sum1, gamma_m):
+    torch.manual_seed(0)
+    m = ScaleAttentionConv(3, 6, sac=True, lsc=False, gamma_m=gamma_m, gaussian_sum1=sum1).double()
+    with torch.no_grad():
+        m.scale_raw.copy_(torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.5, 3.0], dtype=torch.float64))
+    t = m.t.detach().numpy()
+    k = m.weight.detach().numpy()
+    ks = m.scaled_kernel().detach().numpy()
+    for o in range(6):
+        g = _gauss_eq2(t[o], sum1)
+        np.testing.assert_allclose(m.gaussian()[o].detach().numpy(), g, rtol=1e-12, atol=1e-14)
+        for i in range(3):
+            # eq. 4: t^γm (k ⊛ g); 'same' = centre 3×3 of the full 7×7 convolution
+            full = convolve2d(k[o, i], g, mode="full")
+            ref = t[o] ** gamma_m * full[2:5, 2:5]
+            np.testing.assert_allclose(ks[o, i], ref, rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(ks[o, i], t[o] ** gamma_m * convolve2d(k[o, i], g, mode="same"),
+                                       rtol=1e-10, atol=1e-12)
+
+
+def test_gaussian_eq2_not_renormalised_and_small_t_limit():
+    m = ScaleAttentionConv(1, 2, lsc=False).double()
+    with torch.no_grad():
+        m.scale_raw.copy_(torch.tensor([0.5397, -30.0], dtype=torch.float64))
+    g = m.gaussian().detach()
+    # t = 1: sum of 5×5 samples of the unit-mass density = (Σ_d e^{-d²/2}/√(2π))²
+    s1 = sum(math.exp(-d * d / 2) for d in range(-2, 3)) ** 2 / (2 * math.pi)
+    assert abs(float(g[0].sum()) - s1) < 1e-3 and abs(s1 - 0.9818) < 1e-3
+    # t → t_min: t·g(0;t) = 1/(2π), so k_s → k/(2π) (SAC reduces to a plain conv, Sec. 6.2)
+    ks = m.scaled_kernel().detach()[1]
+    assert torch.allclose(ks, m.weight.detach()[1] / (2 * math.pi), atol=1e-12)
+
+
+def test_lsc_and_forward_equal_two_independent_convolutions():
+    torch.manual_seed(1)
+    m = ScaleAttentionConv(3, 4, stride=2, sac=True, lsc=True, rmo=False).double().eval()
+    _randomise_t(m)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    t = m.t.detach().numpy()
+    k, ki = m.weight.detach().numpy(), m.weight_i.detach().numpy()
+    xs = x.numpy()
+    out = m(x).detach().numpy()
+    # eq. 8: k_s ⊛ f + k_i ⊛ f, each computed with scipy (cross-correlation, as nn.Conv2d), pad 1, stride 2
+    for n in range(2):
+        for o in range(4):
+            acc = np.zeros((9, 9))
+            for i in range(3):
+                ks = t[o] * convolve2d(k[o, i], _gauss_eq2(t[o]), mode="same")
+                xp = np.pad(xs[n, i], 1)
+                acc += correlate2d(xp, ks, mode="valid") + correlate2d(xp, ki[o, i], mode="valid")
+            np.testing.assert_allclose(out[n, o], acc[::2, ::2], rtol=1e-10, atol=1e-10)
+
+
+def test_switches_are_independent():
+    sac_only = ScaleAttentionConv(2, 3, sac=True, lsc=False, rmo=False)
+    assert {n for n, _ in sac_only.named_parameters()} == {"weight", "scale_raw"}
+    lsc_only = ScaleAttentionConv(2, 3, sac=False, lsc=True, rmo=True)
+    assert {n for n, _ in lsc_only.named_parameters()} == {"weight", "weight_i"}
+    assert torch.equal(lsc_only.kernel(), lsc_only.weight + lsc_only.weight_i)
+    plain = build_scan_iresnet(18, sac=False, lsc=False, rmo=False, **TINY)
+    ref = build_iresnet(18, **TINY)
+    assert not sac_layers(plain)
+    assert [(n, p.shape) for n, p in plain.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
+    full = build_scan_iresnet(18, **TINY)
+    n_sac = len(sac_layers(full))
+    assert n_sac == 1 + 2 * 8  # stem + 2 convs × 8 blocks: every 3×3 conv, no 1×1 downsample conv
+    assert all(m.kernel_size == 3 for _, m in sac_layers(full))
+
+
+# --------------------------------------------------------------------------- RMO
+
+
+def test_rmo_value_matches_eq6():
+    torch.manual_seed(2)
+    for efficient in (True, False):
+        m = ScaleAttentionConv(3, 4, rmo=True, efficient_rmo=efficient, rmo_lambda=0.7).double().train()
+        x = torch.randn(3, 3, 6, 5, dtype=torch.float64)
+        y = m(x).detach().numpy()
+        ref = np.mean([math.exp(-0.7 * np.sqrt((y[n] ** 2).sum()) / (6 * 5)) for n in range(3)])
+        assert abs(float(m.pop_rmo().detach()) - ref) < 1e-12
+        assert m.pop_rmo() is None
+    m.eval()
+    m(x)
+    assert m.pop_rmo() is None  # no RMO term in eval mode
+
+
+def test_conv_with_rmo_gradcheck():
+    torch.manual_seed(3)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    # w.r.t. the weight, with x a constant, the Function's gradient is the true one for y and L
+    torch.autograd.gradcheck(lambda w: _ConvWithRMO.apply(x, w, (1, 1), (1, 1), 1.3), (w,))
+    # y alone: gradients w.r.t. x and w are conv2d's
+    xg = x.clone().requires_grad_(True)
+    torch.autograd.gradcheck(lambda x, w: _ConvWithRMO.apply(x, w, (2, 2), (1, 1), 1.3)[0], (xg, w))
+
+
+def _two_layer(efficient: bool, seed: int = 4):
+    torch.manual_seed(seed)
+    a = ScaleAttentionConv(2, 3, efficient_rmo=efficient).double()
+    b = ScaleAttentionConv(3, 4, efficient_rmo=efficient).double()
+    _randomise_t(a, 5)
+    _randomise_t(b, 6)
+    return a, b
+
+
+def test_efficient_rmo_gradient_stays_in_its_layer():
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    grads = {}
+    for efficient in (True, False):
+        a, b = _two_layer(efficient)
+        y = b(torch.relu(a(x)))
+        a.pop_rmo()
+        b.pop_rmo().backward()  # only layer b's L_scale
+        grads[efficient] = (a, b)
+    a_eff, b_eff = grads[True]
+    a_nai, b_nai = grads[False]
+    for p in a_eff.parameters():  # efficient: earlier layer untouched
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in a_nai.parameters())  # naive: reached
+    for (n, pe), (_, pn) in zip(b_eff.named_parameters(), b_nai.named_parameters()):  # own params: equal
+        assert torch.allclose(pe.grad, pn.grad, rtol=1e-10, atol=1e-13), n
+
+
+def test_efficient_total_gradient_equals_detached_input_definition():
+    """Efficient grads of L_rec + Σ L_scale == autograd of L_rec + Σ exp(-λ‖conv(x_l.detach(), W_l)‖/HW)."""
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    a, b = _two_layer(True)
+    out = b(torch.relu(a(x)))
+    rec = (out ** 2).mean() + out.sum() * 0.1
+    (rec + a.pop_rmo() + b.pop_rmo()).backward()
+    eff = [p.grad.clone() for p in list(a.parameters()) + list(b.parameters())]
+
+    a2, b2 = _two_layer(True)
+    a2.rmo = b2.rmo = False
+    h = a2(x)
+    out = b2(torch.relu(h))
+    rec = (out ** 2).mean() + out.sum() * 0.1
+    ref_rmo = (rmo_per_sample(F.conv2d(x, a2.kernel(), None, 1, 1), 1.0).mean()
+               + rmo_per_sample(F.conv2d(torch.relu(h).detach(), b2.kernel(), None, 1, 1), 1.0).mean())
+    (rec + ref_rmo).backward()
+    ref = [p.grad for p in list(a2.parameters()) + list(b2.parameters())]
+    for e, r in zip(eff, ref):
+        assert torch.allclose(e, r, rtol=1e-10, atol=1e-13)
+
+
+# --------------------------------------------------------------------------- folding
+
+
+def _two_branch(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose SAC layers compute eq. 8 as two convolutions, k_s ⊛ f + k_i ⊛ f (unfolded)."""
+    model = copy.deepcopy(model).eval()
+    for _, m in sac_layers(model):
+        def forward(x, m=m):
+            out = F.conv2d(x, m.scaled_kernel(), None, m.stride, m.padding)
+            return out + F.conv2d(x, m.weight_i, None, m.stride, m.padding) if m.lsc else out
+        m.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("depth,se", [(18, False), (50, True)])
+def test_fold_equals_unfolded_and_loads_into_plain_iresnet(depth, se):
+    torch.manual_seed(9)
+    scan = build_scan_iresnet(depth, se=se, **TINY)
+    _randomise_t(scan)
+    _randomise_bn(scan)
+    scan.eval()
+    plain = build_iresnet(depth, se=se, **TINY)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(10)) * 2 - 1
+
+    scan64, x64 = copy.deepcopy(scan).double(), x.double()
+    with torch.no_grad():
+        ref64, ref32 = _two_branch(scan64)(x64), _two_branch(scan)(x)
+        folded64 = fold(copy.deepcopy(scan64)).eval()
+        diff64 = (folded64(x64) - ref64).abs().max().item()
+        folded32 = fold(copy.deepcopy(scan)).eval()
+        diff32 = (folded32(x) - ref32).abs().max().item()
+        same32 = (folded32(x) - scan(x)).abs().max().item()
+    print(f"fold r{depth}{' se' if se else ''}: max|folded - two-branch unfolded| float64 {diff64:.2e}, "
+          f"float32 {diff32:.2e} (|out| max {ref32.abs().max():.2f}); vs the module's own eval forward {same32:.1e}")
+    assert diff64 < 1e-5 and diff32 < 1e-4 * max(1.0, ref32.abs().max().item()) and same32 < 1e-5
+    assert not sac_layers(folded32)
+    assert sum(p.numel() for p in folded32.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert sum(p.numel() for p in scan.parameters()) > sum(p.numel() for p in plain.parameters())
+    plain.load_state_dict(folded32.state_dict(), strict=True)
+    plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x), folded32(x), atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def _scan_cfg(tmp_path, method: str = "", backbone: str = "scan_iresnet18", options: str = "{}"):
+    p = tmp_path / "scan.yaml"
+    p.write_text(f"recipe: scan\nmodel: {{backbone: {backbone}, width: 0.0625, embedding_size: 16, input_size: 32, "
+                 f"options: {options}}}\nmethod: {{{method}}}\n")
+    return load_config([p])
+
+
+def test_recipe_contract(tmp_path):
+    cfg = _scan_cfg(tmp_path, "rmo_weight: 0.5")
+    recipe = registry.build_recipe(cfg).train()
+    batch = {"image": torch.rand(4, 3, 32, 32) * 2 - 1, "label": torch.arange(4)}
+    out = recipe(batch)
+    assert out.heads["main"].embeddings.shape == (4, 16)
+    layers = sac_layers(recipe.backbone)
+    # aux 'rmo' = weight · Σ_layers L_scale, each in (0, 1]
+    assert 0 < float(out.aux_losses["rmo"].detach()) <= 0.5 * len(layers)
+    assert abs(float(out.scalars["scan/t_mean"]) - 1.0) < 1e-5
+    nwd = recipe.no_weight_decay()
+    assert len(nwd) == len(layers) and all(n.endswith(".scale_raw") for n in nwd)
+    assert nwd <= {n for n, _ in recipe.named_parameters()}
+    out.aux_losses["rmo"].backward()
+    assert all(m.scale_raw.grad is not None for _, m in layers)
+    hist = recipe.histograms()
+    assert "t/all" in hist and hist["t/all"].numel() == sum(m.out_planes for _, m in layers)
+    assert "scan/t/conv1" in hist and "scan/t/layer1.0.conv2" in hist
+    recipe.on_checkpoint(tmp_path, 7)
+    png = tmp_path / "t_density.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert recipe.inference_backbone() is recipe.backbone
+    recipe.eval()
+    assert not recipe(batch).aux_losses  # no RMO in eval
+
+
+def test_recipe_switches_and_errors(tmp_path):
+    cfg = _scan_cfg(tmp_path, "rmo: false, lsc: false")
+    recipe = registry.build_recipe(cfg).train()
+    out = recipe({"image": torch.zeros(2, 3, 32, 32), "label": torch.zeros(2, dtype=torch.long)})
+    assert "rmo" not in out.aux_losses
+    assert all(not m.lsc and m.sac for _, m in sac_layers(recipe.backbone))
+    se = registry.build_recipe(_scan_cfg(tmp_path, backbone="scan_se_iresnet50"))
+    assert any(n.endswith("se.fc1") for n, _ in se.backbone.named_modules())
+    with pytest.raises(ConfigError, match="model.backbone"):
+        registry.build_recipe(_scan_cfg(tmp_path, backbone="iresnet18"))
+    with pytest.raises(ConfigError, match="under 'method:'"):
+        registry.build_recipe(_scan_cfg(tmp_path, options="{lsc: false}"))
+    with pytest.raises(ConfigError, match="method.sacc"):
+        _scan_cfg(tmp_path, "sacc: true")
+    with pytest.raises(ConfigError, match="t_min"):
+        registry.build_recipe(_scan_cfg(tmp_path, "t_min: 0.0"))
