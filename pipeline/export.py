@@ -1,0 +1,135 @@
+"""Export a trained embedding network to ONNX, folding SCAN's scale attention first (eq. 5, 8).
+
+    python -m pipeline.export --checkpoint runs/scan_r101/checkpoints/step_0100000 --out scan_r101.onnx --fold
+    python -m pipeline.export --checkpoint runs/scan_r101 --out scan_r101.onnx --fold --save-folded plain_r101.pt
+
+``--checkpoint`` is a checkpoint directory (``config.yaml`` + ``model.pt``, as the trainer writes
+them) or a run directory (its ``checkpoints/latest`` is used). The recipe is rebuilt from
+``config.yaml``, ``model.pt`` is loaded into its inference backbone (strict), and the network is
+put in eval mode. ``--fold`` replaces every ScaleAttentionConv by one plain 3×3 convolution
+holding k_u = k_s + k_i, so the exported graph is a plain IResNet (same size and speed).
+``--save-folded`` also writes the folded ``state_dict``, which loads with ``strict=True`` into the
+plain backbone of the same depth (``scan_iresnet100`` → ``iresnet100``).
+
+The ONNX model has input ``image`` (N, 3, H, W) float32 in [-1, 1] (N dynamic) and output
+``embedding`` (N, D). After export, onnxruntime's output on a random batch is compared with
+PyTorch's (``--atol``, default 1e-4); a larger difference is an error (exit 1).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import registry
+from pipeline.config import ConfigError, config_from_resolved
+
+
+def load_inference_backbone(checkpoint: str | Path) -> tuple[torch.nn.Module, object, Path]:
+    """(eval-mode backbone with model.pt loaded, resolved Config, checkpoint dir)."""
+    from pipeline.checkpoint import resolve
+
+    path = Path(checkpoint)
+    if not (path / "config.yaml").is_file():
+        try:
+            path = resolve(path)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"--checkpoint: {exc}") from None
+    for name in ("config.yaml", "model.pt"):
+        if not (path / name).is_file():
+            raise ConfigError(f"--checkpoint: {path / name} does not exist")
+    cfg = config_from_resolved(path / "config.yaml")
+    backbone = registry.build_recipe(cfg).inference_backbone()
+    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"--checkpoint: {path / 'model.pt'} does not fit model '{cfg.model.backbone}' ({first})") from None
+    return backbone.eval(), cfg, path
+
+
+def plain_backbone_name(name: str) -> str:
+    """The plain backbone a folded SCAN network is equal to (scan_se_iresnet50 → se_iresnet50)."""
+    return name[len("scan_"):] if name.startswith("scan_") else name
+
+
+def export_onnx(model: torch.nn.Module, out: str | Path, input_size: int, opset: int = 17) -> Path:
+    """torch.onnx.export with the TorchScript exporter (dynamo=False: no onnxscript needed)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.zeros(2, 3, input_size, input_size)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but needs no onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (dummy,), str(out), input_names=["image"], output_names=["embedding"],
+                          dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    return out
+
+
+def check_onnx(model: torch.nn.Module, onnx_path: str | Path, input_size: int, batch: int = 4,
+               seed: int = 0) -> float:
+    """Max |onnxruntime − PyTorch| on a random batch in [-1, 1]."""
+    import onnxruntime as ort
+
+    x = torch.rand(batch, 3, input_size, input_size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    with torch.no_grad():
+        ref = model(x).numpy()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(["embedding"], {"image": x.numpy()})[0]
+    return float(np.abs(got - ref).max())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.export", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint dir (config.yaml + model.pt) or run dir")
+    parser.add_argument("--out", required=True, help="output .onnx path")
+    parser.add_argument("--fold", action="store_true", help="fold SCAN layers into plain convs before export")
+    parser.add_argument("--save-folded", metavar="PT", help="also save the folded state_dict (needs --fold)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="max allowed |onnxruntime - torch| (default 1e-4)")
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.opset < 17:
+            raise ConfigError(f"--opset: must be >= 17, got {args.opset}")
+        if args.save_folded and not args.fold:
+            raise ConfigError("--save-folded: needs --fold")
+        model, cfg, path = load_inference_backbone(args.checkpoint)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.fold:
+        from pipeline.models.scan import fold, sac_layers
+
+        n = len(sac_layers(model))
+        model = fold(model).eval()
+        print(f"[export] folded {n} scale-attention conv layers; the network is now a plain "
+              f"'{plain_backbone_name(cfg.model.backbone)}' ({sum(p.numel() for p in model.parameters()):,} parameters)")
+        if args.save_folded:
+            Path(args.save_folded).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), args.save_folded)
+            print(f"[export] folded state_dict → {args.save_folded}")
+    out = export_onnx(model, args.out, cfg.model.input_size, args.opset)
+    print(f"[export] {path} → {out} (opset {args.opset}, input {cfg.model.input_size}×{cfg.model.input_size})")
+    if not args.no_check:
+        diff = check_onnx(model, out, cfg.model.input_size)
+        print(f"[export] onnxruntime vs PyTorch: max abs diff {diff:.3g} (atol {args.atol:g})")
+        if not diff <= args.atol:
+            print(f"error: onnxruntime output differs from PyTorch by {diff:.3g} > {args.atol:g}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
