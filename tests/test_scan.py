@@ -302,3 +302,43 @@ def test_recipe_switches_and_errors(tmp_path):
         _scan_cfg(tmp_path, "sacc: true")
     with pytest.raises(ConfigError, match="t_min"):
         registry.build_recipe(_scan_cfg(tmp_path, "t_min: 0.0"))
+
+
+def test_init_backbone_for_finetuning(tmp_path):
+    src = registry.build_recipe(_scan_cfg(tmp_path))
+    with torch.no_grad():
+        for _, m in sac_layers(src.backbone):
+            m.scale_raw.add_(0.3)
+    ckpt = tmp_path / "step_0000001"
+    ckpt.mkdir()
+    torch.save(src.inference_backbone().state_dict(), ckpt / "model.pt")
+    cfg = _scan_cfg(tmp_path, f"init_backbone: {ckpt}")
+    dst = registry.build_recipe(cfg)
+    for (n, a), (_, b) in zip(src.backbone.state_dict().items(), dst.backbone.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert cfg.method.init_backbone == "" and cfg.method.initialised_from == str(ckpt)
+    with pytest.raises(ConfigError, match="method.init_backbone"):
+        registry.build_recipe(_scan_cfg(tmp_path, f"init_backbone: {tmp_path / 'nope.pt'}"))
+    with pytest.raises(ConfigError, match="does not fit"):
+        registry.build_recipe(_scan_cfg(tmp_path, f"init_backbone: {ckpt}", backbone="scan_iresnet50"))
+
+
+@pytest.mark.parametrize("name", ["scan_r18_casia", "scan_r50_ms1mv2", "scan_r101_ms1mv2",
+                                  "scan_survface_finetune", "iresnet_r100_ms1mv2"])
+def test_recipe_configs_load_and_match_the_paper(name):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config([root / f"{name}.yaml"])
+    paper = {"scan_r18_casia": (0.1, [16, 24, 28], 30, 256), "scan_r50_ms1mv2": (0.1, [5, 9, 11], 12, 128),
+             "scan_r101_ms1mv2": (0.1, [5, 9, 11], 12, 128), "scan_survface_finetune": (0.01, [12, 16], 20, 128),
+             "iresnet_r100_ms1mv2": (0.1, [5, 9, 11], 12, 128)}[name]
+    assert (cfg.optim.lr, cfg.schedule.milestones, cfg.schedule.epochs, cfg.data.batch_size * 8) == paper
+    assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.margin.s, cfg.margin.m2) == (0.9, 1e-4, 64.0, 0.5)
+    if name.startswith("scan"):
+        assert cfg.recipe == "scan" and cfg.method.sac and cfg.method.lsc and cfg.method.rmo
+    small = load_config([root / f"{name}.yaml", root / "smoke.yaml"], ["model.input_size=32"])
+    recipe = registry.build_recipe(small).train()
+    out = recipe({"image": torch.rand(2, 3, 32, 32) * 2 - 1, "label": torch.zeros(2, dtype=torch.long)})
+    assert out.heads["main"].embeddings.shape == (2, small.model.embedding_size)
+    assert ("rmo" in out.aux_losses) == name.startswith("scan")

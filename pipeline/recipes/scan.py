@@ -41,6 +41,11 @@ class ScanConfig:
     t_min: float = 1e-3  # t = t_min + softplus(ρ), ρ initialised so that t = 1
     gaussian_sum1: bool = False  # renormalise the 5×5 Gaussian to sum 1 (the paper: eq. 2 as is)
     t_density_png: bool = True  # write t_density.png at every checkpoint
+    # Fine-tuning (QMUL-SurvFace): initialise the backbone from a checkpoint dir / run dir / model.pt
+    # of the same architecture (strict). Once loaded, the recipe moves the path to
+    # `initialised_from`, so the checkpoints' config.yaml records it but never needs the file again.
+    init_backbone: str = ""
+    initialised_from: str = ""  # set by the recipe (provenance only)
 
 
 class ScanRecipe(RecipeModel):
@@ -62,6 +67,9 @@ class ScanRecipe(RecipeModel):
         model_cfg = dataclasses.replace(cfg.model, options={**cfg.model.options, **options})
         self.method = m
         self.backbone = registry.build_backbone(model_cfg)
+        if m.init_backbone:
+            load_backbone_weights(self.backbone, m.init_backbone, cfg.model.backbone)
+            m.initialised_from, m.init_backbone = m.init_backbone, ""
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict) -> StepOutput:
@@ -110,6 +118,27 @@ class ScanRecipe(RecipeModel):
         if per_layer and self.method.t_density_png:
             plot_t_density(torch.cat(list(per_layer.values())).float().cpu().numpy(), Path(out_dir) / "t_density.png",
                            title=f"SCAN t density, step {step} ({len(per_layer)} SAC layers)")
+
+
+def load_backbone_weights(backbone: torch.nn.Module, source: str, name: str) -> None:
+    """Load ``model.pt`` of a checkpoint dir, a run dir (its latest checkpoint) or a .pt file (strict)."""
+    from pipeline.checkpoint import resolve
+    from pipeline.config import ConfigError
+
+    path = Path(source)
+    if path.is_dir():
+        try:
+            path = (path if (path / "model.pt").is_file() else resolve(path)) / "model.pt"
+        except FileNotFoundError as exc:
+            raise ConfigError(f"method.init_backbone: {exc}") from None
+    if not path.is_file():
+        raise ConfigError(f"method.init_backbone: {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"method.init_backbone: {path} does not fit '{name}' ({first})") from None
 
 
 def plot_t_density(t, path: Path, title: str = "") -> Path:
