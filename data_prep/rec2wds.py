@@ -132,6 +132,9 @@ class RecSource(Source):
     def entries(self):
         return self._entries
 
+    def offset_of(self, ref) -> int:
+        return ref[1]
+
     def describe(self, ref) -> str:
         return f"{self.rec.name}:{ref[0]}"
 

@@ -1,0 +1,75 @@
+"""rec2wds end-to-end throughput, 1 vs 2 worker processes (issue 3 benchmark).
+
+Builds an insightface-layout rec of ``--images`` images (LFW 112x112 JPEGs from ../shared/data,
+repeated) with the pure-Python writer, then converts it with ``data_prep.rec2wds`` into a fresh
+directory per run and prints images/s (planning + reading + image check + tar writing + sha256 +
+manifest) and the 2-worker / 1-worker ratio, for the default full decode check and for
+``--verify none`` (pure I/O path).
+
+    .venv/bin/python benchmarks/bench_rec2wds.py [--images 4000] [--repeats 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_prep import recordio, shards  # noqa: E402
+from data_prep.rec2wds import RecSource  # noqa: E402
+
+
+def build_rec(tmp: Path, lfw: Path, n_images: int) -> tuple[Path, Path]:
+    people = [d for d in sorted(lfw.iterdir()) if d.is_dir()]
+    files = [(c, f.read_bytes()) for c, d in enumerate(people) for f in sorted(d.glob("*.jpg"))]
+    classes: list[list[bytes]] = [[] for _ in people]
+    for i in range(n_images):
+        c, data = files[i % len(files)]
+        classes[c].append(data)
+    rec, idx = tmp / "train.rec", tmp / "train.idx"
+    recordio.write_insightface_rec(rec, idx, classes, tmp / "property")
+    return rec, idx
+
+
+def one_run(rec: Path, idx: Path, out: Path, workers: int, verify: str, shard_size: int) -> float:
+    if out.exists():
+        shutil.rmtree(out)
+    res = shards.run(RecSource(rec, idx), out, shard_size=shard_size, workers=workers, verify=verify,
+                     progress=False, log=lambda m: None)
+    return res.manifest.num_images / res.seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--shard-size", type=int, default=250)
+    p.add_argument("--lfw", default=str(REPO.parent / "shared" / "data" / "lfw_view1_112" / "train_112"))
+    args = p.parse_args()
+    lfw = Path(args.lfw)
+    if not lfw.is_dir():
+        sys.exit(f"error: {lfw}: LFW train_112 folder missing")
+    with tempfile.TemporaryDirectory(prefix="bench_rec2wds_") as t:
+        tmp = Path(t)
+        rec, idx = build_rec(tmp, lfw, args.images)
+        print(f"rec2wds benchmark: {args.images} images ({rec.stat().st_size / 1e6:.1f} MB rec), "
+              f"shard size {args.shard_size}, {args.repeats} runs each (median)")
+        print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores, python {platform.python_version()}")
+        for verify in ("decode", "none"):
+            rates = {}
+            for w in (1, 2):
+                rates[w] = statistics.median(one_run(rec, idx, tmp / f"out{w}", w, verify, args.shard_size)
+                                             for _ in range(args.repeats))
+                print(f"  verify={verify:6s} workers={w}: {rates[w]:8.0f} images/s")
+            print(f"  verify={verify:6s} ratio 2 workers / 1 worker: {rates[2] / rates[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
