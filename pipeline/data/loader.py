@@ -1,0 +1,42 @@
+"""Training-loader factory: ``data.loader`` picks the engine, the trainer sees one interface.
+
+``build_train_loader(data_cfg, rank, world_size, seed, input_size=112)`` returns an object with
+
+* ``num_classes``, ``num_images`` (from the shard directory's ``manifest.json``);
+* ``steps_per_epoch`` = ``num_images // (batch_size · world_size)`` (at least 1);
+* ``set_epoch(epoch)``: the next iteration uses the order seeded by (seed, epoch);
+* ``__iter__``: exactly ``steps_per_epoch`` batches on every rank (ranks never deadlock; a rank
+  whose share is short resamples within its own disjoint share); ``iter_from(step)`` gives the
+  batches ``step..steps_per_epoch-1`` of the epoch (resume);
+* batches: ``{"image": float32 (B,3,S,S) in [-1,1], "label": int64 (B,)}`` plus, when
+  ``data.augment.paired``, ``"image_lr"`` (B,3,S,S) and ``"lr_size"`` int64 (B,); with
+  ``with_keys=True`` (tests, debugging) also ``"key"``: the samples' ``.src`` keys;
+* ``stats()`` → ``{"corrupt_samples": n, "corrupt_shards": n}`` (distinct items skipped so far).
+
+``torch``: :class:`pipeline.data.torch_loader.TorchTrainLoader` (WebDataset + DataLoader workers,
+CPU). ``dali``: :class:`pipeline.data.dali_loader.DaliTrainLoader` (decode and augment on the
+GPU when CUDA is present, else DALI's CPU operators). Both implement
+:mod:`pipeline.data.augment`.
+"""
+from __future__ import annotations
+
+from pipeline.config import ConfigError, DataConfig
+
+LOADERS = ("torch", "dali")
+
+
+def build_train_loader(data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int = 112,
+                       with_keys: bool = False):
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"build_train_loader: rank {rank} outside [0, {world_size})")
+    if data_cfg.loader == "torch":
+        from pipeline.data.torch_loader import TorchTrainLoader
+
+        return TorchTrainLoader(data_cfg, rank, world_size, seed, input_size, with_keys=with_keys)
+    if data_cfg.loader == "dali":
+        try:
+            from pipeline.data.dali_loader import DaliTrainLoader
+        except ImportError as exc:
+            raise ConfigError(f"data.loader: 'dali' needs nvidia-dali ({exc}); use data.loader=torch") from None
+        return DaliTrainLoader(data_cfg, rank, world_size, seed, input_size, with_keys=with_keys)
+    raise ConfigError(f"data.loader: unknown loader {data_cfg.loader!r} (known: {', '.join(LOADERS)})")
