@@ -21,6 +21,8 @@ import hashlib
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from data_prep import shards
 from data_prep.manifest import DataError
 from data_prep.shards import BadRecord, Sample, Source
@@ -85,7 +87,7 @@ class FolderSource(Source):
             if not items:
                 raise DataError(f"{lf}: --list file lists no images")
             self.num_classes = max(lab for _, lab in items) + 1
-        entries = []
+        refs, sizes = [], []
         h = hashlib.sha256()
         for i, (rel, label) in enumerate(items):
             p = self.base / rel
@@ -96,18 +98,23 @@ class FolderSource(Source):
                                          "message": f"{p} does not exist"})
                 h.update(f"{rel}\t{label}\t-\n".encode())
                 continue
-            entries.append((i, (rel, label), size))
+            refs.append((i, (rel, label)))
+            sizes.append(size)
             h.update(f"{rel}\t{label}\t{size}\n".encode())
-        self._entries = entries
+        self._refs = refs
+        self._sizes = np.array(sizes, dtype=np.int64)
         self._digest = h.hexdigest()
         self.extra["source_kind"] = self.kind
 
-    def entries(self):
-        return self._entries
+    def sizes(self) -> np.ndarray:
+        return self._sizes
 
-    def __getstate__(self):
+    def entry(self, pos: int):
+        return self._refs[pos]
+
+    def __getstate__(self):  # what a spawned worker receives: no listing
         d = dict(self.__dict__)
-        d["_entries"] = None
+        d["_refs"] = d["_sizes"] = None
         return d
 
     def describe(self, ref) -> str:
@@ -126,10 +133,10 @@ class FolderSource(Source):
 
     def sources(self) -> list[dict]:
         if self.kind == "folder":
-            return [{"path": str(self.base.resolve()), "role": "folder", "files": len(self._entries)
+            return [{"path": str(self.base.resolve()), "role": "folder", "files": len(self._refs)
                      + len(self.pre_corrupt), "listing_sha256": self._digest}]
         return [{"path": str(self.list_file.resolve()), "role": "list", "bytes": self.list_file.stat().st_size,
-                 "files": len(self._entries) + len(self.pre_corrupt), "listing_sha256": self._digest}]
+                 "files": len(self._refs) + len(self.pre_corrupt), "listing_sha256": self._digest}]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from data_prep import recordio, shards
 from data_prep.manifest import DataError, sha256_file
 from data_prep.shards import BadRecord, Sample, Source
@@ -42,7 +44,7 @@ class RecSource(Source):
         self.rec_size = self.rec.stat().st_size
         if self.rec_size == 0:
             raise DataError(f"{self.rec}: record file is empty")
-        index = recordio.read_index(self.idx)
+        keys, offs = recordio.read_index_arrays(self.idx)
         self.property_path = Path(property_path) if property_path else self.rec.parent / "property"
         prop = None
         if property_path and not self.property_path.is_file():
@@ -55,35 +57,45 @@ class RecSource(Source):
         self._fd_pid = None
         self.pre_corrupt = []
         self.extra = {}
-        offsets = dict(index)
-        header = self._read_header(offsets)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+
+        def lookup(wanted: np.ndarray) -> np.ndarray:
+            """Offsets of ``wanted`` keys (-1 where a key is not in the index)."""
+            pos = np.clip(np.searchsorted(sorted_keys, wanted), 0, len(sorted_keys) - 1)
+            found = sorted_keys[pos] == wanted
+            return np.where(found, offs[order[pos]], -1)
+
+        header = self._read_header(int(lookup(np.array([0]))[0]))
         if header is not None:
             id_idx, widx = header
             self.layout = "insightface"
-            image_keys = range(1, id_idx)
+            image_keys = np.arange(1, id_idx, dtype=np.int64)
             header_classes = widx - id_idx
-            self.extra["identity_records"] = self._check_identity_records(offsets, id_idx, widx)
+            self.extra["identity_records"] = self._check_identity_records(
+                np.arange(id_idx, widx, dtype=np.int64), lookup(np.arange(id_idx, widx, dtype=np.int64)))
         else:
             self.layout = "im2rec"
-            image_keys = [k for k, _ in index]
+            image_keys = keys
             header_classes = None
         if prop and header_classes is not None and prop[0] != header_classes:
             raise DataError(f"{self.property_path}: says {prop[0]} classes but the header record of {self.rec} "
                             f"has {header_classes} identity records")
         self.num_classes = prop[0] if prop else header_classes
-        # size estimate of each record = distance to the next record in the file
-        sorted_offs = sorted(set(offsets.values())) + [self.rec_size]
-        nxt = {o: sorted_offs[i + 1] for i, o in enumerate(sorted_offs[:-1])}
-        entries = []
-        for k in image_keys:
-            off = offsets.get(k)
-            if off is None:
-                self.pre_corrupt.append({"index": k, "offset": None, "source": f"{self.rec.name}:{k}",
-                                         "reason": "missing_from_index",
-                                         "message": f"key {k} (an image key of the header) is not in {self.idx.name}"})
-                continue
-            entries.append((k, (k, off), max(0, nxt[off] - off)))
-        self._entries = entries
+        image_offs = lookup(image_keys)
+        missing = image_keys[image_offs < 0]
+        for k in missing[:shards.MAX_LISTED_CORRUPT].tolist():
+            self.pre_corrupt.append({"index": k, "offset": None, "source": f"{self.rec.name}:{k}",
+                                     "reason": "missing_from_index",
+                                     "message": f"key {k} (an image key of the header) is not in {self.idx.name}"})
+        if len(missing) > shards.MAX_LISTED_CORRUPT:
+            raise DataError(f"{self.idx}: {len(missing)} image keys of the header record are missing from the index")
+        self._keys = image_keys[image_offs >= 0]
+        self._offs = image_offs[image_offs >= 0]
+        # size estimate of each record = distance to the next record start in the file
+        starts = np.unique(np.append(offs, self.rec_size))
+        nxt = starts[np.minimum(np.searchsorted(starts, self._offs, side="right"), len(starts) - 1)]
+        self._sizes = np.maximum(nxt - self._offs, 0)
         self.extra["layout"] = self.layout
         self.extra["property"] = list(prop) if prop else None
 
@@ -94,21 +106,21 @@ class RecSource(Source):
             self._fd_pid = os.getpid()
         return self._fd
 
-    def __getstate__(self):
+    def __getstate__(self):  # what a spawned worker receives: no open fd, no listing arrays
         d = dict(self.__dict__)
         d["_fd"] = None
-        d["_entries"] = None
+        d["_keys"] = d["_offs"] = d["_sizes"] = None
         return d
 
-    def _read_header(self, offsets):
+    def _read_header(self, off0: int):
         """(id_idx, widx) when record 0 is an insightface header (flag 2, no image bytes), else None."""
-        if 0 not in offsets:
+        if off0 < 0:
             return None
         try:
-            payload, _ = recordio.read_record(self._fdesc(), offsets[0], self.rec_size)
+            payload, _ = recordio.read_record(self._fdesc(), off0, self.rec_size)
             r = recordio.unpack(payload)
         except recordio.RecordError as exc:
-            raise DataError(f"{self.rec}: record 0 (offset {offsets[0]}) is unreadable: {exc}") from None
+            raise DataError(f"{self.rec}: record 0 (offset {off0}) is unreadable: {exc}") from None
         if r.header.flag == 2 and not r.image:
             a, b = (recordio.label_to_class(v) for v in r.labels)
             if a is None or b is None or not (1 <= a <= b):
@@ -116,21 +128,26 @@ class RecSource(Source):
             return a, b
         return None
 
-    def _check_identity_records(self, offsets, id_idx, widx) -> dict:
+    def _check_identity_records(self, keys: np.ndarray, offs: np.ndarray) -> dict:
+        """Read the identity records (flag 2, [start, end), no image); count the unreadable ones."""
         bad = []
-        for k in range(id_idx, widx):
+        for k, off in zip(keys.tolist(), offs.tolist()):
             try:
-                if k not in offsets:
+                if off < 0:
                     raise recordio.RecordError("not in the index", "missing")
-                r = recordio.unpack(recordio.read_record(self._fdesc(), offsets[k], self.rec_size)[0])
+                r = recordio.unpack(recordio.read_record(self._fdesc(), off, self.rec_size)[0])
                 if r.header.flag != 2 or r.image:
                     raise recordio.RecordError("not an identity record", "bad")
             except recordio.RecordError:
                 bad.append(k)
-        return {"count": widx - id_idx, "bad_keys": bad[:100], "bad": len(bad)}
+        return {"count": len(keys), "bad_keys": bad[:100], "bad": len(bad)}
 
-    def entries(self):
-        return self._entries
+    def sizes(self) -> np.ndarray:
+        return self._sizes
+
+    def entry(self, pos: int):
+        k = int(self._keys[pos])
+        return k, (k, int(self._offs[pos]))
 
     def offset_of(self, ref) -> int:
         return ref[1]

@@ -165,6 +165,33 @@ def iter_file(path: str | Path):
 # --------------------------------------------------------------------------- index / property
 
 
+def read_index_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a ``.idx`` file into (keys, offsets) int64 arrays in file order.
+
+    Fast path: numpy's C text parser (millions of lines in seconds, 16 bytes per record). On any
+    problem the slow line-by-line parser finds the bad line and raises a :class:`DataError` naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: index file does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: index file is empty")
+    try:
+        arr = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
+        if arr.shape[1] != 2 or (arr < 0).any():
+            raise ValueError
+    except ValueError:
+        pairs = read_index(path)  # raises the precise, line-numbered error
+        arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    keys, offs = arr[:, 0].copy(), arr[:, 1].copy()
+    uniq, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = int(uniq[counts > 1][0])
+        line = int(np.flatnonzero(keys == dup)[1]) + 1
+        raise DataError(f"{path}:{line}: duplicate key {dup}")
+    return keys, offs
+
+
 def read_index(path: str | Path) -> list[tuple[int, int]]:
     """Read a ``.idx`` file into [(key, offset)] in file order; bad lines → :class:`DataError`."""
     path = Path(path)

@@ -1,7 +1,8 @@
 """Shard-writing machinery shared by :mod:`data_prep.folder2wds` and :mod:`data_prep.rec2wds`.
 
-A *source* lists its samples once, in a canonical order (``Source.entries``), and reads one sample
-on demand (``Source.read``). :func:`run` then
+A *source* lists its samples once, in a canonical order (``Source.sizes`` / ``Source.entry``; big
+listings live in numpy arrays, ~24 bytes per record), and reads one sample on demand
+(``Source.read``). :func:`run` then
 
 1. **plans**: a seeded permutation of the entries, cut into shards by sample count or by bytes, so
    every shard mixes identities; the plan is a pure function of (source listing, seed, shard size),
@@ -73,11 +74,19 @@ class Sample:
 
 
 class Source:
-    """What a tool provides. ``entries()`` → list of (index, ref, size_estimate) in canonical order."""
+    """What a tool provides: a listing in canonical order, and a reader of one sample.
+
+    ``sizes()``: int64 array of per-sample byte estimates (its length is the number of samples);
+    ``entry(pos)`` → (index, ref): ``index`` identifies the record in reports and names the tar
+    key, ``ref`` is what ``read`` needs (small and picklable: it travels to the workers).
+    """
 
     tool = "data_prep"
 
-    def entries(self) -> list[tuple[int, Any, int]]:
+    def sizes(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def entry(self, pos: int) -> tuple[int, Any]:
         raise NotImplementedError
 
     def read(self, ref) -> Sample:
@@ -143,36 +152,34 @@ def image_ext(data: bytes, verify: str = "decode") -> str:
 
 @dataclass
 class Plan:
-    shards: list[list[tuple[int, Any, int]]]
+    shards: list[np.ndarray]  # per shard: positions into the source listing, in write order
     digest: str
     num_entries: int
 
 
-def make_plan(source: Source, entries: list, seed: int, shard_size: int | None, shard_bytes: int | None,
-              verify: str) -> Plan:
-    if not entries:
-        raise DataError("the source holds no images")
-    perm = np.random.default_rng(seed).permutation(len(entries))
-    shards: list[list] = []
+def make_plan(source: Source, seed: int, shard_size: int | None, shard_bytes: int | None, verify: str) -> Plan:
+    sizes = np.asarray(source.sizes(), dtype=np.int64)
+    n = len(sizes)
+    if n == 0:
+        raise DataError("the source holds no readable images")
+    perm = np.random.default_rng(seed).permutation(n)
     if shard_bytes:
-        cur, cur_bytes = [], 0
-        for i in perm:
-            e = entries[i]
-            cost = e[2] + _TAR_OVERHEAD
-            if cur and cur_bytes + cost > shard_bytes:
-                shards.append(cur)
-                cur, cur_bytes = [], 0
-            cur.append(e)
-            cur_bytes += cost
-        if cur:
-            shards.append(cur)
+        # greedy: a new shard starts when adding the next sample would pass the target
+        cost = sizes[perm] + _TAR_OVERHEAD
+        cuts, cur = [], 0
+        for i, c in enumerate(cost.tolist()):
+            if cur and cur + c > shard_bytes:
+                cuts.append(i)
+                cur = 0
+            cur += c
+        shards = np.split(perm, cuts)
     else:
-        n = max(1, int(shard_size or 10000))
-        shards = [[entries[i] for i in perm[s:s + n]] for s in range(0, len(perm), n)]
+        step = max(1, int(shard_size or 10000))
+        shards = [perm[s:s + step] for s in range(0, n, step)]
     spec = {"tool": source.tool, "version": TOOL_VERSION, "seed": seed, "shard_size": shard_size,
             "shard_bytes": shard_bytes, "verify": verify, "source": source.fingerprint()}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    return Plan(shards, digest, len(entries))
+    return Plan(shards, digest, n)
 
 
 # --------------------------------------------------------------------------- shard writer
@@ -248,7 +255,7 @@ def _write_shard(task) -> dict:
     count = 0
     with open(tmp, "wb", buffering=1 << 20) as raw:
         tw = TarStream(raw)
-        for index, ref, _ in entries:
+        for index, ref in entries:
             try:
                 s = source.read(ref)
                 if s.label < 0 or (num_classes is not None and s.label >= num_classes):
@@ -343,8 +350,7 @@ def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | Non
         raise DataError(f"{out}: --out exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
-    entries = source.entries()
-    plan = make_plan(source, entries, seed, shard_size, shard_bytes, verify)
+    plan = make_plan(source, seed, shard_size, shard_bytes, verify)
     journal_path = out / JOURNAL
     done = _read_journal(journal_path, plan.digest)
     has_outputs = any(out.glob("shard-*.tar")) or (out / MANIFEST).exists()
@@ -372,7 +378,7 @@ def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | Non
         if rec and path.is_file() and path.stat().st_size == rec["bytes"] and sha256_file(path) == rec["sha256"]:
             results[i] = rec
         else:
-            todo.append((i, shard))
+            todo.append(i)
     if not journal_path.exists() or done == {} and not results:
         atomic_write_text(journal_path, json.dumps({"plan": plan.digest, "tool": source.tool,
                                                     "version": TOOL_VERSION}) + "\n")
@@ -390,15 +396,17 @@ def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | Non
     written = 0
     workers = max(1, int(workers))
     pool = None
+    # tasks carry their (index, ref) lists, built lazily: the pool's feeder blocks on a full pipe
+    tasks = ((i, [source.entry(int(p)) for p in plan.shards[i]]) for i in todo)
     try:
         if workers > 1 and len(todo) > 1:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             pool = ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
                             initargs=(source, out, verify, num_classes))
-            it = pool.imap_unordered(_write_shard, todo, chunksize=1)
+            it = pool.imap_unordered(_write_shard, tasks, chunksize=1)
         else:
             _init_worker(source, out, verify, num_classes)
-            it = map(_write_shard, todo)
+            it = map(_write_shard, tasks)
         with open(journal_path, "a") as jf:
             for rec in it:
                 jf.write(json.dumps(rec, sort_keys=True) + "\n")

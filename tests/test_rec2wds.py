@@ -379,3 +379,15 @@ def test_tar_stream_matches_tarfile(tmp_path):
     tw.close()
     assert ours.getvalue() == ref.getvalue()
     assert tw.hexdigest() == sha(ref.getvalue()) and tw.n == len(ref.getvalue())
+
+
+def test_image_key_missing_from_index(tmp_path):
+    d = tmp_path / "noidx"
+    shutil.copytree(FIX / "insightface", d)
+    lines = (d / "train.idx").read_text().splitlines()
+    (d / "train.idx").write_text("\n".join(l for l in lines if l.split("\t")[0] != "12") + "\n")
+    out = tmp_path / "wds"
+    assert run(["--rec", d / "train.rec", "--idx", d / "train.idx", "--out", out, "--max-bad-fraction", "0.05"]) == 0
+    m = read_manifest(out)
+    assert m.num_images == 39 and m.corrupt["records"][0]["index"] == 12
+    assert m.corrupt["by_reason"] == {"missing_from_index": 1}
