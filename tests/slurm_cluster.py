@@ -112,7 +112,10 @@ class LocalSlurm:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire also delays a requeued job's restart (default 120 s); 5 s keeps tests quick.
+            f"AuthInfo=socket={self.munge_socket},cred_expire=5",
+            # Schedule every second (defaults 60 s / 30 s): a requeued job starts once eligible.
+            "SchedulerParameters=sched_interval=1,bf_interval=1",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -237,12 +240,11 @@ class LocalSlurm:
         """Cancel our jobs, then stop only the daemons started here (newest first) by pid file."""
         if any(name == "slurmctld" for name, _ in self.started):
             self.run("scancel", "--user", pwd.getpwuid(os.geteuid()).pw_name, check=False, timeout=10)
-        for name, pid_file in reversed(self.started):
-            try:
-                pid = int(pid_file.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-            _terminate(pid, timeout_s)
+        # slurmd/slurmctld first (they may still talk to munge while shutting down), each group
+        # signalled together: a daemon takes ~2 s to stop, so one at a time would add up.
+        daemons = [(n, p) for n, p in self.started if n != "munged"]
+        _terminate_all([_read_pid(p) for _, p in daemons], timeout_s)
+        _terminate_all([_read_pid(p) for n, p in self.started if n == "munged"], timeout_s)
         self.started.clear()
 
     def __enter__(self) -> "LocalSlurm":
@@ -252,22 +254,37 @@ class LocalSlurm:
         self.stop()
 
 
-def _terminate(pid: int, timeout_s: float) -> None:
+def _read_pid(pid_file: Path) -> int | None:
     try:
-        os.kill(pid, signal.SIGTERM)
+        return int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+        return False
+    return True
+
+
+def _terminate_all(pids: list[int | None], timeout_s: float) -> None:
+    """SIGTERM each pid, wait for all to exit, SIGKILL what is left after ``timeout_s``."""
+    pids = [p for p in pids if p]
+    for pid in pids:
         try:
-            os.kill(pid, 0)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
-            return
+            pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _tail(path: Path, n: int = 30) -> str:

@@ -1,0 +1,302 @@
+"""The real ``sbatch jobs/*.sh`` on a real one-machine Slurm (tests/slurm_cluster.py), CPU only.
+
+* job machinery, with a stand-in trainer (a gloo all_reduce): MASTER_ADDR/PORT, ranks, nodes,
+  argument and environment pass-through, for 1 node × 2 tasks and 2 nodes × 1 task;
+* the real trainer, smoke layer, shards of real LFW training faces: jobs/scan_r101.sh on both
+  shapes (exit code, checkpoint, TensorBoard t histograms) and jobs/lrfr_r50.sh;
+* preemption: SIGUSR1 to a running job → checkpoint → requeue → resume → finish.
+
+Needs root (installs Debian's slurm-wlm + munge if missing, starts the daemons) and FAILS, never
+skips, otherwise. The GPU request in the job headers is overridden with --gpus-per-node=0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import LocalSlurm, SlurmError
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = sorted(p for p in (REPO / "jobs").glob("*.sh") if not p.name.startswith("_"))
+
+SHAPES = {"1x2": ("--nodes=1", "--ntasks-per-node=2"), "2x1": ("--nodes=2", "--ntasks-per-node=1")}
+CPU_ONLY = ("--gpus-per-node=0", "--cpus-per-task=1", "--time=15")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    # Not under pytest's tmp_path: munged (user munge) must be able to reach its socket dir, and
+    # pytest's base temp dir is private to root.
+    root = Path(tempfile.mkdtemp(prefix="lowq-slurm-"))
+    cluster = LocalSlurm(root)
+    try:
+        cluster.start()
+    except SlurmError as exc:
+        pytest.fail(f"could not start the local Slurm cluster: {exc}")
+    yield cluster
+    cluster.stop()
+    if not os.environ.get("LOWQ_KEEP_SLURM"):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHON"] = sys.executable  # the interpreter running the tests (the repo's .venv in CI)
+    # Shared JIT cache for DeepSpeed's CPU ops; sbatch's default --export=ALL carries it to the tasks.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return env
+
+
+def submit(slurm: LocalSlurm, script: Path, shape: str, log_dir: Path, train_args: list[str],
+           cwd: Path = REPO, extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> int:
+    log_dir.mkdir(parents=True, exist_ok=True)  # sbatch opens --output at job start: the dir must exist
+    return slurm.sbatch([*SHAPES[shape], *CPU_ONLY, *extra, f"--output={log_dir}/%x-%j.out",
+                         str(script), *train_args], cwd=cwd, env=env or job_env())
+
+
+def finish(slurm: LocalSlurm, job: int, log_dir: Path, timeout_s: float = 240) -> dict[str, str]:
+    """Wait for the job; fail with its output log when it did not exit 0:0."""
+    try:
+        info = slurm.wait_job(job, timeout_s)
+    except SlurmError as exc:
+        pytest.fail(f"{exc}\n{job_log(log_dir, job)}")
+    if info.get("JobState") != "COMPLETED" or info.get("ExitCode") != "0:0":
+        pytest.fail(f"job {job}: JobState={info.get('JobState')} ExitCode={info.get('ExitCode')} "
+                    f"Reason={info.get('Reason')}\n{job_log(log_dir, job)}\n{slurm.logs_tail(15)}")
+    return info
+
+
+def job_log(log_dir: Path, job: int) -> str:
+    logs = sorted(log_dir.glob(f"*-{job}.out"))
+    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-6000:]}" for p in logs) or f"(no log for job {job} in {log_dir})"
+
+
+# --------------------------------------------------------------------------- scripts, statically
+
+
+def sbatch_options(script: Path) -> dict[str, str]:
+    """The #SBATCH header; fails if an #SBATCH line follows a command (sbatch would ignore it)."""
+    opts, body_started = {}, False
+    for line in script.read_text().splitlines():
+        if line.startswith("#SBATCH"):
+            assert not body_started, f"{script}: '{line}' comes after a command; sbatch ignores it"
+            key, _, value = line.split(None, 1)[1].partition("=")
+            opts[key] = value
+        elif line.strip() and not line.startswith("#"):
+            body_started = True
+    return opts
+
+
+def recipe_of(script: Path) -> str:
+    m = re.search(r"^lowq_train (\S+) \"\$@\"$", script.read_text(), re.M)
+    assert m, f"{script}: no 'lowq_train configs/<recipe>.yaml \"$@\"' line"
+    return m.group(1)
+
+
+def test_job_scripts_present():
+    assert {p.stem for p in JOBS} >= {"scan_r101", "iresnet_r100", "lrfr_r50"}
+
+
+@pytest.mark.parametrize("script", JOBS, ids=lambda p: p.stem)
+def test_job_headers(script):
+    opts = sbatch_options(script)
+    for key in ("--job-name", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--time"):
+        assert opts.get(key), f"{script}: no #SBATCH {key}"
+    assert opts["--ntasks-per-node"] == opts["--gpus-per-node"], f"{script}: one task per GPU"
+    assert opts["--output"] == "logs/%x-%j.out" and opts["--open-mode"] == "append"
+    assert re.fullmatch(r"USR1@\d+", opts["--signal"]), opts["--signal"]  # to the tasks, not B: the shell
+    assert "--requeue" in opts
+    assert (REPO / recipe_of(script)).is_file(), f"{script}: {recipe_of(script)} does not exist"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    # Thin wrappers: identical but for the title, name, time limit and recipe.
+    ref = REPO / "jobs" / "scan_r101.sh"
+    norm = lambda p: [l for l in p.read_text().replace(recipe_of(p), "RECIPE").replace(p.stem, "NAME").splitlines()
+                      if not l.startswith(("#SBATCH --time", "# ")) and l.strip() != "#"]
+    assert norm(script) == norm(ref)
+
+
+def test_job_script_outside_slurm():
+    """Run by hand (bash, not sbatch): a one-line error and status 2, nothing started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run(["bash", str(REPO / "jobs" / "scan_r101.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "submit with sbatch" in r.stderr
+    r = subprocess.run(["bash", str(REPO / "jobs" / "scan_r101.sh")], env=env | {"SLURM_SUBMIT_DIR": str(REPO)},
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "error: submit this script with sbatch" in r.stderr
+
+
+# --------------------------------------------------------------------------- job machinery
+
+FAKE_TRAINER = r'''
+"""Stand-in for pipeline.train: checks what the job script hands each task via a gloo all_reduce."""
+import datetime, json, os, sys
+out = os.environ["FAKE_OUT"]
+if not os.path.isdir(out):
+    sys.exit(3)  # test_job_script_reports_failure
+import torch, torch.distributed as dist
+rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60),
+                        init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+x = torch.tensor([float(rank + 1)])
+dist.all_reduce(x)
+keys = ("MASTER_ADDR", "MASTER_PORT", "SLURMD_NODENAME", "SLURM_LOCALID", "SLURM_JOB_ID",
+        "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "SLURM_CPUS_PER_TASK")
+rec = {"rank": rank, "world": world, "sum": x.item(), "argv": sys.argv[1:], "cwd": os.getcwd(),
+       **{k: os.environ.get(k) for k in keys}}
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump(rec, f)
+dist.destroy_process_group()
+'''
+
+
+@pytest.fixture(scope="module")
+def fake_repo(tmp_path_factory) -> Path:
+    """A submit dir holding the real jobs/ scripts, stub recipe files and a stand-in trainer."""
+    root = tmp_path_factory.mktemp("fake_repo")
+    shutil.copytree(REPO / "jobs", root / "jobs")
+    (root / "configs").mkdir()
+    for script in (REPO / "jobs").glob("*.sh"):
+        m = re.search(r"^lowq_train (\S+)", script.read_text(), re.M)
+        if m:
+            (root / m.group(1)).write_text("# stub\n")
+    (root / "pipeline").mkdir()
+    (root / "pipeline" / "__init__.py").write_text("")
+    (root / "pipeline" / "train.py").write_text(FAKE_TRAINER)
+    return root
+
+
+# The three scripts share jobs/_common.sh (test_job_headers checks they differ only in name,
+# time and recipe); each also runs for real below.
+@pytest.mark.parametrize("script,shape", [("scan_r101", "1x2"), ("lrfr_r50", "2x1")])
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_job_script_environment(slurm, fake_repo, tmp_path, script, shape):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = job_env() | {"FAKE_OUT": str(out), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext_cache")}
+    args = ["--config", "configs/smoke.yaml", "data.train=/some/dir", "note=two words"]
+    job = submit(slurm, fake_repo / "jobs" / f"{script}.sh", shape, tmp_path / "logs", args, cwd=fake_repo, env=env)
+    finish(slurm, job, tmp_path / "logs", timeout_s=120)
+
+    recipe = re.search(r"^lowq_train (\S+)", (REPO / "jobs" / f"{script}.sh").read_text(), re.M).group(1)
+    recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in recs] == [0, 1] and all(r["world"] == 2 for r in recs)
+    assert all(r["sum"] == 3.0 for r in recs)  # 1 + 2 over both ranks
+    for r in recs:
+        assert r["argv"] == ["--config", recipe, *args]  # the recipe first, then "$@" verbatim
+        assert r["MASTER_ADDR"] == "127.0.0.1"  # NodeAddr of n1/n2, not the unresolvable name
+        assert int(r["MASTER_PORT"]) == 10000 + job % 50000
+        assert r["OMP_NUM_THREADS"] == "1" and r["SLURM_CPUS_PER_TASK"] == "1"
+        assert r["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "ext_cache")  # --export=ALL
+        assert Path(r["cwd"]).resolve() == fake_repo.resolve()
+    nodes = {r["SLURMD_NODENAME"] for r in recs}
+    assert len(nodes) == (1 if shape == "1x2" else 2)
+    assert sorted(r["SLURM_LOCALID"] for r in recs) == (["0", "1"] if shape == "1x2" else ["0", "0"])
+    log = job_log(tmp_path / "logs", job)
+    assert f"master=127.0.0.1:{10000 + job % 50000}" in log and "srun finished rc=0" in log
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_job_script_reports_failure(slurm, fake_repo, tmp_path):
+    """A failing trainer makes the job fail (non-zero ExitCode), not look successful."""
+    env = job_env() | {"FAKE_OUT": str(tmp_path / "missing_dir")}  # the stand-in exits with 3
+    job = submit(slurm, fake_repo / "jobs" / "scan_r101.sh", "2x1", tmp_path / "logs", [], cwd=fake_repo, env=env)
+    info = slurm.wait_job(job, 120)
+    # 3, or 143 when srun's --kill-on-bad-exit terminated the other rank first.
+    assert info["JobState"] == "FAILED" and info["ExitCode"] in ("3:0", "143:0"), info
+    assert re.search(r"srun finished rc=(3|143)\b", job_log(tmp_path / "logs", job))
+
+
+# --------------------------------------------------------------------------- real trainer
+
+
+@pytest.fixture(scope="module")
+def lfw_shards(shared_data, tmp_path_factory) -> Path:
+    """WebDataset shards of the real LFW View-1 training faces (111 identities, 1,814 images)."""
+    out = tmp_path_factory.mktemp("lfw_shards") / "shards"
+    cmd = [sys.executable, "-m", "data_prep.folder2wds", "--list",
+           str(shared_data / "lfw_view1_112" / "train_list.txt"), "--out", str(out),
+           "--shard-size", "500", "--workers", "1", "--verify", "header", "--no-progress"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
+    return out
+
+
+def checkpoints(run: Path) -> list[Path]:
+    return sorted(p for p in (run / "checkpoints").glob("step_*") if p.is_dir())
+
+
+def histogram_tags(run: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    return acc.Tags()["histograms"]
+
+
+def run_smoke(slurm, script: str, shape: str, tmp_path: Path, shards: Path) -> tuple[int, Path]:
+    run = tmp_path / "run"
+    job = submit(slurm, REPO / "jobs" / f"{script}.sh", shape, tmp_path / "logs",
+                 ["--config", "configs/smoke.yaml", f"data.train={shards}", f"output.dir={run}"])
+    finish(slurm, job, tmp_path / "logs")
+    return job, run
+
+
+@pytest.mark.parametrize("shape", ["1x2", "2x1"])
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_scan_r101_smoke(slurm, lfw_shards, tmp_path, shape):
+    job, run = run_smoke(slurm, "scan_r101", shape, tmp_path, lfw_shards)
+    ckpts = checkpoints(run)
+    log = job_log(tmp_path / "logs", job)
+    assert ckpts, f"no checkpoint under {run}/checkpoints\n{log}"
+    assert (ckpts[-1] / "model.pt").is_file() and (ckpts[-1] / "config.yaml").is_file()
+    tags = histogram_tags(run)
+    t_tags = [t for t in tags if re.search(r"(^|/)t(/|$)", t)]
+    assert "hist/t/all" in tags and len(t_tags) > 1, f"no SCAN t histograms in {run}/tb: {tags}\n{log}"
+    assert "world=2" in log, log
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_lrfr_r50_smoke(slurm, lfw_shards, tmp_path):
+    job, run = run_smoke(slurm, "lrfr_r50", "2x1", tmp_path, lfw_shards)
+    ckpts = checkpoints(run)
+    assert ckpts and (ckpts[-1] / "model.pt").is_file(), job_log(tmp_path / "logs", job)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_preemption_requeue_resume(slurm, lfw_shards, tmp_path):
+    """SIGUSR1 (what --signal=USR1@120 sends) → checkpoint → scontrol requeue → resume → finish."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    # More steps than the smoke layer's 24 so that the signal lands mid-run.
+    job = submit(slurm, REPO / "jobs" / "iresnet_r100.sh", "2x1", logs,
+                 ["--config", "configs/smoke.yaml", f"data.train={lfw_shards}", f"output.dir={run}",
+                  "schedule.max_steps=60", "output.checkpoint_every=1000"])
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # wait for the first logged step: every rank is in its loop
+        if re.search(r"\[train\] step \d+/", job_log(logs, job)):
+            break
+        if slurm.job_info(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+            pytest.fail(f"job {job} ended before it could be signalled\n{job_log(logs, job)}")
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"job {job} never started training\n{job_log(logs, job)}")
+    slurm.run("scancel", "--signal=USR1", str(job))
+    info = finish(slurm, job, logs, timeout_s=240)
+    log = job_log(logs, job)
+    assert int(info["Restarts"]) == 1, log
+    assert "stopped by signal" in log and "resumed from" in log, log
+    final = checkpoints(run)
+    assert final and final[-1].name == "step_0000060", [p.name for p in final]
