@@ -79,7 +79,7 @@ def validate(cfg: AugmentConfig) -> AugmentConfig:
     sizes, weights = cfg.multires_sizes, cfg.multires_weights
     if not sizes or len(sizes) != len(weights):
         raise ConfigError(
-            f"data.augment.multires_sizes/multires_weights: need equally long non-empty lists, got {sizes} and {weights}"
+            f"data.augment.multires_weights: needs one weight per size in multires_sizes, got {weights} for {sizes}"
         )
     if any((not isinstance(s, int)) or isinstance(s, bool) or s < 1 for s in sizes):
         raise ConfigError(f"data.augment.multires_sizes: sizes must be positive integers (px), got {sizes}")
