@@ -200,3 +200,92 @@ def test_configs_hold_the_paper_settings_and_every_layer_stacks():
     cfg = load_config([REPO / "configs/lrfr_r34_casia.yaml", REPO / "configs/lrfr/aug_14px.yaml",
                        REPO / "configs/lrfr/dist_l2.yaml"])
     assert cfg.method.distance == "l2" and cfg.data.augment.multires_sizes == [14]
+
+
+# --------------------------------------------------------------------------- lowres evaluation
+
+
+@pytest.fixture(scope="module")
+def small_bin(lfw_bin, tmp_path_factory):
+    """The first fold (100 pairs: 50 matched, 50 mismatched) of the real LFW dev-test .bin."""
+    from data_prep.bin import read_bin, write_bin
+
+    bins, issame = read_bin(lfw_bin)
+    out = tmp_path_factory.mktemp("lowres") / "lfw100.bin"
+    write_bin(out, bins[:200], issame[:100])
+    assert 0 < sum(issame[:100]) < 100
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint directory as the trainer writes it: config.yaml + model.pt (random init)."""
+    from pipeline.config import dump_config
+
+    torch.manual_seed(0)
+    cfg = load_config([], ["recipe=lrfr", "model.backbone=iresnet18", "model.width=0.0625",
+                           "model.embedding_size=32", "data.augment.paired=true"])
+    model = registry.build_recipe(cfg)
+    d = tmp_path_factory.mktemp("ckpt") / "step_00000001"
+    d.mkdir()
+    dump_config(cfg, d / "config.yaml")
+    torch.save(model.inference_backbone().state_dict(), d / "model.pt")
+    return d
+
+
+def test_degrade_u8_matches_data_prep_per_image(small_bin):
+    from data_prep.bin import degrade_image
+    from pipeline.eval.lowres import degrade_u8
+    from pipeline.eval.verify import load_bin
+
+    images, _ = load_bin(small_bin)
+    images = images[:24]
+    for s in (7, 20):
+        got = degrade_u8(images, s, batch=10)
+        ref = torch.stack([torch.from_numpy(degrade_image(im.numpy(), "lr", s)) for im in images])
+        diff = (got.int() - ref.int()).abs()
+        assert diff.max() <= 1 and (diff == 0).float().mean() > 0.999  # batched vs single: rare ±1 rounding
+
+
+def test_lowres_rows_equal_verification_of_degraded_bins(small_bin, tiny_checkpoint, tmp_path):
+    """lowres on X == the plain verifier on data_prep's degraded copies of X (full and cross)."""
+    from data_prep.bin import degrade_bin
+    from pipeline.eval.checkpoint import load_model
+    from pipeline.eval.lowres import evaluate_lowres_bin, markdown_table
+    from pipeline.eval.verify import evaluate_bin
+
+    net, _ = load_model(tiny_checkpoint)
+    rows = evaluate_lowres_bin(net, small_bin, sizes=(7,), batch_size=100)
+    by = {(r["mode"], r["size"]): r for r in rows}
+    assert set(by) == {("clean", None), ("lr", 7), ("cross", 7)}
+    assert by[("clean", None)]["accuracy"] == pytest.approx(evaluate_bin(net, small_bin, batch_size=100)["accuracy"])
+    written = degrade_bin(small_bin, tmp_path, lowres=(7,), cross=True, progress=False)
+    assert len(written) == 2
+    for path in written:
+        ref = evaluate_bin(net, path, batch_size=100)
+        mode = "cross" if path.stem.endswith("_cross") else "lr"
+        assert by[(mode, 7)]["accuracy"] == pytest.approx(ref["accuracy"], abs=0.011), path.name
+        assert by[(mode, 7)]["auc"] == pytest.approx(ref["auc"], abs=0.01), path.name
+    table = markdown_table(rows)
+    assert "| lfw100 | 100 | LR (both) |" in table and "| lfw100 | 100 | cross (one HR) | — |" in table
+    assert "7 px" in table
+
+
+def test_lowres_cli_prints_table_and_json(small_bin, tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from pipeline.eval.lowres import main
+
+    out = tmp_path / "lowres.json"
+    assert main(["--checkpoint", str(tiny_checkpoint), "--bin", str(small_bin), "--sizes", "7",
+                 "--json", str(out), "--no-progress", "--batch-size", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert "| set | pairs | setting | HR (clean) | 7 px |" in printed
+    data = json.loads(out.read_text())
+    assert [(r["mode"], r["size"]) for r in data["results"]] == [("clean", None), ("lr", 7), ("cross", 7)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in data["results"])
+    # bad input: one-line error, exit 2
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--bin", str(small_bin)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tiny_checkpoint), "--bin", str(tmp_path / "missing.bin")]) == 2
+    assert main(["--checkpoint", str(tiny_checkpoint), "--bin", str(small_bin), "--sizes", "0"]) == 2

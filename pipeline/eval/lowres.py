@@ -1,0 +1,193 @@
+"""Low-resolution and cross-resolution verification of a checkpoint on ``.bin`` / pairs sets.
+
+For each set and each size s (default 7, 14, 20 px, the LRFR paper's resolutions, Sec. 3.1):
+
+* **clean**:  the set as stored (HR vs HR);
+* **LR s px**: both images of every pair degraded — bicubic down to s×s and back up
+  (:func:`pipeline.data.degrade.bicubic_down_up`, the synthetic LR of LRFR Sec. 3.1 / the
+  "synthesized LFW" of its Fig. 3a), re-quantised to 8 bits like a stored LR image;
+* **cross s px**: only the second image of every pair degraded (one side HR, one side LR, the
+  setting of cross-resolution benchmarks such as XQLFW / SCface).
+
+Verification uses :mod:`pipeline.eval.verify`'s insightface 10-fold protocol unchanged (flip-sum
+embeddings, squared L2, thresholds 0..4 step 0.01, KFold 10). Embeddings are computed once for the
+clean set and once per size for the fully degraded set; the cross setting pairs the clean first
+image with the degraded second image (each image is embedded independently in eval mode, so this
+equals embedding a half-degraded copy).
+
+    python -m pipeline.eval lowres --checkpoint runs/lrfr --bin lfw.bin [--sizes 7 14 20] [--json out.json]
+    python -m pipeline.eval.lowres ...   (the same, without the subcommand)
+
+Prints a markdown table (accuracy ± std of the 10 folds, %) and writes all metrics to ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from data_prep.manifest import DataError
+from pipeline.config import ConfigError
+from pipeline.data.degrade import bicubic_down_up
+
+DEFAULT_SIZES = (7, 14, 20)
+MODES = ("clean", "lr", "cross")
+_KEEP = ("accuracy", "std", "accuracy_noflip", "std_noflip", "threshold", "auc", "tar_at_far", "xnorm", "num_pairs")
+
+
+def degrade_u8(images_u8: torch.Tensor, size: int, batch: int = 256) -> torch.Tensor:
+    """uint8 (N, H, W, 3) → the same images bicubic down to ``size`` px and back up, uint8.
+
+    Each image is clamped to its own value range, as the training loader does for one image
+    (:func:`bicubic_down_up` clamps a batch to the batch's range, a superset of every image's
+    range, so clamping again per image gives exactly the per-image result), then rounded.
+    """
+    if size < 1:
+        raise ConfigError(f"--sizes: resolution must be a positive number of px, got {size}")
+    out = torch.empty_like(images_u8)
+    for s in range(0, len(images_u8), batch):
+        x = images_u8[s:s + batch].permute(0, 3, 1, 2).float()
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        y = torch.minimum(torch.maximum(bicubic_down_up(x, size), lo), hi)
+        out[s:s + batch] = y.round().to(torch.uint8).permute(0, 2, 3, 1)
+    return out
+
+
+def _slim(res: dict) -> dict:
+    return {k: res[k] for k in _KEEP if k in res}
+
+
+def evaluate_lowres_images(embed_fn: Callable[[torch.Tensor], torch.Tensor], images_u8: torch.Tensor,
+                           issame: np.ndarray, name: str = "set", sizes=DEFAULT_SIZES, batch_size: int = 64,
+                           device: str | torch.device = "cpu", progress: bool = False) -> list[dict]:
+    """Rows ``{"set", "mode" (clean|lr|cross), "size" (px, None for clean), accuracy, std, ...}``."""
+    from tqdm import tqdm
+
+    from pipeline.eval.verify import embed_images, verification_metrics
+
+    issame = np.asarray(issame, dtype=bool)
+    if len(images_u8) != 2 * len(issame):
+        raise DataError(f"{name}: {len(images_u8)} images for {len(issame)} pairs")
+    clean, clean_f = embed_images(embed_fn, images_u8, batch_size, device)
+    rows = [{"set": name, "mode": "clean", "size": None, **_slim(verification_metrics(clean, clean_f, issame))}]
+    for s in tqdm(list(sizes), desc=f"{name} low-res", unit="size", disable=not progress, leave=False):
+        low, low_f = embed_images(embed_fn, degrade_u8(images_u8, int(s)), batch_size, device)
+        rows.append({"set": name, "mode": "lr", "size": int(s), **_slim(verification_metrics(low, low_f, issame))})
+        cross, cross_f = clean.copy(), clean_f.copy()
+        cross[1::2], cross_f[1::2] = low[1::2], low_f[1::2]  # second image of each pair degraded
+        rows.append({"set": name, "mode": "cross", "size": int(s), **_slim(verification_metrics(cross, cross_f, issame))})
+    return rows
+
+
+def evaluate_lowres_bin(embed_fn, bin_path: str | Path, sizes=DEFAULT_SIZES, batch_size: int = 64,
+                        device: str | torch.device = "cpu", image_size: int = 112, progress: bool = False) -> list[dict]:
+    """:func:`evaluate_lowres_images` on an insightface ``.bin`` (name = file stem)."""
+    from pipeline.eval.verify import load_bin
+
+    images, issame = load_bin(bin_path, image_size)
+    return evaluate_lowres_images(embed_fn, images, issame, Path(bin_path).stem, sizes, batch_size, device, progress)
+
+
+def markdown_table(rows: list[dict], label: str | None = None) -> str:
+    """Two lines per set — LR (both images degraded) and cross (second image degraded) — and one
+    column per resolution, plus the clean (HR) accuracy; cells are 10-fold accuracy ± std in %.
+    ``label`` adds a leading "model" column (for comparing runs)."""
+    sizes = sorted({r["size"] for r in rows if r["size"] is not None})
+    lead = ["model"] if label is not None else []
+    lines = ["| " + " | ".join(lead + ["set", "pairs", "setting", "HR (clean)"] + [f"{s} px" for s in sizes]) + " |",
+             "|" + "---|" * (len(lead) + 4 + len(sizes))]
+
+    def cell(r):
+        return f"{100 * r['accuracy']:.2f} ± {100 * r['std']:.2f}" if r else "—"
+
+    for name in dict.fromkeys(r["set"] for r in rows):
+        by = {(r["mode"], r["size"]): r for r in rows if r["set"] == name}
+        clean = by.get(("clean", None))
+        pairs = str(clean["num_pairs"]) if clean and "num_pairs" in clean else "—"
+        for mode, title, hr in (("lr", "LR (both)", cell(clean)), ("cross", "cross (one HR)", "—")):
+            cells = [cell(by.get((mode, s))) for s in sizes]
+            lines.append("| " + " | ".join(([label] if label is not None else []) + [name, pairs, title, hr] + cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_lowres_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``lowres`` on the ``python -m pipeline.eval`` sub-parsers; returns the parser."""
+    p = subparsers.add_parser(
+        "lowres", help="verification on low-resolution and cross-resolution copies of .bin sets",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="trainer checkpoint dir (config.yaml + model.pt), a run dir (its latest checkpoint), or a state-dict .pth")
+    p.add_argument("--backbone", help="registry backbone name for a state-dict file (e.g. iresnet50)")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier for --backbone (default 1.0)")
+    p.add_argument("--embedding-size", type=int, default=512, help="embedding size for --backbone (default 512)")
+    p.add_argument("--input-size", type=int, default=112, help="input size for --backbone (default 112)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bin", nargs="+", help="insightface .bin file(s), e.g. lfw.bin")
+    src.add_argument("--pairs", help="LFW pairs file ('N' or 'FOLDS N' header); needs --root")
+    p.add_argument("--root", help="image folder for --pairs (ROOT/name/name_%%04d.jpg)")
+    p.add_argument("--ext", default="jpg", help="image extension for --pairs (default jpg)")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+                   help="LR resolutions in px (default: 7 14 20)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--json", help="write the table's numbers (and AUC, TAR@FAR, thresholds) to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_lowres(args) -> list[dict]:
+    """Run the ``lowres`` subcommand; prints the markdown table, returns the rows."""
+    from pipeline.eval.checkpoint import load_model
+    from pipeline.eval.verify import load_bin, load_pairs
+
+    if args.pairs and not args.root:
+        raise ConfigError("--pairs needs --root (the image folder)")
+    if any(s < 1 for s in args.sizes):
+        raise ConfigError(f"--sizes: resolutions must be positive px, got {args.sizes}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    net, info = load_model(args.checkpoint, args.backbone, args.width, args.embedding_size, args.input_size,
+                           device=device)
+    size = info["input_size"]
+    sets = ([(Path(b).stem, lambda b=b: load_bin(b, size)) for b in args.bin] if args.bin else
+            [(Path(args.pairs).stem, lambda: load_pairs(args.pairs, args.root, size, args.ext))])
+    rows: list[dict] = []
+    for name, load in sets:
+        images, issame = load()
+        rows += evaluate_lowres_images(net, images, issame, name, args.sizes, args.batch_size, device,
+                                       progress=not args.no_progress)
+    print(markdown_table(rows), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**info, "sizes": list(args.sizes), "results": rows}, indent=1) + "\n")
+        print(f"JSON: {args.json}")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.eval.lowres", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        run_lowres(args)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
