@@ -515,9 +515,13 @@ def _parse_bytes(text: str) -> int:
 
 
 def main_wrapper(fn, argv=None) -> int:
-    """Run a CLI body: DataError → ``error: <msg>`` on stderr and status 2."""
+    """Run a CLI body: DataError (or an OS error such as an unwritable --out) → ``error: <msg>``, status 2."""
     try:
         return fn(argv)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
