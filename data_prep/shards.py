@@ -414,15 +414,17 @@ def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | Non
                 results[rec["shard"]] = rec
                 bar.update(len(plan.shards[rec["shard"]]))
                 written += 1
-                if stop_after and written >= stop_after:
-                    bar.close()
-                    if pool is not None:
-                        pool.terminate()
+                if stop_after and written >= stop_after:  # simulated kill -9: no cleanup at all
                     log(f"{STOP_ENV}={stop_after}: stopping after {written} shards (simulated kill)")
+                    sys.stderr.flush()
                     os._exit(75)
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
     finally:
         bar.close()
-        if pool is not None:
+        if pool is not None:  # an exception (e.g. Ctrl-C): stop the workers
             pool.terminate()
             pool.join()
 

@@ -267,13 +267,13 @@ def test_resume_after_kill_and_idempotence(tmp_path, lfw_train):
     cmd = [sys.executable, "-m", "data_prep.rec2wds", "--rec", str(rec), "--idx", str(idx), "--out", str(out),
            "--shard-size", "16", "--workers", "2", "--no-progress"]
     env = {**os.environ, shards.STOP_ENV: "3"}
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 75, r.stderr
     assert not (out / "manifest.json").exists()
     partial = sorted(p.name for p in out.glob("shard-*.tar"))
     assert 3 <= len(partial) < 10
     (out / ".shard-000009.tar.tmp999").write_bytes(b"half a tar")  # what a kill mid-write leaves
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr
     assert "resuming: " in r.stderr
     assert dir_bytes(out) == ref_files
