@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -38,12 +39,20 @@ def build_rec(tmp: Path, lfw: Path, n_images: int) -> tuple[Path, Path]:
     return rec, idx
 
 
-def one_run(rec: Path, idx: Path, out: Path, workers: int, verify: str, shard_size: int) -> float:
+def _cpu() -> float:
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def one_run(rec: Path, idx: Path, out: Path, workers: int, verify: str, shard_size: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of this process and its workers)."""
     if out.exists():
         shutil.rmtree(out)
+    c0 = _cpu()
     res = shards.run(RecSource(rec, idx), out, shard_size=shard_size, workers=workers, verify=verify,
                      progress=False, log=lambda m: None)
-    return res.manifest.num_images / res.seconds
+    n = res.manifest.num_images
+    return n / res.seconds, n / max(_cpu() - c0, 1e-9)
 
 
 def main() -> None:
@@ -61,14 +70,17 @@ def main() -> None:
         rec, idx = build_rec(tmp, lfw, args.images)
         print(f"rec2wds benchmark: {args.images} images ({rec.stat().st_size / 1e6:.1f} MB rec), "
               f"shard size {args.shard_size}, {args.repeats} runs each (median)")
-        print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores, python {platform.python_version()}")
+        print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores, python {platform.python_version()}, "
+              f"load average at start {os.getloadavg()[0]:.1f}")
         for verify in ("decode", "none"):
             rates = {}
             for w in (1, 2):
-                rates[w] = statistics.median(one_run(rec, idx, tmp / f"out{w}", w, verify, args.shard_size)
-                                             for _ in range(args.repeats))
-                print(f"  verify={verify:6s} workers={w}: {rates[w]:8.0f} images/s")
-            print(f"  verify={verify:6s} ratio 2 workers / 1 worker: {rates[2] / rates[1]:.2f}x")
+                runs = [one_run(rec, idx, tmp / f"out{w}", w, verify, args.shard_size) for _ in range(args.repeats)]
+                rates[w] = statistics.median(r[0] for r in runs)
+                per_cpu = statistics.median(r[1] for r in runs)
+                print(f"  verify={verify:6s} workers={w}: {rates[w]:8.0f} images/s wall, "
+                      f"{per_cpu:8.0f} images per CPU-second")
+            print(f"  verify={verify:6s} ratio 2 workers / 1 worker (wall): {rates[2] / rates[1]:.2f}x")
 
 
 if __name__ == "__main__":
