@@ -3,12 +3,23 @@
 Layout of a shard directory::
 
     OUT/manifest.json
-    OUT/shard-000000.tar ...   # WebDataset tars; per sample: <key>.jpg|.png (original bytes),
-                               # <key>.cls (ASCII integer label), <key>.src (source key, text)
+    OUT/shard-000000.tar ...   # WebDataset tars; per sample: <key>.<ext> (original image bytes,
+                               # ext in IMAGE_EXTENSIONS after the bytes' real format: jpg|png in
+                               # practice), <key>.cls (ASCII integer label), <key>.src (source
+                               # path, or "<file>.rec:<key>"), and only for RecordIO records with
+                               # several float labels <key>.labels (JSON list, the first = class)
+    OUT/.journal.jsonl         # the writers' resume journal (not for loaders)
+    OUT/corrupt.json           # only when a run failed its --max-bad-fraction gate (no manifest then)
 
 ``manifest.json`` holds ``format``, ``num_classes``, ``num_images``, ``shards`` (list of
-``{"name", "count", "sha256"}``), ``corrupt`` (count and first records), ``sources`` and
-``tool``. It is written to a temporary name and renamed, so it is never seen half-written.
+``{"name", "count", "sha256"}``), ``corrupt`` (``count``, ``by_reason``, first 1000 ``records``
+each with ``index``, byte ``offset`` (RecordIO) or null, ``source``, ``reason``, ``message``),
+``sources`` (input files with sizes) and ``tool`` (name and version), plus ``extra``: ``plan``
+(hash of input listing + seed + shard size), ``seed``, ``shard_size``/``shard_bytes``,
+``verify``, ``formats`` (count per extension), ``identities_per_shard`` (min/max), and per tool
+``layout``/``property``/``identity_records`` (rec2wds) or ``class_names`` (folder2wds --root).
+No timestamps: a rerun writes the same bytes. It is written to a temporary name and renamed,
+so it is never seen half-written.
 """
 from __future__ import annotations
 
@@ -19,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 FORMAT = "lowq-face-wds/1"
+#: Image member extensions a shard may hold (loaders: DALI ext "jpg;png;...", webdataset decoders).
+IMAGE_EXTENSIONS = ("jpg", "png", "bmp", "webp", "tif", "gif", "pgm", "ppm", "pbm")
 MANIFEST = "manifest.json"
 
 

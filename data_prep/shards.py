@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.manifest import (MANIFEST, DataError, Manifest, ShardInfo, sha256_file, write_manifest,
-                                atomic_write_text)
+from data_prep.manifest import (IMAGE_EXTENSIONS, MANIFEST, DataError, Manifest, ShardInfo, atomic_write_text,
+                                sha256_file, write_manifest)
 
 TOOL_VERSION = "1.0.0"
 JOURNAL = ".journal.jsonl"
@@ -49,6 +49,7 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 #: PIL format → tar extension. Loaders should accept every value here (``jpg`` and ``png`` in practice).
 IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif", "GIF": "gif"}
 _PNM_EXT = {b"P1": "pbm", b"P4": "pbm", b"P2": "pgm", b"P5": "pgm", b"P3": "ppm", b"P6": "ppm"}
+assert set(IMAGE_EXTS.values()) | set(_PNM_EXT.values()) == set(IMAGE_EXTENSIONS)
 MAX_LISTED_CORRUPT = 1000
 #: Test hook: stop the run (exit status 75) after this many newly written shards, simulating a kill.
 STOP_ENV = "DATA_PREP_STOP_AFTER_SHARDS"

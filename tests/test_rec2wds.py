@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from data_prep import datasets, recordio, rec2wds, shards
-from data_prep.manifest import Manifest, ShardInfo, read_manifest
+from data_prep.manifest import IMAGE_EXTENSIONS, Manifest, ShardInfo, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "mxnet_rec"
@@ -82,7 +82,7 @@ def test_reproduces_mxnet_images_and_labels(tmp_path, layout):
         rkey = int(members["src"].decode().split(":")[1])
         assert members["src"].decode() == f"train.rec:{rkey}"
         e = want[rkey]
-        img_ext = [x for x in members if x in shards.IMAGE_EXTS.values()]
+        img_ext = [x for x in members if x in IMAGE_EXTENSIONS]
         assert len(img_ext) == 1
         assert sha(members[img_ext[0]]) == e["image_sha256"], f"image bytes differ for key {rkey}"
         assert int(members["cls"]) == int(e["labels"][0])
@@ -146,7 +146,7 @@ def test_dali_reader_agrees(tmp_path):
         assert run(["--rec", rec, "--idx", idx, "--out", out]) == 0
         ours = {}
         for members in read_shards(out).values():
-            img = next(v for k, v in members.items() if k in shards.IMAGE_EXTS.values())
+            img = next(v for k, v in members.items() if k in IMAGE_EXTENSIONS)
             ours[sha(img)] = int(members["cls"])
         assert ours == dali_images
 
