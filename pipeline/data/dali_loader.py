@@ -147,6 +147,13 @@ def _coin(p: float):
     return True if p >= 1 else fn.random.coin_flip(probability=float(p), dtype=types.BOOL)
 
 
+def _uniform(lo: float, hi: float):
+    """U(lo, hi) per sample; a plain float when the range is one point (DALI needs lo < hi)."""
+    from nvidia.dali import fn
+
+    return float(lo) if hi <= lo else fn.random.uniform(range=[float(lo), float(hi)])
+
+
 def build_pipeline(paths, index_paths, aug, *, size: int, batch_size: int, num_threads: int, device_id,
                    seed: int, shard_id: int, num_shards: int, shuffle_buffer: int, with_keys: bool):
     """The DALI pipeline of the spec; outputs image, cls bytes, [image_lr, lr_size], [src bytes]."""
@@ -194,9 +201,7 @@ def build_pipeline(paths, index_paths, aug, *, size: int, batch_size: int, num_t
         mirror = fn.random.coin_flip(probability=float(aug.flip)) if aug.flip > 0 else 0
         # 3. photometric: brightness+contrast about the mean grey level, then saturation
         if aug.photometric_p > 0:
-            bri = fn.random.uniform(range=[b0, b1])
-            con = fn.random.uniform(range=[c0, c1])
-            sat = fn.random.uniform(range=[s0, s1])
+            bri, con, sat = _uniform(b0, b1), _uniform(c0, c1), _uniform(s0, s1)
             apply = _coin(aug.photometric_p)
             if apply:
                 means = fn.reductions.mean(img, axes=[0, 1])
@@ -205,14 +210,15 @@ def build_pipeline(paths, index_paths, aug, *, size: int, batch_size: int, num_t
                 img = dmath.clamp(fn.saturation(img, saturation=sat), 0.0, 1.0)
         # 4. Gaussian blur, sigma ~ U(blur_sigma), radius ceil(3 sigma), reflect-101 borders
         if aug.blur_p > 0:
-            sigma = fn.random.uniform(range=[float(aug.blur_sigma[0]), float(aug.blur_sigma[1])])
+            sigma = _uniform(*aug.blur_sigma)
             apply = _coin(aug.blur_p)
             if apply:
                 img = fn.gaussian_blur(img, sigma=sigma)
         # 5. multi-resolution: bicubic down to the drawn size, back up to S, clamped to the image range
-        lr, lr_size = img, fn.cast(fn.random.uniform(range=[0.0, 0.0]), dtype=types.INT64)
+        lr = img
         if aug.multires_p > 0:
             px = dali_draw_resolution(aug.multires_sizes, aug.multires_weights)
+            lr_size = fn.cast(px * 0.0, dtype=types.INT64)  # 0 = not degraded
             apply = _coin(aug.multires_p)
             if apply:
                 lo, hi = fn.reductions.min(img), fn.reductions.max(img)
@@ -220,6 +226,8 @@ def build_pipeline(paths, index_paths, aug, *, size: int, batch_size: int, num_t
                 lr = fn.resize(lr, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC)
                 lr = dmath.clamp(lr, lo, hi)
                 lr_size = fn.cast(px, dtype=types.INT64)
+        else:
+            lr_size = fn.cast(fn.random.coin_flip(probability=0.0), dtype=types.INT64)
         # 6. normalise to [-1, 1], CHW; the mirror is shared by the HR and the LR copy
         def norm(x):
             return fn.crop_mirror_normalize(x, mirror=mirror, mean=[0.5], std=[0.5], dtype=types.FLOAT,

@@ -121,7 +121,7 @@ class _ShardStream(IterableDataset):
         rng = random.Random(_hash_seed(*self.seeds, "shuffle", self.rank, self._worker()))
         yield from wds.filters._shuffle(src, bufsize, min(bufsize, 100), rng=rng)
 
-    def _decode(self, sample) -> tuple[dict | None, str | None]:
+    def _decode(self, sample, augment: bool = True) -> tuple[dict | None, str | None]:
         key = f"{Path(sample.get('__url__', '?')).name}/{sample.get('__key__', '?')}"
         try:
             data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
@@ -132,8 +132,10 @@ class _ShardStream(IterableDataset):
             label = int(sample["cls"].decode("ascii").strip())
             if not 0 <= label < self.num_classes:
                 raise DataError(f"label {label} outside [0, {self.num_classes})")
-            gen = sample_generator(*self.seeds, key)
-            out = self.aug(decode(data, self.size), gen)
+            img = decode(data, self.size)
+            if not augment:  # resume: only whether the sample is valid matters
+                return {}, None
+            out = self.aug(img, sample_generator(*self.seeds, key))
             out["label"] = label
             out["key"] = sample["src"].decode("utf-8", "replace") if "src" in sample else sample.get("__key__", "")
             return out, None
@@ -165,14 +167,17 @@ class _ShardStream(IterableDataset):
         if main_threads:
             torch.set_num_threads(1)
         for sample in src:
+            # resume: samples consumed before the checkpoint are decoded (to know they are valid,
+            # so that chunks are cut exactly as in a full pass) but not augmented
+            skipping = seen < skip
+            out, err = self._decode(sample, augment=not skipping)
+            if err is not None:
+                _PENDING.append(("sample", err.split(":", 1)[0], err))
+                continue
             seen += 1
-            if seen <= skip:  # resume: a position consumed before the checkpoint, not decoded
+            if skipping:
                 n_skipped += 1
             else:
-                out, err = self._decode(sample)
-                if err is not None:
-                    _PENDING.append(("sample", err.split(":", 1)[0], err))
-                    continue
                 items.append(out)
             if n_skipped + len(items) >= self.chunk:
                 out = flush()
@@ -238,7 +243,7 @@ class TorchTrainLoader:
 
     def iter_from(self, step: int):
         """Batches ``step .. steps_per_epoch-1`` of the current epoch, the same as a full iteration
-        would give them; the skipped positions are read but not decoded or augmented."""
+        would give them; the skipped samples are read and decoded but not augmented."""
         if not 0 <= step <= self.steps_per_epoch:
             raise ValueError(f"iter_from: step {step} outside [0, {self.steps_per_epoch}]")
         return self._epoch(step)
