@@ -1,0 +1,100 @@
+"""``python -m pipeline.eval verify``: verification accuracy of a checkpoint (insightface protocol).
+
+Examples::
+
+    # a trainer checkpoint (or a run directory: its latest checkpoint) on .bin sets
+    python -m pipeline.eval verify --checkpoint runs/demo --bin ../shared/data/lfw_view1_112/lfw_devtest_112.bin
+    # LFW pairs.txt + image folder
+    python -m pipeline.eval verify --checkpoint runs/demo \\
+        --pairs ../shared/data/lfw_view1_112/pairsDevTest.txt --root ../shared/data/lfw_view1_112/devtest_112
+    # an insightface arcface_torch backbone.pth
+    python -m pipeline.eval verify --checkpoint ms1mv3_r50/backbone.pth --backbone iresnet50 --bin lfw.bin
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.manifest import DataError
+from pipeline.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="10-fold verification accuracy on .bin sets or an LFW pairs file",
+                       description="Prints 'NAME: accuracy MEAN ± STD' per set (insightface 10-fold protocol).")
+    v.add_argument("--checkpoint", required=True,
+                   help="trainer checkpoint dir (config.yaml + model.pt), a run dir, or a state-dict .pth")
+    v.add_argument("--backbone", help="registry backbone name for a state-dict file (e.g. iresnet50)")
+    v.add_argument("--width", type=float, default=1.0, help="width multiplier for --backbone (default 1.0)")
+    v.add_argument("--embedding-size", type=int, default=512)
+    v.add_argument("--input-size", type=int, default=112)
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bin", nargs="+", help="insightface .bin file(s)")
+    src.add_argument("--pairs", help="LFW pairs file ('N' or 'FOLDS N' header); needs --root")
+    v.add_argument("--root", help="image folder for --pairs (ROOT/name/name_%%04d.jpg)")
+    v.add_argument("--ext", default="jpg", help="image extension for --pairs (default jpg)")
+    v.add_argument("--batch-size", type=int, default=64)
+    v.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    v.add_argument("--json", help="write all results to this JSON file")
+    v.add_argument("--roc", help="write the ROC curves to this PNG (default: beside --json)")
+    v.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def verify(args) -> list[dict]:
+    from pipeline.eval.checkpoint import load_model
+    from pipeline.eval.verify import evaluate_images, load_bin, load_pairs, plot_roc
+
+    if args.pairs and not args.root:
+        raise ConfigError("--pairs needs --root (the image folder)")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    net, info = load_model(args.checkpoint, args.backbone, args.width, args.embedding_size,
+                           args.input_size, device=device)
+    size = info["input_size"]
+    sets = ([(Path(b).stem, lambda b=b: load_bin(b, size)) for b in args.bin] if args.bin else
+            [(Path(args.pairs).stem, lambda: load_pairs(args.pairs, args.root, size, args.ext))])
+    results, issames, dists = [], [], []
+    for name, load in sets:
+        images, issame = load()
+        res = evaluate_images(net, images, issame, name, args.batch_size, device,
+                              progress=not args.no_progress, keep_distances=True)
+        dists.append(np.asarray(res.pop("distances")))
+        issames.append(issame)
+        results.append(res)
+        tars = ", ".join(f"TAR@FAR={k}: {v:.4f}" for k, v in res["tar_at_far"].items() if v is not None)
+        print(f"{name}: accuracy {res['accuracy']:.4f} ± {res['std']:.4f}  "
+              f"(threshold {res['threshold']:.2f}, no-flip {res['accuracy_noflip']:.4f}, "
+              f"AUC {res['auc']:.4f}{', ' + tars if tars else ''})", flush=True)
+    roc = args.roc or (str(Path(args.json).with_suffix("")) + "_roc.png" if args.json else None)
+    if roc:
+        Path(roc).parent.mkdir(parents=True, exist_ok=True)
+        plot_roc(results, issames, dists, roc)
+        print(f"ROC: {roc}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        slim = [{k: v for k, v in r.items() if k not in ("roc_tpr", "roc_fpr")} for r in results]
+        Path(args.json).write_text(json.dumps({**info, "results": slim}, indent=1) + "\n")
+        print(f"JSON: {args.json}")
+    return results
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        verify(args)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

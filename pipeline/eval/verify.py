@@ -1,0 +1,222 @@
+"""Face verification with the insightface 10-fold protocol (LFW-style pairs).
+
+Protocol (insightface ``eval/verification.py``; stated in ../shared/FACTS.md):
+
+1. embedding of an image = L2-normalise( f(x) + f(flip(x)) ), images scaled to [-1, 1];
+2. distance of a pair = squared L2 distance ||e1 - e2||², in [0, 4];
+3. candidate thresholds 0, 0.01, …, 3.99; a pair is "same" when distance < threshold;
+4. ``KFold(n_splits=10, shuffle=False)`` over the pairs in file order; in each fold the threshold
+   with the best accuracy on the 9 training folds (first one on ties, ``np.argmax``) is applied
+   to the held-out fold;
+5. report the mean and (population) standard deviation of the 10 held-out accuracies.
+
+Also reported: the same protocol without flipping, the per-fold thresholds, the mean embedding
+norm ("XNorm"), AUC and TAR at FAR (whole set, no folds: the largest true-accept rate whose
+false-accept rate is ≤ FAR), and the ROC for plotting.
+
+Library entry points: :func:`evaluate_bin` (what the trainer calls), :func:`evaluate_images`,
+:func:`load_bin` (decoded and cached), :func:`load_pairs`, :func:`verification_metrics`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.model_selection import KFold
+from sklearn.preprocessing import normalize
+
+from data_prep.bin import decode_image, read_bin, read_pairs
+from data_prep.manifest import DataError
+
+THRESHOLDS = np.arange(0, 4, 0.01)  # insightface: np.arange(0, 4, 0.01)
+NUM_FOLDS = 10
+FARS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+EmbedFn = Callable[[torch.Tensor], torch.Tensor]
+
+_CACHE: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
+_CACHE_MAX = 8
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _stack(images: list[np.ndarray], where: str, image_size: int | None) -> torch.Tensor:
+    from PIL import Image
+
+    size = image_size or images[0].shape[0]
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        if im.shape[:2] != (size, size):  # insightface resizes mismatching images too
+            im = np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
+        out[i] = im
+    return torch.from_numpy(out)
+
+
+def load_bin(path: str | Path, image_size: int | None = 112) -> tuple[torch.Tensor, np.ndarray]:
+    """Decoded ``.bin``: (uint8 tensor (2P, H, W, 3) RGB, bool array (P,)), cached by path+mtime.
+
+    ``image_size`` resizes images of another size (None keeps the first image's size).
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise DataError(f"{path}: .bin file does not exist") from None
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, image_size)
+    if key not in _CACHE:
+        bins, issame = read_bin(path)
+        decoded = [decode_image(b, f"{path} image {i}") for i, b in enumerate(bins)]
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = (_stack(decoded, str(path), image_size), np.asarray(issame, dtype=bool))
+    return _CACHE[key]
+
+
+def load_pairs(pairs_path: str | Path, root: str | Path, image_size: int | None = 112,
+               ext: str = "jpg") -> tuple[torch.Tensor, np.ndarray]:
+    """LFW pairs.txt + image folder → the same structure as :func:`load_bin` (fold order)."""
+    pairs, issame = read_pairs(pairs_path, root, ext)
+    decoded = []
+    for a, b in pairs:
+        decoded += [decode_image(a.read_bytes(), str(a)), decode_image(b.read_bytes(), str(b))]
+    return _stack(decoded, str(pairs_path), image_size), np.asarray(issame, dtype=bool)
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+def to_model_input(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) RGB → float (N, 3, H, W) in [-1, 1] (insightface: (x/255 - 0.5)/0.5)."""
+    return images_u8.permute(0, 3, 1, 2).float().div(255.0).sub(0.5).div(0.5)
+
+
+@torch.inference_mode()
+def embed_images(embed_fn: EmbedFn, images_u8: torch.Tensor, batch_size: int = 64,
+                 device: str | torch.device = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, embeddings of the horizontally flipped images), float32 numpy (N, D) each."""
+    from tqdm import tqdm
+
+    plain, flipped = [], []
+    starts = range(0, len(images_u8), batch_size)
+    for s in tqdm(starts, desc="embed", unit="batch", disable=not progress, leave=False):
+        x = to_model_input(images_u8[s:s + batch_size]).to(device)
+        plain.append(embed_fn(x).float().cpu())
+        flipped.append(embed_fn(torch.flip(x, dims=[3])).float().cpu())
+    return torch.cat(plain).numpy(), torch.cat(flipped).numpy()
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+def _accuracy_table(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray):
+    """Per threshold: (tpr, fpr, accuracy) with prediction 'same' ⇔ dist < threshold."""
+    pred = dist[None, :] < thresholds[:, None]  # (T, n)
+    tp = (pred & issame).sum(1)
+    fp = (pred & ~issame).sum(1)
+    tn = (~pred & ~issame).sum(1)
+    fn = (~pred & issame).sum(1)
+    tpr = np.where(tp + fn == 0, 0.0, tp / np.maximum(tp + fn, 1))
+    fpr = np.where(fp + tn == 0, 0.0, fp / np.maximum(fp + tn, 1))
+    return tpr, fpr, (tp + tn) / dist.size
+
+
+def kfold_accuracy(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray = THRESHOLDS,
+                   nfolds: int = NUM_FOLDS) -> dict:
+    """The 10-fold protocol on pair distances: best threshold on 9 folds, accuracy on the 10th."""
+    dist = np.asarray(dist)
+    issame = np.asarray(issame, dtype=bool)
+    if len(dist) < nfolds:
+        raise DataError(f"{len(dist)} pairs: need at least {nfolds} for {nfolds}-fold verification")
+    accs, best, tprs, fprs = [], [], [], []
+    for train, test in KFold(n_splits=nfolds, shuffle=False).split(np.arange(len(dist))):
+        _, _, acc_train = _accuracy_table(dist[train], issame[train], thresholds)
+        b = int(np.argmax(acc_train))
+        tpr, fpr, acc_test = _accuracy_table(dist[test], issame[test], thresholds)
+        tprs.append(tpr)
+        fprs.append(fpr)
+        accs.append(float(acc_test[b]))
+        best.append(float(thresholds[b]))
+    return {"accuracy": float(np.mean(accs)), "std": float(np.std(accs)), "fold_accuracies": accs,
+            "fold_thresholds": best, "threshold": float(np.mean(best)),
+            "roc_tpr": np.mean(tprs, 0).tolist(), "roc_fpr": np.mean(fprs, 0).tolist()}
+
+
+def tar_at_far(dist: np.ndarray, issame: np.ndarray, fars=FARS) -> dict[str, float | None]:
+    """Largest TAR with FAR ≤ far over the whole set (score = -distance); None when the set has
+    too few negative pairs to measure that FAR (far · negatives < 1)."""
+    fpr, tpr, _ = roc_curve(issame.astype(int), -dist)
+    n_neg = int((~issame).sum())
+    return {f"{far:.0e}": (float(tpr[fpr <= far].max()) if far * n_neg >= 1 else None) for far in fars}
+
+
+def verification_metrics(emb: np.ndarray, emb_flip: np.ndarray | None, issame: np.ndarray) -> dict:
+    """Everything reported for one set, from raw embeddings (N = 2P rows, pair k = rows 2k, 2k+1)."""
+    issame = np.asarray(issame, dtype=bool)
+    if emb.shape[0] != 2 * len(issame):
+        raise DataError(f"{emb.shape[0]} embeddings for {len(issame)} pairs")
+    both = emb + emb_flip if emb_flip is not None else emb
+    e = normalize(both)
+    dist = np.sum(np.square(e[0::2] - e[1::2]), axis=1)
+    out = kfold_accuracy(dist, issame)
+    if emb_flip is not None:
+        e0 = normalize(emb)
+        d0 = np.sum(np.square(e0[0::2] - e0[1::2]), axis=1)
+        r0 = kfold_accuracy(d0, issame)
+        out["accuracy_noflip"], out["std_noflip"] = r0["accuracy"], r0["std"]
+    out["xnorm"] = float(np.linalg.norm(emb, axis=1).mean())
+    out["auc"] = float(roc_auc_score(issame.astype(int), -dist)) if 0 < issame.sum() < len(issame) else None
+    out["tar_at_far"] = tar_at_far(dist, issame) if 0 < issame.sum() < len(issame) else {}
+    out["num_pairs"] = int(len(issame))
+    out["distances"] = dist
+    return out
+
+
+def evaluate_images(embed_fn: EmbedFn, images_u8: torch.Tensor, issame: np.ndarray, name: str = "set",
+                    batch_size: int = 64, device: str | torch.device = "cpu", flip: bool = True,
+                    progress: bool = False, keep_distances: bool = False) -> dict:
+    emb, emb_flip = embed_images(embed_fn, images_u8, batch_size, device, progress)
+    res = verification_metrics(emb, emb_flip if flip else None, issame)
+    dist = res.pop("distances")
+    if keep_distances:
+        res["distances"] = dist.tolist()
+    return {"name": name, **res}
+
+
+def evaluate_bin(embed_fn: EmbedFn, bin_path: str | Path, batch_size: int = 64,
+                 device: str | torch.device = "cpu", progress: bool = False, image_size: int = 112,
+                 **kw) -> dict:
+    """Verify on one insightface ``.bin``. ``embed_fn``: float (N,3,112,112) in [-1,1] → (N, D).
+
+    The caller puts its model in eval mode; images of another size are resized to ``image_size``. Returns a JSON-serialisable dict with ``name`` (file
+    stem), ``accuracy``, ``std``, ``threshold`` and the extras described in the module docstring.
+    """
+    images, issame = load_bin(bin_path, image_size)
+    return evaluate_images(embed_fn, images, issame, Path(bin_path).stem, batch_size, device,
+                           progress=progress, **kw)
+
+
+def plot_roc(results: list[dict], issames: list[np.ndarray], dists: list[np.ndarray], path: str | Path) -> None:
+    """ROC (TAR vs FAR, log x) of each set into one PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for res, same, dist in zip(results, issames, dists):
+        fpr, tpr, _ = roc_curve(np.asarray(same, dtype=int), -np.asarray(dist))
+        ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{res['name']} (acc {res['accuracy']:.4f})")
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_xlabel("FAR")
+    ax.set_ylabel("TAR")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
