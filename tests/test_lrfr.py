@@ -173,6 +173,7 @@ def test_configs_hold_the_paper_settings_and_every_layer_stacks():
     assert r50.model.backbone == "iresnet50" and r50.optim.lr == 0.01
     assert (r50.schedule.epochs, r50.schedule.milestones) == (16, [8, 12])
     assert r50.margin.s == 48.0 and r50.data.augment.multires_weights == [1, 1, 2]
+    assert r50.data.batch_size * 8 == 256  # per rank × the 8 GPUs of jobs/lrfr_r50.sh
 
     layers = sorted((REPO / "configs/lrfr").glob("*.yaml"))
     assert len(layers) >= 15
