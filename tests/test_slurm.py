@@ -246,8 +246,10 @@ def histogram_tags(run: Path) -> list[str]:
 
 def run_smoke(slurm, script: str, shape: str, tmp_path: Path, shards: Path) -> tuple[int, Path]:
     run = tmp_path / "run"
+    # The smoke layer, cut to 8 steps (histograms at 4 and 8, checkpoint at 8) to keep CI quick.
     job = submit(slurm, REPO / "jobs" / f"{script}.sh", shape, tmp_path / "logs",
-                 ["--config", "configs/smoke.yaml", f"data.train={shards}", f"output.dir={run}"])
+                 ["--config", "configs/smoke.yaml", f"data.train={shards}", f"output.dir={run}",
+                  "schedule.max_steps=8", "output.histogram_every=4", "output.log_every=4"])
     finish(slurm, job, tmp_path / "logs")
     return job, run
 
@@ -280,10 +282,12 @@ def test_lrfr_r50_smoke(slurm, lfw_shards, tmp_path):
 def test_preemption_requeue_resume(slurm, lfw_shards, tmp_path):
     """SIGUSR1 (what --signal=USR1@120 sends) → checkpoint → scontrol requeue → resume → finish."""
     run, logs = tmp_path / "run", tmp_path / "logs"
-    # More steps than the smoke layer's 24 so that the signal lands mid-run.
+    # The baseline job with a shallower backbone (this test is about the requeue cycle, not the
+    # model) and 40 steps so that the signal, sent at the first logged step, lands mid-run.
     job = submit(slurm, REPO / "jobs" / "iresnet_r100.sh", "2x1", logs,
                  ["--config", "configs/smoke.yaml", f"data.train={lfw_shards}", f"output.dir={run}",
-                  "schedule.max_steps=60", "output.checkpoint_every=1000"])
+                  "model.backbone=iresnet18", "schedule.max_steps=40", "output.checkpoint_every=1000",
+                  "output.log_every=2"])
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # wait for the first logged step: every rank is in its loop
         if re.search(r"\[train\] step \d+/", job_log(logs, job)):
@@ -299,4 +303,6 @@ def test_preemption_requeue_resume(slurm, lfw_shards, tmp_path):
     assert int(info["Restarts"]) == 1, log
     assert "stopped by signal" in log and "resumed from" in log, log
     final = checkpoints(run)
-    assert final and final[-1].name == "step_0000060", [p.name for p in final]
+    assert final and final[-1].name == "step_0000040", [p.name for p in final]
+    stopped = int(re.search(r"stopped by signal at step (\d+)", log).group(1))
+    assert 0 < stopped < 40 and f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'}" in log, log
