@@ -164,9 +164,8 @@ class Trainer:
                   f"steps/epoch={self.steps_per_epoch} total_steps={self.total_steps} start_step={self.step}", flush=True)
         while self.step < self.total_steps:
             self.loader.set_epoch(epoch)
-            batches = iter(self.loader)
-            for _ in range(offset):  # resume mid-epoch: same data order as the interrupted run
-                next(batches)
+            # resume mid-epoch: the same batches the interrupted run would have seen next
+            batches = iter(self.loader.iter_from(offset) if offset else self.loader)
             for micro in range(offset, micro_per_epoch):
                 batch = next(batches)
                 terms = self._micro_step(batch, micro)
