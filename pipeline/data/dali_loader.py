@@ -50,8 +50,10 @@ from pipeline.data.torch_loader import _hash_seed, steps_for
 
 log = logging.getLogger("pipeline.data")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+# Formats data_prep writes that DALI's image decoder reads (GIF is not among them), with their magic.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "pgm", "pbm", "ppm", "gif")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"RIFF", b"II*\x00", b"MM\x00*",
+          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
 
 
 # --------------------------------------------------------------------------- shard validation
@@ -107,7 +109,8 @@ def scan_shard(path: str | Path, num_classes: int) -> ShardScan:
             f.seek(img.offset_data)
             head = f.read(8)
             if not any(head.startswith(mg) for mg in _MAGIC):
-                scan.bad_samples.append((key, f"{img.name}: not a JPEG/PNG (starts {head[:4]!r})"))
+                what = "GIF (DALI cannot decode it; use data.loader=torch)" if head.startswith(b"GIF8") else "an image"
+                scan.bad_samples.append((key, f"{img.name}: not {what} (starts {head[:4]!r})"))
                 continue
             f.seek(comps["cls"].offset_data)
             raw = f.read(comps["cls"].size)
@@ -169,7 +172,7 @@ def build_pipeline(paths, index_paths, aug, *, size: int, batch_size: int, num_t
                   enable_conditionals=True, prefetch_queue_depth=2)
     def pipe():
         outs = fn.readers.webdataset(
-            paths=paths, index_paths=index_paths, ext=["jpg;jpeg;png", "cls"] + (["src"] if with_keys else []),
+            paths=paths, index_paths=index_paths, ext=[";".join(IMAGE_EXTS[:-1]), "cls"] + (["src"] if with_keys else []),
             missing_component_behavior="skip", shard_id=shard_id, num_shards=num_shards,
             random_shuffle=shuffle_buffer > 1, initial_fill=max(1, shuffle_buffer), seed=seed,
             stick_to_shard=True, name="reader",
@@ -255,7 +258,7 @@ class DaliTrainLoader:
     """See :mod:`pipeline.data.loader` for the interface shared with the torch loader."""
 
     def __init__(self, data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int = 112,
-                 with_keys: bool = False):
+                 with_keys: bool = False, device: str = "auto"):
         if data_cfg.batch_size < 1:
             raise ConfigError(f"data.batch_size: must be >= 1, got {data_cfg.batch_size}")
         self.root = Path(data_cfg.train)
@@ -268,7 +271,12 @@ class DaliTrainLoader:
         self.batch_size = data_cfg.batch_size
         self.steps_per_epoch = steps_for(self.num_images, self.batch_size, world_size)
         self.threads = max(1, data_cfg.num_workers)
-        self.device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+        if device not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"DaliTrainLoader: device must be auto, cpu or gpu, got {device!r}")
+        if device == "gpu" and not torch.cuda.is_available():
+            raise ConfigError("DaliTrainLoader: device 'gpu' asked for but CUDA is not available")
+        use_gpu = device == "gpu" or (device == "auto" and torch.cuda.is_available())
+        self.device_id = torch.cuda.current_device() if use_gpu else None
         self.epoch = 0
         self._corrupt = {"shard": {}, "sample": {}}
         self._tmp = tempfile.TemporaryDirectory(prefix="dali-wds-index-")

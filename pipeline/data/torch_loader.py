@@ -39,7 +39,7 @@ from pipeline.data.augment import Augmenter, decode, sample_generator, validate
 
 log = logging.getLogger("pipeline.data")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "pgm", "pbm", "ppm")  # all data_prep writes
 _PENDING: list = []  # corrupt items seen in this process since the last chunk (worker-local)
 
 
@@ -126,7 +126,7 @@ class _ShardStream(IterableDataset):
         try:
             data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
             if data is None:
-                raise DataError("no .jpg/.png member")
+                raise DataError("no image member (.jpg/.png/...)")
             if "cls" not in sample:
                 raise DataError("no .cls member")
             label = int(sample["cls"].decode("ascii").strip())

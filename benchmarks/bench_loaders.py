@@ -1,0 +1,111 @@
+"""Training loaders: decode + full augmentation, images/s (issue 3 benchmark).
+
+Shards the LFW training faces from ../shared/data (1,814 JPEGs, 112×112; or ``--shards DIR``),
+then times the torch loader (WebDataset + DataLoader worker processes) and the DALI loader in CPU
+mode (``device_id=None``, DALI threads) at 1 and 2 workers/threads, with every augmentation step
+switched on (p = 1: AdaFace crop, flip p=0.5, photometric, blur, multi-resolution 7/14/20 px at
+1:1:2, paired HR+LR output) and with decode only (all p = 0). Prints images/s and the DALI/torch
+ratio at each worker count, measured in this one run. ``--device gpu`` times DALI on the GPU at
+batch 512 (``mixed`` decode, GPU operators); without CUDA it prints "unmeasured: no CUDA".
+
+    .venv/bin/python benchmarks/bench_loaders.py [--images 2000] [--batch 64] [--device cpu|gpu]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+
+from data_prep.manifest import Manifest, ShardInfo, sha256_file, write_manifest  # noqa: E402
+from pipeline.config import AugmentConfig, DataConfig  # noqa: E402
+from pipeline.data.dali_loader import DaliTrainLoader  # noqa: E402
+from pipeline.data.torch_loader import TorchTrainLoader  # noqa: E402
+
+FULL = AugmentConfig(flip=0.5, crop_p=1.0, photometric_p=1.0, blur_p=1.0, multires_p=1.0, paired=True)
+DECODE = AugmentConfig(flip=0.0)
+
+
+def make_shards(lfw: Path, out: Path, per_shard: int = 256) -> Path:
+    people = sorted(p for p in lfw.iterdir() if p.is_dir())
+    files = [(f, c) for c, p in enumerate(people) for f in sorted(p.glob("*.jpg"))]
+    shards = []
+    for i in range(0, len(files), per_shard):
+        name = f"shard-{i // per_shard:06d}.tar"
+        with wds.TarWriter(str(out / name)) as w:
+            for f, c in files[i:i + per_shard]:
+                w.write({"__key__": f"{c:04d}_{f.stem}", "jpg": f.read_bytes(), "cls": str(c).encode(),
+                         "src": f.name.encode()})
+        shards.append(ShardInfo(name, len(files[i:i + per_shard]), sha256_file(out / name)))
+    write_manifest(out, Manifest(num_classes=len(people), num_images=len(files), shards=shards))
+    return out
+
+
+def measure(make, n_images: int) -> float:
+    """images/s over at least ``n_images`` after one warm-up batch (start-up excluded)."""
+    loader = make()
+    it = iter(loader)
+    next(it)
+    done, epoch, t0 = 0, 0, time.perf_counter()
+    while done < n_images:
+        for batch in it:
+            done += batch["image"].shape[0]
+            if done >= n_images:
+                break
+        else:
+            epoch += 1
+            loader.set_epoch(epoch)
+            it = iter(loader)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="example: .venv/bin/python benchmarks/bench_loaders.py --images 2000")
+    ap.add_argument("--shards", help="existing shard directory (default: shard the LFW training faces)")
+    ap.add_argument("--images", type=int, default=2000, help="images timed per configuration")
+    ap.add_argument("--batch", type=int, default=64, help="batch size for the CPU runs")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: DALI on the GPU, batch 512")
+    ap.add_argument("--workers", default="1,2", help="worker/thread counts to compare")
+    args = ap.parse_args(argv)
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+          f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.shards) if args.shards else make_shards(REPO.parent / "shared/data/lfw_view1_112/train_112", Path(tmp))
+        if args.device == "gpu":
+            if not torch.cuda.is_available():
+                print("DALI gpu, batch 512, 112x112, full augmentation: unmeasured: no CUDA")
+                return 0
+            for aug_name, aug in (("full", FULL), ("decode", DECODE)):
+                cfg = DataConfig(train=str(root), loader="dali", batch_size=512, num_workers=4, shuffle_buffer=1024,
+                                 augment=aug)
+                rate = measure(lambda: DaliTrainLoader(cfg, 0, 1, 0, 112, device="gpu"), max(args.images, 20 * 512))
+                print(f"DALI gpu ({torch.cuda.get_device_name(0)}), batch 512, {aug_name:6s}: {rate:9.0f} images/s")
+            return 0
+        print(f"shards: {root}; batch {args.batch}; images timed per run: {args.images}")
+        for aug_name, aug in (("full", FULL), ("decode", DECODE)):
+            for w in [int(x) for x in args.workers.split(",")]:
+                cfg = DataConfig(train=str(root), batch_size=args.batch, num_workers=w, shuffle_buffer=512, augment=aug)
+                t = measure(lambda: TorchTrainLoader(cfg, 0, 1, 0, 112), args.images)
+                d = measure(lambda: DaliTrainLoader(cfg, 0, 1, 0, 112, device="cpu"), args.images)
+                print(f"{aug_name:6s} x{w} worker(s)/thread(s): torch {t:7.0f} img/s   DALI-cpu {d:7.0f} img/s   "
+                      f"DALI/torch = {d / t:5.2f}")
+    print(f"load average {os.getloadavg()[0]:.1f} at end (the machine is shared: figures are noisy)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
