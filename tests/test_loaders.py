@@ -43,6 +43,11 @@ def make_shards(lfw_train: Path, out: Path, n_images: int, per_shard: list[int] 
     return out, [f"{f.parent.name}/{f.name}" for f, _ in files]
 
 
+@pytest.fixture(autouse=True)
+def _scan_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LOWQ_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture(scope="module")
 def shards4(lfw_train, tmp_path_factory):
     return make_shards(lfw_train, tmp_path_factory.mktemp("wds4"), 128, 32)
@@ -250,3 +255,17 @@ def test_folder2wds_shards_pgm_and_resize_path(shared_data, tmp_path):
     im = next(iter(imgs["torch"].values()))
     assert im.shape == (3, 112, 112) and torch.equal(im[0], im[1])  # grey replicated to RGB
     assert max((imgs["torch"][k] - imgs["dali"][k]).abs().mean().item() for k in imgs["torch"]) < 0.02
+
+
+def test_dali_shard_scan_is_cached_and_invalidated(lfw_train, tmp_path):
+    from pipeline.data.dali_loader import cache_dir, scan_shard, scan_shard_cached
+
+    root, _ = make_shards(lfw_train, tmp_path / "wds", 32, 32, bad_image_at=3)
+    shard = root / "shard-000000.tar"
+    first = scan_shard_cached(shard, 200)
+    assert len(first.samples) == 31 and [k for k, _ in first.bad_samples] == ["s00003"] and first.error is None
+    assert len(list(cache_dir().glob("*.json"))) >= 1
+    again = scan_shard_cached(shard, 200)
+    assert again == first == scan_shard(shard, 200)
+    shard.write_bytes(shard.read_bytes()[:20_000])  # changed file → new scan, not the cached one
+    assert scan_shard_cached(shard, 200).error is not None

@@ -26,13 +26,16 @@ same order. ``iter_from(step)`` runs the first ``step`` batches through the pipe
 random state is sequential, so skipping is not cheap here).
 
 Corrupt data: DALI stops on a truncated tar or an undecodable image, so every shard is scanned at
-start-up (tar headers; each sample's image magic bytes and its ``.cls`` label) and the DALI index
+start-up (tar headers; each sample's image magic bytes and its ``.cls`` label; the result is
+cached per shard path/size/mtime under ``LOWQ_CACHE`` or ~/.cache/lowq-face) and the DALI index
 files are written for the good samples only; a truncated shard keeps its complete samples, a
 garbage shard is dropped. Skipped shards/samples are warned about and counted (``stats()``).
 An image whose header is valid but whose body is corrupt is left to the decoder.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tarfile
@@ -43,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.manifest import DataError, read_manifest
+from data_prep.manifest import DataError, atomic_write_text, read_manifest
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.augment import CROP_LOG_RATIO, GRAY_WEIGHTS, photometric_ranges, resolution_probs, validate
 from pipeline.data.torch_loader import _hash_seed, steps_for
@@ -123,6 +126,33 @@ def scan_shard(path: str | Path, num_classes: int) -> ShardScan:
                 scan.bad_samples.append((key, f"label {label} outside [0, {num_classes})"))
                 continue
             scan.samples.append([(e, m.offset_data, m.size, m.name) for e, m in comps.items()])
+    return scan
+
+
+def cache_dir() -> Path:
+    """Where shard scans are cached (``LOWQ_CACHE`` or ~/.cache/lowq-face)."""
+    return Path(os.environ.get("LOWQ_CACHE") or Path.home() / ".cache" / "lowq-face") / "shard-scans"
+
+
+def scan_shard_cached(path: str | Path, num_classes: int) -> ShardScan:
+    """:func:`scan_shard`, remembered per (absolute path, size, mtime, num_classes): reruns and the
+    other ranks of a node skip the scan of a multi-million-image dataset."""
+    st = os.stat(path)
+    key = hashlib.sha1(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{num_classes}".encode()).hexdigest()
+    cached = cache_dir() / f"{key}.json"
+    try:
+        data = json.loads(cached.read_text())
+        return ShardScan(str(path), [[tuple(c) for c in comps] for comps in data["samples"]],
+                         [tuple(b) for b in data["bad_samples"]], data["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    scan = scan_shard(path, num_classes)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cached, json.dumps({"samples": scan.samples, "bad_samples": scan.bad_samples,
+                                              "error": scan.error}))
+    except OSError as exc:  # a read-only home is no reason to stop
+        log.info("shard scan cache not written (%s)", exc)
     return scan
 
 
@@ -289,7 +319,7 @@ class DaliTrainLoader:
         shards = self.manifest.shard_paths(self.root)
         bar = tqdm(shards, desc="checking shards", unit="shard", disable=self.rank != 0 or len(shards) < 50)
         for i, p in enumerate(bar):
-            scan = scan_shard(p, self.num_classes)
+            scan = scan_shard_cached(p, self.num_classes)
             name = Path(p).name
             if scan.error:
                 self._record("shard", name, scan.error)
