@@ -105,9 +105,9 @@ def test_width_multiplier_and_forward():
     assert m.layer4[0].conv2.weight.shape == (32, 32, 3, 3)  # 512·0.0625
     assert m.fc.weight.shape == (32, 32 * 49)
     m.eval()
-    assert m(torch.randn(3, 3, 112, 112)).shape == (3, 32)
+    assert m(torch.randn(2, 3, 112, 112)).shape == (2, 32)
     m.train()
-    out = m(torch.randn(4, 3, 112, 112))
+    out = m(torch.randn(2, 3, 112, 112))
     out.sum().backward()
     assert m.conv1.weight.grad is not None
 

@@ -242,14 +242,19 @@ def test_cli_verify_checkpoint_dir(tmp_path, lfw_bin, capsys):
     ck, net = _tiny_checkpoint(tmp_path)
     bins, issame = read_bin(lfw_bin)
     small = tmp_path / "small.bin"
-    write_bin(small, bins[:200], issame[:100])
+    idx = list(range(20)) + list(range(50, 70))  # 20 same + 20 different pairs
+    write_bin(small, [bins[j] for i in idx for j in (2 * i, 2 * i + 1)], [issame[i] for i in idx])
+    only_same = tmp_path / "only_same.bin"  # one kind of pair: AUC undefined, still reported
+    write_bin(only_same, bins[:40], issame[:20])
     out = tmp_path / "res" / "verify.json"
-    rc = eval_main(["verify", "--checkpoint", str(ck), "--bin", str(small), "--json", str(out), "--no-progress"])
+    rc = eval_main(["verify", "--checkpoint", str(ck), "--bin", str(small), str(only_same), "--json", str(out),
+                    "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "small: accuracy " in text and " ± " in text
+    assert "small: accuracy " in text and " ± " in text and "only_same: accuracy " in text
     data = json.loads(out.read_text())
-    assert data["backbone"] == "iresnet18" and data["results"][0]["num_pairs"] == 100
+    assert data["results"][1]["auc"] is None
+    assert data["backbone"] == "iresnet18" and data["results"][0]["num_pairs"] == 40
     assert (tmp_path / "res" / "verify_roc.png").stat().st_size > 1000
     # same numbers as the library call on the loaded network
     loaded, _ = load_model(ck)

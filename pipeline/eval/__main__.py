@@ -70,9 +70,10 @@ def verify(args) -> list[dict]:
         issames.append(issame)
         results.append(res)
         tars = ", ".join(f"TAR@FAR={k}: {v:.4f}" for k, v in res["tar_at_far"].items() if v is not None)
+        auc = f", AUC {res['auc']:.4f}" if res["auc"] is not None else ""  # None: one kind of pair only
         print(f"{name}: accuracy {res['accuracy']:.4f} ± {res['std']:.4f}  "
-              f"(threshold {res['threshold']:.2f}, no-flip {res['accuracy_noflip']:.4f}, "
-              f"AUC {res['auc']:.4f}{', ' + tars if tars else ''})", flush=True)
+              f"(threshold {res['threshold']:.2f}, no-flip {res['accuracy_noflip']:.4f}{auc}"
+              f"{', ' + tars if tars else ''})", flush=True)
     roc = args.roc or (str(Path(args.json).with_suffix("")) + "_roc.png" if args.json else None)
     if roc:
         Path(roc).parent.mkdir(parents=True, exist_ok=True)

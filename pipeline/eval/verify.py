@@ -140,7 +140,7 @@ def kfold_accuracy(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray 
         tprs.append(tpr)
         fprs.append(fpr)
         accs.append(float(acc_test[b]))
-        best.append(float(thresholds[b]))
+        best.append(round(float(thresholds[b]), 6))
     return {"accuracy": float(np.mean(accs)), "std": float(np.std(accs)), "fold_accuracies": accs,
             "fold_thresholds": best, "threshold": float(np.mean(best)),
             "roc_tpr": np.mean(tprs, 0).tolist(), "roc_fpr": np.mean(fprs, 0).tolist()}
@@ -209,6 +209,8 @@ def plot_roc(results: list[dict], issames: list[np.ndarray], dists: list[np.ndar
 
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     for res, same, dist in zip(results, issames, dists):
+        if not 0 < np.sum(same) < len(same):
+            continue  # one kind of pair only: no ROC
         fpr, tpr, _ = roc_curve(np.asarray(same, dtype=int), -np.asarray(dist))
         ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{res['name']} (acc {res['accuracy']:.4f})")
     ax.set_xscale("log")
