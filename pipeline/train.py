@@ -300,7 +300,7 @@ class Trainer:
             for path in self.cfg.data.val:
                 res = evaluate_bin(embed, path, batch_size=self.cfg.data.batch_size, device=str(self.device))
                 name = Path(path).stem
-                results[name] = res
+                results[name] = {k: v for k, v in res.items() if not k.startswith("roc_")}
                 if self.writer:
                     self.writer.add_scalar(f"val/{name}/accuracy", res["accuracy"], self.step)
                 print(f"[eval] step {self.step} {name}: accuracy {res['accuracy']:.4f} ± {res['std']:.4f}", flush=True)
