@@ -151,10 +151,10 @@ def test_conv_with_rmo_gradcheck():
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     # w.r.t. the weight, with x a constant, the Function's gradient is the true one for y and L
-    torch.autograd.gradcheck(lambda w: _ConvWithRMO.apply(x, w, (1, 1), (1, 1), 1.3), (w,))
+    torch.autograd.gradcheck(lambda w: _ConvWithRMO.apply(x, w, (1, 1), (1, 1), 1.3), (w,), fast_mode=True)
     # y alone: gradients w.r.t. x and w are conv2d's
     xg = x.clone().requires_grad_(True)
-    torch.autograd.gradcheck(lambda x, w: _ConvWithRMO.apply(x, w, (2, 2), (1, 1), 1.3)[0], (xg, w))
+    torch.autograd.gradcheck(lambda x, w: _ConvWithRMO.apply(x, w, (2, 2), (1, 1), 1.3)[0], (xg, w), fast_mode=True)
 
 
 def _two_layer(efficient: bool, seed: int = 4):
@@ -206,6 +206,25 @@ def test_efficient_total_gradient_equals_detached_input_definition():
         assert torch.allclose(e, r, rtol=1e-10, atol=1e-13)
 
 
+def test_efficient_rmo_in_a_network_touches_only_sac_parameters():
+    """Σ L_scale of a SCAN-IResNet: efficient → no gradient reaches BN/PReLU/fc (nothing but SAC
+    layers' own k, t, k_i); naive → the RMO gradient flows back through BN and PReLU too."""
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(11)) * 2 - 1
+    for efficient in (True, False):
+        torch.manual_seed(12)
+        net = build_scan_iresnet(18, efficient_rmo=efficient, width=0.0625, embedding_size=8, input_size=16).train()
+        net(x)
+        torch.stack([m.pop_rmo() for _, m in sac_layers(net)]).sum().backward()
+        own = {f"{n}.{p}" for n, m in sac_layers(net) for p, _ in m.named_parameters()}
+        others = {n: p.grad for n, p in net.named_parameters() if n not in own and p.requires_grad}
+        assert all(net.get_parameter(n).grad is not None for n in own)
+        reached = [n for n, g in others.items() if g is not None and torch.count_nonzero(g) > 0]
+        if efficient:
+            assert reached == []
+        else:
+            assert "layer1.0.bn2.weight" in reached and "prelu.weight" in reached
+
+
 # --------------------------------------------------------------------------- folding
 
 
@@ -223,12 +242,13 @@ def _two_branch(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("depth,se", [(18, False), (50, True)])
 def test_fold_equals_unfolded_and_loads_into_plain_iresnet(depth, se):
     torch.manual_seed(9)
-    scan = build_scan_iresnet(depth, se=se, **TINY)
+    dims = dict(TINY, input_size=16)
+    scan = build_scan_iresnet(depth, se=se, **dims)
     _randomise_t(scan)
     _randomise_bn(scan)
     scan.eval()
-    plain = build_iresnet(depth, se=se, **TINY)
-    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(10)) * 2 - 1
+    plain = build_iresnet(depth, se=se, **dims)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(10)) * 2 - 1
 
     scan64, x64 = copy.deepcopy(scan).double(), x.double()
     with torch.no_grad():
@@ -337,8 +357,8 @@ def test_recipe_configs_load_and_match_the_paper(name):
     assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.margin.s, cfg.margin.m2) == (0.9, 1e-4, 64.0, 0.5)
     if name.startswith("scan"):
         assert cfg.recipe == "scan" and cfg.method.sac and cfg.method.lsc and cfg.method.rmo
-    small = load_config([root / f"{name}.yaml", root / "smoke.yaml"], ["model.input_size=32"])
+    small = load_config([root / f"{name}.yaml", root / "smoke.yaml"], ["model.input_size=16"])
     recipe = registry.build_recipe(small).train()
-    out = recipe({"image": torch.rand(2, 3, 32, 32) * 2 - 1, "label": torch.zeros(2, dtype=torch.long)})
+    out = recipe({"image": torch.rand(2, 3, 16, 16) * 2 - 1, "label": torch.zeros(2, dtype=torch.long)})
     assert out.heads["main"].embeddings.shape == (2, small.model.embedding_size)
     assert ("rmo" in out.aux_losses) == name.startswith("scan")
