@@ -48,6 +48,9 @@ lowq_train() {
             PYTHON=python
         fi
     fi
+    # Each task's rank comes from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; torchrun-style values
+    # inherited from the submitting shell (sbatch exports it) would override them: drop them.
+    unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
     MASTER_ADDR=$(lowq_master_addr)
     MASTER_PORT=$((10000 + SLURM_JOB_ID % 50000))
     export MASTER_ADDR MASTER_PORT

@@ -82,7 +82,9 @@ def test_local_executor_two_tasks_real_trainer(lfw_shards, tmp_path):
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env["OMP_NUM_THREADS"] = "1"
+    # The smoke layer cut to 4 steps: this test is about the launcher, not the training.
     cmd = [sys.executable, "-m", "pipeline.launch", *SMOKE, f"data.train={lfw_shards}", f"output.dir={run}",
+           "schedule.max_steps=4", "output.log_every=2",
            "--executor", "local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
            "--time", "20", "--folder", str(folder)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=560)

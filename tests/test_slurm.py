@@ -149,7 +149,7 @@ dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.ti
 x = torch.tensor([float(rank + 1)])
 dist.all_reduce(x)
 keys = ("MASTER_ADDR", "MASTER_PORT", "SLURMD_NODENAME", "SLURM_LOCALID", "SLURM_JOB_ID",
-        "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "SLURM_CPUS_PER_TASK")
+        "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "SLURM_CPUS_PER_TASK", "RANK", "WORLD_SIZE")
 rec = {"rank": rank, "world": world, "sum": x.item(), "argv": sys.argv[1:], "cwd": os.getcwd(),
        **{k: os.environ.get(k) for k in keys}}
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -182,7 +182,8 @@ def fake_repo(tmp_path_factory) -> Path:
 def test_job_script_environment(slurm, fake_repo, tmp_path, script, shape):
     out = tmp_path / "out"
     out.mkdir()
-    env = job_env() | {"FAKE_OUT": str(out), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext_cache")}
+    env = job_env() | {"FAKE_OUT": str(out), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext_cache"),
+                       "RANK": "7", "WORLD_SIZE": "9"}  # stale torchrun values in the submitting shell
     args = ["--config", "configs/smoke.yaml", "data.train=/some/dir", "note=two words"]
     job = submit(slurm, fake_repo / "jobs" / f"{script}.sh", shape, tmp_path / "logs", args, cwd=fake_repo, env=env)
     finish(slurm, job, tmp_path / "logs", timeout_s=120)
@@ -198,6 +199,7 @@ def test_job_script_environment(slurm, fake_repo, tmp_path, script, shape):
         assert r["OMP_NUM_THREADS"] == "1" and r["SLURM_CPUS_PER_TASK"] == "1"
         assert r["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "ext_cache")  # --export=ALL
         assert Path(r["cwd"]).resolve() == fake_repo.resolve()
+        assert r["RANK"] is None and r["WORLD_SIZE"] is None  # dropped: ranks come from SLURM_*
     nodes = {r["SLURMD_NODENAME"] for r in recs}
     assert len(nodes) == (1 if shape == "1x2" else 2)
     assert sorted(r["SLURM_LOCALID"] for r in recs) == (["0", "1"] if shape == "1x2" else ["0", "0"])
@@ -246,10 +248,10 @@ def histogram_tags(run: Path) -> list[str]:
 
 def run_smoke(slurm, script: str, shape: str, tmp_path: Path, shards: Path) -> tuple[int, Path]:
     run = tmp_path / "run"
-    # The smoke layer, cut to 8 steps (histograms at 4 and 8, checkpoint at 8) to keep CI quick.
+    # The smoke layer, cut to 4 steps (histograms at 2 and 4, checkpoint at 4) to keep CI quick.
     job = submit(slurm, REPO / "jobs" / f"{script}.sh", shape, tmp_path / "logs",
                  ["--config", "configs/smoke.yaml", f"data.train={shards}", f"output.dir={run}",
-                  "schedule.max_steps=8", "output.histogram_every=4", "output.log_every=4"])
+                  "schedule.max_steps=4", "output.histogram_every=2", "output.log_every=2"])
     finish(slurm, job, tmp_path / "logs")
     return job, run
 
@@ -283,10 +285,10 @@ def test_preemption_requeue_resume(slurm, lfw_shards, tmp_path):
     """SIGUSR1 (what --signal=USR1@120 sends) → checkpoint → scontrol requeue → resume → finish."""
     run, logs = tmp_path / "run", tmp_path / "logs"
     # The baseline job with a shallower backbone (this test is about the requeue cycle, not the
-    # model) and 40 steps so that the signal, sent at the first logged step, lands mid-run.
+    # model) and 16 steps so that the signal, sent at the first logged step, lands mid-run.
     job = submit(slurm, REPO / "jobs" / "iresnet_r100.sh", "2x1", logs,
                  ["--config", "configs/smoke.yaml", f"data.train={lfw_shards}", f"output.dir={run}",
-                  "model.backbone=iresnet18", "schedule.max_steps=40", "output.checkpoint_every=1000",
+                  "model.backbone=iresnet18", "schedule.max_steps=16", "output.checkpoint_every=1000",
                   "output.log_every=2"])
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # wait for the first logged step: every rank is in its loop
@@ -303,6 +305,6 @@ def test_preemption_requeue_resume(slurm, lfw_shards, tmp_path):
     assert int(info["Restarts"]) == 1, log
     assert "stopped by signal" in log and "resumed from" in log, log
     final = checkpoints(run)
-    assert final and final[-1].name == "step_0000040", [p.name for p in final]
+    assert final and final[-1].name == "step_0000016", [p.name for p in final]
     stopped = int(re.search(r"stopped by signal at step (\d+)", log).group(1))
-    assert 0 < stopped < 40 and f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'}" in log, log
+    assert 0 < stopped < 16 and f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'}" in log, log
