@@ -159,7 +159,8 @@ def scan_shard_cached(path: str | Path, num_classes: int) -> ShardScan:
 def write_index(scan: ShardScan, path: str | Path) -> None:
     """DALI webdataset index (v1.2): one line per sample, ``ext offset size name`` per component."""
     lines = [f"v1.2 {len(scan.samples)}"]
-    lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in comps) for comps in scan.samples]
+    # the name field is informational (data is located by offset/size); the format is space-separated
+    lines += [" ".join(f"{e} {o} {s} {'_'.join(str(n).split())}" for e, o, s, n in comps) for comps in scan.samples]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
