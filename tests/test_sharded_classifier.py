@@ -227,3 +227,17 @@ def test_single_process_without_process_group():
         clf(emb, torch.full_like(labels, 6))
     with pytest.raises(ValueError, match="expected shape"):
         clf.load_full_(torch.zeros(5, D))
+
+
+def test_low_precision_embeddings_use_fp32_softmax():
+    """bf16 embeddings (a bf16 backbone) with the fp32 classifier: fp32 loss, bf16 gradient back."""
+    emb, weight, labels = global_data(6, 1, seed=12)
+    clf = ShardedMarginClassifier(6, D, CombinedMargin(64.0, 1.0, 0.5, 0.0))
+    clf.load_full_(weight.float())
+    x = emb.bfloat16().requires_grad_(True)
+    loss = clf(x, labels)
+    loss.backward()
+    ref_loss, ref_emb, _, _ = reference(emb.bfloat16().double(), weight.float().double(), labels, (64.0, 1.0, 0.5, 0.0))
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), ref_emb, rtol=2e-2, atol=1e-3)

@@ -220,6 +220,8 @@ class ShardedMarginClassifier(nn.Module):
             self.last_sampled_index = None
 
         cosine = F.linear(F.normalize(all_emb.to(weight.dtype)), F.normalize(weight))
+        if cosine.dtype in (torch.float16, torch.bfloat16):  # e.g. under autocast: softmax in fp32
+            cosine = cosine.float()
         logits = self.margin(cosine, target)
         loss, acc = _ShardedSoftmaxCE.apply(logits, target, cosine.detach(), distributed)
         self.last_accuracy = acc
