@@ -28,6 +28,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 EXECUTORS = ("slurm", "local", "debug")
@@ -57,9 +58,30 @@ def _port_from_job_id(job_id: str) -> int:
     return 10000 + digits % 50000
 
 
+_PREEMPTED = False  # set when submitit's preemption signal reached this task
+
+
+def _requeued() -> bool:
+    """True when this run was told to stop for preemption, or Slurm no longer sees the job running
+    (``scontrol requeue`` moves it to REQUEUED/COMPLETING/PENDING while its tasks still exit)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return False
+    if _PREEMPTED:
+        return True
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    m = re.search(r"\bJobState=(\S+)", out)
+    return bool(m) and m.group(1) != "RUNNING"
+
+
 def _forward_preemption(signum, frame) -> None:
     """submitit's preemption signal → the trainer's SIGUSR1 (checkpoint, requeue, exit)."""
+    global _PREEMPTED
     if callable(signal.getsignal(signal.SIGUSR1)):
+        _PREEMPTED = True
         signal.raise_signal(signal.SIGUSR1)
     else:  # still starting up (no handler yet): nothing to save; Slurm will stop the job
         print(f"[launch] signal {signum} before the trainer started its loop; ignored", flush=True)
@@ -79,6 +101,13 @@ def train_task(argv: list[str], master_port: int | None = None) -> int:
     # submitit's preemption signal (SUBMITIT_PREEMPT_SIGNAL, default USR2) → the trainer's SIGUSR1.
     signal.signal(getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")), _forward_preemption)
     rc = train.main(list(argv))
+    if rc == 0 and _requeued():
+        # The trainer checkpointed and requeued the job: Slurm is about to kill this task. Returning
+        # now would let submitit write a result pickle, and `job.results()` would report the job
+        # as finished while its requeued run is still to come. Wait to be killed instead.
+        print("[launch] job requeued after preemption; waiting for Slurm to stop this run", flush=True)
+        time.sleep(600)
+        raise RuntimeError("the job was requeued but this run was not stopped by Slurm within 600 s")
     if rc:
         raise RuntimeError(f"pipeline.train exited with status {rc} on rank {env.global_rank} (see the task log)")
     return rc

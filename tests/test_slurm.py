@@ -308,3 +308,36 @@ def test_preemption_requeue_resume(slurm, lfw_shards, tmp_path):
     assert final and final[-1].name == "step_0000016", [p.name for p in final]
     stopped = int(re.search(r"stopped by signal at step (\d+)", log).group(1))
     assert 0 < stopped < 16 and f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'}" in log, log
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_launcher_on_slurm_preemption(slurm, lfw_shards, tmp_path):
+    """pipeline.launch --executor slurm, 2 nodes × 1 task; submitit's preemption signal (USR2)
+    becomes the trainer's SIGUSR1 → checkpoint → requeue → the same submission resumes."""
+    run, folder = tmp_path / "run", tmp_path / "submitit"
+    cmd = [sys.executable, "-m", "pipeline.launch", "--config", "configs/iresnet_r100_ms1mv2.yaml",
+           "--config", "configs/smoke.yaml", f"data.train={lfw_shards}", f"output.dir={run}",
+           "model.backbone=iresnet18", "schedule.max_steps=16", "output.checkpoint_every=1000", "output.log_every=2",
+           "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
+           "--cpus-per-task", "1", "--time", "15", "--folder", str(folder / "%j")]
+    r = subprocess.run(cmd, cwd=REPO, env=slurm.env(job_env()), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    job = int(re.search(r"slurm job (\d+):", r.stdout).group(1))
+    logs = lambda: "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-5000:]}"
+                             for p in sorted((folder / str(job)).glob("*_log.*")))
+    deadline = time.monotonic() + 180
+    while not re.search(r"\[train\] step \d+/", logs()):
+        if time.monotonic() > deadline or slurm.job_info(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+            pytest.fail(f"job {job} did not reach its training loop\n{logs()}")
+        time.sleep(0.5)
+    slurm.run("scancel", "--signal=USR2", str(job))
+    info = slurm.wait_job(job, 240)
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", f"{info}\n{logs()}"
+    assert int(info["Restarts"]) == 1, logs()
+    assert "stopped by signal" in logs() and "resumed from" in logs(), logs()
+    # Neither task of the preempted run reported success to submitit (job.results() would then
+    # have returned before the requeued run): both waited to be stopped.
+    assert logs().count("[launch] job requeued after preemption") == 2, logs()
+    final = checkpoints(run)
+    assert final and final[-1].name == "step_0000016", [p.name for p in final]
