@@ -34,7 +34,7 @@ def load_inference_backbone(checkpoint: str | Path) -> tuple[torch.nn.Module, ob
     from pipeline.checkpoint import resolve
 
     path = Path(checkpoint)
-    if not (path / "config.yaml").is_file():
+    if not (path / "model.pt").is_file():  # a run dir (it has a config.yaml too) → its latest checkpoint
         try:
             path = resolve(path)
         except FileNotFoundError as exc:

@@ -64,9 +64,15 @@ def test_export_folded_onnx_matches_unfolded_pytorch(scan_checkpoint, tmp_path, 
         assert float((plain.eval()(x) - torch.from_numpy(ref)).abs().max()) < 1e-4
 
 
-def test_export_unfolded_also_runs(scan_checkpoint, tmp_path):
+def test_export_unfolded_also_runs_and_run_dir_resolves_latest(scan_checkpoint, tmp_path):
     ckpt, _ = scan_checkpoint
-    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "u.onnx")]) == 0
+    run = ckpt.parent / "run"  # a run dir as the trainer leaves it: config.yaml + checkpoints/latest
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text((ckpt / "config.yaml").read_text())
+    if not (run / "checkpoints" / ckpt.name).exists():
+        (run / "checkpoints" / ckpt.name).symlink_to(ckpt)
+    (run / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    assert main(["--checkpoint", str(run), "--out", str(tmp_path / "u.onnx")]) == 0
 
 
 def test_export_errors(scan_checkpoint, tmp_path, capsys):
