@@ -285,10 +285,10 @@ def test_preemption_requeue_resume(slurm, lfw_shards, tmp_path):
     """SIGUSR1 (what --signal=USR1@120 sends) → checkpoint → scontrol requeue → resume → finish."""
     run, logs = tmp_path / "run", tmp_path / "logs"
     # The baseline job with a shallower backbone (this test is about the requeue cycle, not the
-    # model) and 16 steps so that the signal, sent at the first logged step, lands mid-run.
+    # model) and 10 steps so that the signal, sent at the first logged step, lands mid-run.
     job = submit(slurm, REPO / "jobs" / "iresnet_r100.sh", "2x1", logs,
                  ["--config", "configs/smoke.yaml", f"data.train={lfw_shards}", f"output.dir={run}",
-                  "model.backbone=iresnet18", "schedule.max_steps=16", "output.checkpoint_every=1000",
+                  "model.backbone=iresnet18", "schedule.max_steps=10", "output.checkpoint_every=1000",
                   "output.log_every=2"])
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # wait for the first logged step: every rank is in its loop
@@ -305,9 +305,9 @@ def test_preemption_requeue_resume(slurm, lfw_shards, tmp_path):
     assert int(info["Restarts"]) == 1, log
     assert "stopped by signal" in log and "resumed from" in log, log
     final = checkpoints(run)
-    assert final and final[-1].name == "step_0000016", [p.name for p in final]
+    assert final and final[-1].name == "step_0000010", [p.name for p in final]
     stopped = int(re.search(r"stopped by signal at step (\d+)", log).group(1))
-    assert 0 < stopped < 16 and f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'}" in log, log
+    assert 0 < stopped < 10 and f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'}" in log, log
 
 
 @pytest.mark.slurm
@@ -318,7 +318,7 @@ def test_launcher_on_slurm_preemption(slurm, lfw_shards, tmp_path):
     run, folder = tmp_path / "run", tmp_path / "submitit"
     cmd = [sys.executable, "-m", "pipeline.launch", "--config", "configs/iresnet_r100_ms1mv2.yaml",
            "--config", "configs/smoke.yaml", f"data.train={lfw_shards}", f"output.dir={run}",
-           "model.backbone=iresnet18", "schedule.max_steps=16", "output.checkpoint_every=1000", "output.log_every=2",
+           "model.backbone=iresnet18", "schedule.max_steps=10", "output.checkpoint_every=1000", "output.log_every=2",
            "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
            "--cpus-per-task", "1", "--time", "15", "--folder", str(folder / "%j")]
     r = subprocess.run(cmd, cwd=REPO, env=slurm.env(job_env()), capture_output=True, text=True, timeout=120)
@@ -340,4 +340,4 @@ def test_launcher_on_slurm_preemption(slurm, lfw_shards, tmp_path):
     # have returned before the requeued run): both waited to be stopped.
     assert logs().count("[launch] job requeued after preemption") == 2, logs()
     final = checkpoints(run)
-    assert final and final[-1].name == "step_0000016", [p.name for p in final]
+    assert final and final[-1].name == "step_0000010", [p.name for p in final]
