@@ -38,10 +38,18 @@ def free_port() -> int:
 
 
 def detect() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun, else Slurm, else a single process."""
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    """(rank, world_size, local_rank) from torchrun, else an srun step, else a single process.
+
+    torchrun marks its workers with TORCHELASTIC_RUN_ID; inside an srun step (SLURM_STEP_ID) the
+    SLURM_* variables win over RANK/WORLD_SIZE, which sbatch may have exported from a stale shell.
+    """
+    if os.environ.get("SLURM_STEP_ID") and not os.environ.get("TORCHELASTIC_RUN_ID"):
+        names = (("SLURM_PROCID", "RANK"), ("SLURM_NTASKS", "WORLD_SIZE"), ("SLURM_LOCALID", "LOCAL_RANK"))
+    else:
+        names = (("RANK", "SLURM_PROCID"), ("WORLD_SIZE", "SLURM_NTASKS"), ("LOCAL_RANK", "SLURM_LOCALID"))
+    rank = _env_int(*names[0], default=0)
+    world = _env_int(*names[1], default=1)
+    local = _env_int(*names[2], default=0)
     return rank, world, local
 
 

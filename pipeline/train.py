@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -127,8 +128,8 @@ class Trainer:
             cfg.optim.lr * cfg.classifier.lr_scale)
 
         self.step = 0  # optimizer steps done
+        self.preempted = False
         self.writer = None
-        self._stop_signal = None
         if resume:
             self._resume(resume)
         if distributed.is_main():
@@ -153,7 +154,6 @@ class Trainer:
 
     def fit(self) -> Path:
         cfg, out = self.cfg, self.cfg.output
-        self._install_signal_handlers()
         micro_per_epoch = self.steps_per_epoch * self.gas
         epoch, offset = divmod(self.step * self.gas, micro_per_epoch)
         last_ckpt = None
@@ -394,28 +394,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ preemption
 
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            self._stop_signal = signum
-
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. some launchers)
-                pass
-
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
+        flag = torch.tensor([1.0 if _STOP_SIGNAL else 0.0])
         if self.world > 1:
             dist.all_reduce(flag)  # every rank stops at the same step
         return bool(flag.item() > 0)
 
     def _requeue(self) -> None:
+        self.preempted = True
         job = os.environ.get("SLURM_JOB_ID")
         if distributed.is_main():
             print(f"[train] stopped by signal at step {self.step}; checkpoint written", flush=True)
-            if job and self._stop_signal == signal.SIGUSR1:
-                os.system(f"scontrol requeue {job}")
+            if job and _STOP_SIGNAL == signal.SIGUSR1:
+                proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"[train] scontrol requeue {job} failed: {proc.stderr.strip()}", file=sys.stderr, flush=True)
+
+
+_STOP_SIGNAL: int | None = None
+
+
+def install_signal_handlers() -> None:
+    """SIGUSR1 (Slurm's --signal before the time limit) or SIGTERM: finish the step, checkpoint,
+    requeue. Installed first thing in main() so a signal during start-up is not fatal."""
+    def handler(signum, _frame):
+        global _STOP_SIGNAL
+        _STOP_SIGNAL = signum
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. some launchers)
+            pass
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -436,6 +446,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_signal_handlers()
     args = parse_args(argv)
     resume = args.resume
     if resume is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
