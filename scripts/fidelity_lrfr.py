@@ -18,8 +18,11 @@ the same number of epochs. The numbers are a plumbing-and-direction check, not a
 the paper's Table 4 (CASIA-WebFace, ResNet34, 28 epochs): one seed, 1k test pairs (one fold =
 100 pairs, so ±1-2 % is noise).
 
-    python scripts/fidelity_lrfr.py                   # defaults: ~10 min on 2 idle CPU cores
-    python scripts/fidelity_lrfr.py --epochs 3 --out runs/fid_quick
+    python scripts/fidelity_lrfr.py                   # defaults (2 epochs): 12.2 CPU-minutes in all
+    python scripts/fidelity_lrfr.py --epochs 4 --out runs/fid_longer
+
+Measured with the defaults on a 2-core CPU machine shared with other jobs (load ~10): 27.7 min
+wall, 12.2 min CPU (user+sys of all processes), i.e. about 6-10 min wall on 2 idle cores.
 
 Writes OUT/results.md (the markdown table) and OUT/results.json; prints the table.
 """
@@ -49,7 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "lfw_view1_112"),
                     help="folder with train_112/ and lfw_devtest_112.bin (default ../shared/data/lfw_view1_112)")
     ap.add_argument("--out", default=str(REPO / "runs" / "fidelity_lrfr"), help="output folder (default runs/fidelity_lrfr)")
-    ap.add_argument("--epochs", type=float, default=4.0, help="training epochs per model (default 4)")
+    ap.add_argument("--epochs", type=float, default=2.0, help="training epochs per model (default 2)")
     ap.add_argument("--input-size", type=int, default=56, help="model input size in px (default 56)")
     ap.add_argument("--width", type=float, default=0.0625, help="iresnet18 width multiplier (default 0.0625)")
     ap.add_argument("--batch-size", type=int, default=64)
