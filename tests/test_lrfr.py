@@ -290,3 +290,12 @@ def test_lowres_cli_prints_table_and_json(small_bin, tiny_checkpoint, tmp_path, 
     assert "error:" in capsys.readouterr().err
     assert main(["--checkpoint", str(tiny_checkpoint), "--bin", str(tmp_path / "missing.bin")]) == 2
     assert main(["--checkpoint", str(tiny_checkpoint), "--bin", str(small_bin), "--sizes", "0"]) == 2
+
+
+def test_lowres_is_a_subcommand_of_pipeline_eval(small_bin, tiny_checkpoint, tmp_path, capsys):
+    from pipeline.eval.__main__ import main
+
+    out = tmp_path / "sub.json"
+    assert main(["lowres", "--checkpoint", str(tiny_checkpoint), "--bin", str(small_bin), "--sizes", "14",
+                 "--json", str(out), "--no-progress", "--batch-size", "100"]) == 0
+    assert "14 px" in capsys.readouterr().out and out.is_file()

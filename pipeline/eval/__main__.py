@@ -1,4 +1,7 @@
-"""``python -m pipeline.eval verify``: verification accuracy of a checkpoint (insightface protocol).
+"""``python -m pipeline.eval verify|lowres``: verification accuracy of a checkpoint (insightface protocol).
+
+``verify`` runs the 10-fold protocol on .bin sets or an LFW pairs file; ``lowres`` runs it on
+low-resolution (7/14/20 px) and cross-resolution copies of a set and prints one table.
 
 Examples::
 
@@ -22,6 +25,7 @@ import torch
 
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
+from pipeline.eval.lowres import add_lowres_parser, run_lowres
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--json", help="write all results to this JSON file")
     v.add_argument("--roc", help="write the ROC curves to this PNG (default: beside --json)")
     v.add_argument("--no-progress", action="store_true")
+    add_lowres_parser(sub)
     return ap
 
 
@@ -90,7 +95,7 @@ def verify(args) -> list[dict]:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        verify(args)
+        verify(args) if args.cmd == "verify" else run_lowres(args)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
