@@ -157,16 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     source = FolderSource(root=args.root, list_file=args.list)
-    res = shards.run(source, args.out, seed=args.seed, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
-                     workers=args.workers, verify=args.verify, max_bad_fraction=args.max_bad_fraction,
-                     overwrite=args.overwrite, progress=False if args.no_progress else None,
-                     log=lambda m: print(m, file=sys.stderr))
-    status = shards.finish(res, args.max_bad_fraction, log=lambda m: print(m, file=sys.stderr))
-    if status == 0 and args.dataset:
-        from data_prep import datasets
-
-        status = datasets.check_cli(args.out, args.dataset)
-    return status
+    return shards.run_cli(source, args)
 
 
 if __name__ == "__main__":

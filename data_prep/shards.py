@@ -517,6 +517,23 @@ def _parse_bytes(text: str) -> int:
     return v
 
 
+def run_cli(source, args) -> int:
+    """The body shared by the folder2wds and rec2wds CLIs: shard, report, optionally check the
+    manifest against a known dataset (``--dataset``); returns the exit status."""
+    def log(m):
+        print(m, file=sys.stderr)
+
+    res = run(source, args.out, seed=args.seed, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
+              workers=args.workers, verify=args.verify, max_bad_fraction=args.max_bad_fraction,
+              overwrite=args.overwrite, progress=False if args.no_progress else None, log=log)
+    status = finish(res, args.max_bad_fraction, log=log)
+    if status == 0 and args.dataset:
+        from data_prep import datasets
+
+        status = datasets.check_cli(args.out, args.dataset)
+    return status
+
+
 def main_wrapper(fn, argv=None) -> int:
     """Run a CLI body: DataError (or an OS error such as an unwritable --out) → ``error: <msg>``, status 2."""
     try:
