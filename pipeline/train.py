@@ -123,6 +123,13 @@ class Trainer:
         optimizer = make_optimizer(cfg, groups, cfg.optim.lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False)
+        if self.dtype != torch.float32:
+            # DeepSpeed casts parameters to fp16/bf16 but not buffers; BatchNorm needs its running
+            # statistics in the same dtype as its input and weight.
+            for buf_owner in self.model.modules():
+                for name, buf in buf_owner.named_buffers(recurse=False):
+                    if buf.is_floating_point():
+                        setattr(buf_owner, name, buf.to(self.dtype))
         self.cls_optimizer = make_optimizer(
             cfg, [{"params": list(self.classifier.parameters()), "weight_decay": cfg.optim.weight_decay}],
             cfg.optim.lr * cfg.classifier.lr_scale)

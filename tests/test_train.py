@@ -112,6 +112,13 @@ def test_grad_accumulation_and_empty_shard_dir(lfw_shards, tmp_path):
          f"output.dir={out}"])
     meta = json.loads((out / "checkpoints" / "step_0000002" / "trainer.json").read_text())
     assert meta["step"] == 2
+    # bf16 through DeepSpeed on the CPU: the loss stays finite and the checkpoint holds bf16 weights
+    bf16 = tmp_path / "bf16"
+    proc = run([sys.executable, "-m", "pipeline.train", *COMMON, "schedule.max_steps=2", "deepspeed.precision=bf16",
+                "output.log_every=1", f"data.train={lfw_shards}", f"output.dir={bf16}"])
+    assert "loss nan" not in proc.stdout and "step 2/2 loss" in proc.stdout
+    state = torch.load(bf16 / "checkpoints" / "step_0000002" / "model.pt")
+    assert state["conv1.weight"].dtype == torch.bfloat16
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = run([sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={empty}",
