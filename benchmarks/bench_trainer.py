@@ -29,6 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="iresnet50")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = real iresnet)")
+    ap.add_argument("--zero", type=int, default=1, help="DeepSpeed ZeRO stage for the trainer (0, 1, 2)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per round and loop")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
@@ -47,7 +49,7 @@ def main() -> None:
                    capture_output=True)
     cfg = load_config([REPO / "configs/arcface_r50.yaml"], [
         f"model.backbone={args.backbone}", f"data.train={shards}", f"data.batch_size={args.batch}",
-        f"output.dir={tmp / 'run'}", "device=cpu", "data.num_workers=0", "deepspeed.zero_stage=1"])
+        f"output.dir={tmp / 'run'}", "device=cpu", "data.num_workers=0", f"deepspeed.zero_stage={args.zero}", f"model.width={args.width}"])
     trainer = Trainer(cfg)
     C = trainer.loader.num_classes
     gen = torch.Generator().manual_seed(0)
@@ -55,7 +57,7 @@ def main() -> None:
              "label": torch.randint(0, C, (args.batch,), generator=gen)}
 
     torch.manual_seed(0)
-    bare = build_iresnet(int(args.backbone.replace("iresnet", "")))
+    bare = build_iresnet(int(args.backbone.replace("iresnet", "")), width=args.width)
     weight = torch.nn.Parameter(torch.randn(C, 512) * 0.01)
     margin = CombinedMargin(64.0, 1.0, 0.5, 0.0)
     opt = torch.optim.SGD([{"params": bare.parameters()}, {"params": [weight]}], lr=0.1, momentum=0.9,
@@ -91,7 +93,7 @@ def main() -> None:
     def med(i: int) -> float:
         return sorted(r[i] for r in rows)[len(rows) // 2]
 
-    print(f"\n{args.backbone} batch {args.batch}, CPU ({torch.get_num_threads()} threads), load average "
+    print(f"\n{args.backbone} width {args.width} batch {args.batch}, ZeRO-{args.zero}, CPU ({torch.get_num_threads()} threads), load average "
           f"{os.getloadavg()[0]:.1f}: median of {args.rounds} rounds x {args.steps} steps")
     print(f"  wall:       bare {med(0):.2f} samples/s, trainer {med(2):.2f} samples/s, ratio {med(2) / med(0):.3f}")
     print(f"  CPU time:   bare {med(1):.2f} samples/CPU-s, trainer {med(3):.2f} samples/CPU-s, "
