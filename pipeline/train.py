@@ -54,12 +54,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.val: verification file '{path}' does not exist")
 
 
-def deepspeed_config(cfg: Config) -> dict:
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
     prec = cfg.deepspeed.precision
+    # ZeRO partitions over ranks: with one rank it only adds flat-buffer copies, so use stage 0.
+    stage = cfg.deepspeed.zero_stage if world_size > 1 else 0
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.deepspeed.grad_accum,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,  # our client SGD/AdamW (FACTS.md)
         "gradient_clipping": cfg.optim.grad_clip,
         "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
@@ -122,7 +124,9 @@ class Trainer:
         groups = param_groups(self.model, self.model.no_weight_decay(), cfg.optim.weight_decay)
         optimizer = make_optimizer(cfg, groups, cfg.optim.lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False)
+            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, self.world), dist_init_required=False)
+        if self.world == 1:
+            self.engine.enable_backward_allreduce = False  # nothing to average over one rank
         if self.dtype != torch.float32:
             # DeepSpeed casts parameters to fp16/bf16 but not buffers; BatchNorm needs its running
             # statistics in the same dtype as its input and weight.

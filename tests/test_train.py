@@ -107,9 +107,8 @@ def test_resume_on_other_world_size_and_errors(lfw_shards, tmp_path):
 
 def test_grad_accumulation_and_empty_shard_dir(lfw_shards, tmp_path):
     out = tmp_path / "acc"
-    run([sys.executable, "-m", "pipeline.train", *COMMON, "schedule.max_steps=2", "deepspeed.grad_accum=2",
-         "deepspeed.zero_stage=2", "optim.name=adamw", "optim.lr=0.001", f"data.train={lfw_shards}",
-         f"output.dir={out}"])
+    run(torchrun(2, *COMMON, "schedule.max_steps=2", "deepspeed.grad_accum=2", "deepspeed.zero_stage=2",
+                 "optim.name=adamw", "optim.lr=0.001", f"data.train={lfw_shards}", f"output.dir={out}"))
     meta = json.loads((out / "checkpoints" / "step_0000002" / "trainer.json").read_text())
     assert meta["step"] == 2
     # bf16 through DeepSpeed on the CPU: the loss stays finite and the checkpoint holds bf16 weights
