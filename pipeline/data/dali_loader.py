@@ -46,10 +46,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.manifest import DataError, atomic_write_text, read_manifest
+from data_prep.manifest import DataError, atomic_write_text
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.augment import CROP_LOG_RATIO, GRAY_WEIGHTS, photometric_ranges, resolution_probs, validate
-from pipeline.data.torch_loader import _hash_seed, steps_for
+from pipeline.data.base import TrainLoaderBase
+from pipeline.data.torch_loader import _hash_seed
 
 log = logging.getLogger("pipeline.data")
 
@@ -285,22 +286,13 @@ def _parse_bytes(arr) -> list[str]:
     return [bytes(row).rstrip(b"\0").decode("utf-8", "replace").strip() for row in a.reshape(a.shape[0], -1)]
 
 
-class DaliTrainLoader:
+class DaliTrainLoader(TrainLoaderBase):
     """See :mod:`pipeline.data.loader` for the interface shared with the torch loader."""
 
     def __init__(self, data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int = 112,
                  with_keys: bool = False, device: str = "auto"):
-        if data_cfg.batch_size < 1:
-            raise ConfigError(f"data.batch_size: must be >= 1, got {data_cfg.batch_size}")
-        self.root = Path(data_cfg.train)
-        self.manifest = read_manifest(self.root)
-        self.cfg, self.rank, self.world, self.seed = data_cfg, rank, world_size, seed
-        self.size, self.with_keys = input_size, with_keys
+        super().__init__(data_cfg, rank, world_size, seed, input_size, with_keys)
         self.aug = validate(data_cfg.augment)
-        self.num_classes = self.manifest.num_classes
-        self.num_images = self.manifest.num_images
-        self.batch_size = data_cfg.batch_size
-        self.steps_per_epoch = steps_for(self.num_images, self.batch_size, world_size)
         self.threads = max(1, data_cfg.num_workers)
         if device not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"DaliTrainLoader: device must be auto, cpu or gpu, got {device!r}")
@@ -308,8 +300,6 @@ class DaliTrainLoader:
             raise ConfigError("DaliTrainLoader: device 'gpu' asked for but CUDA is not available")
         use_gpu = device == "gpu" or (device == "auto" and torch.cuda.is_available())
         self.device_id = torch.cuda.current_device() if use_gpu else None
-        self.epoch = 0
-        self._corrupt = {"shard": {}, "sample": {}}
         self._tmp = tempfile.TemporaryDirectory(prefix="dali-wds-index-")
         self.paths, self.index_paths = self._scan()
 
@@ -336,24 +326,7 @@ class DaliTrainLoader:
             raise DataError(f"{self.root}: no readable sample in any shard (corrupt: {self.stats()})")
         return paths, index_paths
 
-    def _record(self, kind: str, name: str, msg: str) -> None:
-        if name not in self._corrupt[kind]:
-            self._corrupt[kind][name] = msg
-            log.warning("skipping corrupt %s %s (%s)", kind, name, msg)
-
     # ------------------------------------------------------------------ interface
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def __iter__(self):
-        return self.iter_from(0)
-
-    def stats(self) -> dict:
-        return {"corrupt_samples": len(self._corrupt["sample"]), "corrupt_shards": len(self._corrupt["shard"])}
-
     def pipeline(self, epoch: int | None = None):
         e = self.epoch if epoch is None else epoch
         return build_pipeline(

@@ -24,7 +24,6 @@ skipped alongside their chunks, the main process warns once per shard/sample and
 """
 from __future__ import annotations
 
-import logging
 import random
 import re
 from pathlib import Path
@@ -33,18 +32,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.manifest import DataError, read_manifest
+from data_prep.manifest import DataError
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.augment import Augmenter, decode, sample_generator, validate
+from pipeline.data.base import TrainLoaderBase
 
-log = logging.getLogger("pipeline.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "pgm", "pbm", "ppm")  # all data_prep writes
 _PENDING: list = []  # corrupt items seen in this process since the last chunk (worker-local)
-
-
-def steps_for(num_images: int, batch_size: int, world_size: int) -> int:
-    return max(1, num_images // (batch_size * world_size))
 
 
 def _hash_seed(*parts) -> int:
@@ -204,43 +199,20 @@ class _PlanMismatch(Exception):
     pass
 
 
-class TorchTrainLoader:
+class TorchTrainLoader(TrainLoaderBase):
     """See :mod:`pipeline.data.loader` for the interface shared with the DALI loader."""
 
     def __init__(self, data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int = 112,
                  with_keys: bool = False):
-        if data_cfg.batch_size < 1:
-            raise ConfigError(f"data.batch_size: must be >= 1, got {data_cfg.batch_size}")
         if data_cfg.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {data_cfg.num_workers}")
-        self.root = Path(data_cfg.train)
-        self.manifest = read_manifest(self.root)
-        self.cfg, self.rank, self.world, self.seed = data_cfg, rank, world_size, seed
-        self.size, self.with_keys = input_size, with_keys
+        super().__init__(data_cfg, rank, world_size, seed, input_size, with_keys)
         self.aug = Augmenter(validate(data_cfg.augment), input_size)
-        self.num_classes = self.manifest.num_classes
-        self.num_images = self.manifest.num_images
-        self.batch_size = data_cfg.batch_size
-        self.steps_per_epoch = steps_for(self.num_images, self.batch_size, world_size)
         self.workers = max(1, data_cfg.num_workers)
         self.urls = self.manifest.shard_paths(self.root)
         self.counts = {u: s.count for u, s in zip(self.urls, self.manifest.shards)}
-        self.epoch = 0
-        self._corrupt = {"shard": {}, "sample": {}}
 
     # ------------------------------------------------------------------ interface
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def __iter__(self):
-        return self.iter_from(0)
-
-    def stats(self) -> dict:
-        return {"corrupt_samples": len(self._corrupt["sample"]), "corrupt_shards": len(self._corrupt["shard"])}
-
     def iter_from(self, step: int):
         """Batches ``step .. steps_per_epoch-1`` of the current epoch, the same as a full iteration
         would give them; the skipped samples are read and decoded but not augmented."""
@@ -304,7 +276,8 @@ class TorchTrainLoader:
                         prefetch_factor=2 if nw else None, persistent_workers=False)
         pos = 0
         for chunk in dl:
-            self._record(chunk["corrupt"])
+            for kind, name, msg in chunk["corrupt"]:
+                self._record(kind, name, msg)
             ns, n = chunk["n_skipped"], chunk["n"]
             if plan is not None and ((ns and pos + ns > skip) or (n and pos + ns < skip)):
                 raise _PlanMismatch()
@@ -317,12 +290,6 @@ class TorchTrainLoader:
                 chunk = _slice(chunk, drop, n)
             yield chunk
         self._last_pass_positions = pos
-
-    def _record(self, items) -> None:
-        for kind, name, msg in items:
-            if name not in self._corrupt[kind]:
-                self._corrupt[kind][name] = msg
-                log.warning("skipping corrupt %s %s (%s)", kind, name, msg)
 
     def _epoch(self, step: int):
         B, target = self.batch_size, self.steps_per_epoch - step
