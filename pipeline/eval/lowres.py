@@ -177,16 +177,10 @@ def run_lowres(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.eval.lowres", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(ap)
-    args = ap.parse_args(argv)
-    try:
-        run_lowres(args)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    """``python -m pipeline.eval.lowres ...`` = ``python -m pipeline.eval lowres ...``."""
+    from pipeline.eval.__main__ import main as eval_main
+
+    return eval_main(["lowres", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
