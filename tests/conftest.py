@@ -31,3 +31,19 @@ def lfw_train(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def lfw_bin(shared_data) -> Path:
     return shared_data / "lfw_view1_112" / "lfw_devtest_112.bin"
+
+
+@pytest.fixture(scope="session")
+def lfw_shards(shared_data, tmp_path_factory) -> Path:
+    """WebDataset shards of the real LFW View-1 training faces (111 identities, 1,814 images),
+    made once per session with the real ``data_prep.folder2wds``."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("lfw_shards") / "shards"
+    cmd = [sys.executable, "-m", "data_prep.folder2wds", "--list",
+           str(shared_data / "lfw_view1_112" / "train_list.txt"), "--out", str(out),
+           "--shard-size", "300", "--workers", "1", "--verify", "header", "--no-progress"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
+    return out

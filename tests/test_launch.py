@@ -65,17 +65,6 @@ def test_slurm_submission_file(tmp_path):
     assert "--cpus-per-task=6" in [w for l in text.splitlines() if l.startswith("srun") for w in l.split()]
 
 
-@pytest.fixture(scope="module")
-def lfw_shards(shared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lfw_shards_launch") / "shards"
-    cmd = [sys.executable, "-m", "data_prep.folder2wds", "--list",
-           str(shared_data / "lfw_view1_112" / "train_list.txt"), "--out", str(out),
-           "--shard-size", "500", "--workers", "1", "--verify", "header", "--no-progress"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
-    return out
-
-
 @pytest.mark.timeout(600)
 def test_local_executor_two_tasks_real_trainer(lfw_shards, tmp_path):
     run, folder = tmp_path / "run", tmp_path / "submitit"

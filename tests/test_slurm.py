@@ -222,18 +222,6 @@ def test_job_script_reports_failure(slurm, fake_repo, tmp_path):
 # --------------------------------------------------------------------------- real trainer
 
 
-@pytest.fixture(scope="module")
-def lfw_shards(shared_data, tmp_path_factory) -> Path:
-    """WebDataset shards of the real LFW View-1 training faces (111 identities, 1,814 images)."""
-    out = tmp_path_factory.mktemp("lfw_shards") / "shards"
-    cmd = [sys.executable, "-m", "data_prep.folder2wds", "--list",
-           str(shared_data / "lfw_view1_112" / "train_list.txt"), "--out", str(out),
-           "--shard-size", "500", "--workers", "1", "--verify", "header", "--no-progress"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
-    return out
-
-
 def checkpoints(run: Path) -> list[Path]:
     return sorted(p for p in (run / "checkpoints").glob("step_*") if p.is_dir())
 

@@ -27,14 +27,6 @@ def torchrun(nproc: int, *args):
             "-m", "pipeline.train", *args]
 
 
-@pytest.fixture(scope="module")
-def lfw_shards(tmp_path_factory, shared_data):
-    out = tmp_path_factory.mktemp("shards") / "lfw"
-    run([sys.executable, "-m", "data_prep.folder2wds", "--list",
-         shared_data / "lfw_view1_112" / "train_list.txt", "--out", out, "--shard-size", "300"])
-    return out
-
-
 def scalars(tb_dir: Path) -> dict[str, list]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
