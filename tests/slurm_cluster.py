@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import pwd
 import re
 import shutil
@@ -106,6 +107,9 @@ class LocalSlurm:
         r = self.root
         lines = [
             "ClusterName=lowqtest",
+            # The job scripts derive MASTER_PORT from the job id; a random first id keeps a run's
+            # ports clear of leftovers of an earlier test cluster on the same machine.
+            f"FirstJobId={random.randint(1000, 20000)}",
             "SlurmctldHost=localhost(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             "SlurmUser=root",
