@@ -22,8 +22,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from data_prep.manifest import atomic_write_text
 
 LATEST = "latest"
@@ -68,9 +66,3 @@ def save_json(path: Path, data: dict) -> None:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
-
-
-def torch_save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
