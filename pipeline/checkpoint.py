@@ -3,8 +3,8 @@
 A checkpoint is one directory ``<output.dir>/checkpoints/step_0000100/`` holding
 
 - ``config.yaml``   the resolved config it was trained with (evaluation rebuilds the recipe from it)
-- ``model.pt``      state_dict of ``recipe.inference_backbone()`` (what eval/export load)
-- ``recipe.pt``     state_dict of the whole recipe model (backbone + heads + recipe parameters)
+- ``model.pt``      state_dict of the FaceNetwork (trunk + inserts + head; what eval/export load)
+- ``recipe.pt``     state_dict of the whole training procedure (the network + any procedure parameters)
 - ``classifier.pt`` the FULL class-centre matrix and its optimizer state, gathered from all ranks,
                     so that any world size can re-shard it
 - ``trainer.json``  step counters, world size, the data position
@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from data_prep.manifest import atomic_write_text
+from pipeline.config import ConfigError
 
 LATEST = "latest"
 
@@ -66,3 +67,106 @@ def save_json(path: Path, data: dict) -> None:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- loading a network
+# The one path by which a FaceNetwork gets weights from disk: evaluation (pipeline.eval), export
+# (pipeline.export), fine-tuning (model.init_from) and resuming on another world size all use it.
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (config.yaml + model.pt), or a run dir / checkpoint root → its latest."""
+    p = Path(path)
+    if (p / "model.pt").is_file() and (p / "config.yaml").is_file():
+        return p
+    try:
+        found = resolve(p)
+    except FileNotFoundError:
+        found = None
+    if found is None or not (found / "model.pt").is_file() or not (found / "config.yaml").is_file():
+        raise ConfigError(f"{p}: not a checkpoint (expected config.yaml and model.pt, or a 'latest' file)")
+    return found
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """Tensors only (``weights_only``: a checkpoint never executes code); DDP's ``module.`` prefix dropped."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure: not a torch checkpoint
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"{path}: not a PyTorch state dict ({type(exc).__name__}: {first})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"{path}: not a state dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state_strict(module, state: dict, source: str | Path, arch: str) -> None:
+    """``load_state_dict(strict=True)``, accepting a FaceNetwork's published (arcface_torch) names too;
+    a mismatch is a one-line ConfigError naming the first mismatching key."""
+    own = module.state_dict()
+    published = getattr(module, "published_names", None)
+    if published is not None and set(state) != set(own):
+        names = published()
+        if set(state) == set(names.values()):  # a published flat state dict (insightface backbone.pth)
+            back = {v: k for k, v in names.items()}
+            state = {back[k]: v for k, v in state.items()}
+    for k, v in own.items():
+        if k not in state:
+            raise ConfigError(f"{source}: not a checkpoint of {arch}: first mismatching key '{k}' (missing)")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ConfigError(f"{source}: not a checkpoint of {arch}: first mismatching key '{k}' "
+                              f"(shape {tuple(state[k].shape)} in checkpoint, {tuple(v.shape)} in model)")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise ConfigError(f"{source}: not a checkpoint of {arch}: first mismatching key '{extra[0]}' (unexpected)")
+    module.load_state_dict(state, strict=True)
+
+
+def describe(model_cfg) -> str:
+    """One line naming a network: backbone, conv kind, inserts, head, widths."""
+    ins = "+".join(f"{i.kind}@{i.at}" for i in model_cfg.inserts)
+    return (f"{model_cfg.backbone} (conv {model_cfg.conv.kind}{', inserts ' + ins if ins else ''}, "
+            f"head {model_cfg.head.kind}, width {model_cfg.width}, input {model_cfg.input_size})")
+
+
+def load_network(source: str | Path, model_cfg=None):
+    """(FaceNetwork with weights, its ``model:`` config, the file they came from).
+
+    ``source``: a checkpoint dir / run dir (the network is rebuilt from its ``config.yaml``; ``model_cfg``
+    must be None) or a state-dict file (``model_cfg`` describes the network; insightface's flat names
+    are accepted for the ``fc`` head)."""
+    from pipeline import registry
+    from pipeline.config import load_config
+
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"{path}: checkpoint does not exist")
+    if path.is_dir():
+        ckpt = find_checkpoint(path)
+        model_cfg = load_config([ckpt / "config.yaml"]).model
+        path = ckpt / "model.pt"
+    elif model_cfg is None:
+        raise ConfigError(f"{path}: a state-dict file needs the network described (e.g. --backbone NAME)")
+    net = registry.build_network(model_cfg)
+    load_state_strict(net, read_state_dict(path), path, describe(model_cfg))
+    return net, model_cfg, path
+
+
+def load_weights(net, source: str | Path, key: str) -> Path:
+    """Load ``model.pt`` of a checkpoint dir / run dir, or a state-dict file, into ``net`` (strict).
+    Errors name the config key the path came from (e.g. ``model.init_from``)."""
+    p = Path(source)
+    try:
+        path = find_checkpoint(p) / "model.pt" if p.is_dir() else p
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist")
+        load_state_strict(net, read_state_dict(path), path, "this network")
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return path

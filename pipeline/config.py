@@ -6,11 +6,17 @@ command-line overrides. The merged dict is validated into the dataclasses below:
 key, or a value of the wrong type, is a :class:`ConfigError` whose one-line message names the
 key and the file that set it.
 
-The ``method:`` block belongs to the recipe: its schema is the dataclass the recipe registered
-(see :mod:`pipeline.registry`), so recipes add options without touching this file.
+The ``method:`` block belongs to the recipe and the blocks ``model.conv``, ``model.head`` and each
+entry of ``model.inserts`` to the part their ``kind`` names: their schemas are the dataclasses those
+parts registered (see :mod:`pipeline.registry`), so new parts add options without touching this file.
+
+Validation lives with the types: a dataclass may define ``validate(self)`` (checks on its own fields,
+raising :class:`Invalid` with the field name) and a recipe's options ``validate_with(self, cfg)``
+(checks against the rest of the config). Keys renamed by a redesign are errors that name the new key.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -26,17 +32,62 @@ class ConfigError(ValueError):
     """A configuration problem, with a message that names the file and key."""
 
 
+class Invalid(ValueError):
+    """Raised by a config dataclass's ``validate()``: ``Invalid(field, message)``; the loader adds the
+    block's prefix and the file that set the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
+# Keys and values of earlier releases → what to write now (a one-line error says so).
+RENAMED_KEYS = {
+    "model.embedding_size": "model.head.embedding_size",
+    "model.dropout": "model.head.dropout",
+    "model.options": "model.conv (e.g. model.conv: {kind: scan, lsc: false})",
+}
+RENAMED_VALUES = {
+    ("recipe", "scan"): "recipe: margin with model.conv: {kind: scan, ...} (the SCAN switches moved from "
+                        "method: to model.conv:, method.init_backbone to model.init_from)",
+}
+RENAMED_BACKBONE_PREFIX = ("scan_", "model.backbone: {plain} with model.conv: {{kind: scan}}")
+
+
 # --------------------------------------------------------------------------- schema
 
 
 @dataclass
+class PartOptions:
+    """Base of the option schemas of conv kinds, heads and inserts: ``kind`` names the registered part."""
+    kind: str = ""
+
+
+@dataclass
+class InsertOptions(PartOptions):
+    """Base of insert schemas: ``at`` is the trunk point (e.g. ``layer3``, ``layer3.branch``)."""
+    at: str = ""
+
+
+@dataclass
 class ModelConfig:
-    backbone: str = "iresnet50"  # registry name: iresnet18/34/50/100/200, scan_iresnet50, ...
-    embedding_size: int = 512
-    width: float = 1.0  # channel multiplier (1.0 = insightface widths); tiny test models use 0.125
+    """The face network = trunk (``backbone`` + ``conv`` kind) + ``inserts`` + ``head`` (pipeline.models.network)."""
+    backbone: str = "iresnet50"  # trunk registry name: iresnet18/34/50/100/200, se_iresnet50/100
+    width: float = 1.0  # channel multiplier (1.0 = insightface widths); tiny test models use 0.0625
     input_size: int = 112
-    dropout: float = 0.0
-    options: dict = field(default_factory=dict)  # backbone-specific switches (e.g. SCAN's sac/lsc)
+    conv: Any = field(default_factory=lambda: {"kind": "plain"})  # plain | scan (+ the kind's options)
+    inserts: list = field(default_factory=list)  # [{kind: ..., at: POINT, ...}], applied in list order
+    head: Any = field(default_factory=lambda: {"kind": "fc"})  # fc (+ embedding_size, dropout) | ...
+    # Initialise the network from a checkpoint dir / run dir (latest) / model.pt of the same architecture
+    # (fine-tuning). Once loaded, the path moves to `initialised_from` (provenance; never read again).
+    init_from: str = ""
+    initialised_from: str = ""
+
+    def validate(self):
+        if self.width <= 0:
+            raise Invalid("width", f"must be > 0, got {self.width}")
+        if self.input_size < 16:
+            raise Invalid("input_size", f"must be >= 16, got {self.input_size}")
 
 
 @dataclass
@@ -53,6 +104,10 @@ class ClassifierConfig:
     sample_rate: float = 1.0  # partial-FC negative sampling rate; positives are always kept
     lr_scale: float = 1.0  # classifier lr = optim.lr * lr_scale
 
+    def validate(self):
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise Invalid("sample_rate", f"must be in (0, 1], got {self.sample_rate}")
+
 
 @dataclass
 class OptimConfig:
@@ -62,6 +117,10 @@ class OptimConfig:
     weight_decay: float = 5e-4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 0.0  # 0 disables
+
+    def validate(self):
+        if self.name not in ("sgd", "adamw"):
+            raise Invalid("name", f"unknown optimizer '{self.name}' (known: sgd, adamw)")
 
 
 @dataclass
@@ -74,6 +133,16 @@ class ScheduleConfig:
     gamma: float = 0.1
     power: float = 2.0  # poly
     max_steps: int = 0  # >0: stop after this many optimizer steps (smoke runs)
+
+    def validate(self):
+        if self.kind not in ("step", "poly", "cosine"):
+            raise Invalid("kind", f"unknown schedule '{self.kind}' (known: step, poly, cosine)")
+        if self.epochs <= 0:
+            raise Invalid("epochs", f"must be > 0, got {self.epochs}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise Invalid("warmup_epochs", f"must be in [0, epochs), got {self.warmup_epochs}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise Invalid("milestones", f"must be increasing, got {self.milestones}")
 
 
 @dataclass
@@ -111,6 +180,14 @@ class DeepSpeedConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16
     grad_accum: int = 1
 
+    def validate(self):
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise Invalid("precision", f"unknown precision '{self.precision}' (known: fp32, fp16, bf16)")
+        if self.zero_stage not in (0, 1, 2):
+            raise Invalid("zero_stage", f"must be 0, 1 or 2 (the classifier is already sharded), got {self.zero_stage}")
+        if self.grad_accum < 1:
+            raise Invalid("grad_accum", f"must be >= 1, got {self.grad_accum}")
+
 
 @dataclass
 class OutputConfig:
@@ -124,7 +201,7 @@ class OutputConfig:
 
 @dataclass
 class Config:
-    recipe: str = "margin"  # registry name of the recipe (see pipeline/recipes)
+    recipe: str = "margin"  # the training procedure: margin | lrfr (see pipeline/recipes)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -156,14 +233,24 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _merge(dst: dict, src: dict, origin: dict, source: str, prefix: str = "") -> None:
-    """Deep-merge ``src`` into ``dst``; record in ``origin`` which source set each leaf key."""
+    """Deep-merge ``src`` into ``dst``; record in ``origin`` which source set each leaf key.
+
+    A part block (``model.conv``, ``model.head``) whose ``kind`` changes is replaced, not merged: the
+    options of one kind mean nothing to another.
+    """
     for key, value in src.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(dst.get(key), dict) and key != "options":
+        old = dst.get(key)
+        same_kind = not (isinstance(value, dict) and isinstance(old, dict) and "kind" in value
+                         and "kind" in old and value["kind"] != old["kind"])
+        if isinstance(value, dict) and isinstance(old, dict) and same_kind:
             _merge(dst[key], value, origin, source, dotted + ".")
         else:
-            dst[key] = value
+            dst[key] = copy.deepcopy(value)
             origin[dotted] = source
+            if isinstance(value, dict):
+                for sub in value:
+                    origin[f"{dotted}.{sub}"] = source
 
 
 def _load_layers(path: Path, merged: dict, origin: dict, seen: tuple = ()) -> None:
@@ -200,12 +287,67 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Conf
     for text in overrides:
         key, value = parse_override(text)
         _merge(merged, _nest(key, value), origin, "command line")
-    cfg = from_dict(Config, merged, origin)
-    from pipeline import registry  # the recipe owns the schema of `method`
+    return config_from_dict(merged, origin)
 
-    schema = registry.recipe_config_class(cfg.recipe, origin.get("recipe", "defaults"))
+
+def config_from_dict(merged: dict, origin: dict | None = None) -> Config:
+    """Validate a merged dict into a :class:`Config`, resolving the blocks owned by registered parts."""
+    from pipeline import registry
+
+    origin = origin or {}
+    cfg = from_dict(Config, merged, origin)
+    where = origin.get("recipe", "defaults")
+    renamed = RENAMED_VALUES.get(("recipe", cfg.recipe))
+    if renamed:
+        raise ConfigError(f"{where}: key 'recipe': '{cfg.recipe}' is no longer a recipe; write {renamed}")
+    try:
+        schema = registry.lookup("recipe", cfg.recipe, "recipe").options
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: key {exc}") from None
     cfg.method = from_dict(schema, cfg.method or {}, origin, prefix="method.")
+    _resolve_model(cfg.model, origin)
+    check = getattr(cfg.method, "validate_with", None)
+    if check is not None:
+        _run_validation(lambda: check(cfg), "", origin)
     return cfg
+
+
+def _resolve_model(model: ModelConfig, origin: dict) -> None:
+    if model.backbone.startswith(RENAMED_BACKBONE_PREFIX[0]):
+        plain = model.backbone[len(RENAMED_BACKBONE_PREFIX[0]):]
+        where = origin.get("model.backbone", "defaults")
+        raise ConfigError(f"{where}: key 'model.backbone': '{model.backbone}' is now "
+                          + RENAMED_BACKBONE_PREFIX[1].format(plain=plain))
+    model.conv = _part("conv", model.conv, "model.conv", origin)
+    model.head = _part("head", model.head, "model.head", origin)
+    if not isinstance(model.inserts, list):
+        raise ConfigError(f"{_nearest_origin('model.inserts', origin)}: key 'model.inserts' expects a list of "
+                          f"{{kind: ..., at: ...}} mappings, got {model.inserts!r}")
+    model.inserts = [_part("insert", ins, f"model.inserts[{i}]", origin) for i, ins in enumerate(model.inserts)]
+
+
+_DEFAULT_KINDS = {"conv": "plain", "head": "fc"}  # ModelConfig's defaults
+
+
+def _part(kind: str, block: Any, key: str, origin: dict):
+    """A part's block ({kind: NAME, options...}) → the dataclass NAME registered as its schema."""
+    from pipeline import registry
+
+    where = origin.get(key + ".kind") or _nearest_origin(key, origin)
+    if isinstance(block, PartOptions):
+        return block
+    if isinstance(block, str):
+        block = {"kind": block}  # `model.head=fc` on the command line
+    if isinstance(block, dict) and "kind" not in block and kind in _DEFAULT_KINDS:
+        block = {"kind": _DEFAULT_KINDS[kind], **block}  # e.g. smoke.yaml's head: {embedding_size: 64}
+    if not isinstance(block, dict) or not isinstance(block.get("kind"), str):
+        raise ConfigError(f"{where}: key '{key}' expects a mapping with a 'kind' ({', '.join(registry.names(kind))}), "
+                          f"got {block!r}")
+    try:
+        schema = registry.lookup(kind, block["kind"], f"{key}.kind").options
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: key {exc}") from None
+    return from_dict(schema, block, origin, prefix=key + ".")
 
 
 # --------------------------------------------------------------------------- validation
@@ -275,8 +417,18 @@ def _nearest_origin(key: str, origin: dict) -> str:
     return "defaults"
 
 
+def _run_validation(check, prefix: str, origin: dict) -> None:
+    try:
+        check()
+    except Invalid as exc:
+        dotted = prefix + exc.key
+        where = origin.get(dotted) or _nearest_origin(dotted, origin)
+        raise ConfigError(f"{where}: key '{dotted}' {exc.message}") from None
+
+
 def from_dict(cls: type, data: dict, origin: dict | None = None, prefix: str = ""):
-    """Build dataclass ``cls`` from ``data``; unknown or ill-typed keys raise :class:`ConfigError`."""
+    """Build dataclass ``cls`` from ``data``; unknown, renamed or ill-typed keys and values that fail the
+    class's ``validate()`` raise :class:`ConfigError`."""
     origin = origin or {}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -285,12 +437,17 @@ def from_dict(cls: type, data: dict, origin: dict | None = None, prefix: str = "
         dotted = prefix + str(key)
         if key not in names:
             where = origin.get(dotted) or _nearest_origin(dotted, origin)
+            if dotted in RENAMED_KEYS:
+                raise ConfigError(f"{where}: key '{dotted}' was renamed: write {RENAMED_KEYS[dotted]}")
             raise ConfigError(f"{where}: unknown key '{dotted}' (known: {', '.join(sorted(names))})")
-        if key == "method" and cls is Config:
-            kwargs[key] = value  # validated against the recipe's schema by load_config
+        if cls is Config and key == "method":
+            kwargs[key] = value  # validated against the recipe's schema by config_from_dict
             continue
         kwargs[key] = _check_value(hints[key], value, dotted, origin)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        _run_validation(obj.validate, prefix, origin)
+    return obj
 
 
 def to_dict(cfg: Any) -> dict:

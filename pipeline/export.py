@@ -4,12 +4,12 @@
     python -m pipeline.export --checkpoint runs/scan_r101 --out scan_r101.onnx --fold --save-folded plain_r101.pt
 
 ``--checkpoint`` is a checkpoint directory (``config.yaml`` + ``model.pt``, as the trainer writes
-them) or a run directory (its ``checkpoints/latest`` is used). The recipe is rebuilt from
-``config.yaml``, ``model.pt`` is loaded into its inference backbone (strict), and the network is
-put in eval mode. ``--fold`` replaces every ScaleAttentionConv by one plain 3×3 convolution
-holding k_u = k_s + k_i, so the exported graph is a plain IResNet (same size and speed).
+them) or a run directory (its ``checkpoints/latest`` is used). The whole network (trunk, inserts,
+head) is rebuilt from ``config.yaml``, ``model.pt`` is loaded (strict), and the network is put in
+eval mode. ``--fold`` puts every convolution in its inference form (SCAN: one plain 3×3 conv holding
+k_u = k_s + k_i), so the exported graph of a SCAN-IResNet is a plain IResNet (same size and speed).
 ``--save-folded`` also writes the folded ``state_dict``, which loads with ``strict=True`` into the
-plain backbone of the same depth (``scan_iresnet100`` → ``iresnet100``).
+same network with ``model.conv: {kind: plain}``.
 
 The ONNX model has input ``image`` (N, 3, H, W) float32 in [-1, 1] (N dynamic) and output
 ``embedding`` (N, D). After export, onnxruntime's output on a random batch is compared with
@@ -18,6 +18,7 @@ PyTorch's: max |Δ| ≤ atol · max(1, max |embedding|) (``--atol``, default 1e-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -25,37 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import registry
-from pipeline.config import ConfigError, config_from_resolved
+from pipeline.checkpoint import describe, load_network
+from pipeline.config import ConfigError, PartOptions
 
 
-def load_inference_backbone(checkpoint: str | Path) -> tuple[torch.nn.Module, object, Path]:
-    """(eval-mode backbone with model.pt loaded, resolved Config, checkpoint dir)."""
-    from pipeline.checkpoint import resolve
-
-    path = Path(checkpoint)
-    if not (path / "model.pt").is_file():  # a run dir (it has a config.yaml too) → its latest checkpoint
-        try:
-            path = resolve(path)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"--checkpoint: {exc}") from None
-    for name in ("config.yaml", "model.pt"):
-        if not (path / name).is_file():
-            raise ConfigError(f"--checkpoint: {path / name} does not exist")
-    cfg = config_from_resolved(path / "config.yaml")
-    backbone = registry.build_recipe(cfg).inference_backbone()
-    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+def load_for_export(checkpoint: str | Path):
+    """(eval-mode FaceNetwork with model.pt loaded, its model config, checkpoint dir)."""
     try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"--checkpoint: {path / 'model.pt'} does not fit model '{cfg.model.backbone}' ({first})") from None
-    return backbone.eval(), cfg, path
-
-
-def plain_backbone_name(name: str) -> str:
-    """The plain backbone a folded SCAN network is equal to (scan_se_iresnet50 → se_iresnet50)."""
-    return name[len("scan_"):] if name.startswith("scan_") else name
+        net, model_cfg, path = load_network(checkpoint)
+    except ConfigError as exc:
+        raise ConfigError(f"--checkpoint: {exc}") from None
+    return net.eval(), model_cfg, path.parent
 
 
 def export_onnx(model: torch.nn.Module, out: str | Path, input_size: int, opset: int = 17) -> Path:
@@ -105,25 +86,26 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--opset: must be >= 17, got {args.opset}")
         if args.save_folded and not args.fold:
             raise ConfigError("--save-folded: needs --fold")
-        model, cfg, path = load_inference_backbone(args.checkpoint)
+        net, model_cfg, path = load_for_export(args.checkpoint)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.fold:
-        from pipeline.models.scan import fold, sac_layers
-
-        n = len(sac_layers(model))
-        model = fold(model).eval()
-        print(f"[export] folded {n} scale-attention conv layers; the network is now a plain "
-              f"'{plain_backbone_name(cfg.model.backbone)}' ({sum(p.numel() for p in model.parameters()):,} parameters)")
+        net, n = net.folded()
+        net.eval()
+        print(f"[export] folded {n} convolution layers into their inference form; the network is now "
+              f"{describe(dataclasses.replace(model_cfg, conv=PartOptions(kind='plain')))} "
+              f"({sum(p.numel() for p in net.parameters()):,} parameters)")
         if args.save_folded:
             Path(args.save_folded).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), args.save_folded)
+            torch.save(net.state_dict(), args.save_folded)
             print(f"[export] folded state_dict → {args.save_folded}")
-    out = export_onnx(model, args.out, cfg.model.input_size, args.opset)
-    print(f"[export] {path} → {out} (opset {args.opset}, input {cfg.model.input_size}×{cfg.model.input_size})")
+    model = net.embedder().eval()
+    size = model_cfg.input_size
+    out = export_onnx(model, args.out, size, args.opset)
+    print(f"[export] {path} → {out} (opset {args.opset}, input {size}×{size})")
     if not args.no_check:
-        diff, scale = check_onnx(model, out, cfg.model.input_size)
+        diff, scale = check_onnx(model, out, size)
         # atol on the embedding's scale: |Δ| ≤ atol · max(1, max|embedding|) (an untrained or barely
         # trained net can emit huge embeddings; float32 differences grow with them)
         allowed = args.atol * max(1.0, scale)

@@ -1,96 +1,115 @@
-"""Name → builder tables for backbones and recipes.
+"""Name → builder tables for every composable part of a face model and of its training.
 
-A recipe module registers itself with :func:`register_recipe`; the trainer looks recipes up by
-the config's ``recipe`` name and never branches on it. Built-in modules are imported lazily by
-:func:`_load_builtins` so that importing :mod:`pipeline` stays cheap and side-effect free.
+Five kinds of part register themselves where they are defined:
+
+=========  ===========================================  ==========================================
+kind       what it is                                    config key that names it
+=========  ===========================================  ==========================================
+backbone   a trunk: stem + named stages (iresnet50, …)   ``model.backbone``
+conv       how the trunk's 3×3 convolutions are built    ``model.conv.kind`` (plain, scan)
+insert     a module at a named point of the trunk         ``model.inserts[i].kind``
+head       stage map(s) → embedding (fc, …)              ``model.head.kind``
+recipe     the training procedure (margin, lrfr)         ``recipe``
+=========  ===========================================  ==========================================
+
+``@register(kind, name, options=SomeDataclass)`` on a builder. ``options`` is the schema of the part's
+config block (its keys besides ``kind``); validation errors name the key. Every module under the
+packages :data:`_PACKAGES` is imported the first time a table is read, so a new part is one new file
+in one of them: no existing file lists it.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Callable
+import pkgutil
+from typing import Callable, NamedTuple
 
-_BACKBONES: dict[str, Callable] = {}
-_RECIPES: dict[str, tuple[Callable, type]] = {}
-
-# Modules that register built-in backbones and recipes when first needed.
-_BUILTIN_MODULES = (
-    "pipeline.models.iresnet",
-    "pipeline.models.scan",
-    "pipeline.recipes.margin",
-    "pipeline.recipes.scan",
-    "pipeline.recipes.lrfr",
-)
-_loaded = False
+KINDS = ("backbone", "conv", "insert", "head", "recipe")
+_PACKAGES = ("pipeline.models", "pipeline.recipes")
+_TABLES: dict[str, dict[str, "Entry"]] = {k: {} for k in KINDS}
+_discovered = False
 
 
-def _load_builtins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for name in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real import error inside an existing module
-                raise
-
-
-def register_backbone(name: str):
-    """Decorator: ``@register_backbone("iresnet50")`` on ``fn(cfg: ModelConfig) -> nn.Module``."""
-    def wrap(fn):
-        if name in _BACKBONES:
-            raise ValueError(f"backbone '{name}' registered twice")
-        _BACKBONES[name] = fn
-        return fn
-    return wrap
-
-
-def register_recipe(name: str, config_class: type | None = None):
-    """Decorator on ``build(cfg: Config) -> RecipeModel``; ``config_class`` is the schema of ``method:``."""
-    def wrap(fn):
-        if name in _RECIPES:
-            raise ValueError(f"recipe '{name}' registered twice")
-        _RECIPES[name] = (fn, config_class or _NoOptions)
-        return fn
-    return wrap
+class Entry(NamedTuple):
+    build: Callable
+    options: type  # dataclass: the schema of the part's config block
 
 
 @dataclasses.dataclass
-class _NoOptions:
-    pass
+class NoOptions:
+    """The schema of a part without options."""
+
+
+def _discover() -> None:
+    """Import every module of the model and recipe packages (each registers what it defines)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for pkg_name in _PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg_name + "."):
+            importlib.import_module(info.name)
+
+
+def register(kind: str, name: str, options: type | None = None):
+    """Decorator: ``@register("head", "fc", FCHeadOptions)`` on the part's builder."""
+    if kind not in _TABLES:
+        raise ValueError(f"unknown part kind '{kind}' (known: {', '.join(KINDS)})")
+
+    if options is None and kind in ("conv", "insert", "head"):
+        from pipeline.config import InsertOptions, PartOptions
+
+        options = InsertOptions if kind == "insert" else PartOptions
+
+    def wrap(fn):
+        if name in _TABLES[kind]:
+            raise ValueError(f"{kind} '{name}' registered twice")
+        _TABLES[kind][name] = Entry(fn, options or NoOptions)
+        return fn
+    return wrap
+
+
+def names(kind: str) -> list[str]:
+    _discover()
+    return sorted(_TABLES[kind])
+
+
+def lookup(kind: str, name: str, key: str) -> Entry:
+    """The entry for ``name``; an unknown name is a ConfigError naming ``key`` and the known names."""
+    from pipeline.config import ConfigError
+
+    _discover()
+    table = _TABLES[kind]
+    if name not in table:
+        raise ConfigError(f"{key}: unknown {kind} '{name}' (known: {', '.join(sorted(table))})")
+    return table[name]
+
+
+# Convenience spellings used across the code base.
+def register_backbone(name: str, options: type | None = None):
+    return register("backbone", name, options)
+
+
+def register_recipe(name: str, options: type | None = None):
+    return register("recipe", name, options)
 
 
 def backbone_names() -> list[str]:
-    _load_builtins()
-    return sorted(_BACKBONES)
+    return names("backbone")
 
 
 def recipe_names() -> list[str]:
-    _load_builtins()
-    return sorted(_RECIPES)
+    return names("recipe")
 
 
-def build_backbone(model_cfg):
-    from pipeline.config import ConfigError
+def build_network(model_cfg):
+    """The :class:`~pipeline.models.network.FaceNetwork` described by a ``model:`` block."""
+    from pipeline.models.network import build_network as _build
 
-    _load_builtins()
-    if model_cfg.backbone not in _BACKBONES:
-        raise ConfigError(f"model.backbone: unknown backbone '{model_cfg.backbone}' (known: {', '.join(sorted(_BACKBONES))})")
-    return _BACKBONES[model_cfg.backbone](model_cfg)
-
-
-def recipe_config_class(name: str, where: str = "config") -> type:
-    from pipeline.config import ConfigError
-
-    _load_builtins()
-    if name not in _RECIPES:
-        raise ConfigError(f"{where}: key 'recipe' names unknown recipe '{name}' (known: {', '.join(sorted(_RECIPES))})")
-    return _RECIPES[name][1]
+    return _build(model_cfg)
 
 
 def build_recipe(cfg):
-    _load_builtins()
-    recipe_config_class(cfg.recipe)
-    return _RECIPES[cfg.recipe][0](cfg)
+    """The training procedure (an ``nn.Module`` holding the network) described by a whole Config."""
+    return lookup("recipe", cfg.recipe, "recipe").build(cfg)

@@ -9,21 +9,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from pipeline.config import ConfigError, ScheduleConfig
-
-KINDS = ("step", "poly", "cosine")
-
-
-def validate(cfg: ScheduleConfig) -> None:
-    if cfg.kind not in KINDS:
-        raise ConfigError(f"schedule.kind: unknown schedule '{cfg.kind}' (known: {', '.join(KINDS)})")
-    if cfg.epochs <= 0:
-        raise ConfigError(f"schedule.epochs: must be > 0, got {cfg.epochs}")
-    if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
-        raise ConfigError(f"schedule.warmup_epochs: must be in [0, epochs), got {cfg.warmup_epochs}")
-    if list(cfg.milestones) != sorted(cfg.milestones):
-        raise ConfigError(f"schedule.milestones: must be increasing, got {cfg.milestones}")
-
+from pipeline.config import ScheduleConfig
 
 def lr_factor(cfg: ScheduleConfig, epoch: float) -> float:
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:

@@ -30,22 +30,10 @@ from pipeline import distributed, registry, schedule
 from pipeline.config import Config, ConfigError, dump_config, load_config
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OPTIMIZERS = ("sgd", "adamw")
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need more than types; each error names the key."""
-    schedule.validate(cfg.schedule)
-    if cfg.optim.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name: unknown optimizer '{cfg.optim.name}' (known: {', '.join(OPTIMIZERS)})")
-    if cfg.deepspeed.precision not in PRECISIONS:
-        raise ConfigError(f"deepspeed.precision: unknown precision '{cfg.deepspeed.precision}' (known: fp32, fp16, bf16)")
-    if cfg.deepspeed.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"deepspeed.zero_stage: must be 0, 1 or 2 (the classifier is already sharded), got {cfg.deepspeed.zero_stage}")
-    if cfg.deepspeed.grad_accum < 1:
-        raise ConfigError(f"deepspeed.grad_accum: must be >= 1, got {cfg.deepspeed.grad_accum}")
-    if not 0.0 < cfg.classifier.sample_rate <= 1.0:
-        raise ConfigError(f"classifier.sample_rate: must be in (0, 1], got {cfg.classifier.sample_rate}")
+def check_inputs(cfg: Config) -> None:
+    """The files a run needs exist (the config's own validity is checked by the config types)."""
     if not cfg.data.train:
         raise ConfigError("data.train: not set (a WebDataset shard directory with manifest.json)")
     read_manifest(cfg.data.train)  # missing / empty shard directory → one-line DataError
@@ -115,7 +103,7 @@ class Trainer:
         margin = CombinedMargin(cfg.margin.s, cfg.margin.m1, cfg.margin.m2, cfg.margin.m3)
         torch.manual_seed(cfg.seed + 1)  # the classifier shard init is per rank but reproducible
         self.classifier = ShardedMarginClassifier(
-            self.loader.num_classes, cfg.model.embedding_size, margin, sample_rate=cfg.classifier.sample_rate,
+            self.loader.num_classes, self.model.embedding_size, margin, sample_rate=cfg.classifier.sample_rate,
             rank=self.rank, world_size=self.world,
             # DeepSpeed averages backbone gradients over ranks; the all-gathered softmax already
             # sums each sample's gradient from all shards, so scale back up (as arcface_torch does).
@@ -170,7 +158,7 @@ class Trainer:
         last_ckpt = None
         tick, tick_step = time.perf_counter(), self.step
         if distributed.is_main():
-            print(f"[train] recipe={cfg.recipe} backbone={cfg.model.backbone} world={self.world} "
+            print(f"[train] recipe={cfg.recipe} network={ckpt.describe(cfg.model)} world={self.world} "
                   f"classes={self.loader.num_classes} images={self.loader.num_images} "
                   f"steps/epoch={self.steps_per_epoch} total_steps={self.total_steps} start_step={self.step}", flush=True)
         while self.step < self.total_steps:
@@ -336,13 +324,13 @@ class Trainer:
         if distributed.is_main():
             tmp.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, tmp / "config.yaml")
-            torch.save(self.model.inference_backbone().state_dict(), tmp / "model.pt")
+            torch.save(self.model.net.state_dict(), tmp / "model.pt")
             torch.save(self.model.state_dict(), tmp / "recipe.pt")
             torch.save({"weight": weight.cpu(), "moments": {k: v.cpu() for k, v in moments.items()},
                         "step": self._classifier_opt_step()}, tmp / "classifier.pt")
             ckpt.save_json(tmp / "trainer.json", {
                 "step": self.step, "world_size": self.world, "steps_per_epoch": self.steps_per_epoch,
-                "total_steps": self.total_steps, "recipe": self.cfg.recipe, "backbone": self.cfg.model.backbone})
+                "total_steps": self.total_steps, "recipe": self.cfg.recipe, "network": ckpt.describe(self.cfg.model)})
             self.model.on_checkpoint(tmp, self.step)
         distributed.barrier()
         final = root / ckpt.step_name(self.step)
@@ -373,22 +361,22 @@ class Trainer:
                 return
             raise ConfigError(f"--resume: {exc}") from None
         meta = ckpt.load_json(path / "trainer.json")
-        if (meta["recipe"], meta["backbone"]) != (self.cfg.recipe, self.cfg.model.backbone):
-            raise ConfigError(f"--resume: checkpoint {path} is a {meta['recipe']}/{meta['backbone']} run, "
-                              f"this config is {self.cfg.recipe}/{self.cfg.model.backbone}")
+        network = ckpt.describe(self.cfg.model)
+        if (meta["recipe"], meta.get("network")) != (self.cfg.recipe, network):
+            raise ConfigError(f"--resume: checkpoint {path} is a {meta['recipe']} run of {meta.get('network')}, "
+                              f"this config is {self.cfg.recipe} of {network}")
         same_world = meta["world_size"] == self.world
         try:
             if same_world:
                 self.engine.load_checkpoint(str(path), tag="deepspeed", load_lr_scheduler_states=False)
             else:
-                state = torch.load(path / "recipe.pt", map_location="cpu")
-                self.model.load_state_dict(state, strict=True)
+                ckpt.load_state_strict(self.model, ckpt.read_state_dict(path / "recipe.pt"), path / "recipe.pt", network)
                 warnings.warn(f"resuming {path} (world size {meta['world_size']}) on world size {self.world}: "
                               "backbone optimizer moments are re-initialised; classifier state is re-sharded exactly")
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0][:300]
             raise ConfigError(f"--resume: checkpoint {path} does not fit this model ({first})") from None
-        cls = torch.load(path / "classifier.pt", map_location="cpu")
+        cls = torch.load(path / "classifier.pt", map_location="cpu", weights_only=True)
         if cls["weight"].shape[0] != self.loader.num_classes:
             raise ConfigError(f"--resume: checkpoint {path} has {cls['weight'].shape[0]} classes, "
                               f"data.train has {self.loader.num_classes}")
@@ -464,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = "latest"  # requeued by Slurm after preemption: continue where it stopped
     try:
         cfg = load_config(args.config, args.overrides)
-        validate(cfg)
+        check_inputs(cfg)
         trainer = Trainer(cfg, resume=resume)
         trainer.fit()
     except (ConfigError, DataError) as exc:

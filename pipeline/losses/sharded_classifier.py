@@ -158,7 +158,7 @@ class ShardedMarginClassifier(nn.Module):
         if not 0.0 < sample_rate <= 1.0:
             raise ConfigError(f"classifier.sample_rate: must be in (0, 1], got {sample_rate}")
         if embedding_size < 1:
-            raise ConfigError(f"model.embedding_size: must be >= 1, got {embedding_size}")
+            raise ConfigError(f"model.head.embedding_size: must be >= 1, got {embedding_size}")
         if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"ShardedMarginClassifier: world_size={world_size} needs an initialised process group")
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)

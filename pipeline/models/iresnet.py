@@ -1,35 +1,42 @@
-"""IResNet (ArcFace's "improved residual" network), with insightface arcface_torch's exact names.
+"""IResNet (ArcFace's "improved residual" network) as a trunk + the ``fc`` head, with arcface_torch's names.
 
 Structure (arcface_torch ``backbones/iresnet.py``; Deng et al., ArcFace, Sec. 4.1 "LResNet-E-IR";
 Duta et al. 2020 for the pre-activation residual unit)::
 
-    conv1 (3×3, stride 1) → bn1 → prelu
-    layer1..layer4: IBasicBlock × [n1, n2, n3, n4], widths 64/128/256/512, each stage stride 2
-        IBasicBlock: bn1 → conv1 (3×3, s1) → bn2 → prelu → conv2 (3×3, stride s) → bn3 [→ se] + shortcut
+    trunk:  conv1 (3×3, stride 1) → bn1 → prelu                                   point "stem"
+            layer1..layer4: IBasicBlock × [n1, n2, n3, n4], widths 64/128/256/512,  points "layer1".."layer4"
+                            each stage stride 2
+            bn2                                                                   point "out"
+        IBasicBlock: bn1 → conv1 (3×3, s1) → bn2 → prelu → conv2 (3×3, stride s) → bn3
+                     [→ inserts at "layerK.branch", last block of stage K only] [→ se] + shortcut
         shortcut: identity, or ``downsample`` = Sequential(conv 1×1 stride s, BatchNorm2d)
-    bn2 → flatten → dropout → fc (512·7·7 → 512) → features (BatchNorm1d, weight frozen at 1)
+    head "fc":  dropout → flatten → fc (512·7·7 → 512) → features (BatchNorm1d, weight frozen at 1)
 
-Parameter and buffer names and shapes match arcface_torch, so its published ``backbone.pth``
-files load with ``strict=True`` (at ``width=1``, ``se=False``, 112 px input).
+Inside a :class:`~pipeline.models.network.FaceNetwork` the parameters are ``trunk.<arcface name>`` and
+``head.<arcface name>``; :meth:`FaceNetwork.published_names` maps them to arcface_torch's flat names, so its
+published ``backbone.pth`` files load strictly (``pipeline.checkpoint.load_network``) at ``width=1``,
+no SE, 112 px input.
 
-Extras for this project (none changes the names above):
-- ``width``: channel multiplier (every width × ``width``, rounded, at least 8) for tiny tests;
-- ``conv3x3``: factory ``conv3x3(in_planes, out_planes, stride) -> nn.Module`` used for every
-  3×3 convolution (the stem and both convs of every block), so SCAN can swap in its
-  scale-attention convolution;
-- ``se``: a squeeze-and-excitation unit (Hu et al., reduction 16) after ``bn3`` of every block,
-  named ``se.fc1`` / ``se.fc2`` (1×1 convs without bias), for SE-IResNet 50/100;
-- ``input_size``: the fc input is last_width × s², s = input_size halved (ceil) four times
-  (7 for 112 px, 9 for 144 px).
+Options besides arcface_torch's: ``width`` (channel multiplier: every width × ``width``, rounded, at least 8);
+``model.conv`` (the kind of every 3×3 convolution: the stem's and both of every block, e.g. SCAN's
+scale-attention conv); ``se_`` names: a squeeze-and-excitation unit (Hu et al., reduction 16) after ``bn3``
+of every block, named ``se.fc1`` / ``se.fc2``; ``input_size``: the fc input is last_width × s², s =
+input_size halved (ceil) four times (7 for 112 px, 9 for 144 px).
+
+Branch inserts sit right after ``bn3`` (the BN of the block's last 3×3 conv, so they see "conv → BN" output,
+LCD's F), before SE and before the shortcut addition.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from pipeline import registry
+from pipeline.config import Invalid, PartOptions
+from pipeline.models.network import ConvKind, FaceNetwork, Head, InsertPoint, PointInfo, Trace, call
 
 LAYERS = {
     18: (2, 2, 2, 2),
@@ -43,18 +50,13 @@ WIDTHS = (64, 128, 256, 512)
 Conv3x3Factory = Callable[[int, int, int], nn.Module]
 
 
-def plain_conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Module:
-    """The default 3×3 convolution: padding 1, no bias (arcface_torch ``conv3x3``)."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
 def scaled(channels: int, width: float) -> int:
     """Channel count under the width multiplier: round(channels × width), at least 8."""
     return max(8, int(round(channels * width)))
 
 
 def feature_size(input_size: int, stages: int = 4) -> int:
-    """Spatial size after the four stride-2 stages (3×3, pad 1): ceil-halved ``stages`` times."""
+    """Spatial size after ``stages`` stride-2 stages (3×3, pad 1): ceil-halved ``stages`` times."""
     s = input_size
     for _ in range(stages):
         s = (s + 1) // 2
@@ -82,8 +84,9 @@ class IBasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 conv3x3: Conv3x3Factory = plain_conv3x3, se: bool = False):
+                 conv3x3: Conv3x3Factory | None = None, se: bool = False):
         super().__init__()
+        conv3x3 = conv3x3 or ConvKind().conv3x3
         self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-05)
         self.conv1 = conv3x3(inplanes, planes, 1)
         self.bn2 = nn.BatchNorm2d(planes, eps=1e-05)
@@ -94,25 +97,31 @@ class IBasicBlock(nn.Module):
             self.se = SEModule(planes)
         self.downsample = downsample
         self.stride = stride
+        self.branch: InsertPoint | None = None  # inserts at "layerK.branch" (set by the trunk)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
         out = self.bn1(x)
-        out = self.conv1(out)
+        out = call(self.conv1, out, trace)
         out = self.bn2(out)
         out = self.prelu(out)
-        out = self.conv2(out)
+        out = call(self.conv2, out, trace)
         out = self.bn3(out)
+        if self.branch is not None:
+            out = self.branch(out, trace)
         if hasattr(self, "se"):
             out = self.se(out)
         identity = self.downsample(x) if self.downsample is not None else x
         return out + identity
 
 
-class IResNet(nn.Module):
-    def __init__(self, layers, width: float = 1.0, embedding_size: int = 512, dropout: float = 0.0,
-                 input_size: int = 112, se: bool = False, conv3x3: Conv3x3Factory | None = None):
+class IResNetTrunk(nn.Module):
+    """Stem + four named stages + the final BN; ``forward(x, trace, keep)`` → {point: map} (``"out"`` always)."""
+
+    def __init__(self, layers, width: float = 1.0, se: bool = False, conv3x3: Conv3x3Factory | None = None,
+                 inserts: dict[str, InsertPoint] | None = None):
         super().__init__()
-        conv3x3 = conv3x3 or plain_conv3x3
+        conv3x3 = conv3x3 or ConvKind().conv3x3
+        inserts = dict(inserts or {})
         widths = [scaled(c, width) for c in WIDTHS]
         self.inplanes = widths[0]
         self.conv1 = conv3x3(3, self.inplanes, 1)
@@ -123,20 +132,13 @@ class IResNet(nn.Module):
         self.layer3 = self._make_layer(widths[2], layers[2], 2, conv3x3, se)
         self.layer4 = self._make_layer(widths[3], layers[3], 2, conv3x3, se)
         self.bn2 = nn.BatchNorm2d(widths[3], eps=1e-05)
-        self.dropout = nn.Dropout(p=dropout)
-        self.fc_scale = feature_size(input_size) ** 2
-        self.fc = nn.Linear(widths[3] * self.fc_scale, embedding_size)
-        self.features = nn.BatchNorm1d(embedding_size, eps=1e-05)
-        # arcface_torch initialisation: conv weights N(0, 0.1), BN γ=1 β=0, and the embedding BN's
-        # scale fixed at 1 (not trained).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0, 0.1)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-        nn.init.constant_(self.features.weight, 1.0)
-        self.features.weight.requires_grad = False
+        for k in range(1, 5):
+            point = inserts.pop(f"layer{k}.branch", None)
+            if point is not None:
+                getattr(self, f"layer{k}")[-1].branch = point
+        # stage-output inserts: ModuleDict keys are the point names ("stem", "layer1", ...)
+        self.after = nn.ModuleDict(inserts) if inserts else None
+        self.stages = ("layer1", "layer2", "layer3", "layer4")
 
     def _make_layer(self, planes: int, blocks: int, stride: int, conv3x3: Conv3x3Factory, se: bool):
         downsample = None
@@ -150,38 +152,129 @@ class IResNet(nn.Module):
         mods += [IBasicBlock(planes, planes, conv3x3=conv3x3, se=se) for _ in range(1, blocks)]
         return nn.Sequential(*mods)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The stage-4 feature map after ``bn2`` (N, C, s, s), before flatten and fc."""
-        x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.bn2(x)
+    def _after(self, name: str, x: torch.Tensor, trace: Trace | None) -> torch.Tensor:
+        if self.after is not None and name in self.after:
+            x = self.after[name](x, trace)
+        return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.flatten(self.forward_features(x), 1)
-        x = self.dropout(x)
-        x = self.fc(x)
-        return self.features(x)
+    def forward(self, x: torch.Tensor, trace: Trace | None = None,
+                keep: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        feats: dict[str, torch.Tensor] = {}
+        x = self.prelu(self.bn1(call(self.conv1, x, trace)))
+        x = self._after("stem", x, trace)
+        if "stem" in keep:
+            feats["stem"] = x
+        for name in self.stages:
+            for block in getattr(self, name):
+                x = block(x, trace)
+            x = self._after(name, x, trace)
+            if name in keep:
+                feats[name] = x
+        feats["out"] = self.bn2(x)
+        return feats
 
 
-def build_iresnet(depth: int, width: float = 1.0, embedding_size: int = 512, dropout: float = 0.0,
-                  input_size: int = 112, se: bool = False, conv3x3: Conv3x3Factory | None = None) -> IResNet:
-    """IResNet-``depth`` (18/34/50/100/200) with arcface_torch's names; see the module docstring."""
-    if depth not in LAYERS:
-        raise ValueError(f"iresnet depth {depth} not one of {sorted(LAYERS)}")
-    return IResNet(LAYERS[depth], width=width, embedding_size=embedding_size, dropout=dropout,
-                   input_size=input_size, se=se, conv3x3=conv3x3)
+def trunk_points(depth_layers, width: float, input_size: int) -> dict[str, PointInfo]:
+    """The named points of an IResNet trunk in forward order, with their channels and spatial size."""
+    widths = [scaled(c, width) for c in WIDTHS]
+    points = {"stem": PointInfo(widths[0], input_size)}
+    for k in range(1, 5):
+        info = PointInfo(widths[k - 1], feature_size(input_size, k))
+        points[f"layer{k}.branch"] = info
+        points[f"layer{k}"] = info
+    points["out"] = PointInfo(widths[3], feature_size(input_size, 4))
+    return points
 
 
-def _from_cfg(depth: int, se: bool):
-    def build(model_cfg) -> IResNet:
-        return build_iresnet(depth, width=model_cfg.width, embedding_size=model_cfg.embedding_size,
-                             dropout=model_cfg.dropout, input_size=model_cfg.input_size, se=se)
-    build.__name__ = f"{'se_' if se else ''}iresnet{depth}"
-    build.__doc__ = f"{'SE-' if se else ''}IResNet-{depth} from a ModelConfig (width, embedding_size, dropout, input_size)."
-    return build
+def arcface_init(net: FaceNetwork) -> None:
+    """arcface_torch's initialisation of the trunk: conv weights N(0, 0.1), BN γ = 1, β = 0.
+
+    Applied after the whole network is built (as arcface_torch does after building its single module), so
+    the random stream, and hence the initial weights for a seed, are the same as there."""
+    for m in net.trunk.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0, 0.1)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+class IResNetBuilder:
+    """The registered builder of one IResNet trunk (depth, SE or not)."""
+
+    def __init__(self, depth: int, se: bool):
+        self.depth, self.se = depth, se
+        self.__doc__ = f"{'SE-' if se else ''}IResNet-{depth} trunk (stages {LAYERS[depth]})."
+
+    def __call__(self, model_cfg, conv_kind: ConvKind, inserts: dict[str, InsertPoint]) -> IResNetTrunk:
+        return IResNetTrunk(LAYERS[self.depth], width=model_cfg.width, se=self.se, conv3x3=conv_kind.conv3x3,
+                            inserts=inserts)
+
+    def points(self, model_cfg) -> dict[str, PointInfo]:
+        return trunk_points(LAYERS[self.depth], model_cfg.width, model_cfg.input_size)
+
+    init_weights = staticmethod(arcface_init)
 
 
 for _depth in LAYERS:
-    registry.register_backbone(f"iresnet{_depth}")(_from_cfg(_depth, se=False))
+    registry.register_backbone(f"iresnet{_depth}")(IResNetBuilder(_depth, se=False))
 for _depth in (50, 100):
-    registry.register_backbone(f"se_iresnet{_depth}")(_from_cfg(_depth, se=True))
+    registry.register_backbone(f"se_iresnet{_depth}")(IResNetBuilder(_depth, se=True))
+
+
+# --------------------------------------------------------------------------- the fc head
+
+
+@dataclass
+class FCHeadOptions(PartOptions):
+    """``model.head: {kind: fc, embedding_size: 512, dropout: 0.0}``: insightface's output head."""
+    embedding_size: int = 512
+    dropout: float = 0.0
+
+    def validate(self):
+        if self.embedding_size < 1:
+            raise Invalid("embedding_size", f"must be >= 1, got {self.embedding_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise Invalid("dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+class FCHead(Head):
+    """dropout → flatten → fc → BatchNorm1d (γ frozen at 1) on the trunk's final map (``"out"``, after bn2)."""
+
+    def __init__(self, channels: int, spatial: int, embedding_size: int = 512, dropout: float = 0.0):
+        super().__init__()
+        self.embedding_size = embedding_size
+        self.dropout = nn.Dropout(p=dropout)
+        self.fc = nn.Linear(channels * spatial * spatial, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-05)
+        nn.init.constant_(self.features.weight, 1.0)
+        self.features.weight.requires_grad = False  # arcface_torch: the embedding BN's scale is not trained
+
+    def forward(self, feats: dict[str, torch.Tensor], trace: Trace | None = None) -> torch.Tensor:
+        x = torch.flatten(feats["out"], 1)
+        return self.features(self.fc(self.dropout(x)))
+
+
+@registry.register("head", "fc", FCHeadOptions)
+def build_fc_head(opts: FCHeadOptions, points: dict[str, PointInfo], model_cfg=None) -> FCHead:
+    out = points["out"]
+    return FCHead(out.channels, out.spatial, opts.embedding_size, opts.dropout)
+
+
+# --------------------------------------------------------------------------- direct construction
+
+
+def build_iresnet(depth: int, width: float = 1.0, embedding_size: int = 512, dropout: float = 0.0,
+                  input_size: int = 112, se: bool = False, conv: dict | None = None) -> FaceNetwork:
+    """IResNet-``depth`` (18/34/50/100/200) with the ``fc`` head, as a FaceNetwork (tests, benchmarks).
+
+    ``conv``: a ``model.conv`` block, e.g. ``{"kind": "scan", "lsc": False}`` (default plain)."""
+    from pipeline.config import ModelConfig, _resolve_model
+
+    if depth not in LAYERS:
+        raise ValueError(f"iresnet depth {depth} not one of {sorted(LAYERS)}")
+    cfg = ModelConfig(backbone=f"{'se_' if se else ''}iresnet{depth}", width=width, input_size=input_size,
+                      conv=dict(conv or {"kind": "plain"}),
+                      head={"kind": "fc", "embedding_size": embedding_size, "dropout": dropout})
+    _resolve_model(cfg, {})
+    return registry.build_network(cfg)

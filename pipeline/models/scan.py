@@ -31,7 +31,8 @@ kernel ``k[o]`` and a learnable scale ``t[o]``; with LSC also an independent ker
 
       L_scale = mean_n exp(-λ ‖f_out[n]‖₂ / (H·W))
 
-  The recipe sums it over SAC layers and adds it to the recognition loss (eq. 7).
+  Each SAC layer reports ``rmo_weight · L_scale`` as the aux loss ``rmo`` of the network's forward call
+  (summed over layers, eq. 7), so the term follows the network into every training procedure.
 
 **Keeping t positive.** ``t = t_min + softplus(ρ)`` with ``t_min = 1e-3``; "t initialised as 1"
 (Sec. 6.1) maps to ``ρ₀ = softplus⁻¹(1 - t_min) = log(expm1(1 - t_min))`` ≈ 0.5397. Softplus
@@ -48,6 +49,11 @@ recognition gradient only and the weight gradient uses recognition + RMO gradien
 is linear in its output gradient). ``efficient_rmo=False`` is the naive form: L_scale on y with
 plain autograd, so its gradient flows through all earlier layers too.
 
+**Configuration.** ``model.conv: {kind: scan, sac, lsc, rmo, rmo_weight, ...}`` (:class:`ScanConvOptions`);
+with sac, lsc and rmo all off the convs are plain ``nn.Conv2d`` (the network *is* the plain IResNet).
+Monitoring (:class:`ScanConvKind`): ``scan/t_mean|t_min|t_max|t_std|t_frac_below_0.1`` (``monitor/…``),
+histograms ``scan/t/<layer>`` and ``t/all``, ``t_density.png`` (Fig. 3 style) in every checkpoint.
+
 **Which convolutions become SAC:** every 3×3 convolution of the IResNet (the stem and both convs
 of every residual block), i.e. every convolution built through iresnet's ``conv3x3`` hook. The
 1×1 convolutions of the ``downsample`` shortcuts (and SE's 1×1 fc convs) stay plain: for a 1×1
@@ -60,17 +66,21 @@ the same module name, so a folded SCAN-IResNet has exactly the plain IResNet's p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline import registry
+from pipeline.config import Invalid, PartOptions
 from pipeline.models.iresnet import build_iresnet
+from pipeline.models.network import ConvKind, Reporter, Trace
 
 __all__ = [
-    "ScaleAttentionConv", "SacOptions", "sac_factory", "fold", "sac_layers", "rmo_per_sample",
-    "build_scan_iresnet", "SCAN_OPTION_KEYS",
+    "ScaleAttentionConv", "ScanConvOptions", "ScanConvKind", "fold", "sac_layers", "rmo_per_sample",
+    "build_scan_iresnet", "plot_t_density",
 ]
 
 
@@ -130,20 +140,21 @@ def _inv_softplus(v: float) -> float:
     return math.log(math.expm1(v))
 
 
-class ScaleAttentionConv(nn.Module):
+class ScaleAttentionConv(Reporter):
     """A K×K convolution with per-filter scale attention (eq. 4), LSC (eq. 8) and RMO (eq. 6).
 
     Parameters (names kept stable for checkpoints): ``weight`` = k (out, in, K, K);
     ``scale_raw`` = ρ (out,) with t = t_min + softplus(ρ) (only if ``sac``); ``weight_i`` = k_i
     (only if ``lsc``). ``sac=False`` drops t and the Gaussian (k_s = k, a plain kernel), so the
-    three switches of Table 1 are independent. After a training-mode forward with ``rmo``, the
-    layer's L_scale (batch mean, eq. 6) is held until :meth:`pop_rmo`.
+    three switches of Table 1 are independent. A training-mode forward with ``rmo`` and a trace reports
+    ``rmo_weight · L_scale`` (batch mean, eq. 6) as the trace's aux loss ``rmo``.
     """
 
     def __init__(self, in_planes: int, out_planes: int, kernel_size: int = 3, stride: int = 1,
                  padding: int | None = None, *, sac: bool = True, lsc: bool = True, rmo: bool = True,
                  gamma_m: float = 1.0, rmo_lambda: float = 1.0, efficient_rmo: bool = True,
-                 t_min: float = 1e-3, gaussian_sum1: bool = False, init_std: float = 0.1):
+                 t_min: float = 1e-3, gaussian_sum1: bool = False, init_std: float = 0.1,
+                 rmo_weight: float = 1.0):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"ScaleAttentionConv: kernel_size must be odd, got {kernel_size}")
@@ -154,6 +165,7 @@ class ScaleAttentionConv(nn.Module):
         self.padding = kernel_size // 2 if padding is None else padding
         self.sac, self.lsc, self.rmo = sac, lsc, rmo
         self.gamma_m, self.rmo_lambda, self.efficient_rmo = gamma_m, rmo_lambda, efficient_rmo
+        self.rmo_weight = rmo_weight
         self.t_min, self.gaussian_sum1 = t_min, gaussian_sum1
         shape = (out_planes, in_planes, kernel_size, kernel_size)
         # arcface_torch initialises every conv weight with N(0, 0.1); k and k_i follow it.
@@ -164,7 +176,6 @@ class ScaleAttentionConv(nn.Module):
             self.weight_i = nn.Parameter(torch.randn(shape) * init_std)
         idx = torch.arange(kernel_size, dtype=torch.float64)
         self.register_buffer("_d2", (idx[:, None] - idx[None, :]) ** 2, persistent=False)
-        self._rmo_loss: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return (f"{self.in_planes}, {self.out_planes}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -211,22 +222,17 @@ class ScaleAttentionConv(nn.Module):
         return ks + self.weight_i if self.lsc else ks
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
         w = self.kernel()
-        if self.rmo and self.training and torch.is_grad_enabled():
+        if self.rmo and trace is not None and self.training and torch.is_grad_enabled():
             if self.efficient_rmo:
                 y, loss = _ConvWithRMO.apply(x, w, (self.stride,) * 2, (self.padding,) * 2, float(self.rmo_lambda))
             else:
                 y = F.conv2d(x, w, None, self.stride, self.padding)
                 loss = rmo_per_sample(y, self.rmo_lambda)
-            self._rmo_loss = loss.mean()
+            trace.add_loss("rmo", self.rmo_weight * loss.mean())  # eq. 7: Σ over layers, weighted
             return y
         return F.conv2d(x, w, None, self.stride, self.padding)
-
-    def pop_rmo(self) -> torch.Tensor | None:
-        """This layer's L_scale from the last training forward (eq. 6, batch mean), then forget it."""
-        loss, self._rmo_loss = self._rmo_loss, None
-        return loss
 
     @torch.no_grad()
     def to_conv(self) -> nn.Conv2d:
@@ -258,70 +264,113 @@ def fold(model: nn.Module) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------- backbones
-
-# model.options keys understood by the scan_* backbones, with their defaults (the full SCAN-CNN).
-SCAN_OPTION_KEYS = {
-    "sac": True, "lsc": True, "rmo": True, "gamma_m": 1.0, "rmo_lambda": 1.0,
-    "efficient_rmo": True, "t_min": 1e-3, "gaussian_sum1": False,
-}
+# ---------------------------------------------------------------------- the conv kind
 
 
-class SacOptions(dict):
-    """Validated SCAN switches (a dict of :data:`SCAN_OPTION_KEYS`)."""
+@dataclass
+class ScanConvOptions(PartOptions):
+    """``model.conv: {kind: scan, ...}`` (Sec. 4, 6.1; Table 1 switches)."""
+    sac: bool = True  # scale attention conv (eq. 4); false: plain kernel k
+    lsc: bool = True  # local shortcut connection, independent k_i (eq. 8)
+    rmo: bool = True  # response-maximisation objective (eq. 6)
+    rmo_weight: float = 1.0  # weight of Σ L_scale in the total loss (eq. 7 uses 1)
+    rmo_lambda: float = 1.0  # λ of eq. 6
+    gamma_m: float = 1.0  # γ·m, exponent of the normalised-derivative factor t^γm (eq. 4)
+    efficient_rmo: bool = True  # Appendix E: RMO gradient reaches only the layer's own parameters
+    t_min: float = 1e-3  # t = t_min + softplus(ρ), ρ initialised so that t = 1
+    gaussian_sum1: bool = False  # renormalise the 5×5 Gaussian to sum 1 (the paper: eq. 2 as is)
+    t_density_png: bool = True  # write t_density.png at every checkpoint
 
-    @classmethod
-    def from_options(cls, options: dict, where: str = "model.options") -> "SacOptions":
-        from pipeline.config import ConfigError
+    def validate(self):
+        if not 0.0 < self.t_min < 1.0:
+            raise Invalid("t_min", f"must be in (0, 1), got {self.t_min}")
+        if self.rmo_weight < 0:
+            raise Invalid("rmo_weight", f"must be >= 0, got {self.rmo_weight}")
+        if self.rmo_lambda <= 0:
+            raise Invalid("rmo_lambda", f"must be > 0, got {self.rmo_lambda}")
 
-        out = cls(SCAN_OPTION_KEYS)
-        for key, value in (options or {}).items():
-            if key not in SCAN_OPTION_KEYS:
-                raise ConfigError(f"{where}: unknown key '{key}' for a SCAN backbone (known: {', '.join(SCAN_OPTION_KEYS)})")
-            default = SCAN_OPTION_KEYS[key]
-            ok = isinstance(value, bool) if isinstance(default, bool) else (
-                isinstance(value, (int, float)) and not isinstance(value, bool))
-            if not ok:
-                raise ConfigError(f"{where}: key '{key}' expects {type(default).__name__}, got {value!r}")
-            out[key] = type(default)(value)
-        if not 0.0 < out["t_min"] < 1.0:
-            raise ConfigError(f"{where}: key 't_min' must be in (0, 1), got {out['t_min']}")
+
+class ScanConvKind(ConvKind):
+    """Every 3×3 conv a ScaleAttentionConv (or plain when sac, lsc and rmo are all off)."""
+
+    def __init__(self, opts: ScanConvOptions):
+        self.opts = opts
+
+    def conv3x3(self, in_planes: int, out_planes: int, stride: int = 1) -> nn.Module:
+        o = self.opts
+        if not (o.sac or o.lsc or o.rmo):
+            return nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        return ScaleAttentionConv(in_planes, out_planes, 3, stride, 1, sac=o.sac, lsc=o.lsc, rmo=o.rmo,
+                                  gamma_m=o.gamma_m, rmo_lambda=o.rmo_lambda, efficient_rmo=o.efficient_rmo,
+                                  t_min=o.t_min, gaussian_sum1=o.gaussian_sum1, rmo_weight=o.rmo_weight)
+
+    @staticmethod
+    def t_per_layer(net: nn.Module) -> dict[str, torch.Tensor]:
+        """Detached t (scale per output filter) of every SAC layer, keyed by module path."""
+        return {name: layer.t.detach() for name, layer in sac_layers(net) if layer.sac}
+
+    def monitors(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        per_layer = self.t_per_layer(net)
+        if not per_layer:
+            return {}
+        t = torch.cat(list(per_layer.values())).float()
+        return {"scan/t_mean": t.mean(), "scan/t_min": t.min(), "scan/t_max": t.max(), "scan/t_std": t.std(),
+                "scan/t_frac_below_0.1": (t < 0.1).float().mean()}
+
+    def histograms(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        per_layer = self.t_per_layer(net)
+        out = {f"scan/t/{name}": t for name, t in per_layer.items()}
+        if per_layer:
+            out["t/all"] = torch.cat(list(per_layer.values()))
         return out
 
+    def no_weight_decay(self, net: nn.Module) -> set[str]:
+        """The scale parameters ρ (t) of every SAC layer: "updated without weight decay" (Sec. 6.1)."""
+        return {name for name, _ in net.named_parameters() if name.endswith(".scale_raw")}
 
-def sac_factory(sac: bool = True, lsc: bool = True, rmo: bool = True, gamma_m: float = 1.0,
-                rmo_lambda: float = 1.0, efficient_rmo: bool = True, t_min: float = 1e-3,
-                gaussian_sum1: bool = False):
-    """A ``conv3x3(in, out, stride)`` factory for :func:`build_iresnet`: SAC layers, or plain 3×3
-    convs when sac, lsc and rmo are all off (then the network *is* the plain IResNet)."""
-    def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Module:
-        if not (sac or lsc or rmo):
-            return nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
-        return ScaleAttentionConv(in_planes, out_planes, 3, stride, 1, sac=sac, lsc=lsc, rmo=rmo,
-                                  gamma_m=gamma_m, rmo_lambda=rmo_lambda, efficient_rmo=efficient_rmo,
-                                  t_min=t_min, gaussian_sum1=gaussian_sum1)
-    return conv3x3
+    def on_checkpoint(self, net: nn.Module, out_dir: Path, step: int) -> None:
+        per_layer = self.t_per_layer(net)
+        if per_layer and self.opts.t_density_png:
+            plot_t_density(torch.cat(list(per_layer.values())).float().cpu().numpy(), Path(out_dir) / "t_density.png",
+                           title=f"SCAN t density, step {step} ({len(per_layer)} SAC layers)")
+
+    def fold(self, net: nn.Module) -> int:
+        n = len(sac_layers(net))
+        fold(net)
+        return n
+
+
+@registry.register("conv", "scan", ScanConvOptions)
+def build_scan_conv(opts: ScanConvOptions) -> ScanConvKind:
+    return ScanConvKind(opts)
 
 
 def build_scan_iresnet(depth: int, width: float = 1.0, embedding_size: int = 512, dropout: float = 0.0,
-                       input_size: int = 112, se: bool = False, **sac_options) -> nn.Module:
-    """SCAN-IResNet-``depth``: :func:`build_iresnet` with every 3×3 conv a ScaleAttentionConv."""
-    opts = SacOptions.from_options(sac_options, where="build_scan_iresnet")
+                       input_size: int = 112, se: bool = False, **sac_options):
+    """SCAN-IResNet-``depth`` (a FaceNetwork): :func:`build_iresnet` with ``model.conv: {kind: scan, ...}``."""
     return build_iresnet(depth, width=width, embedding_size=embedding_size, dropout=dropout,
-                         input_size=input_size, se=se, conv3x3=sac_factory(**opts))
+                         input_size=input_size, se=se, conv={"kind": "scan", **sac_options})
 
 
-def _from_cfg(depth: int, se: bool):
-    def build(model_cfg) -> nn.Module:
-        opts = SacOptions.from_options(model_cfg.options)
-        return build_iresnet(depth, width=model_cfg.width, embedding_size=model_cfg.embedding_size,
-                             dropout=model_cfg.dropout, input_size=model_cfg.input_size, se=se,
-                             conv3x3=sac_factory(**opts))
-    name = f"scan_{'se_' if se else ''}iresnet{depth}"
-    build.__name__ = name
-    build.__doc__ = f"{name}: SCAN switches from model.options ({', '.join(SCAN_OPTION_KEYS)})."
-    return build
+def plot_t_density(t, path: Path, title: str = "") -> Path:
+    """Density of the learnt scales t (Fig. 3 style): normalised histogram + Gaussian KDE."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from scipy.stats import gaussian_kde
 
-for _depth, _se in ((18, False), (50, False), (100, False), (50, True), (100, True)):
-    registry.register_backbone(f"scan_{'se_' if _se else ''}iresnet{_depth}")(_from_cfg(_depth, _se))
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.hist(t, bins=80, density=True, color="#9ecae1", edgecolor="none", label="histogram")
+    if np.ptp(t) > 1e-6 and len(t) > 2:
+        xs = np.linspace(min(0.0, t.min()), t.max() * 1.05 + 1e-3, 400)
+        ax.plot(xs, gaussian_kde(t)(xs), color="#08519c", lw=1.5, label="KDE")
+    ax.set_xlabel("t")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,9 +1,12 @@
-"""The contract between a recipe and the trainer.
+"""The contract between a training procedure ("recipe") and the trainer.
 
-A recipe is an ``nn.Module`` built from the config. Its ``forward(batch)`` returns a
-:class:`StepOutput`: the embeddings that go to the shared margin classifier (one or more
-"heads", each with its labels and weight), its own auxiliary losses (already weighted; the
-trainer sums them), and its own monitoring values. The trainer knows nothing else about it.
+A recipe is an ``nn.Module`` built from the whole config. It owns one
+:class:`~pipeline.models.network.FaceNetwork` (``self.net``, built from ``model:`` — any trunk, conv kind,
+inserts and head) and decides how a batch becomes loss terms. Its ``forward(batch)`` returns a
+:class:`StepOutput`: the embeddings that go to the shared margin classifier (one or more "heads", each
+with its labels and weight), the auxiliary losses (already weighted; the trainer sums them) — the
+network's own (e.g. SCAN's ``rmo``) passed through plus the recipe's — and monitoring values. The
+trainer knows nothing else about it, and nothing about the network's parts.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from pipeline import registry
 
 
 @dataclass
@@ -29,26 +34,37 @@ class StepOutput:
 
 
 class RecipeModel(nn.Module):
-    """Base class: subclasses implement :meth:`forward` and :meth:`embed`."""
+    """Base class: holds the network; subclasses implement :meth:`forward`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.net = registry.build_network(cfg.model)
+        if cfg.model.init_from:  # fine-tuning: start from a trained network of the same architecture
+            from pipeline.checkpoint import load_weights
+
+            load_weights(self.net, cfg.model.init_from, "model.init_from")
+            cfg.model.initialised_from, cfg.model.init_from = cfg.model.init_from, ""
 
     def forward(self, batch: dict) -> StepOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def embedding_size(self) -> int:
+        """The classifier's input width: the head's embedding size."""
+        return self.net.embedding_size
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings for evaluation (eval mode, no augmentation): (N,3,H,W) in [-1,1] → (N,D)."""
-        raise NotImplementedError
+        return self.net.embed(images)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (as in ``named_parameters``) excluded from weight decay."""
-        return set()
+        return {f"net.{n}" for n in self.net.no_weight_decay()}
 
     def histograms(self) -> dict[str, torch.Tensor]:
         """Tensors written as TensorBoard histograms every ``output.histogram_every`` steps."""
-        return {}
+        return self.net.histograms()
 
     def on_checkpoint(self, out_dir: Path, step: int) -> None:
         """Called on rank 0 after each checkpoint (e.g. to write PNG plots)."""
-
-    def inference_backbone(self) -> nn.Module:
-        """The module to save as ``model.pt`` for evaluation/export (embedding network only)."""
-        return self.backbone
+        self.net.on_checkpoint(out_dir, step)

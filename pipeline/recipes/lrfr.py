@@ -20,6 +20,10 @@ flips the two views independently, draws only 7 and 20 px (probabilities 1:0:1 f
 divides a batch-summed LogExp by B instead of D and applies it to un-normalised features; we
 follow the paper (shared flip, 7/14/20 at 1:1:2, eq. 5 per sample / (p·D), eq. 7 normalisation).
 
+Any network (``model:``) works: its aux losses (e.g. SCAN's ``rmo``) and monitors are reported per view
+and averaged over the two views (each view is half of eq. 7's classification term), so a term keeps the
+meaning it has under the ``margin`` procedure.
+
 Monitoring (``StepOutput.scalars``, logged as ``monitor/<name>``): ``dist`` (unweighted L_dist),
 ``dist_<s>px`` (L_dist over the samples whose LR copy has s px, one per size in
 ``data.augment.multires_sizes``, plus ``dist_clean`` for undegraded copies (lr_size 0) when
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import registry
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, Invalid
 from pipeline.losses.logexp import DISTANCES, feature_distance
 from pipeline.recipes.base import ClassifierInput, RecipeModel, StepOutput
 
@@ -51,10 +55,27 @@ class LRFRConfig:
     cls_weight_lr: float = 0.5  # weight of L_cls(f_LR) in eq. 7
     normalize: bool = True  # eq. 7: distance between L2-normalised embeddings
 
+    def validate(self):
+        if self.distance not in DISTANCES:
+            raise Invalid("distance", f"unknown distance '{self.distance}' (known: {', '.join(DISTANCES)})")
+        if self.distance == "logexp" and not self.p >= 1.0:
+            raise Invalid("p", f"LogExp exponent must be >= 1, got {self.p}")
+        for key in ("lambda_dist", "cls_weight_hr", "cls_weight_lr"):
+            if getattr(self, key) < 0:
+                raise Invalid(key, f"must be >= 0, got {getattr(self, key)}")
+
+    def validate_with(self, cfg):
+        if not cfg.data.augment.paired:
+            raise Invalid("data.augment.paired", "the lrfr recipe trains on paired HR/LR views; set it to true")
+
+
+def _mean_of_views(a: dict, b: dict) -> dict:
+    return {k: (a[k] + b[k]) / 2 if k in b else a[k] for k in a} | {k: v for k, v in b.items() if k not in a}
+
 
 class LRFRRecipe(RecipeModel):
     def __init__(self, cfg):
-        super().__init__()
+        super().__init__(cfg)
         m: LRFRConfig = cfg.method
         self.distance = m.distance
         self.p = m.p
@@ -64,22 +85,23 @@ class LRFRRecipe(RecipeModel):
         self.normalize = m.normalize
         aug = cfg.data.augment
         self.buckets = sorted({int(s) for s in aug.multires_sizes}) + ([0] if aug.multires_p < 1.0 else [])
-        self.backbone = registry.build_backbone(cfg.model)
         self._last_dim_error: torch.Tensor | None = None
 
     def forward(self, batch: dict) -> StepOutput:
         if "image_lr" not in batch:
             raise ConfigError("data.augment.paired: the lrfr recipe needs paired batches with 'image_lr' (set data.augment.paired: true)")
         labels = batch["label"]
-        # Siamese: the same module (shared weights) on both views; two calls so that each view's
+        # Siamese: the same network (shared weights) on both views; two calls so that each view's
         # BatchNorm statistics are its own, as in a Siamese network and the authors' code.
-        f_hr = self.backbone(batch["image"])
-        f_lr = self.backbone(batch["image_lr"])
+        hr = self.net(batch["image"])
+        lr = self.net(batch["image_lr"])
+        f_hr, f_lr = hr.embedding, lr.embedding
         per_sample = feature_distance(self.distance, f_hr, f_lr, p=self.p, normalize=self.normalize,
                                       reduction="none")
         l_dist = per_sample.mean()  # eq. 7's L_dist (batch mean of the per-sample distance)
 
-        scalars: dict[str, torch.Tensor] = {"dist": l_dist.detach()}
+        scalars: dict[str, torch.Tensor] = _mean_of_views(hr.monitors, lr.monitors)
+        scalars["dist"] = l_dist.detach()
         with torch.no_grad():
             sizes = batch.get("lr_size")
             for s in self.buckets:
@@ -95,36 +117,24 @@ class LRFRRecipe(RecipeModel):
             scalars["cos_hr_lr"] = (n_hr * n_lr).sum(dim=1).mean()
             self._last_dim_error = (n_hr - n_lr).abs().mean(dim=0).cpu()
 
+        aux = _mean_of_views(hr.aux_losses, lr.aux_losses)
+        aux["dist"] = self.lambda_dist * l_dist
         return StepOutput(
             heads={
                 "hr": ClassifierInput(f_hr, labels, self.cls_weight_hr),
                 "lr": ClassifierInput(f_lr, labels, self.cls_weight_lr),
             },
-            aux_losses={"dist": self.lambda_dist * l_dist},
+            aux_losses=aux,
             scalars=scalars,
         )
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
-
     def histograms(self) -> dict[str, torch.Tensor]:
-        return {} if self._last_dim_error is None else {"lrfr/dim_abs_error": self._last_dim_error}
-
-
-def _validate(cfg) -> None:
-    m: LRFRConfig = cfg.method
-    if m.distance not in DISTANCES:
-        raise ConfigError(f"method.distance: unknown distance '{m.distance}' (known: {', '.join(DISTANCES)})")
-    if m.distance == "logexp" and not m.p >= 1.0:
-        raise ConfigError(f"method.p: LogExp exponent must be >= 1, got {m.p}")
-    for key in ("lambda_dist", "cls_weight_hr", "cls_weight_lr"):
-        if getattr(m, key) < 0:
-            raise ConfigError(f"method.{key}: must be >= 0, got {getattr(m, key)}")
-    if not cfg.data.augment.paired:
-        raise ConfigError("data.augment.paired: the lrfr recipe trains on paired HR/LR views; set it to true")
+        out = super().histograms()
+        if self._last_dim_error is not None:
+            out["lrfr/dim_abs_error"] = self._last_dim_error
+        return out
 
 
 @registry.register_recipe("lrfr", LRFRConfig)
 def build(cfg) -> LRFRRecipe:
-    _validate(cfg)
     return LRFRRecipe(cfg)

@@ -1,27 +1,19 @@
-"""The baseline recipe: a backbone trained with a margin softmax (ArcFace / CosFace / combined).
+"""The baseline procedure: one view per sample, the network's embedding to the margin softmax.
 
-The margin itself lives in the shared classifier (``margin:`` block); this recipe only maps
-images to embeddings, so it is also what other recipes reuse for evaluation.
+The margin itself (ArcFace / CosFace / combined) lives in the shared classifier (``margin:`` block); the
+network's own aux losses (e.g. SCAN's RMO, eq. 7 of SCAN-CNN) and monitors pass straight through.
 """
 from __future__ import annotations
-
-import torch
 
 from pipeline import registry
 from pipeline.recipes.base import ClassifierInput, RecipeModel, StepOutput
 
 
 class MarginRecipe(RecipeModel):
-    def __init__(self, cfg):
-        super().__init__()
-        self.backbone = registry.build_backbone(cfg.model)
-
     def forward(self, batch: dict) -> StepOutput:
-        emb = self.backbone(batch["image"])
-        return StepOutput(heads={"main": ClassifierInput(emb, batch["label"])})
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images)
+        out = self.net(batch["image"])
+        return StepOutput(heads={"main": ClassifierInput(out.embedding, batch["label"])},
+                          aux_losses=out.aux_losses, scalars=out.monitors)
 
 
 @registry.register_recipe("margin")

@@ -1,0 +1,261 @@
+"""The face network: trunk (stem + named stages) → inserts at named points → head → embedding.
+
+One :class:`FaceNetwork` is what training, in-training evaluation, ``pipeline.eval`` and ``pipeline.export``
+use, and what a checkpoint's ``model.pt`` holds (its ``state_dict``), rebuilt from ``config.yaml``'s
+``model:`` block by :func:`build_network`::
+
+    model:
+      backbone: iresnet50            # the trunk (registry kind "backbone")
+      conv: {kind: scan, rmo: true}  # how the trunk's 3×3 convs are built ("conv"; default plain)
+      inserts:                       # modules at named points of the trunk ("insert")
+        - {kind: lcd, at: layer3.branch}
+      head: {kind: fc, embedding_size: 512, dropout: 0.0}   # feature maps → embedding ("head")
+
+``FaceNetwork.forward(images)`` returns a :class:`NetOutput`: the embedding *and* the auxiliary losses and
+monitoring values that modules inside the network produced during that very call. Modules report
+through a :class:`Trace` that the network creates per call and passes down explicitly; nothing is kept
+on a module after its call. A module that reports is a :class:`Reporter` (``forward(x, trace)``).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline import registry
+
+
+# --------------------------------------------------------------------------- what one call reports
+
+
+class Trace:
+    """Aux losses and monitors reported by the modules of one forward call.
+
+    ``add_loss(name, value)``: already weighted; several reports under one name are summed (e.g. RMO's
+    L_scale of every SAC layer, eq. 7). ``monitor(name, value)``: logged as ``monitor/<name>``.
+    """
+
+    def __init__(self) -> None:
+        self._losses: dict[str, list[torch.Tensor]] = {}
+        self.monitors: dict[str, torch.Tensor] = {}
+
+    def add_loss(self, name: str, value: torch.Tensor) -> None:
+        self._losses.setdefault(name, []).append(value)
+
+    def monitor(self, name: str, value) -> None:
+        self.monitors[name] = value
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        return {k: torch.stack([v.float() for v in vs]).sum() for k, vs in self._losses.items()}
+
+
+@dataclass
+class NetOutput:
+    embedding: torch.Tensor  # (N, D), not normalised
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted; the trainer sums them
+    monitors: dict[str, torch.Tensor] = field(default_factory=dict)  # logged as monitor/<name>
+
+
+class Reporter(nn.Module):
+    """A module whose ``forward(x, trace)`` may report aux losses / monitors (``trace`` is None outside training)."""
+
+    def forward(self, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def call(module: nn.Module, x: torch.Tensor, trace: Trace | None) -> torch.Tensor:
+    """``module(x, trace)`` for a Reporter, ``module(x)`` for any other module (e.g. a plain Conv2d)."""
+    return module(x, trace) if isinstance(module, Reporter) else module(x)
+
+
+# --------------------------------------------------------------------------- parts
+
+
+@dataclass
+class PointInfo:
+    """What flows at a named point of a trunk: channels and spatial size (for sizing inserts)."""
+    channels: int
+    spatial: int
+
+
+class ConvKind:
+    """How a trunk's 3×3 convolutions are built, and the network-wide view of them (monitors, folding).
+
+    Subclasses register with ``@registry.register("conv", name, Options)``; the builder takes the options.
+    """
+
+    def conv3x3(self, in_planes: int, out_planes: int, stride: int = 1) -> nn.Module:
+        return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+    def monitors(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        return {}
+
+    def histograms(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        return {}
+
+    def no_weight_decay(self, net: nn.Module) -> set[str]:
+        return set()
+
+    def on_checkpoint(self, net: nn.Module, out_dir: Path, step: int) -> None:
+        pass
+
+    def fold(self, net: nn.Module) -> int:
+        """Turn the convs into their inference form in place; returns how many were changed."""
+        return 0
+
+
+class Head(nn.Module):
+    """Feature maps → embedding. ``needs``: extra trunk points it reads besides ``"out"`` (the final map).
+
+    Subclasses set ``embedding_size`` (the classifier's input width is taken from it) and implement
+    ``forward(features, trace) -> (N, embedding_size)`` where ``features`` maps point names to tensors.
+    """
+    needs: tuple[str, ...] = ()
+    embedding_size: int
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def on_checkpoint(self, out_dir: Path, step: int) -> None:
+        pass
+
+
+class Insert(Reporter):
+    """A module placed at a named trunk point by ``model.inserts``; shape-preserving ``forward(x, trace)``."""
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def on_checkpoint(self, out_dir: Path, step: int) -> None:
+        pass
+
+
+class InsertPoint(Reporter):
+    """The inserts configured at one point, applied in config order."""
+
+    def __init__(self, inserts: list[nn.Module]):
+        super().__init__()
+        self.inserts = nn.ModuleList(inserts)
+
+    def forward(self, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        for m in self.inserts:
+            x = call(m, x, trace)
+        return x
+
+
+# --------------------------------------------------------------------------- the network
+
+
+class FaceNetwork(nn.Module):
+    """trunk → head, with the conv kind's network-wide hooks. See the module docstring."""
+
+    def __init__(self, trunk: nn.Module, head: Head, conv_kind: ConvKind):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.conv_kind = conv_kind  # plain object (no parameters): monitors / folding of the convs
+        self._keep = frozenset(head.needs)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.head.embedding_size
+
+    def forward(self, images: torch.Tensor) -> NetOutput:
+        trace = Trace() if self.training and torch.is_grad_enabled() else None
+        feats = self.trunk(images, trace, self._keep)
+        emb = self.head(feats, trace)
+        if trace is None:
+            return NetOutput(emb)
+        monitors = {**self.conv_kind.monitors(self), **trace.monitors}
+        return NetOutput(emb, trace.aux_losses(), monitors)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images).embedding
+
+    def embedder(self) -> "Embedder":
+        """This network as a module whose output is the embedding tensor (eval, ONNX export)."""
+        return Embedder(self)
+
+    # ------------------------------------------------------------------ monitoring
+    def parts(self) -> list[nn.Module]:
+        """The head and every insert (the modules with their own histograms / checkpoint hooks)."""
+        return [self.head] + [m for m in self.modules() if isinstance(m, Insert)]
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        out = dict(self.conv_kind.histograms(self))
+        for part in self.parts():
+            out.update(part.histograms())
+        return out
+
+    def no_weight_decay(self) -> set[str]:
+        return set(self.conv_kind.no_weight_decay(self))
+
+    def on_checkpoint(self, out_dir: Path, step: int) -> None:
+        self.conv_kind.on_checkpoint(self, out_dir, step)
+        for part in self.parts():
+            part.on_checkpoint(out_dir, step)
+
+    # ------------------------------------------------------------------ inference form
+    def folded(self) -> tuple["FaceNetwork", int]:
+        """A deep copy with every convolution in its inference form (SCAN: k_u in one Conv2d), and the count."""
+        net = copy.deepcopy(self)
+        n = net.conv_kind.fold(net)
+        net.conv_kind = registry.lookup("conv", "plain", "model.conv.kind").build(None)
+        return net, n
+
+    # ------------------------------------------------------------------ published weights
+    def published_names(self) -> dict[str, str]:
+        """own state-dict key → the key in a published single-module state dict (insightface arcface_torch
+        ``backbone.pth``): the part prefix (``trunk.`` / ``head.``) dropped."""
+        return {k: k.split(".", 1)[1] for k in self.state_dict()}
+
+
+class Embedder(nn.Module):
+    """``FaceNetwork`` with a tensor output: (N, 3, H, W) in [-1, 1] → (N, D)."""
+
+    def __init__(self, net: FaceNetwork):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images).embedding
+
+
+# --------------------------------------------------------------------------- building
+
+
+@registry.register("conv", "plain")
+def build_plain_conv(opts=None) -> ConvKind:
+    """``model.conv: {kind: plain}``: every 3×3 conv an ``nn.Conv2d`` (padding 1, no bias), as arcface_torch."""
+    return ConvKind()
+
+
+def build_network(model_cfg) -> FaceNetwork:
+    """Build the network of a validated ``model:`` config block (see :class:`pipeline.config.ModelConfig`)."""
+    from pipeline.config import ConfigError
+
+    conv_kind = registry.lookup("conv", model_cfg.conv.kind, "model.conv.kind").build(model_cfg.conv)
+    trunk_entry = registry.lookup("backbone", model_cfg.backbone, "model.backbone")
+    points = trunk_entry.build.points(model_cfg)  # name → PointInfo, in forward order
+    inserts: dict[str, list[nn.Module]] = {}
+    for i, ins in enumerate(model_cfg.inserts):
+        if ins.at not in points or ins.at == "out":
+            names = ", ".join(p for p in points if p != "out")
+            raise ConfigError(f"model.inserts[{i}].at: '{ins.at}' is not a point of {model_cfg.backbone} (known: {names})")
+        module = registry.lookup("insert", ins.kind, f"model.inserts[{i}].kind").build(ins, points[ins.at])
+        inserts.setdefault(ins.at, []).append(module)
+    trunk = trunk_entry.build(model_cfg, conv_kind, {k: InsertPoint(v) for k, v in inserts.items()})
+    head_entry = registry.lookup("head", model_cfg.head.kind, "model.head.kind")
+    head = head_entry.build(model_cfg.head, points, model_cfg)
+    for need in head.needs:
+        if need not in points:
+            raise ConfigError(f"model.head: head '{model_cfg.head.kind}' reads trunk point '{need}', "
+                              f"which {model_cfg.backbone} does not have")
+    net = FaceNetwork(trunk, head, conv_kind)
+    init = getattr(trunk_entry.build, "init_weights", None)
+    if init is not None:
+        init(net)
+    return net
