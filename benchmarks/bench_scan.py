@@ -49,10 +49,10 @@ class _Head(torch.nn.Module):
 
 def _train_step(model, head, opt, x, y):
     opt.zero_grad(set_to_none=True)
-    loss = head(model(x), y)
-    rmo = [l for _, m in sac_layers(model) if (l := m.pop_rmo()) is not None]
-    if rmo:
-        loss = loss + torch.stack(rmo).sum()  # eq. 7
+    out = model(x)  # FaceNetwork: the embedding and, for SCAN with RMO, the aux loss 'rmo'
+    loss = head(out.embedding, y)
+    if "rmo" in out.aux_losses:
+        loss = loss + out.aux_losses["rmo"]  # eq. 7
     loss.backward()
     opt.step()
 
@@ -122,8 +122,8 @@ def main(argv=None) -> int:
     n_scan = sum(p.numel() for p in scan.parameters())
     plain.load_state_dict(folded.state_dict(), strict=True)  # same weights: identical work
     with torch.no_grad():
-        diff = (folded(x) - scan(x)).abs().max().item()
-    inf = {"plain": plain, "scan_folded": folded, "scan_unfolded": scan}
+        diff = (folded.embed(x) - scan.embed(x)).abs().max().item()
+    inf = {"plain": plain.embedder(), "scan_folded": folded.embedder(), "scan_unfolded": scan.embedder()}
     itimes = {name: [] for name in inf}
     iwalls = {name: [] for name in inf}
     with torch.no_grad():

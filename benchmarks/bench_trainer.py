@@ -57,7 +57,7 @@ def main() -> None:
              "label": torch.randint(0, C, (args.batch,), generator=gen)}
 
     torch.manual_seed(0)
-    bare = build_iresnet(int(args.backbone.replace("iresnet", "")), width=args.width)
+    bare = build_iresnet(int(args.backbone.replace("iresnet", "")), width=args.width).embedder()
     weight = torch.nn.Parameter(torch.randn(C, 512) * 0.01)
     margin = CombinedMargin(64.0, 1.0, 0.5, 0.0)
     opt = torch.optim.SGD([{"params": bare.parameters()}, {"params": [weight]}], lr=0.1, momentum=0.9,

@@ -111,11 +111,12 @@ def load_state_strict(module, state: dict, source: str | Path, arch: str) -> Non
     a mismatch is a one-line ConfigError naming the first mismatching key."""
     own = module.state_dict()
     published = getattr(module, "published_names", None)
-    if published is not None and set(state) != set(own):
+    back = None
+    if published is not None and state and not set(state) & set(own):
+        # a published flat state dict (insightface backbone.pth): compare under the flat names
         names = published()
-        if set(state) == set(names.values()):  # a published flat state dict (insightface backbone.pth)
-            back = {v: k for k, v in names.items()}
-            state = {back[k]: v for k, v in state.items()}
+        back = {v: k for k, v in names.items()}
+        own = {names[k]: v for k, v in own.items()}
     for k, v in own.items():
         if k not in state:
             raise ConfigError(f"{source}: not a checkpoint of {arch}: first mismatching key '{k}' (missing)")
@@ -125,6 +126,8 @@ def load_state_strict(module, state: dict, source: str | Path, arch: str) -> Non
     extra = [k for k in state if k not in own]
     if extra:
         raise ConfigError(f"{source}: not a checkpoint of {arch}: first mismatching key '{extra[0]}' (unexpected)")
+    if back is not None:
+        state = {back[k]: v for k, v in state.items()}
     module.load_state_dict(state, strict=True)
 
 
@@ -152,7 +155,7 @@ def load_network(source: str | Path, model_cfg=None):
         model_cfg = load_config([ckpt / "config.yaml"]).model
         path = ckpt / "model.pt"
     elif model_cfg is None:
-        raise ConfigError(f"{path}: a state-dict file needs the network described (e.g. --backbone NAME)")
+        raise ConfigError(f"{path}: a state-dict file needs --backbone NAME (the network it holds)")
     net = registry.build_network(model_cfg)
     load_state_strict(net, read_state_dict(path), path, describe(model_cfg))
     return net, model_cfg, path

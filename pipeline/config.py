@@ -47,6 +47,10 @@ RENAMED_KEYS = {
     "model.dropout": "model.head.dropout",
     "model.options": "model.conv (e.g. model.conv: {kind: scan, lsc: false})",
 }
+RENAMED_KEYS.update({f"method.{k}": f"model.conv.{k} (with model.conv.kind: scan)" for k in (
+    "sac", "lsc", "rmo", "rmo_weight", "rmo_lambda", "gamma_m", "efficient_rmo", "t_min", "gaussian_sum1",
+    "t_density_png")})
+RENAMED_KEYS["method.init_backbone"] = "model.init_from"
 RENAMED_VALUES = {
     ("recipe", "scan"): "recipe: margin with model.conv: {kind: scan, ...} (the SCAN switches moved from "
                         "method: to model.conv:, method.init_backbone to model.init_from)",
@@ -213,6 +217,10 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     method: Any = field(default_factory=dict)  # recipe-specific dataclass, resolved by the registry
+    # Extra Python modules that register parts (a lab's own head, insert, ...) without editing this
+    # package: imported before the model is resolved, and recorded in every checkpoint's config.yaml so
+    # that eval and export find them too. E.g. [mylab.heads]. Built-in parts need no entry here.
+    plugins: list = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- loading
@@ -296,6 +304,7 @@ def config_from_dict(merged: dict, origin: dict | None = None) -> Config:
 
     origin = origin or {}
     cfg = from_dict(Config, merged, origin)
+    registry.import_plugins(cfg.plugins, origin.get("plugins", "defaults"))
     where = origin.get("recipe", "defaults")
     renamed = RENAMED_VALUES.get(("recipe", cfg.recipe))
     if renamed:

@@ -18,7 +18,6 @@ PyTorch's: max |Δ| ≤ atol · max(1, max |embedding|) (``--atol``, default 1e-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import describe, load_network
-from pipeline.config import ConfigError, PartOptions
+from pipeline.config import ConfigError
 
 
 def load_for_export(checkpoint: str | Path):
@@ -93,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fold:
         net, n = net.folded()
         net.eval()
-        print(f"[export] folded {n} convolution layers into their inference form; the network is now "
-              f"{describe(dataclasses.replace(model_cfg, conv=PartOptions(kind='plain')))} "
-              f"({sum(p.numel() for p in net.parameters()):,} parameters)")
+        print(f"[export] folded {n} convolution layers into their inference form; {describe(model_cfg)} now has "
+              f"plain convolutions only ({sum(p.numel() for p in net.parameters()):,} parameters)")
         if args.save_folded:
             Path(args.save_folded).parent.mkdir(parents=True, exist_ok=True)
             torch.save(net.state_dict(), args.save_folded)

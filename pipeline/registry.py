@@ -15,7 +15,8 @@ recipe     the training procedure (margin, lrfr)         ``recipe``
 ``@register(kind, name, options=SomeDataclass)`` on a builder. ``options`` is the schema of the part's
 config block (its keys besides ``kind``); validation errors name the key. Every module under the
 packages :data:`_PACKAGES` is imported the first time a table is read, so a new part is one new file
-in one of them: no existing file lists it.
+in one of them: no existing file lists it. Parts defined outside this package (a lab's own head) are
+named in the config's ``plugins:`` list and imported by the config loader.
 """
 from __future__ import annotations
 
@@ -50,6 +51,17 @@ def _discover() -> None:
         pkg = importlib.import_module(pkg_name)
         for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg_name + "."):
             importlib.import_module(info.name)
+
+
+def import_plugins(modules: list[str], where: str = "config") -> None:
+    """Import the ``plugins:`` modules of a config (each registers its parts); a failure names the module."""
+    from pipeline.config import ConfigError
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"{where}: key 'plugins': cannot import '{name}' ({type(exc).__name__}: {exc})") from None
 
 
 def register(kind: str, name: str, options: type | None = None):

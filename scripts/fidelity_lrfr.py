@@ -81,7 +81,7 @@ def train(name: str, layers: list[str], args, shard_dir: Path, out: Path) -> Pat
     for layer in layers:
         cmd += ["--config", layer]
     cmd += ["device=cpu", f"data.train={shard_dir}", f"output.dir={run_dir}", "model.backbone=iresnet18",
-            f"model.width={args.width}", "model.embedding_size=512", f"model.input_size={args.input_size}",
+            f"model.width={args.width}", "model.head.embedding_size=512", f"model.input_size={args.input_size}",
             f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", "data.shuffle_buffer=500",
             f"optim.lr={args.lr}", f"schedule.epochs={e}", f"schedule.milestones={milestones}",
             "output.log_every=20", "output.checkpoint_every=100000", "output.eval_every=0",

@@ -6,7 +6,7 @@ Trains four tiny models with the shared trainer (``python -m pipeline.train``, o
 schedule and data:
 
 1. **plain**         — iresnet18, recipe ``margin`` (Table 1, first row);
-2. **SAC**           — scan_iresnet18, ``method.sac=true lsc=false rmo=false`` (Table 1 row 2, Fig. 3a);
+2. **SAC**           — iresnet18 + ``model.conv: {kind: scan, sac: true, lsc: false, rmo: false}`` (Table 1 row 2, Fig. 3a);
 3. **SAC+RMO**       — ``sac=true lsc=false rmo=true`` (Table 1 row 3, Fig. 3c);
 4. **SAC+RMO+LSC**   — the full SCAN-CNN (Table 1 last row, Fig. 3d).
 
@@ -54,9 +54,9 @@ sys.path.insert(0, str(REPO))
 # name → (config layer, extra overrides). Shared hyper-parameters are added in train().
 VARIANTS = (
     ("plain", "configs/base.yaml", ["recipe=margin", "model.backbone=iresnet18"]),
-    ("SAC", "configs/scan_r18_casia.yaml", ["method.sac=true", "method.lsc=false", "method.rmo=false"]),
-    ("SAC+RMO", "configs/scan_r18_casia.yaml", ["method.sac=true", "method.lsc=false", "method.rmo=true"]),
-    ("SAC+RMO+LSC", "configs/scan_r18_casia.yaml", ["method.sac=true", "method.lsc=true", "method.rmo=true"]),
+    ("SAC", "configs/scan_r18_casia.yaml", ["model.conv.sac=true", "model.conv.lsc=false", "model.conv.rmo=false"]),
+    ("SAC+RMO", "configs/scan_r18_casia.yaml", ["model.conv.sac=true", "model.conv.lsc=false", "model.conv.rmo=true"]),
+    ("SAC+RMO+LSC", "configs/scan_r18_casia.yaml", ["model.conv.sac=true", "model.conv.lsc=true", "model.conv.rmo=true"]),
 )
 SCAN_VARIANTS = tuple(v[0] for v in VARIANTS if v[0] != "plain")
 LOSSES = {  # margin.{s,m1,m2,m3}: cos(m1·θ + m2) − m3
@@ -132,7 +132,7 @@ def train(name: str, layer: str, extra: list[str], args, shard_dir: Path, out: P
     milestones = [round(e * m / 30, 3) for m in (16, 24, 28)]  # the paper's ÷10 at 16/24/28 of 30 epochs
     cmd = [sys.executable, "-m", "pipeline.train", "--config", layer, *extra, *LOSSES[args.loss],
            "device=cpu", f"seed={args.seed}", f"data.train={shard_dir}", f"output.dir={run_dir}",
-           f"model.width={args.width}", f"model.embedding_size={args.embedding}", f"model.input_size={args.input_size}",
+           f"model.width={args.width}", f"model.head.embedding_size={args.embedding}", f"model.input_size={args.input_size}",
            f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", "data.shuffle_buffer=1000",
            "optim.name=sgd", f"optim.lr={args.lr}", "optim.momentum=0.9", "optim.weight_decay=1e-4",
            "schedule.kind=step", f"schedule.epochs={e}", f"schedule.milestones={milestones}", "schedule.gamma=0.1",

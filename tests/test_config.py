@@ -91,5 +91,5 @@ def test_warmup_poly_cosine():
     assert schedule.lr_factor(cos, 2.5) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert schedule.total_steps(ScheduleConfig(epochs=2.5), 10) == 25
     assert schedule.total_steps(ScheduleConfig(epochs=2.5, max_steps=7), 10) == 7
-    with pytest.raises(ConfigError, match="schedule.kind"):
-        schedule.validate(ScheduleConfig(kind="linear"))
+    with pytest.raises(ConfigError, match="key 'schedule.kind' unknown schedule 'linear'"):
+        load_config([], ["schedule.kind=linear"])

@@ -1,4 +1,5 @@
-"""pipeline.export: checkpoint → (fold) → ONNX, checked against onnxruntime; folded state_dict → plain iresnet."""
+"""pipeline.export: checkpoint → (fold) → ONNX, checked against onnxruntime; folded state_dict → the same
+network with plain convolutions."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,12 +20,12 @@ def scan_checkpoint(tmp_path_factory):
     """A checkpoint directory as the trainer writes it: config.yaml + model.pt (inference backbone)."""
     root = tmp_path_factory.mktemp("ckpt")
     src = root / "recipe.yaml"
-    src.write_text("recipe: scan\nmodel: {backbone: scan_iresnet18, width: 0.0625, embedding_size: 16, input_size: 48}\n"
-                   "method: {sac: true, lsc: true, rmo: true}\n")
+    src.write_text("recipe: margin\nmodel: {backbone: iresnet18, width: 0.0625, input_size: 48, "
+                   "conv: {kind: scan, sac: true, lsc: true, rmo: true}, head: {kind: fc, embedding_size: 16}}\n")
     cfg = load_config([src])
     torch.manual_seed(0)
     recipe = registry.build_recipe(cfg)
-    backbone = recipe.inference_backbone()
+    backbone = recipe.net
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a "trained" state: scales away from 1, BN statistics not trivial
         for _, m in sac_layers(backbone):
@@ -45,7 +46,7 @@ def test_export_folded_onnx_matches_unfolded_pytorch(scan_checkpoint, tmp_path, 
     folded_pt = tmp_path / "plain.pt"
     assert main(["--checkpoint", str(ckpt), "--out", str(out), "--fold", "--save-folded", str(folded_pt)]) == 0
     log = capsys.readouterr().out
-    assert "folded 17 scale-attention conv layers" in log and "'iresnet18'" in log
+    assert "folded 17 convolution layers" in log and "iresnet18 (conv scan" in log and "plain convolutions only" in log
     model = onnx.load(str(out))
     onnx.checker.check_model(model)
     assert model.opset_import[0].version >= 17
@@ -53,7 +54,7 @@ def test_export_folded_onnx_matches_unfolded_pytorch(scan_checkpoint, tmp_path, 
     assert sum(n.op_type == "Conv" for n in model.graph.node) == 21
     x = torch.rand(5, 3, 48, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1  # batch ≠ export batch
     with torch.no_grad():
-        ref = backbone(x).numpy()  # the UNFOLDED SCAN network
+        ref = backbone.embed(x).numpy()  # the UNFOLDED SCAN network
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
     diff = float(np.abs(got - ref).max())
     print(f"onnxruntime(folded) vs torch(unfolded): max abs diff {diff:.2e}")
@@ -61,7 +62,7 @@ def test_export_folded_onnx_matches_unfolded_pytorch(scan_checkpoint, tmp_path, 
     plain = build_iresnet(18, width=0.0625, embedding_size=16, input_size=48)
     plain.load_state_dict(torch.load(folded_pt, weights_only=True), strict=True)
     with torch.no_grad():
-        assert float((plain.eval()(x) - torch.from_numpy(ref)).abs().max()) < 1e-4
+        assert float((plain.eval().embed(x) - torch.from_numpy(ref)).abs().max()) < 1e-4
 
 
 def test_export_unfolded_also_runs_and_run_dir_resolves_latest(scan_checkpoint, tmp_path):
@@ -84,7 +85,8 @@ def test_export_errors(scan_checkpoint, tmp_path, capsys):
     assert "needs --fold" in capsys.readouterr().err
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "config.yaml").write_text((ckpt / "config.yaml").read_text().replace("scan_iresnet18", "scan_iresnet50"))
+    (bad / "config.yaml").write_text((ckpt / "config.yaml").read_text().replace("iresnet18", "iresnet50"))
     (bad / "model.pt").write_bytes((ckpt / "model.pt").read_bytes())
     assert main(["--checkpoint", str(bad), "--out", str(tmp_path / "a.onnx")]) == 2
-    assert "does not fit model 'scan_iresnet50'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a checkpoint of iresnet50 (conv scan" in err and "first mismatching key" in err

@@ -1,4 +1,5 @@
-"""IResNet: arcface_torch names/shapes (strict load), parameter counts, width/SE/conv3x3/input_size."""
+"""IResNet trunk + fc head: arcface_torch names/shapes (strict load of a published flat state dict),
+parameter counts, width/SE/conv kind/input_size, the named points."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -8,8 +9,15 @@ import torch
 from torch import nn
 
 from pipeline import registry
-from pipeline.config import ModelConfig
-from pipeline.models.iresnet import build_iresnet
+from pipeline.checkpoint import load_state_strict
+from pipeline.config import load_config
+from pipeline.models.iresnet import IResNetTrunk, build_iresnet
+
+
+def published(model) -> dict[str, tuple]:
+    """The network's state-dict table under arcface_torch's flat names, in order."""
+    names = model.published_names()
+    return {names[k]: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _bn2d(prefix: str, c: int) -> list[tuple[str, tuple]]:
@@ -55,26 +63,25 @@ def closed_form_params(layers, widths=(64, 128, 256, 512), emb=512, spatial=7) -
 def test_iresnet50_strict_load_of_arcface_torch_names():
     table = arcface_torch_table((3, 4, 14, 3))
     model = build_iresnet(50)
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = published(model)
     assert list(got) == list(table)  # same names, same order
     assert got == dict(table)
     g = torch.Generator().manual_seed(0)
     sd = {k: (torch.randint(0, 5, s, generator=g) if k.endswith("num_batches_tracked")
               else torch.randn(s, generator=g)) for k, s in table.items()}
-    model.load_state_dict(sd, strict=True)
-    assert torch.equal(model.layer3[13].conv2.weight, sd["layer3.13.conv2.weight"])
+    load_state_strict(model, sd, "backbone.pth", "iresnet50")
+    assert torch.equal(model.trunk.layer3[13].conv2.weight, sd["layer3.13.conv2.weight"])
+    assert torch.equal(model.head.fc.weight, sd["fc.weight"])
     model.eval()
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 112, 112))
+        out = model.embed(torch.randn(2, 3, 112, 112))
     assert out.shape == (2, 512)
 
 
 @pytest.mark.parametrize("depth,layers", [(18, (2, 2, 2, 2)), (34, (3, 4, 6, 3)), (100, (3, 13, 30, 3)),
                                           (200, (6, 26, 60, 6))])
 def test_other_depths_match_table(depth, layers):
-    model = build_iresnet(depth)
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert got == dict(arcface_torch_table(layers))
+    assert published(build_iresnet(depth)) == dict(arcface_torch_table(layers))
 
 
 def test_parameter_counts():
@@ -94,29 +101,30 @@ def test_parameter_counts():
 
 def test_features_bn_scale_frozen_and_init():
     m = build_iresnet(18, width=0.125)
-    assert not m.features.weight.requires_grad
-    assert torch.all(m.features.weight == 1)
-    assert abs(m.layer2[0].conv1.weight.std().item() - 0.1) < 0.02
+    assert not m.head.features.weight.requires_grad
+    assert torch.all(m.head.features.weight == 1)
+    assert abs(m.trunk.layer2[0].conv1.weight.std().item() - 0.1) < 0.02
 
 
 def test_width_multiplier_and_forward():
     m = build_iresnet(50, width=0.0625, embedding_size=32)
-    assert m.conv1.weight.shape == (8, 3, 3, 3)  # 64·0.0625 = 4 → min 8
-    assert m.layer4[0].conv2.weight.shape == (32, 32, 3, 3)  # 512·0.0625
-    assert m.fc.weight.shape == (32, 32 * 49)
+    assert m.trunk.conv1.weight.shape == (8, 3, 3, 3)  # 64·0.0625 = 4 → min 8
+    assert m.trunk.layer4[0].conv2.weight.shape == (32, 32, 3, 3)  # 512·0.0625
+    assert m.head.fc.weight.shape == (32, 32 * 49)
     m.eval()
-    assert m(torch.randn(2, 3, 112, 112)).shape == (2, 32)
+    assert m.embed(torch.randn(2, 3, 112, 112)).shape == (2, 32)
     m.train()
     out = m(torch.randn(2, 3, 112, 112))
-    out.sum().backward()
-    assert m.conv1.weight.grad is not None
+    assert not out.aux_losses  # a plain iresnet reports no aux loss
+    out.embedding.sum().backward()
+    assert m.trunk.conv1.weight.grad is not None
 
 
 def test_input_size_144():
     m = build_iresnet(18, width=0.125, input_size=144)
-    assert m.fc.in_features == 64 * 9 * 9
+    assert m.head.fc.in_features == 64 * 9 * 9
     m.eval()
-    assert m(torch.randn(1, 3, 144, 144)).shape == (1, 512)
+    assert m.embed(torch.randn(1, 3, 144, 144)).shape == (1, 512)
 
 
 def test_conv3x3_factory_used_for_every_3x3():
@@ -129,7 +137,7 @@ def test_conv3x3_factory_used_for_every_3x3():
         calls.append((cin, cout, stride))
         return Marked(cin, cout, 3, stride=stride, padding=1, bias=False)
 
-    m = build_iresnet(18, width=0.125, conv3x3=factory)
+    m = IResNetTrunk((2, 2, 2, 2), width=0.125, conv3x3=factory)
     n3x3 = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d) and mod.kernel_size == (3, 3)]
     assert len(calls) == 1 + 2 * 8 == len(n3x3)
     assert all(isinstance(c, Marked) for c in n3x3)
@@ -137,12 +145,13 @@ def test_conv3x3_factory_used_for_every_3x3():
     # strides: the second conv of the first block of every stage
     assert [c[2] for c in calls].count(2) == 4
     # names unchanged
-    assert set(m.state_dict()) == set(build_iresnet(18, width=0.125).state_dict())
+    assert {f"trunk.{k}" for k in m.state_dict()} == {k for k in build_iresnet(18, width=0.125).state_dict()
+                                                      if k.startswith("trunk.")}
 
 
 def test_se_block_matches_formula():
     m = build_iresnet(50, width=0.125, se=True)
-    blk = m.layer3[2]
+    blk = m.trunk.layer3[2]
     assert blk.se.fc1.weight.shape == (32 // 16, 32, 1, 1)
     x = torch.randn(2, 32, 7, 7)
     # Hu et al.: s = σ(W2 ReLU(W1 z)), z = global average; output x·s (per channel)
@@ -159,8 +168,30 @@ def test_registry_builders():
     names = registry.backbone_names()
     for n in ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "se_iresnet50", "se_iresnet100"):
         assert n in names
-    cfg = ModelConfig(backbone="se_iresnet50", width=0.0625, embedding_size=64, dropout=0.2, input_size=112)
-    m = registry.build_backbone(cfg)
-    assert m.fc.out_features == 64 and m.dropout.p == 0.2 and hasattr(m.layer1[0], "se")
-    m = registry.build_backbone(ModelConfig(backbone="iresnet100", width=0.0625, input_size=144))
-    assert len(m.layer2) == 13 and m.fc.in_features == 32 * 81
+    cfg = load_config([], ["model.backbone=se_iresnet50", "model.width=0.0625", "model.head.embedding_size=64",
+                           "model.head.dropout=0.2"])
+    m = registry.build_network(cfg.model)
+    assert m.head.fc.out_features == 64 and m.head.dropout.p == 0.2 and hasattr(m.trunk.layer1[0], "se")
+    m = registry.build_network(load_config([], ["model.backbone=iresnet100", "model.width=0.0625",
+                                                "model.input_size=144"]).model)
+    assert len(m.trunk.layer2) == 13 and m.head.fc.in_features == 32 * 81
+
+
+def test_points_are_where_the_spec_says():
+    """Named points of the trunk: channels and spatial size of what flows there (LCD spec §1.1 table)."""
+    from pipeline.models.iresnet import trunk_points
+
+    pts = trunk_points((3, 4, 14, 3), 1.0, 112)
+    assert list(pts) == ["stem", "layer1.branch", "layer1", "layer2.branch", "layer2", "layer3.branch", "layer3",
+                         "layer4.branch", "layer4", "out"]
+    assert (pts["layer3.branch"].channels, pts["layer3.branch"].spatial) == (256, 14)
+    assert (pts["layer2"].channels, pts["layer2"].spatial) == (128, 28)
+    assert (pts["out"].channels, pts["out"].spatial) == (512, 7)
+    assert trunk_points((3, 4, 14, 3), 1.0, 144)["layer3"].spatial == 18
+    # and the real trunk produces exactly these shapes
+    m = build_iresnet(50, width=0.0625, input_size=112).eval()
+    with torch.no_grad():
+        feats = m.trunk(torch.randn(1, 3, 112, 112), None, frozenset({"stem", "layer2", "layer3"}))
+    small = trunk_points((3, 4, 14, 3), 0.0625, 112)
+    for name, f in feats.items():
+        assert tuple(f.shape[1:]) == (small[name].channels, small[name].spatial, small[name].spatial), name

@@ -50,8 +50,14 @@ def test_missing_config(capsys, tmp_path):
     assert "error: --config: " in capsys.readouterr().err
 
 
+@pytest.mark.slurm
 def test_slurm_submission_file(tmp_path):
-    """What `--executor slurm` hands to sbatch: one task per GPU, requeue, preemption signal, srun CPUs."""
+    """What `--executor slurm` hands to sbatch: one task per GPU, requeue, preemption signal, srun CPUs.
+    submitit's Slurm executor needs `srun` on the machine: the real Slurm client, installed here when
+    missing (on a fresh machine this test runs before test_slurm.py's cluster fixture would install it)."""
+    from slurm_cluster import install
+
+    install()
     args = launch.parse_args(SMOKE + ["--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "6",
                                       "--time", "90", "--partition", "gpu", "--slurm-arg", "account=vision",
                                       "--folder", str(tmp_path)])

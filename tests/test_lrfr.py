@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_cfg(*overrides):
     return load_config([], ["recipe=lrfr", "model.backbone=iresnet18", "model.width=0.0625",
-                            "model.embedding_size=32", "model.input_size=32", "data.augment.paired=true",
+                            "model.head.embedding_size=32", "model.input_size=32", "data.augment.paired=true",
                             *overrides])
 
 
@@ -48,8 +48,8 @@ def test_forward_heads_aux_scalars_and_gradients():
     model.eval()  # deterministic BN for an exact re-computation
     out = model(batch)
     with torch.no_grad():
-        f_hr = model.backbone(batch["image"])
-        f_lr = model.backbone(batch["image_lr"])
+        f_hr = model.net.embed(batch["image"])
+        f_lr = model.net.embed(batch["image_lr"])
     for s in (7, 14, 20):
         idx = batch["lr_size"] == s
         from pipeline.losses.logexp import logexp_distance
@@ -60,13 +60,13 @@ def test_forward_heads_aux_scalars_and_gradients():
     model.zero_grad()
     out = model(batch)
     out.aux_losses["dist"].backward()
-    grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+    grads = [p.grad for p in model.net.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     # heads carry graphs too
     model.zero_grad()
     out = model(batch)
     (out.heads["hr"].embeddings.sum() + out.heads["lr"].embeddings.sum()).backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.net.parameters())
     assert "lrfr/dim_abs_error" in model.histograms()
 
 
@@ -89,8 +89,8 @@ def test_total_loss_as_trainer_assembles_matches_hand_computation():
 
     # by hand, in numpy float64
     with torch.no_grad():
-        f_hr = model.backbone(batch["image"]).double().numpy()
-        f_lr = model.backbone(batch["image_lr"]).double().numpy()
+        f_hr = model.net.embed(batch["image"]).double().numpy()
+        f_lr = model.net.embed(batch["image_lr"]).double().numpy()
     y = batch["label"].numpy()
     wn = w.numpy() / np.linalg.norm(w.numpy(), axis=1, keepdims=True)
 
@@ -116,8 +116,8 @@ def test_distance_switch(dist, p):
     batch = make_batch()
     out = model(batch)
     with torch.no_grad():
-        hn = F.normalize(model.backbone(batch["image"]), dim=1).double()
-        ln = F.normalize(model.backbone(batch["image_lr"]), dim=1).double()
+        hn = F.normalize(model.net.embed(batch["image"]), dim=1).double()
+        ln = F.normalize(model.net.embed(batch["image_lr"]), dim=1).double()
     d = (hn - ln).abs()
     ref = {"l1": d.mean(1), "l2": 0.5 * d.pow(2).mean(1),
            "logexp": torch.log(1 + (torch.exp(d.pow(2)) - 1).sum(1)) / (2.0 * d.shape[1])}[dist].mean()
@@ -155,7 +155,7 @@ def test_clean_bucket_and_embed():
     assert "dist_clean" not in model_p1(batch).scalars
     emb = model.embed(batch["image"])
     assert emb.shape == (4, 32)
-    assert model.inference_backbone() is model.backbone
+    torch.testing.assert_close(emb, model.net.embedder()(batch["image"]), rtol=0, atol=0)
 
 
 def test_configs_hold_the_paper_settings_and_every_layer_stacks():
@@ -225,12 +225,12 @@ def tiny_checkpoint(tmp_path_factory):
 
     torch.manual_seed(0)
     cfg = load_config([], ["recipe=lrfr", "model.backbone=iresnet18", "model.width=0.0625",
-                           "model.embedding_size=32", "data.augment.paired=true"])
+                           "model.head.embedding_size=32", "data.augment.paired=true"])
     model = registry.build_recipe(cfg)
     d = tmp_path_factory.mktemp("ckpt") / "step_00000001"
     d.mkdir()
     dump_config(cfg, d / "config.yaml")
-    torch.save(model.inference_backbone().state_dict(), d / "model.pt")
+    torch.save(model.net.state_dict(), d / "model.pt")
     return d
 
 

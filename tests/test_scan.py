@@ -14,8 +14,16 @@ from scipy.signal import convolve2d, correlate2d
 from pipeline import registry
 from pipeline.config import ConfigError, load_config
 from pipeline.models.iresnet import build_iresnet
+from pipeline.models.network import Trace
 from pipeline.models.scan import (ScaleAttentionConv, _ConvWithRMO, build_scan_iresnet, fold, rmo_per_sample,
                                   sac_layers)
+
+
+def with_rmo(layer, x):
+    """(output, the layer's reported RMO term or None) of one call with a fresh trace."""
+    trace = Trace()
+    y = layer(x, trace)
+    return y, trace.aux_losses().get("rmo")
 
 TINY = dict(width=0.0625, embedding_size=16, input_size=32)
 
@@ -123,6 +131,7 @@ def test_switches_are_independent():
     ref = build_iresnet(18, **TINY)
     assert not sac_layers(plain)
     assert [(n, p.shape) for n, p in plain.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
+    assert not plain.train()(torch.rand(2, 3, 32, 32)).aux_losses
     full = build_scan_iresnet(18, **TINY)
     n_sac = len(sac_layers(full))
     assert n_sac == 1 + 2 * 8  # stem + 2 convs × 8 blocks: every 3×3 conv, no 1×1 downsample conv
@@ -137,13 +146,16 @@ def test_rmo_value_matches_eq6():
     for efficient in (True, False):
         m = ScaleAttentionConv(3, 4, rmo=True, efficient_rmo=efficient, rmo_lambda=0.7).double().train()
         x = torch.randn(3, 3, 6, 5, dtype=torch.float64)
-        y = m(x).detach().numpy()
+        y, loss = with_rmo(m, x)
+        y = y.detach().numpy()
         ref = np.mean([math.exp(-0.7 * np.sqrt((y[n] ** 2).sum()) / (6 * 5)) for n in range(3)])
-        assert abs(float(m.pop_rmo().detach()) - ref) < 1e-12
-        assert m.pop_rmo() is None
+        assert abs(float(loss.detach()) - ref) < 1e-12
+        assert with_rmo(m, x)[1] is not None  # reported again by the next call: nothing was consumed
+        assert m(x).shape == y.shape  # no trace: no RMO term, nothing kept
+    m.rmo_weight = 0.25
+    torch.testing.assert_close(with_rmo(m, x)[1], 0.25 * loss, rtol=1e-6, atol=0)
     m.eval()
-    m(x)
-    assert m.pop_rmo() is None  # no RMO term in eval mode
+    assert with_rmo(m, x)[1] is None  # no RMO term in eval mode
 
 
 def test_conv_with_rmo_gradcheck():
@@ -171,9 +183,9 @@ def test_efficient_rmo_gradient_stays_in_its_layer():
     grads = {}
     for efficient in (True, False):
         a, b = _two_layer(efficient)
-        y = b(torch.relu(a(x)))
-        a.pop_rmo()
-        b.pop_rmo().backward()  # only layer b's L_scale
+        h, _ = with_rmo(a, x)
+        _, loss_b = with_rmo(b, torch.relu(h))
+        loss_b.backward()  # only layer b's L_scale
         grads[efficient] = (a, b)
     a_eff, b_eff = grads[True]
     a_nai, b_nai = grads[False]
@@ -188,9 +200,10 @@ def test_efficient_total_gradient_equals_detached_input_definition():
     """Efficient grads of L_rec + Σ L_scale == autograd of L_rec + Σ exp(-λ‖conv(x_l.detach(), W_l)‖/HW)."""
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     a, b = _two_layer(True)
-    out = b(torch.relu(a(x)))
+    trace = Trace()
+    out = b(torch.relu(a(x, trace)), trace)
     rec = (out ** 2).mean() + out.sum() * 0.1
-    (rec + a.pop_rmo() + b.pop_rmo()).backward()
+    (rec + trace.aux_losses()["rmo"]).backward()
     eff = [p.grad.clone() for p in list(a.parameters()) + list(b.parameters())]
 
     a2, b2 = _two_layer(True)
@@ -213,8 +226,7 @@ def test_efficient_rmo_in_a_network_touches_only_sac_parameters():
     for efficient in (True, False):
         torch.manual_seed(12)
         net = build_scan_iresnet(18, efficient_rmo=efficient, width=0.0625, embedding_size=8, input_size=16).train()
-        net(x)
-        torch.stack([m.pop_rmo() for _, m in sac_layers(net)]).sum().backward()
+        net(x).aux_losses["rmo"].backward()
         own = {f"{n}.{p}" for n, m in sac_layers(net) for p, _ in m.named_parameters()}
         others = {n: p.grad for n, p in net.named_parameters() if n not in own and p.requires_grad}
         assert all(net.get_parameter(n).grad is not None for n in own)
@@ -222,7 +234,7 @@ def test_efficient_rmo_in_a_network_touches_only_sac_parameters():
         if efficient:
             assert reached == []
         else:
-            assert "layer1.0.bn2.weight" in reached and "prelu.weight" in reached
+            assert "trunk.layer1.0.bn2.weight" in reached and "trunk.prelu.weight" in reached
 
 
 # --------------------------------------------------------------------------- folding
@@ -232,7 +244,7 @@ def _two_branch(model: torch.nn.Module) -> torch.nn.Module:
     """A copy whose SAC layers compute eq. 8 as two convolutions, k_s ⊛ f + k_i ⊛ f (unfolded)."""
     model = copy.deepcopy(model).eval()
     for _, m in sac_layers(model):
-        def forward(x, m=m):
+        def forward(x, trace=None, m=m):
             out = F.conv2d(x, m.scaled_kernel(), None, m.stride, m.padding)
             return out + F.conv2d(x, m.weight_i, None, m.stride, m.padding) if m.lsc else out
         m.forward = forward
@@ -252,12 +264,14 @@ def test_fold_equals_unfolded_and_loads_into_plain_iresnet(depth, se):
 
     scan64, x64 = copy.deepcopy(scan).double(), x.double()
     with torch.no_grad():
-        ref64, ref32 = _two_branch(scan64)(x64), _two_branch(scan)(x)
+        ref64, ref32 = _two_branch(scan64).embed(x64), _two_branch(scan).embed(x)
         folded64 = fold(copy.deepcopy(scan64)).eval()
-        diff64 = (folded64(x64) - ref64).abs().max().item()
-        folded32 = fold(copy.deepcopy(scan)).eval()
-        diff32 = (folded32(x) - ref32).abs().max().item()
-        same32 = (folded32(x) - scan(x)).abs().max().item()
+        diff64 = (folded64.embed(x64) - ref64).abs().max().item()
+        folded32, n_folded = scan.folded()  # the network's own inference form (what export uses)
+        folded32.eval()
+        diff32 = (folded32.embed(x) - ref32).abs().max().item()
+        same32 = (folded32.embed(x) - scan.embed(x)).abs().max().item()
+    assert n_folded == len(sac_layers(scan)) and sac_layers(scan)  # folded a copy, the original is intact
     print(f"fold r{depth}{' se' if se else ''}: max|folded - two-branch unfolded| float64 {diff64:.2e}, "
           f"float32 {diff32:.2e} (|out| max {ref32.abs().max():.2f}); vs the module's own eval forward {same32:.1e}")
     assert diff64 < 1e-5 and diff32 < 1e-4 * max(1.0, ref32.abs().max().item()) and same32 < 1e-5
@@ -267,80 +281,85 @@ def test_fold_equals_unfolded_and_loads_into_plain_iresnet(depth, se):
     plain.load_state_dict(folded32.state_dict(), strict=True)
     plain.eval()
     with torch.no_grad():
-        assert torch.allclose(plain(x), folded32(x), atol=0, rtol=0)
+        assert torch.allclose(plain.embed(x), folded32.embed(x), atol=0, rtol=0)
 
 
-# --------------------------------------------------------------------------- recipe
+# --------------------------------------------------------------------------- the conv kind in a network
 
 
-def _scan_cfg(tmp_path, method: str = "", backbone: str = "scan_iresnet18", options: str = "{}"):
+def _scan_cfg(tmp_path, conv: str = "", backbone: str = "iresnet18", extra: str = ""):
     p = tmp_path / "scan.yaml"
-    p.write_text(f"recipe: scan\nmodel: {{backbone: {backbone}, width: 0.0625, embedding_size: 16, input_size: 32, "
-                 f"options: {options}}}\nmethod: {{{method}}}\n")
+    p.write_text(f"recipe: margin\nmodel: {{backbone: {backbone}, width: 0.0625, input_size: 32, "
+                 f"conv: {{kind: scan, {conv}}}, head: {{embedding_size: 16}}{extra}}}\n")
     return load_config([p])
 
 
-def test_recipe_contract(tmp_path):
+def test_scan_conv_kind_contract(tmp_path):
     cfg = _scan_cfg(tmp_path, "rmo_weight: 0.5")
     recipe = registry.build_recipe(cfg).train()
     batch = {"image": torch.rand(4, 3, 32, 32) * 2 - 1, "label": torch.arange(4)}
     out = recipe(batch)
     assert out.heads["main"].embeddings.shape == (4, 16)
-    layers = sac_layers(recipe.backbone)
-    # aux 'rmo' = weight · Σ_layers L_scale, each in (0, 1]
+    layers = sac_layers(recipe.net)
+    # aux 'rmo' = weight · Σ_layers L_scale, each in (0, 1]; equal to the sum recomputed layer by layer
     assert 0 < float(out.aux_losses["rmo"].detach()) <= 0.5 * len(layers)
+    outputs = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: outputs.append(o.detach())) for _, m in layers]
+    again = recipe(batch).aux_losses["rmo"].detach()
+    for h in hooks:
+        h.remove()
+    ref = sum(0.5 * rmo_per_sample(y, 1.0).mean() for y in outputs)
+    torch.testing.assert_close(again, ref, rtol=1e-5, atol=0)
     assert abs(float(out.scalars["scan/t_mean"]) - 1.0) < 1e-5
     nwd = recipe.no_weight_decay()
-    assert len(nwd) == len(layers) and all(n.endswith(".scale_raw") for n in nwd)
+    assert len(nwd) == len(layers) and all(n.startswith("net.") and n.endswith(".scale_raw") for n in nwd)
     assert nwd <= {n for n, _ in recipe.named_parameters()}
     out.aux_losses["rmo"].backward()
     assert all(m.scale_raw.grad is not None for _, m in layers)
     hist = recipe.histograms()
     assert "t/all" in hist and hist["t/all"].numel() == sum(m.out_planes for _, m in layers)
-    assert "scan/t/conv1" in hist and "scan/t/layer1.0.conv2" in hist
+    assert "scan/t/trunk.conv1" in hist and "scan/t/trunk.layer1.0.conv2" in hist
     recipe.on_checkpoint(tmp_path, 7)
     png = tmp_path / "t_density.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert recipe.inference_backbone() is recipe.backbone
     recipe.eval()
     assert not recipe(batch).aux_losses  # no RMO in eval
 
 
-def test_recipe_switches_and_errors(tmp_path):
+def test_scan_switches_and_errors(tmp_path):
     cfg = _scan_cfg(tmp_path, "rmo: false, lsc: false")
     recipe = registry.build_recipe(cfg).train()
     out = recipe({"image": torch.zeros(2, 3, 32, 32), "label": torch.zeros(2, dtype=torch.long)})
     assert "rmo" not in out.aux_losses
-    assert all(not m.lsc and m.sac for _, m in sac_layers(recipe.backbone))
-    se = registry.build_recipe(_scan_cfg(tmp_path, backbone="scan_se_iresnet50"))
-    assert any(n.endswith("se.fc1") for n, _ in se.backbone.named_modules())
-    with pytest.raises(ConfigError, match="model.backbone"):
-        registry.build_recipe(_scan_cfg(tmp_path, backbone="iresnet18"))
-    with pytest.raises(ConfigError, match="under 'method:'"):
-        registry.build_recipe(_scan_cfg(tmp_path, options="{lsc: false}"))
-    with pytest.raises(ConfigError, match="method.sacc"):
+    assert all(not m.lsc and m.sac for _, m in sac_layers(recipe.net))
+    se = registry.build_recipe(_scan_cfg(tmp_path, backbone="se_iresnet50"))
+    assert any(n.endswith("se.fc1") for n, _ in se.net.named_modules()) and sac_layers(se.net)
+    with pytest.raises(ConfigError, match="model.conv.sacc"):
         _scan_cfg(tmp_path, "sacc: true")
-    with pytest.raises(ConfigError, match="t_min"):
-        registry.build_recipe(_scan_cfg(tmp_path, "t_min: 0.0"))
+    with pytest.raises(ConfigError, match="model.conv.t_min"):
+        _scan_cfg(tmp_path, "t_min: 0.0")
+    with pytest.raises(ConfigError, match="model.conv.rmo_lambda"):
+        _scan_cfg(tmp_path, "rmo_lambda: 0")
 
 
-def test_init_backbone_for_finetuning(tmp_path):
+def test_init_from_for_finetuning(tmp_path):
     src = registry.build_recipe(_scan_cfg(tmp_path))
     with torch.no_grad():
-        for _, m in sac_layers(src.backbone):
+        for _, m in sac_layers(src.net):
             m.scale_raw.add_(0.3)
     ckpt = tmp_path / "step_0000001"
     ckpt.mkdir()
-    torch.save(src.inference_backbone().state_dict(), ckpt / "model.pt")
-    cfg = _scan_cfg(tmp_path, f"init_backbone: {ckpt}")
+    torch.save(src.net.state_dict(), ckpt / "model.pt")
+    (ckpt / "config.yaml").write_text("model: {}\n")  # a checkpoint dir: config.yaml + model.pt
+    cfg = _scan_cfg(tmp_path, extra=f", init_from: {ckpt}")
     dst = registry.build_recipe(cfg)
-    for (n, a), (_, b) in zip(src.backbone.state_dict().items(), dst.backbone.state_dict().items()):
+    for (n, a), (_, b) in zip(src.net.state_dict().items(), dst.net.state_dict().items()):
         assert torch.equal(a, b), n
-    assert cfg.method.init_backbone == "" and cfg.method.initialised_from == str(ckpt)
-    with pytest.raises(ConfigError, match="method.init_backbone"):
-        registry.build_recipe(_scan_cfg(tmp_path, f"init_backbone: {tmp_path / 'nope.pt'}"))
-    with pytest.raises(ConfigError, match="does not fit"):
-        registry.build_recipe(_scan_cfg(tmp_path, f"init_backbone: {ckpt}", backbone="scan_iresnet50"))
+    assert cfg.model.init_from == "" and cfg.model.initialised_from == str(ckpt)
+    with pytest.raises(ConfigError, match="model.init_from"):
+        registry.build_recipe(_scan_cfg(tmp_path, extra=f", init_from: {tmp_path / 'nope.pt'}"))
+    with pytest.raises(ConfigError, match="model.init_from.*first mismatching key"):
+        registry.build_recipe(_scan_cfg(tmp_path, backbone="iresnet50", extra=f", init_from: {ckpt}"))
 
 
 @pytest.mark.parametrize("name", ["scan_r18_casia", "scan_r50_ms1mv2", "scan_r101_ms1mv2",
@@ -355,10 +374,14 @@ def test_recipe_configs_load_and_match_the_paper(name):
              "iresnet_r100_ms1mv2": (0.1, [5, 9, 11], 12, 128)}[name]
     assert (cfg.optim.lr, cfg.schedule.milestones, cfg.schedule.epochs, cfg.data.batch_size * 8) == paper
     assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.margin.s, cfg.margin.m2) == (0.9, 1e-4, 64.0, 0.5)
+    depth = {"scan_r18_casia": "iresnet18", "scan_r50_ms1mv2": "iresnet50"}.get(name, "iresnet100")
+    assert cfg.recipe == "margin" and cfg.model.backbone == depth and cfg.model.head.embedding_size == 512
     if name.startswith("scan"):
-        assert cfg.recipe == "scan" and cfg.method.sac and cfg.method.lsc and cfg.method.rmo
+        assert cfg.model.conv.kind == "scan" and cfg.model.conv.sac and cfg.model.conv.lsc and cfg.model.conv.rmo
+    else:
+        assert cfg.model.conv.kind == "plain"
     small = load_config([root / f"{name}.yaml", root / "smoke.yaml"], ["model.input_size=16"])
     recipe = registry.build_recipe(small).train()
     out = recipe({"image": torch.rand(2, 3, 16, 16) * 2 - 1, "label": torch.zeros(2, dtype=torch.long)})
-    assert out.heads["main"].embeddings.shape == (2, small.model.embedding_size)
+    assert out.heads["main"].embeddings.shape == (2, small.model.head.embedding_size)
     assert ("rmo" in out.aux_losses) == name.startswith("scan")

@@ -109,7 +109,7 @@ def test_grad_accumulation_and_empty_shard_dir(lfw_shards, tmp_path):
                 "output.log_every=1", f"data.train={lfw_shards}", f"output.dir={bf16}"])
     assert "loss nan" not in proc.stdout and "step 2/2 loss" in proc.stdout
     state = torch.load(bf16 / "checkpoints" / "step_0000002" / "model.pt")
-    assert state["conv1.weight"].dtype == torch.bfloat16
+    assert state["trunk.conv1.weight"].dtype == torch.bfloat16
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = run([sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={empty}",

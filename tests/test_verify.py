@@ -188,7 +188,7 @@ def test_random_tiny_iresnet_on_lfw(lfw_bin):
     from pipeline.models.iresnet import build_iresnet
 
     torch.manual_seed(0)
-    net = build_iresnet(18, width=0.0625, embedding_size=64).eval()
+    net = build_iresnet(18, width=0.0625, embedding_size=64).embedder().eval()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -229,8 +229,8 @@ def test_bad_bin_files(tmp_path, lfw_bin):
 
 
 def _tiny_checkpoint(tmp_path, backbone="iresnet18"):
-    cfg = load_config([], [f"model.backbone={backbone}", "model.width=0.0625", "model.embedding_size=32"])
-    net = registry.build_recipe(cfg).inference_backbone()
+    cfg = load_config([], [f"model.backbone={backbone}", "model.width=0.0625", "model.head.embedding_size=32"])
+    net = registry.build_recipe(cfg).net
     ck = tmp_path / "ckpt"
     ck.mkdir()
     dump_config(cfg, ck / "config.yaml")
@@ -263,13 +263,14 @@ def test_cli_verify_checkpoint_dir(tmp_path, lfw_bin, capsys):
     assert r["accuracy"] == data["results"][0]["accuracy"]
     with torch.no_grad():
         x = torch.rand(2, 3, 112, 112) * 2 - 1
-        torch.testing.assert_close(loaded(x), net(x))
+        torch.testing.assert_close(loaded(x), net.embed(x))
 
 
 def test_cli_state_dict_file_and_mismatch(tmp_path, lfw_bin, capsys):
     ck, net = _tiny_checkpoint(tmp_path)
-    pth = tmp_path / "backbone.pth"
-    torch.save(net.state_dict(), pth)
+    pth = tmp_path / "backbone.pth"  # arcface_torch's published format: flat names
+    names = net.published_names()
+    torch.save({names[k]: v for k, v in net.state_dict().items()}, pth)
     m, info = load_model(pth, "iresnet18", width=0.0625, embedding_size=32)
     assert info["backbone"] == "iresnet18"
     with pytest.raises(ConfigError, match=r"backbone.pth: not a checkpoint of iresnet50 .*first mismatching key "
@@ -286,7 +287,7 @@ def test_cli_state_dict_file_and_mismatch(tmp_path, lfw_bin, capsys):
     # a checkpoint directory of another architecture
     (ck / "model.pt").unlink()
     torch.save({"conv1.weight": torch.zeros(1)}, ck / "model.pt")
-    with pytest.raises(ConfigError, match=r"ckpt/model.pt: not a checkpoint of margin/iresnet18 .*'conv1.weight'"):
+    with pytest.raises(ConfigError, match=r"ckpt/model.pt: not a checkpoint of iresnet18 \(conv plain.*'conv1.weight'"):
         load_model(ck)
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"nope")

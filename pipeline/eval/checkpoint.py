@@ -28,9 +28,10 @@ def load_model(checkpoint: str | Path, backbone: str | None = None, width: float
     """(embedding module in eval mode on ``device``: images → (N, D), info dict)."""
     model_cfg = None
     if not Path(checkpoint).is_dir() and backbone:
-        model_cfg = ModelConfig(backbone=backbone, width=width, input_size=input_size,
-                                conv=dict(conv or {"kind": "plain"}),
-                                head={"kind": "fc", "embedding_size": embedding_size, "dropout": dropout})
+        model_cfg = ModelConfig(backbone=backbone, width=width, input_size=input_size,  # default conv and head
+                                head={"embedding_size": embedding_size, "dropout": dropout})
+        if conv:
+            model_cfg.conv = dict(conv)
         _resolve_model(model_cfg, {})
     net, model_cfg, path = load_network(checkpoint, model_cfg)
     info = {"checkpoint": str(path.parent if path.name == "model.pt" else path), "backbone": model_cfg.backbone,

@@ -49,7 +49,9 @@ class Trace:
         self.monitors[name] = value
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([v.float() for v in vs]).sum() for k, vs in self._losses.items()}
+        # summed in at least float32 (a half-precision term is accumulated in float32)
+        return {k: torch.stack([v if v.dtype == torch.float64 else v.float() for v in vs]).sum()
+                for k, vs in self._losses.items()}
 
 
 @dataclass
