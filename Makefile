@@ -12,11 +12,13 @@ STAMP  := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench clean-venv help
+.PHONY: install demo test test-fast lint format bench clean-venv help
+LINTED := pipeline data_prep tests scripts benchmarks
 
 help:
 	@echo "make demo   - build a small dataset, train ArcFace iresnet on 2 processes, verify (CPU ok, <15 min)"
-	@echo "make test   - the full test suite (CPU, <30 min on 2 cores; starts a local Slurm when root)"
+	@echo "make test   - ruff (lint + format check), then the full test suite (CPU, <30 min on 2 cores; starts a local Slurm when root)"
+	@echo "make format - apply ruff's fixes and formatting"
 	@echo "make bench  - the benchmark scripts (prints ratios; see BENCHMARKS.md)"
 	@echo "variables: DATA=<image folder> VAL=<.bin> for the demo on your own faces"
 
@@ -31,7 +33,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pipeline.demo $(if $(DATA),--data $(DATA)) $(if $(VAL),--val $(VAL)) $(if $(OUT),--out $(OUT))
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(LINTED)
+	$(VENV)/bin/ruff format $(LINTED)
+
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -102,6 +103,16 @@ class MarginConfig:
     m2: float = 0.5
     m3: float = 0.0
 
+    def validate(self):
+        if not self.s > 0:
+            raise Invalid("s", f"must be > 0, got {self.s}")
+        if not self.m1 > 0:
+            raise Invalid("m1", f"must be > 0, got {self.m1}")
+        if not 0.0 <= self.m2 < math.pi:
+            raise Invalid("m2", f"must be in [0, pi), got {self.m2}")
+        if not self.m3 >= 0.0:
+            raise Invalid("m3", f"must be >= 0, got {self.m3}")
+
 
 @dataclass
 class ClassifierConfig:
@@ -166,6 +177,28 @@ class AugmentConfig:
     saturation: float = 0.5
     paired: bool = False  # also emit image_lr: the multi-resolution copy of the same augmented HR
 
+    def validate(self):
+        for name in ("flip", "multires_p", "crop_p", "blur_p", "photometric_p"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise Invalid(name, f"a probability must lie in [0, 1], got {v}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise Invalid(name, f"must be >= 0, got {getattr(self, name)}")
+        sizes, weights = self.multires_sizes, self.multires_weights
+        if not sizes or len(sizes) != len(weights):
+            raise Invalid("multires_weights", f"needs one weight per size in multires_sizes, got {weights} for {sizes}")
+        if any((not isinstance(s, int)) or isinstance(s, bool) or s < 1 for s in sizes):
+            raise Invalid("multires_sizes", f"sizes must be positive integers (px), got {sizes}")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise Invalid("multires_weights", f"weights must be >= 0 with a positive sum, got {weights}")
+        for name in ("crop_scale", "blur_sigma"):
+            rng = getattr(self, name)
+            if len(rng) != 2 or not (0.0 < rng[0] <= rng[1]):
+                raise Invalid(name, f"expects [low, high] with 0 < low <= high, got {rng}")
+        if self.crop_scale[1] > 1.0:
+            raise Invalid("crop_scale", f"the area fraction cannot exceed 1, got {self.crop_scale}")
+
 
 @dataclass
 class DataConfig:
@@ -176,6 +209,14 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self):
+        if self.loader not in ("torch", "dali"):
+            raise Invalid("loader", f"unknown loader '{self.loader}' (known: torch, dali)")
+        if self.batch_size < 1:
+            raise Invalid("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise Invalid("num_workers", f"must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -424,6 +465,21 @@ def _nearest_origin(key: str, origin: dict) -> str:
         if k.startswith(key + ".") or key.startswith(k + "."):
             return src
     return "defaults"
+
+
+def check(obj, prefix: str):
+    """Validate a config object built in code (not loaded from YAML): its ``validate()`` and those of the
+    config objects inside it; a failure is a ConfigError naming ``prefix`` + the key. Returns ``obj``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value, f"{prefix}{f.name}.")
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate()
+        except Invalid as exc:
+            raise ConfigError(f"{prefix}{exc.key}: {exc.message}") from None
+    return obj
 
 
 def _run_validation(check, prefix: str, origin: dict) -> None:

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.config import AugmentConfig, ConfigError
+from pipeline.config import AugmentConfig, check
 from pipeline.data.degrade import bicubic_down_up, gaussian_blur
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as DALI's colour ops use
@@ -67,31 +67,8 @@ CROP_LOG_RATIO = (math.log(3.0 / 4.0), math.log(4.0 / 3.0))  # torchvision Rando
 
 
 def validate(cfg: AugmentConfig) -> AugmentConfig:
-    """Check the spec's values; a bad one is a one-line :class:`ConfigError` naming the key."""
-    for name in ("flip", "multires_p", "crop_p", "blur_p", "photometric_p"):
-        v = getattr(cfg, name)
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"data.augment.{name}: a probability must lie in [0, 1], got {v}")
-    for name in ("brightness", "contrast", "saturation"):
-        v = getattr(cfg, name)
-        if v < 0:
-            raise ConfigError(f"data.augment.{name}: must be >= 0, got {v}")
-    sizes, weights = cfg.multires_sizes, cfg.multires_weights
-    if not sizes or len(sizes) != len(weights):
-        raise ConfigError(
-            f"data.augment.multires_weights: needs one weight per size in multires_sizes, got {weights} for {sizes}"
-        )
-    if any((not isinstance(s, int)) or isinstance(s, bool) or s < 1 for s in sizes):
-        raise ConfigError(f"data.augment.multires_sizes: sizes must be positive integers (px), got {sizes}")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"data.augment.multires_weights: weights must be >= 0 with a positive sum, got {weights}")
-    for name, lo_min in (("crop_scale", 0.0), ("blur_sigma", 0.0)):
-        rng = getattr(cfg, name)
-        if len(rng) != 2 or not (lo_min < rng[0] <= rng[1]):
-            raise ConfigError(f"data.augment.{name}: expects [low, high] with 0 < low <= high, got {rng}")
-    if cfg.crop_scale[1] > 1.0:
-        raise ConfigError(f"data.augment.crop_scale: the area fraction cannot exceed 1, got {cfg.crop_scale}")
-    return cfg
+    """Check the spec's values (:meth:`AugmentConfig.validate`); a bad one is a one-line ConfigError."""
+    return check(cfg, "data.augment.")
 
 
 def resolution_probs(sizes, weights) -> np.ndarray:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from data_prep.manifest import read_manifest
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import DataConfig, check
 
 log = logging.getLogger("pipeline.data")
 
@@ -20,8 +20,7 @@ def steps_for(num_images: int, batch_size: int, world_size: int) -> int:
 class TrainLoaderBase:
     def __init__(self, data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int,
                  with_keys: bool):
-        if data_cfg.batch_size < 1:
-            raise ConfigError(f"data.batch_size: must be >= 1, got {data_cfg.batch_size}")
+        check(data_cfg, "data.")  # a DataConfig built in code has not been through the loader's validation
         self.root = Path(data_cfg.train)
         self.manifest = read_manifest(self.root)
         self.cfg, self.rank, self.world, self.seed = data_cfg, rank, world_size, seed

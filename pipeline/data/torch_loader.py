@@ -33,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.manifest import DataError
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import DataConfig
 from pipeline.data.augment import Augmenter, decode, sample_generator, validate
 from pipeline.data.base import TrainLoaderBase
 
@@ -204,8 +204,6 @@ class TorchTrainLoader(TrainLoaderBase):
 
     def __init__(self, data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int = 112,
                  with_keys: bool = False):
-        if data_cfg.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {data_cfg.num_workers}")
         super().__init__(data_cfg, rank, world_size, seed, input_size, with_keys)
         self.aug = Augmenter(validate(data_cfg.augment), input_size)
         self.workers = max(1, data_cfg.num_workers)

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.config import MarginConfig, check
 
 _CLAMP_EPS = 1e-7
 
@@ -47,14 +47,7 @@ class CombinedMargin(nn.Module):
 
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0):
         super().__init__()
-        if not s > 0:
-            raise ConfigError(f"margin.s: must be > 0, got {s}")
-        if not m1 > 0:
-            raise ConfigError(f"margin.m1: must be > 0, got {m1}")
-        if not 0.0 <= m2 < math.pi:
-            raise ConfigError(f"margin.m2: must be in [0, pi), got {m2}")
-        if not m3 >= 0.0:
-            raise ConfigError(f"margin.m3: must be >= 0, got {m3}")
+        check(MarginConfig(s, m1, m2, m3), "margin.")  # the rules live with the config type
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.cos_m, self.sin_m = math.cos(self.m2), math.sin(self.m2)
         self.threshold = math.cos(math.pi - self.m2)  # θ + m2 > π  ⇔  cos θ < threshold
