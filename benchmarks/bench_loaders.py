@@ -92,15 +92,15 @@ def main(argv=None) -> int:
             for aug_name, aug in (("full", FULL), ("decode", DECODE)):
                 cfg = DataConfig(train=str(root), loader="dali", batch_size=512, num_workers=4, shuffle_buffer=1024,
                                  augment=aug)
-                rate = measure(lambda: DaliTrainLoader(cfg, 0, 1, 0, 112, device="gpu"), max(args.images, 20 * 512))
+                rate = measure(lambda cfg=cfg: DaliTrainLoader(cfg, 0, 1, 0, 112, device="gpu"), max(args.images, 20 * 512))
                 print(f"DALI gpu ({torch.cuda.get_device_name(0)}), batch 512, {aug_name:6s}: {rate:9.0f} images/s")
             return 0
         print(f"shards: {root}; batch {args.batch}; images timed per run: {args.images}")
         for aug_name, aug in (("full", FULL), ("decode", DECODE)):
             for w in [int(x) for x in args.workers.split(",")]:
                 cfg = DataConfig(train=str(root), batch_size=args.batch, num_workers=w, shuffle_buffer=512, augment=aug)
-                t = measure(lambda: TorchTrainLoader(cfg, 0, 1, 0, 112), args.images)
-                d = measure(lambda: DaliTrainLoader(cfg, 0, 1, 0, 112, device="cpu"), args.images)
+                t = measure(lambda cfg=cfg: TorchTrainLoader(cfg, 0, 1, 0, 112), args.images)
+                d = measure(lambda cfg=cfg: DaliTrainLoader(cfg, 0, 1, 0, 112, device="cpu"), args.images)
                 print(f"{aug_name:6s} x{w} worker(s)/thread(s): torch {t:7.0f} img/s   DALI-cpu {d:7.0f} img/s   "
                       f"DALI/torch = {d / t:5.2f}")
     print(f"load average {os.getloadavg()[0]:.1f} at end (the machine is shared: figures are noisy)")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.models.iresnet import build_iresnet
-from pipeline.models.scan import build_scan_iresnet, fold, sac_layers
+from pipeline.models.scan import build_scan_iresnet, fold
 
 
 class _Head(torch.nn.Module):

@@ -39,8 +39,16 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.manifest import (IMAGE_EXTENSIONS, MANIFEST, DataError, Manifest, ShardInfo, atomic_write_text,
-                                sha256_file, write_manifest)
+from data_prep.manifest import (
+    IMAGE_EXTENSIONS,
+    MANIFEST,
+    DataError,
+    Manifest,
+    ShardInfo,
+    atomic_write_text,
+    sha256_file,
+    write_manifest,
+)
 
 TOOL_VERSION = "1.0.0"
 JOURNAL = ".journal.jsonl"
@@ -373,7 +381,7 @@ def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | Non
 
     results: dict[int, dict] = {}
     todo = []
-    for i, shard in enumerate(plan.shards):
+    for i in range(len(plan.shards)):
         rec = done.get(i)
         path = out / SHARD_PATTERN.format(i)
         if rec and path.is_file() and path.stat().st_size == rec["bytes"] and sha256_file(path) == rec["sha256"]:

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         run([sys.executable, "-m", "pipeline.eval", "verify", "--checkpoint", run_dir / "checkpoints",
              "--bin", val_bin, "--json", result_json])
         report = json.loads(result_json.read_text())
-    print("\n[demo] finished in {:.1f} min".format((time.time() - t0) / 60))
+    print(f"\n[demo] finished in {(time.time() - t0) / 60:.1f} min")
     print(f"[demo] training took {t_train / 60:.1f} min on {args.nproc} processes")
     print(f"[demo] checkpoint:   {run_dir / 'checkpoints'}")
     print(f"[demo] tensorboard:  .venv/bin/tensorboard --logdir {run_dir / 'tb'}")

@@ -23,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 KINDS = ("backbone", "conv", "insert", "head", "recipe")
 _PACKAGES = ("pipeline.models", "pipeline.recipes")
-_TABLES: dict[str, dict[str, "Entry"]] = {k: {} for k in KINDS}
+_TABLES: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
 _discovered = False
 
 

@@ -11,6 +11,7 @@ import math
 
 from pipeline.config import ScheduleConfig
 
+
 def lr_factor(cfg: ScheduleConfig, epoch: float) -> float:
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
         return (epoch + 1e-12) / cfg.warmup_epochs if epoch > 0 else 1.0 / max(1.0, 1000.0 * cfg.warmup_epochs)

@@ -372,7 +372,7 @@ class Trainer:
             else:
                 ckpt.load_state_strict(self.model, ckpt.read_state_dict(path / "recipe.pt"), path / "recipe.pt", network)
                 warnings.warn(f"resuming {path} (world size {meta['world_size']}) on world size {self.world}: "
-                              "backbone optimizer moments are re-initialised; classifier state is re-sharded exactly")
+                              "backbone optimizer moments are re-initialised; classifier state is re-sharded exactly", stacklevel=2)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0][:300]
             raise ConfigError(f"--resume: checkpoint {path} does not fit this model ({first})") from None

@@ -157,7 +157,7 @@ def train(name: str, layer: str, extra: list[str], args, shard_dir: Path, out: P
     return final, summary
 
 
-def t_values(net) -> dict[str, "np.ndarray"]:  # noqa: F821
+def t_values(net) -> dict[str, np.ndarray]:  # noqa: F821
     """t (one per output filter) of every SAC layer of a loaded backbone, via ScaleAttentionConv.t."""
     import torch
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -179,7 +179,7 @@ class LocalSlurm:
             raise SlurmError(f"{name} did not start (rc={r.returncode}) {r.stderr.strip()}\n{_tail(log)}")
         self.started.append((name, pid_file))
 
-    def start(self, timeout_s: float = 30.0) -> "LocalSlurm":
+    def start(self, timeout_s: float = 30.0) -> LocalSlurm:
         install()
         if os.geteuid() != 0:
             raise SlurmError("the local Slurm test needs root (slurmd runs jobs as the submitting user via setuid)")
@@ -251,7 +251,7 @@ class LocalSlurm:
         _terminate_all([_read_pid(p) for n, p in self.started if n == "munged"], timeout_s)
         self.started.clear()
 
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> LocalSlurm:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -18,7 +18,6 @@ import torch
 
 from pipeline import registry
 from pipeline.config import ConfigError, load_config
-from pipeline.models.network import FaceNetwork, Trace
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "configs" / "compose" / "probe.yaml"
@@ -39,7 +38,7 @@ def images(n=4, size=32, seed=0):
 def test_forward_returns_aux_and_monitors_as_values_and_keeps_no_state():
     net = registry.build_network(tiny().model).train()
     x1, x2 = images(seed=1), images(seed=2) * 3
-    out1, out2 = net(x1), net(x2)
+    out1 = net(x1)
     assert out1.embedding.shape == (4, 64) and net.embedding_size == 64
     assert set(out1.aux_losses) == {"probe"}
     assert set(out1.monitors) >= {"probe/stem/mean_abs", "probe/layer3.branch/mean_abs", "probe/pooled_norm"}
@@ -155,10 +154,10 @@ def test_trainer_eval_and_export_never_branch_on_part_names():
 def test_published_fc_state_dict_gives_bit_identical_embeddings():
     """An arcface_torch-format (flat names) state dict loads strictly into iresnet + fc head and the
     embedding equals an independent functional forward of that state dict, bit for bit."""
+    import torch.nn.functional as F
+
     from pipeline.checkpoint import load_state_strict
     from pipeline.models.iresnet import build_iresnet
-
-    import torch.nn.functional as F
 
     net = build_iresnet(18, width=0.125, embedding_size=32, input_size=32)
     g = torch.Generator().manual_seed(0)

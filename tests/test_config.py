@@ -21,7 +21,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_layers_and_overrides(tmp_path):
-    base = write(tmp_path, "base.yaml", "optim: {lr: 0.1, momentum: 0.9}\nmodel: {backbone: iresnet18}\n")
+    write(tmp_path, "base.yaml", "optim: {lr: 0.1, momentum: 0.9}\nmodel: {backbone: iresnet18}\n")
     child = write(tmp_path, "child.yaml", "base: base.yaml\noptim: {lr: 0.05}\n")
     top = write(tmp_path, "top.yaml", "data: {batch_size: 7}\n")
     cfg = load_config([child, top], ["optim.weight_decay=1e-4", "data.val=[a.bin, b.bin]"])
@@ -64,7 +64,7 @@ def test_every_shipped_config_loads():
 
 
 def test_train_cli_one_line_error(tmp_path):
-    cfg = write(tmp_path, "c.yaml", "base: %s\ndata: {train: %s}\n" % (REPO / "configs/smoke.yaml", tmp_path / "missing"))
+    cfg = write(tmp_path, "c.yaml", f"base: {REPO / 'configs/smoke.yaml'}\ndata: {{train: {tmp_path / 'missing'}}}\n")
     proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(cfg)],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2

@@ -68,7 +68,7 @@ def test_slurm_submission_file(tmp_path):
                  "#SBATCH --cpus-per-task=6", "#SBATCH --time=90", "#SBATCH --partition=gpu",
                  "#SBATCH --requeue", "#SBATCH --signal=USR2@120", "#SBATCH --account=vision"):
         assert line in text.splitlines(), f"{line!r} not in:\n{text}"
-    assert "--cpus-per-task=6" in [w for l in text.splitlines() if l.startswith("srun") for w in l.split()]
+    assert "--cpus-per-task=6" in [w for ln in text.splitlines() if ln.startswith("srun") for w in ln.split()]
 
 
 @pytest.mark.timeout(600)

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses.logexp import (feature_distance, l1_distance, l2_distance, logexp_distance,
-                                    log_one_plus_sum_expm1)
+from pipeline.losses.logexp import feature_distance, l1_distance, l2_distance, log_one_plus_sum_expm1, logexp_distance
 
 
 def ref_logexp_f64(x: np.ndarray, y: np.ndarray, p: float) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import datasets, recordio, rec2wds, shards
+from data_prep import datasets, rec2wds, recordio, shards
 from data_prep.manifest import IMAGE_EXTENSIONS, Manifest, ShardInfo, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,6 @@ def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
     samples: dict[str, dict[str, bytes]] = {}
     for s in m.shards:
         with tarfile.open(out / s.name) as tf:
-            n = 0
             keys = set()
             for ti in tf:
                 key, ext = ti.name.split(".", 1)
@@ -78,7 +77,7 @@ def test_reproduces_mxnet_images_and_labels(tmp_path, layout):
     got = read_shards(out)
     assert len(got) == len(want)
     seen = set()
-    for key, members in got.items():
+    for members in got.values():
         rkey = int(members["src"].decode().split(":")[1])
         assert members["src"].decode() == f"train.rec:{rkey}"
         e = want[rkey]
@@ -110,7 +109,7 @@ def test_pure_python_framing_is_byte_identical_to_mxnet():
         rebuilt = b"".join(recordio.frame(p) for _, p in recordio.iter_file(rec))
         assert rebuilt == data, layout
         # the pack() side: re-pack mxnet's unpacked fields and compare the payloads
-        for (off, payload), (key, idx_off) in zip(recordio.iter_file(rec), recordio.read_index(rec.with_suffix(".idx"))):
+        for (off, payload), (_key, idx_off) in zip(recordio.iter_file(rec), recordio.read_index(rec.with_suffix(".idx"))):
             assert off == idx_off
             r = recordio.unpack(payload)
             labels = list(r.labels) if r.header.flag > 0 else r.labels[0]
@@ -125,7 +124,7 @@ def test_dali_reader_agrees(tmp_path):
         rec, idx = FIX / layout / "train.rec", FIX / layout / "train.idx"
 
         @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-        def pipe():
+        def pipe(rec=rec, idx=idx):
             data, label = fn.readers.mxnet(path=[str(rec)], index_path=[str(idx)], random_shuffle=False, name="r")
             return data, label
 
@@ -385,7 +384,7 @@ def test_image_key_missing_from_index(tmp_path):
     d = tmp_path / "noidx"
     shutil.copytree(FIX / "insightface", d)
     lines = (d / "train.idx").read_text().splitlines()
-    (d / "train.idx").write_text("\n".join(l for l in lines if l.split("\t")[0] != "12") + "\n")
+    (d / "train.idx").write_text("\n".join(ln for ln in lines if ln.split("\t")[0] != "12") + "\n")
     out = tmp_path / "wds"
     assert run(["--rec", d / "train.rec", "--idx", d / "train.idx", "--out", out, "--max-bad-fraction", "0.05"]) == 0
     m = read_manifest(out)

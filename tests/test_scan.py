@@ -15,8 +15,7 @@ from pipeline import registry
 from pipeline.config import ConfigError, load_config
 from pipeline.models.iresnet import build_iresnet
 from pipeline.models.network import Trace
-from pipeline.models.scan import (ScaleAttentionConv, _ConvWithRMO, build_scan_iresnet, fold, rmo_per_sample,
-                                  sac_layers)
+from pipeline.models.scan import ScaleAttentionConv, _ConvWithRMO, build_scan_iresnet, fold, rmo_per_sample, sac_layers
 
 
 def with_rmo(layer, x):

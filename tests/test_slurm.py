@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import LocalSlurm, SlurmError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,8 +118,9 @@ def test_job_headers(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     # Thin wrappers: identical but for the title, name, time limit and recipe.
     ref = REPO / "jobs" / "scan_r101.sh"
-    norm = lambda p: [l for l in p.read_text().replace(recipe_of(p), "RECIPE").replace(p.stem, "NAME").splitlines()
-                      if not l.startswith(("#SBATCH --time", "# ")) and l.strip() != "#"]
+    def norm(p):
+        return [ln for ln in p.read_text().replace(recipe_of(p), "RECIPE").replace(p.stem, "NAME").splitlines()
+                if not ln.startswith(("#SBATCH --time", "# ")) and ln.strip() != "#"]
     assert norm(script) == norm(ref)
 
 
@@ -312,8 +312,9 @@ def test_launcher_on_slurm_preemption(slurm, lfw_shards, tmp_path):
     r = subprocess.run(cmd, cwd=REPO, env=slurm.env(job_env()), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     job = int(re.search(r"slurm job (\d+):", r.stdout).group(1))
-    logs = lambda: "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-5000:]}"
-                             for p in sorted((folder / str(job)).glob("*_log.*")))
+    def logs():
+        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-5000:]}"
+                         for p in sorted((folder / str(job)).glob("*_log.*")))
     deadline = time.monotonic() + 180
     while not re.search(r"\[train\] step \d+/", logs()):
         if time.monotonic() > deadline or slurm.job_info(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +65,7 @@ def test_train_resume_verify_two_processes(lfw_shards, lfw_bin, tmp_path):
     a = torch.load(ck / "step_0000008" / "recipe.pt")
     b = torch.load(part / "checkpoints" / "step_0000008" / "recipe.pt")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     ca = torch.load(part / "checkpoints" / "step_0000008" / "classifier.pt")
     torch.testing.assert_close(cls["weight"], ca["weight"], rtol=1e-4, atol=1e-5)
 

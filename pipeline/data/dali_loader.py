@@ -192,8 +192,8 @@ def _uniform(lo: float, hi: float):
 def build_pipeline(paths, index_paths, aug, *, size: int, batch_size: int, num_threads: int, device_id,
                    seed: int, shard_id: int, num_shards: int, shuffle_buffer: int, with_keys: bool):
     """The DALI pipeline of the spec; outputs image, cls bytes, [image_lr, lr_size], [src bytes]."""
-    from nvidia.dali import fn, pipeline_def, types
     import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
     S = float(size)

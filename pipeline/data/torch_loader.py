@@ -37,7 +37,6 @@ from pipeline.config import DataConfig
 from pipeline.data.augment import Augmenter, decode, sample_generator, validate
 from pipeline.data.base import TrainLoaderBase
 
-
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "pgm", "pbm", "ppm")  # all data_prep writes
 _PENDING: list = []  # corrupt items seen in this process since the last chunk (worker-local)
 

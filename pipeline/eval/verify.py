@@ -20,8 +20,8 @@ Library entry points: :func:`evaluate_bin` (what the trainer calls), :func:`eval
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -28,8 +28,8 @@ LCD's F), before SE and before the shortcut addition.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

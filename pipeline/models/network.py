@@ -27,7 +27,6 @@ from torch import nn
 
 from pipeline import registry
 
-
 # --------------------------------------------------------------------------- what one call reports
 
 
@@ -177,7 +176,7 @@ class FaceNetwork(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self(images).embedding
 
-    def embedder(self) -> "Embedder":
+    def embedder(self) -> Embedder:
         """This network as a module whose output is the embedding tensor (eval, ONNX export)."""
         return Embedder(self)
 
@@ -201,7 +200,7 @@ class FaceNetwork(nn.Module):
             part.on_checkpoint(out_dir, step)
 
     # ------------------------------------------------------------------ inference form
-    def folded(self) -> tuple["FaceNetwork", int]:
+    def folded(self) -> tuple[FaceNetwork, int]:
         """A deep copy with every convolution in its inference form (SCAN: k_u in one Conv2d), and the count."""
         net = copy.deepcopy(self)
         n = net.conv_kind.fold(net)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline import registry
-from pipeline.config import Invalid, InsertOptions, PartOptions
+from pipeline.config import InsertOptions, Invalid, PartOptions
 from pipeline.models.network import Head, Insert, PointInfo, Trace
 
 
