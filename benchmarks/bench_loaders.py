@@ -10,6 +10,7 @@ batch 512 (``mixed`` decode, GPU operators); without CUDA it prints "unmeasured:
 
     .venv/bin/python benchmarks/bench_loaders.py [--images 2000] [--batch 64] [--device cpu|gpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,16 @@ def make_shards(lfw: Path, out: Path, per_shard: int = 256) -> Path:
     for i in range(0, len(files), per_shard):
         name = f"shard-{i // per_shard:06d}.tar"
         with wds.TarWriter(str(out / name)) as w:
-            for f, c in files[i:i + per_shard]:
-                w.write({"__key__": f"{c:04d}_{f.stem}", "jpg": f.read_bytes(), "cls": str(c).encode(),
-                         "src": f.name.encode()})
-        shards.append(ShardInfo(name, len(files[i:i + per_shard]), sha256_file(out / name)))
+            for f, c in files[i : i + per_shard]:
+                w.write(
+                    {
+                        "__key__": f"{c:04d}_{f.stem}",
+                        "jpg": f.read_bytes(),
+                        "cls": str(c).encode(),
+                        "src": f.name.encode(),
+                    }
+                )
+        shards.append(ShardInfo(name, len(files[i : i + per_shard]), sha256_file(out / name)))
     write_manifest(out, Manifest(num_classes=len(people), num_images=len(files), shards=shards))
     return out
 
@@ -71,8 +78,10 @@ def measure(make, n_images: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="example: .venv/bin/python benchmarks/bench_loaders.py --images 2000")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example: .venv/bin/python benchmarks/bench_loaders.py --images 2000",
+    )
     ap.add_argument("--shards", help="existing shard directory (default: shard the LFW training faces)")
     ap.add_argument("--images", type=int, default=2000, help="images timed per configuration")
     ap.add_argument("--batch", type=int, default=64, help="batch size for the CPU runs")
@@ -80,19 +89,28 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default="1,2", help="worker/thread counts to compare")
     args = ap.parse_args(argv)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; "
-          f"load average {os.getloadavg()[0]:.1f} at start")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; "
+        f"load average {os.getloadavg()[0]:.1f} at start"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.shards) if args.shards else make_shards(REPO.parent / "shared/data/lfw_view1_112/train_112", Path(tmp))
+        root = (
+            Path(args.shards)
+            if args.shards
+            else make_shards(REPO.parent / "shared/data/lfw_view1_112/train_112", Path(tmp))
+        )
         if args.device == "gpu":
             if not torch.cuda.is_available():
                 print("DALI gpu, batch 512, 112x112, full augmentation: unmeasured: no CUDA")
                 return 0
             for aug_name, aug in (("full", FULL), ("decode", DECODE)):
-                cfg = DataConfig(train=str(root), loader="dali", batch_size=512, num_workers=4, shuffle_buffer=1024,
-                                 augment=aug)
-                rate = measure(lambda cfg=cfg: DaliTrainLoader(cfg, 0, 1, 0, 112, device="gpu"), max(args.images, 20 * 512))
+                cfg = DataConfig(
+                    train=str(root), loader="dali", batch_size=512, num_workers=4, shuffle_buffer=1024, augment=aug
+                )
+                rate = measure(
+                    lambda cfg=cfg: DaliTrainLoader(cfg, 0, 1, 0, 112, device="gpu"), max(args.images, 20 * 512)
+                )
                 print(f"DALI gpu ({torch.cuda.get_device_name(0)}), batch 512, {aug_name:6s}: {rate:9.0f} images/s")
             return 0
         print(f"shards: {root}; batch {args.batch}; images timed per run: {args.images}")
@@ -101,8 +119,10 @@ def main(argv=None) -> int:
                 cfg = DataConfig(train=str(root), batch_size=args.batch, num_workers=w, shuffle_buffer=512, augment=aug)
                 t = measure(lambda cfg=cfg: TorchTrainLoader(cfg, 0, 1, 0, 112), args.images)
                 d = measure(lambda cfg=cfg: DaliTrainLoader(cfg, 0, 1, 0, 112, device="cpu"), args.images)
-                print(f"{aug_name:6s} x{w} worker(s)/thread(s): torch {t:7.0f} img/s   DALI-cpu {d:7.0f} img/s   "
-                      f"DALI/torch = {d / t:5.2f}")
+                print(
+                    f"{aug_name:6s} x{w} worker(s)/thread(s): torch {t:7.0f} img/s   DALI-cpu {d:7.0f} img/s   "
+                    f"DALI/torch = {d / t:5.2f}"
+                )
     print(f"load average {os.getloadavg()[0]:.1f} at end (the machine is shared: figures are noisy)")
     return 0
 

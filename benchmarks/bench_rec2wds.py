@@ -8,6 +8,7 @@ manifest) and the 2-worker / 1-worker ratio, for the default full decode check a
 
     .venv/bin/python benchmarks/bench_rec2wds.py [--images 4000] [--repeats 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,15 @@ def one_run(rec: Path, idx: Path, out: Path, workers: int, verify: str, shard_si
     if out.exists():
         shutil.rmtree(out)
     c0 = _cpu()
-    res = shards.run(RecSource(rec, idx), out, shard_size=shard_size, workers=workers, verify=verify,
-                     progress=False, log=lambda m: None)
+    res = shards.run(
+        RecSource(rec, idx),
+        out,
+        shard_size=shard_size,
+        workers=workers,
+        verify=verify,
+        progress=False,
+        log=lambda m: None,
+    )
     n = res.manifest.num_images
     return n / res.seconds, n / max(_cpu() - c0, 1e-9)
 
@@ -68,18 +76,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_rec2wds_") as t:
         tmp = Path(t)
         rec, idx = build_rec(tmp, lfw, args.images)
-        print(f"rec2wds benchmark: {args.images} images ({rec.stat().st_size / 1e6:.1f} MB rec), "
-              f"shard size {args.shard_size}, {args.repeats} runs each (median)")
-        print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores, python {platform.python_version()}, "
-              f"load average at start {os.getloadavg()[0]:.1f}")
+        print(
+            f"rec2wds benchmark: {args.images} images ({rec.stat().st_size / 1e6:.1f} MB rec), "
+            f"shard size {args.shard_size}, {args.repeats} runs each (median)"
+        )
+        print(
+            f"machine: {platform.machine()} {os.cpu_count()} CPU cores, python {platform.python_version()}, "
+            f"load average at start {os.getloadavg()[0]:.1f}"
+        )
         for verify in ("decode", "none"):
             rates = {}
             for w in (1, 2):
                 runs = [one_run(rec, idx, tmp / f"out{w}", w, verify, args.shard_size) for _ in range(args.repeats)]
                 rates[w] = statistics.median(r[0] for r in runs)
                 per_cpu = statistics.median(r[1] for r in runs)
-                print(f"  verify={verify:6s} workers={w}: {rates[w]:8.0f} images/s wall, "
-                      f"{per_cpu:8.0f} images per CPU-second")
+                print(
+                    f"  verify={verify:6s} workers={w}: {rates[w]:8.0f} images/s wall, "
+                    f"{per_cpu:8.0f} images per CPU-second"
+                )
             print(f"  verify={verify:6s} ratio 2 workers / 1 worker (wall): {rates[2] / rates[1]:.2f}x")
 
 

@@ -15,6 +15,7 @@ work. Wall-clock medians are printed beside them.
     .venv/bin/python benchmarks/bench_scan.py                       # iresnet50, width 0.25, batch 32
     .venv/bin/python benchmarks/bench_scan.py --width 1.0 --steps 3 # the full-width network (slow on CPU)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,16 +59,23 @@ def _train_step(model, head, opt, x, y):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--depth", type=int, default=50)
     ap.add_argument("--width", type=float, default=0.25, help="channel multiplier (1.0 = insightface widths)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--input-size", type=int, default=112)
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per variant")
     ap.add_argument("--infer-reps", type=int, default=15, help="timed inference batches per variant")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: ratios from the compute thread's CPU time; >1: wall clock)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: ratios from the compute thread's CPU time; >1: wall clock)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
@@ -90,8 +98,10 @@ def main(argv=None) -> int:
         opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
         setups[name] = (model, head, opt)
 
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}"
+    )
     print(f"model: iresnet{args.depth} width {args.width}, input {args.input_size}px, batch {args.batch}, CPU float32")
     times = {name: [] for name in setups}
     walls = {name: [] for name in setups}
@@ -106,8 +116,10 @@ def main(argv=None) -> int:
     print(f"\n# training step (forward + backward + SGD), median of {args.steps}; ratios from {clock_name}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {name:20s} {med * 1000:9.1f} ms   ratio vs plain {med / base:5.3f}   "
-              f"(wall {statistics.median(walls[name]) * 1000:9.1f} ms)")
+        print(
+            f"  {name:20s} {med * 1000:9.1f} ms   ratio vs plain {med / base:5.3f}   "
+            f"(wall {statistics.median(walls[name]) * 1000:9.1f} ms)"
+        )
     eff = statistics.median(times["scan_efficient_rmo"]) / base
     print(f"  goal: efficient RMO <= 1.30x plain -> {'met' if eff <= 1.3 else 'NOT met'} ({eff:.3f}x)")
     naive_vs_eff = statistics.median(times["scan_naive_rmo"]) / statistics.median(times["scan_efficient_rmo"])
@@ -136,12 +148,16 @@ def main(argv=None) -> int:
                     iwalls[name].append(time.perf_counter() - w0)
     ibase = statistics.median(itimes["plain"])
     print(f"\n# inference (eval, no grad, batch {args.batch}), median of {args.infer_reps}; ratios from {clock_name}")
-    print(f"  parameters: plain {n_plain:,}  folded SCAN {n_folded:,}  ({'equal' if n_plain == n_folded else 'DIFFERENT'}); "
-          f"unfolded SCAN (training form) {n_scan:,} (+{(n_scan - n_plain) / n_plain:.1%})")
+    print(
+        f"  parameters: plain {n_plain:,}  folded SCAN {n_folded:,}  ({'equal' if n_plain == n_folded else 'DIFFERENT'}); "
+        f"unfolded SCAN (training form) {n_scan:,} (+{(n_scan - n_plain) / n_plain:.1%})"
+    )
     for name, ts in itimes.items():
         med = statistics.median(ts)
-        print(f"  {name:20s} {med * 1000:9.1f} ms   ratio vs plain {med / ibase:5.3f}   "
-              f"(wall {statistics.median(iwalls[name]) * 1000:9.1f} ms)")
+        print(
+            f"  {name:20s} {med * 1000:9.1f} ms   ratio vs plain {med / ibase:5.3f}   "
+            f"(wall {statistics.median(iwalls[name]) * 1000:9.1f} ms)"
+        )
     ratio = statistics.median(itimes["scan_folded"]) / ibase
     print(f"  goal: folded <= 1.02x plain -> {'met' if ratio <= 1.02 else 'NOT met'} ({ratio:.3f}x)")
     print(f"  max |folded - unfolded| output (float32): {diff:.2e}")

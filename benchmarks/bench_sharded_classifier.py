@@ -18,6 +18,7 @@ per-rank classifier memory ≈ 1/W of the full one.
 1M × 512 fp32 is 2 GB per copy: the full run holds weight, gradient and momentum (6 GB) plus
 temporaries; have ~14 GB free RAM for the defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MB = 1024 ** 2
+MB = 1024**2
 
 
 def _rss_kb(field: str) -> int:
@@ -82,6 +83,7 @@ def worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespace
 
         def full_loss(x, y):
             return F.cross_entropy(margin(F.linear(F.normalize(x), F.normalize(weight)), y), y)
+
         return [weight], full_loss
 
     def train_step(loss_fn, params, opt, num_classes):
@@ -130,8 +132,14 @@ def worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespace
         peak = torch.cuda.max_memory_allocated() - baseline_gpu
     else:
         peak = (_rss_kb("VmHWM") - baseline_kb) * 1024
-    result = dict(rank=rank, state=state, peak=peak, step=sum(times) / len(times), loss=loss,
-                  device=torch.cuda.get_device_name(device) if cuda else "cpu")
+    result = dict(
+        rank=rank,
+        state=state,
+        peak=peak,
+        step=sum(times) / len(times),
+        loss=loss,
+        device=torch.cuda.get_device_name(device) if cuda else "cpu",
+    )
     Path(out_dir, f"{mode}_{world}_{rank}.json").write_text(json.dumps(result))
     if mode == "shard":
         dist.destroy_process_group()
@@ -144,8 +152,12 @@ def run(mode: str, world: int, args, out_dir: str) -> dict:
 
     mp.spawn(worker, args=(world, free_port(), mode, args, out_dir), nprocs=world, join=True)
     ranks = [json.loads(Path(out_dir, f"{mode}_{world}_{r}.json").read_text()) for r in range(world)]
-    return dict(state=max(r["state"] for r in ranks), peak=max(r["peak"] for r in ranks),
-                step=max(r["step"] for r in ranks), device=ranks[0]["device"])
+    return dict(
+        state=max(r["state"] for r in ranks),
+        peak=max(r["peak"] for r in ranks),
+        step=max(r["step"] for r in ranks),
+        device=ranks[0]["device"],
+    )
 
 
 def main(argv=None) -> int:
@@ -198,9 +210,11 @@ def main(argv=None) -> int:
             r = results[(c, mode, world)]
             sps = args.batch * world / r["step"]
             name = "full" if mode == "full" else f"W={world}"
-            lines.append(f"{c:>9} {name:>9} {r['state'] / MB:>9.1f} {r['state'] / full['state']:>6.3f} "
-                         f"{1 / world:>5.3f} {r['peak'] / MB:>9.1f} {r['peak'] / full['peak']:>6.3f} "
-                         f"{r['step']:>7.3f} {sps:>10.1f} {sps / full_sps:>7.2f}")
+            lines.append(
+                f"{c:>9} {name:>9} {r['state'] / MB:>9.1f} {r['state'] / full['state']:>6.3f} "
+                f"{1 / world:>5.3f} {r['peak'] / MB:>9.1f} {r['peak'] / full['peak']:>6.3f} "
+                f"{r['step']:>7.3f} {sps:>10.1f} {sps / full_sps:>7.2f}"
+            )
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -8,6 +8,7 @@ alternately for several rounds so machine noise hits both, and the ratio is prin
 taken from the process's CPU time (all threads) as well as wall time: on a shared machine the
 wall clock mostly measures the neighbours.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,24 +45,48 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     shards = tmp / "shards"
-    subprocess.run([sys.executable, "-m", "data_prep.folder2wds", "--list",
-                    f"{args.shared}/lfw_view1_112/train_list.txt", "--out", str(shards)], check=True, cwd=REPO,
-                   capture_output=True)
-    cfg = load_config([REPO / "configs/arcface_r50.yaml"], [
-        f"model.backbone={args.backbone}", f"data.train={shards}", f"data.batch_size={args.batch}",
-        f"output.dir={tmp / 'run'}", "device=cpu", "data.num_workers=0", f"deepspeed.zero_stage={args.zero}", f"model.width={args.width}"])
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.folder2wds",
+            "--list",
+            f"{args.shared}/lfw_view1_112/train_list.txt",
+            "--out",
+            str(shards),
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
+    cfg = load_config(
+        [REPO / "configs/arcface_r50.yaml"],
+        [
+            f"model.backbone={args.backbone}",
+            f"data.train={shards}",
+            f"data.batch_size={args.batch}",
+            f"output.dir={tmp / 'run'}",
+            "device=cpu",
+            "data.num_workers=0",
+            f"deepspeed.zero_stage={args.zero}",
+            f"model.width={args.width}",
+        ],
+    )
     trainer = Trainer(cfg)
     C = trainer.loader.num_classes
     gen = torch.Generator().manual_seed(0)
-    batch = {"image": torch.rand(args.batch, 3, 112, 112, generator=gen) * 2 - 1,
-             "label": torch.randint(0, C, (args.batch,), generator=gen)}
+    batch = {
+        "image": torch.rand(args.batch, 3, 112, 112, generator=gen) * 2 - 1,
+        "label": torch.randint(0, C, (args.batch,), generator=gen),
+    }
 
     torch.manual_seed(0)
     bare = build_iresnet(int(args.backbone.replace("iresnet", "")), width=args.width).embedder()
     weight = torch.nn.Parameter(torch.randn(C, 512) * 0.01)
     margin = CombinedMargin(64.0, 1.0, 0.5, 0.0)
-    opt = torch.optim.SGD([{"params": bare.parameters()}, {"params": [weight]}], lr=0.1, momentum=0.9,
-                          weight_decay=5e-4)
+    opt = torch.optim.SGD(
+        [{"params": bare.parameters()}, {"params": [weight]}], lr=0.1, momentum=0.9, weight_decay=5e-4
+    )
 
     def bare_step():
         emb = bare(batch["image"])
@@ -87,17 +112,24 @@ def main() -> None:
     for r in range(args.rounds):
         (bw, bc), (tw, tc) = timed(bare_step), timed(trainer_step)
         rows.append((bw, bc, tw, tc))
-        print(f"round {r}: samples/s wall: bare {bw:7.2f} trainer {tw:7.2f} ratio {tw / bw:.3f} | "
-              f"per CPU-second: bare {bc:7.2f} trainer {tc:7.2f} ratio {tc / bc:.3f}", flush=True)
+        print(
+            f"round {r}: samples/s wall: bare {bw:7.2f} trainer {tw:7.2f} ratio {tw / bw:.3f} | "
+            f"per CPU-second: bare {bc:7.2f} trainer {tc:7.2f} ratio {tc / bc:.3f}",
+            flush=True,
+        )
 
     def med(i: int) -> float:
         return sorted(r[i] for r in rows)[len(rows) // 2]
 
-    print(f"\n{args.backbone} width {args.width} batch {args.batch}, ZeRO-{args.zero}, CPU ({torch.get_num_threads()} threads), load average "
-          f"{os.getloadavg()[0]:.1f}: median of {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"\n{args.backbone} width {args.width} batch {args.batch}, ZeRO-{args.zero}, CPU ({torch.get_num_threads()} threads), load average "
+        f"{os.getloadavg()[0]:.1f}: median of {args.rounds} rounds x {args.steps} steps"
+    )
     print(f"  wall:       bare {med(0):.2f} samples/s, trainer {med(2):.2f} samples/s, ratio {med(2) / med(0):.3f}")
-    print(f"  CPU time:   bare {med(1):.2f} samples/CPU-s, trainer {med(3):.2f} samples/CPU-s, "
-          f"ratio {med(3) / med(1):.3f}   (goal: trainer/bare >= 0.95)")
+    print(
+        f"  CPU time:   bare {med(1):.2f} samples/CPU-s, trainer {med(3):.2f} samples/CPU-s, "
+        f"ratio {med(3) / med(1):.3f}   (goal: trainer/bare >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ CLI::
     python -m data_prep.bin from-pairs --pairs pairsDevTest.txt --root devtest_112 --out lfw.bin
     python -m data_prep.bin degrade --bin lfw.bin --out-dir D --blur 1 2 3 --lowres 7 14 20 --cross
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,8 +119,9 @@ def encode_png(img: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- pairs.txt
 
 
-def read_pairs(pairs_path: str | Path, root: str | Path, ext: str = "jpg",
-               check_files: bool = True) -> tuple[list[tuple[Path, Path]], list[bool]]:
+def read_pairs(
+    pairs_path: str | Path, root: str | Path, ext: str = "jpg", check_files: bool = True
+) -> tuple[list[tuple[Path, Path]], list[bool]]:
     """LFW pairs file → (image path pairs, issame) in fold order (see the module docstring)."""
     pairs_path, root = Path(pairs_path), Path(root)
     if not pairs_path.is_file():
@@ -133,8 +135,9 @@ def read_pairs(pairs_path: str | Path, root: str | Path, ext: str = "jpg",
     try:
         header = [int(x) for x in head]
     except ValueError:
-        raise DataError(f"{pairs_path} line {head_no}: header must be 'N' (View 1) or 'FOLDS N' (View 2), "
-                        f"got {' '.join(head)!r}") from None
+        raise DataError(
+            f"{pairs_path} line {head_no}: header must be 'N' (View 1) or 'FOLDS N' (View 2), got {' '.join(head)!r}"
+        ) from None
     if len(header) == 1:
         folds, per = 1, header[0]
     elif len(header) == 2:
@@ -211,8 +214,9 @@ def degraded_name(stem: str, kind: str, level: float, cross: bool) -> str:
     return f"{stem}_{kind}{_fmt(level)}{'_cross' if cross else ''}.bin"
 
 
-def degrade_bin(bin_path, out_dir, blur=(), lowres=(), cross: bool = False, full: bool = True,
-                progress: bool = True) -> list[Path]:
+def degrade_bin(
+    bin_path, out_dir, blur=(), lowres=(), cross: bool = False, full: bool = True, progress: bool = True
+) -> list[Path]:
     """Write degraded copies of ``bin_path`` into ``out_dir``; returns the written paths.
 
     For each σ in ``blur`` and each size in ``lowres``: ``<stem>_blurσ.bin`` / ``<stem>_lrS.bin``
@@ -245,9 +249,10 @@ def _degrade_one(bin_path, out_dir, bins, issame, images, kind, level, cross, fu
 
     written = []
     todo = range(len(bins)) if full else range(1, len(bins), 2)
-    degraded = {i: encode_png(degrade_image(images[i], kind, level))
-                for i in tqdm(todo, desc=f"{bin_path.stem} {kind}{_fmt(level)}", unit="img",
-                              disable=not progress, leave=False)}
+    degraded = {
+        i: encode_png(degrade_image(images[i], kind, level))
+        for i in tqdm(todo, desc=f"{bin_path.stem} {kind}{_fmt(level)}", unit="img", disable=not progress, leave=False)
+    }
     if full:
         out = out_dir / degraded_name(bin_path.stem, kind, level, False)
         write_bin(out, [degraded[i] for i in range(len(bins))], issame)
@@ -270,10 +275,16 @@ def info(path) -> dict:
         kinds["png" if b[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg" if b[:2] == b"\xff\xd8" else "other"] += 1
         if i < 64:
             sizes[decode_image(b, f"{path} image {i}").shape[:2]] += 1
-    return {"file": str(path), "pairs": len(issame), "same": int(sum(issame)),
-            "different": len(issame) - int(sum(issame)), "images": len(bins),
-            "encodings": dict(kinds), "sizes_of_first_64": {f"{h}x{w}": n for (h, w), n in sizes.items()},
-            "bytes": Path(path).stat().st_size}
+    return {
+        "file": str(path),
+        "pairs": len(issame),
+        "same": int(sum(issame)),
+        "different": len(issame) - int(sum(issame)),
+        "images": len(bins),
+        "encodings": dict(kinds),
+        "sizes_of_first_64": {f"{h}x{w}": n for (h, w), n in sizes.items()},
+        "bytes": Path(path).stat().st_size,
+    }
 
 
 def main(argv=None) -> int:
@@ -281,12 +292,13 @@ def main(argv=None) -> int:
         prog="python -m data_prep.bin",
         description="insightface .bin verification sets: inspect, build from LFW pairs.txt, degrade.",
         epilog="examples:\n"
-               "  python -m data_prep.bin info ../shared/data/lfw_view1_112/lfw_devtest_112.bin\n"
-               "  python -m data_prep.bin from-pairs --pairs ../shared/data/lfw_view1_112/pairsDevTest.txt \\\n"
-               "      --root ../shared/data/lfw_view1_112/devtest_112 --out /tmp/lfw.bin\n"
-               "  python -m data_prep.bin degrade --bin /tmp/lfw.bin --out-dir /tmp/deg --blur 1 2 3 "
-               "--lowres 7 14 20 --cross",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  python -m data_prep.bin info ../shared/data/lfw_view1_112/lfw_devtest_112.bin\n"
+        "  python -m data_prep.bin from-pairs --pairs ../shared/data/lfw_view1_112/pairsDevTest.txt \\\n"
+        "      --root ../shared/data/lfw_view1_112/devtest_112 --out /tmp/lfw.bin\n"
+        "  python -m data_prep.bin degrade --bin /tmp/lfw.bin --out-dir /tmp/deg --blur 1 2 3 "
+        "--lowres 7 14 20 --cross",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("info", help="print pair counts, encodings and image sizes of a .bin")
     p.add_argument("bin")
@@ -300,7 +312,9 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--blur", type=float, nargs="*", default=[], help="Gaussian σ values, e.g. 1 2 3")
     p.add_argument("--lowres", type=int, nargs="*", default=[], help="bicubic down-up sizes in px, e.g. 7 14 20")
-    p.add_argument("--cross", action="store_true", help="also write *_cross.bin: only the 2nd image of each pair degraded")
+    p.add_argument(
+        "--cross", action="store_true", help="also write *_cross.bin: only the 2nd image of each pair degraded"
+    )
     p.add_argument("--cross-only", action="store_true", help="write only the *_cross.bin variants")
     args = ap.parse_args(argv)
     try:
@@ -313,8 +327,14 @@ def main(argv=None) -> int:
         else:
             if not args.blur and not args.lowres:
                 raise DataError("degrade: give --blur and/or --lowres levels")
-            out = degrade_bin(args.bin, args.out_dir, args.blur, args.lowres,
-                              cross=args.cross or args.cross_only, full=not args.cross_only)
+            out = degrade_bin(
+                args.bin,
+                args.out_dir,
+                args.blur,
+                args.lowres,
+                cross=args.cross or args.cross_only,
+                full=not args.cross_only,
+            )
             for p in out:
                 print(f"wrote {p}")
     except DataError as exc:

@@ -17,6 +17,7 @@ Verdicts (one line; exit 0 for the first three, 1 for ``mismatch``, 2 for bad in
   different count means a different release;
 * ``mismatch``: anything else.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,10 @@ def _load_file(path: Path) -> DatasetFacts:
     try:
         data = yaml.safe_load(path.read_text())
         d = data["dataset"]
-        variants = tuple(Variant(str(v["name"]), int(v["num_classes"]), int(v["num_images"]), str(v.get("source", "")))
-                         for v in d["variants"])
+        variants = tuple(
+            Variant(str(v["name"]), int(v["num_classes"]), int(v["num_images"]), str(v.get("source", "")))
+            for v in d["variants"]
+        )
         if not variants:
             raise ValueError("no variants")
         return DatasetFacts(str(d["name"]), tuple(d.get("aliases", [])), variants)
@@ -96,9 +99,11 @@ def check(manifest: Manifest, facts: DatasetFacts) -> tuple[str, str]:
         if best is None or score < best[0]:
             best = (score, verdict, v, rel)
     _, verdict, v, rel = best
-    msg = (f"{verdict}: {facts.name} ({v.name}) has {v.num_classes} identities / {v.num_images} images; "
-           f"manifest has {manifest.num_classes} / {manifest.num_images} ({bad} bad records skipped, "
-           f"images off by {rel:.3%}; tolerance {IMAGE_TOLERANCE:.0%} on images, none on identities)")
+    msg = (
+        f"{verdict}: {facts.name} ({v.name}) has {v.num_classes} identities / {v.num_images} images; "
+        f"manifest has {manifest.num_classes} / {manifest.num_images} ({bad} bad records skipped, "
+        f"images off by {rel:.3%}; tolerance {IMAGE_TOLERANCE:.0%} on images, none on identities)"
+    )
     return verdict, msg
 
 
@@ -109,13 +114,17 @@ def check_cli(manifest_dir: str | Path, dataset: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep.datasets",
-                                description="Known face-recognition training sets and a check of shard manifests "
-                                            "against their published identity/image counts.")
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.datasets",
+        description="Known face-recognition training sets and a check of shard manifests "
+        "against their published identity/image counts.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="compare a shard directory's manifest.json to a known dataset",
-                       description="example: python -m data_prep.datasets check --manifest shards/ms1mv2 "
-                                   "--dataset ms1mv2")
+    c = sub.add_parser(
+        "check",
+        help="compare a shard directory's manifest.json to a known dataset",
+        description="example: python -m data_prep.datasets check --manifest shards/ms1mv2 --dataset ms1mv2",
+    )
     c.add_argument("--manifest", required=True, help="shard directory holding manifest.json (or the file itself)")
     c.add_argument("--dataset", required=True, help="ms1mv2 | webface4m | casia_webface (or an alias)")
     sub.add_parser("list", help="print the known datasets and their published counts")

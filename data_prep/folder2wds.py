@@ -14,6 +14,7 @@ bytes' real format. Undecodable or missing images are skipped, reported and coun
 ``--max-bad-fraction`` of them → exit 1 and no manifest. A missing/empty root or a bad list line
 → one-line error, exit 2. Reruns are byte-identical; a killed run started again resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,13 +49,17 @@ class FolderSource(Source):
                 raise DataError(f"{self.base}: --root is not a directory")
             per_class = {}
             for d in sorted(p for p in self.base.iterdir() if p.is_dir()):
-                files = sorted(str(f.relative_to(self.base)) for f in d.rglob("*")
-                               if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+                files = sorted(
+                    str(f.relative_to(self.base))
+                    for f in d.rglob("*")
+                    if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                )
                 if files:
                     per_class[d.name] = files
             if not per_class:
-                raise DataError(f"{self.base}: --root holds no class sub-folders with images "
-                                f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise DataError(
+                    f"{self.base}: --root holds no class sub-folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
             names = sorted(per_class)
             for label, name in enumerate(names):
                 items += [(f, label) for f in per_class[name]]
@@ -81,8 +86,9 @@ class FolderSource(Source):
                         if label < 0:
                             raise ValueError
                     except ValueError:
-                        raise DataError(f"{lf}:{lineno}: expected '<path> <non-negative integer label>', "
-                                        f"got {s[:80]!r}") from None
+                        raise DataError(
+                            f"{lf}:{lineno}: expected '<path> <non-negative integer label>', got {s[:80]!r}"
+                        ) from None
                     items.append((fields[0], label))
             if not items:
                 raise DataError(f"{lf}: --list file lists no images")
@@ -94,8 +100,15 @@ class FolderSource(Source):
             try:
                 size = p.stat().st_size
             except OSError:
-                self.pre_corrupt.append({"index": i, "offset": None, "source": rel, "reason": "missing_file",
-                                         "message": f"{p} does not exist"})
+                self.pre_corrupt.append(
+                    {
+                        "index": i,
+                        "offset": None,
+                        "source": rel,
+                        "reason": "missing_file",
+                        "message": f"{p} does not exist",
+                    }
+                )
                 h.update(f"{rel}\t{label}\t-\n".encode())
                 continue
             refs.append((i, (rel, label)))
@@ -133,19 +146,33 @@ class FolderSource(Source):
 
     def sources(self) -> list[dict]:
         if self.kind == "folder":
-            return [{"path": str(self.base.resolve()), "role": "folder", "files": len(self._refs)
-                     + len(self.pre_corrupt), "listing_sha256": self._digest}]
-        return [{"path": str(self.list_file.resolve()), "role": "list", "bytes": self.list_file.stat().st_size,
-                 "files": len(self._refs) + len(self.pre_corrupt), "listing_sha256": self._digest}]
+            return [
+                {
+                    "path": str(self.base.resolve()),
+                    "role": "folder",
+                    "files": len(self._refs) + len(self.pre_corrupt),
+                    "listing_sha256": self._digest,
+                }
+            ]
+        return [
+            {
+                "path": str(self.list_file.resolve()),
+                "role": "list",
+                "bytes": self.list_file.stat().st_size,
+                "files": len(self._refs) + len(self.pre_corrupt),
+                "listing_sha256": self._digest,
+            }
+        ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.folder2wds",
         description="Turn a class-per-folder image tree or a 'path label' list into WebDataset tar shards "
-                    "plus manifest.json (original image bytes, seeded shuffled shard assignment).",
+        "plus manifest.json (original image bytes, seeded shuffled shard assignment).",
         epilog="example: python -m data_prep.folder2wds --root ../shared/data/lfw_view1_112/train_112 "
-               "--out shards/lfw --shard-size 200 --workers 2")
+        "--out shards/lfw --shard-size 200 --workers 2",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--root", help="directory with one sub-folder of images per identity")
     src.add_argument("--list", help="text file of '<path> <label>' lines, paths relative to the file's directory")

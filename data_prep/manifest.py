@@ -21,6 +21,7 @@ each with ``index``, byte ``offset`` (RecordIO) or null, ``source``, ``reason``,
 No timestamps: a rerun writes the same bytes. It is written to a temporary name and renamed,
 so it is never seen half-written.
 """
+
 from __future__ import annotations
 
 import hashlib

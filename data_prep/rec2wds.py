@@ -18,6 +18,7 @@ and atomic; bad records (bad magic, truncated, undecodable image, label out of r
 reported with record index and byte offset and counted in ``manifest.json``; more than
 ``--max-bad-fraction`` bad → exit 1. Bad arguments or unreadable index/property → exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,21 +74,30 @@ class RecSource(Source):
             image_keys = np.arange(1, id_idx, dtype=np.int64)
             header_classes = widx - id_idx
             self.extra["identity_records"] = self._check_identity_records(
-                np.arange(id_idx, widx, dtype=np.int64), lookup(np.arange(id_idx, widx, dtype=np.int64)))
+                np.arange(id_idx, widx, dtype=np.int64), lookup(np.arange(id_idx, widx, dtype=np.int64))
+            )
         else:
             self.layout = "im2rec"
             image_keys = keys
             header_classes = None
         if prop and header_classes is not None and prop[0] != header_classes:
-            raise DataError(f"{self.property_path}: says {prop[0]} classes but the header record of {self.rec} "
-                            f"has {header_classes} identity records")
+            raise DataError(
+                f"{self.property_path}: says {prop[0]} classes but the header record of {self.rec} "
+                f"has {header_classes} identity records"
+            )
         self.num_classes = prop[0] if prop else header_classes
         image_offs = lookup(image_keys)
         missing = image_keys[image_offs < 0]
-        for k in missing[:shards.MAX_LISTED_CORRUPT].tolist():
-            self.pre_corrupt.append({"index": k, "offset": None, "source": f"{self.rec.name}:{k}",
-                                     "reason": "missing_from_index",
-                                     "message": f"key {k} (an image key of the header) is not in {self.idx.name}"})
+        for k in missing[: shards.MAX_LISTED_CORRUPT].tolist():
+            self.pre_corrupt.append(
+                {
+                    "index": k,
+                    "offset": None,
+                    "source": f"{self.rec.name}:{k}",
+                    "reason": "missing_from_index",
+                    "message": f"key {k} (an image key of the header) is not in {self.idx.name}",
+                }
+            )
         if len(missing) > shards.MAX_LISTED_CORRUPT:
             raise DataError(f"{self.idx}: {len(missing)} image keys of the header record are missing from the index")
         self._keys = image_keys[image_offs >= 0]
@@ -176,16 +186,30 @@ class RecSource(Source):
         return self._idx_sha256
 
     def fingerprint(self) -> dict:
-        return {"rec_size": self.rec_size, "idx_sha256": self._idx_sha(),
-                "property": self.property_path.read_text().strip() if self.property_path else None}
+        return {
+            "rec_size": self.rec_size,
+            "idx_sha256": self._idx_sha(),
+            "property": self.property_path.read_text().strip() if self.property_path else None,
+        }
 
     def sources(self) -> list[dict]:
-        out = [{"path": str(self.rec.resolve()), "bytes": self.rec_size, "role": "rec"},
-               {"path": str(self.idx.resolve()), "bytes": self.idx.stat().st_size, "role": "idx",
-                "sha256": self._idx_sha()}]
+        out = [
+            {"path": str(self.rec.resolve()), "bytes": self.rec_size, "role": "rec"},
+            {
+                "path": str(self.idx.resolve()),
+                "bytes": self.idx.stat().st_size,
+                "role": "idx",
+                "sha256": self._idx_sha(),
+            },
+        ]
         if self.property_path:
-            out.append({"path": str(self.property_path.resolve()), "bytes": self.property_path.stat().st_size,
-                        "role": "property"})
+            out.append(
+                {
+                    "path": str(self.property_path.resolve()),
+                    "bytes": self.property_path.stat().st_size,
+                    "role": "property",
+                }
+            )
         return out
 
 
@@ -193,13 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.rec2wds",
         description="Convert an MXNet/insightface RecordIO dataset (.rec + .idx [+ property]) into WebDataset "
-                    "tar shards plus manifest.json, keeping the original image bytes.",
+        "tar shards plus manifest.json, keeping the original image bytes.",
         epilog="example: python -m data_prep.rec2wds --rec faces_emore/train.rec --idx faces_emore/train.idx "
-               "--out shards/ms1mv2 --workers 8 --dataset ms1mv2")
+        "--out shards/ms1mv2 --workers 8 --dataset ms1mv2",
+    )
     p.add_argument("--rec", required=True, help="the .rec file")
     p.add_argument("--idx", default=None, help="the .idx file (default: the .rec path with .idx)")
-    p.add_argument("--property", default=None,
-                   help="the property file 'num_classes,h,w' (default: 'property' next to the .rec, if present)")
+    p.add_argument(
+        "--property",
+        default=None,
+        help="the property file 'num_classes,h,w' (default: 'property' next to the .rec, if present)",
+    )
     p.add_argument("--out", required=True, help="output shard directory (created)")
     shards.add_common_args(p)
     return p

@@ -17,6 +17,7 @@ Format (dmlc-core ``recordio.h``; checked byte-identical against MXNet 1.9.1's o
   key ranges. im2rec layout: no header, every key is an image. The ``property`` file next to the
   rec holds ``num_classes,height,width``.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,6 +56,7 @@ class IRHeader:
 @dataclass(frozen=True)
 class ImageRecord:
     """One unpacked record: ``labels`` is the tuple of float labels (1 value when flag == 0)."""
+
     header: IRHeader
     labels: tuple
     image: bytes
@@ -138,8 +140,8 @@ def read_record(fd: int, offset: int, file_size: int) -> tuple[bytes, int]:
         padded = (length + 3) & ~3
         if pos + 8 + padded > file_size:
             raise RecordError(
-                f"offset {pos}: record of {length} bytes runs past the end of the file ({file_size} bytes)",
-                "truncated")
+                f"offset {pos}: record of {length} bytes runs past the end of the file ({file_size} bytes)", "truncated"
+            )
         parts.append(os.pread(fd, length, pos + 8))
         pos += 8 + padded
         if cflag in (0, 3):
@@ -275,8 +277,13 @@ class RecordWriter:
         self.close()
 
 
-def write_insightface_rec(rec: str | Path, idx: str | Path, images_by_class: list[list[bytes]],
-                          property_path: str | Path | None = None, size: tuple[int, int] = (112, 112)) -> int:
+def write_insightface_rec(
+    rec: str | Path,
+    idx: str | Path,
+    images_by_class: list[list[bytes]],
+    property_path: str | Path | None = None,
+    size: tuple[int, int] = (112, 112),
+) -> int:
     """Write an insightface-layout rec (header record 0, images, identity records); returns #images."""
     n_img = sum(len(c) for c in images_by_class)
     id_idx = n_img + 1

@@ -22,6 +22,7 @@ format, see :data:`IMAGE_EXTS`), ``<key>.cls`` (ASCII integer label), ``<key>.sr
 ``file:key``) and, when a RecordIO record carries several float labels, ``<key>.labels`` (JSON list
 of all of them, the first being the class label).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -140,8 +141,9 @@ def image_ext(data: bytes, verify: str = "decode") -> str:
             fmt = im.format
             if verify == "decode":
                 if fmt == "JPEG":
-                    im.draft(im.mode if im.mode in ("L", "RGB") else "RGB",
-                             (max(1, im.width // 8), max(1, im.height // 8)))
+                    im.draft(
+                        im.mode if im.mode in ("L", "RGB") else "RGB", (max(1, im.width // 8), max(1, im.height // 8))
+                    )
                 im.load()
             elif verify == "header":
                 im.verify()
@@ -184,9 +186,16 @@ def make_plan(source: Source, seed: int, shard_size: int | None, shard_bytes: in
         shards = np.split(perm, cuts)
     else:
         step = max(1, int(shard_size or 10000))
-        shards = [perm[s:s + step] for s in range(0, n, step)]
-    spec = {"tool": source.tool, "version": TOOL_VERSION, "seed": seed, "shard_size": shard_size,
-            "shard_bytes": shard_bytes, "verify": verify, "source": source.fingerprint()}
+        shards = [perm[s : s + step] for s in range(0, n, step)]
+    spec = {
+        "tool": source.tool,
+        "version": TOOL_VERSION,
+        "seed": seed,
+        "shard_size": shard_size,
+        "shard_bytes": shard_bytes,
+        "verify": verify,
+        "source": source.fingerprint(),
+    }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     return Plan(shards, digest, n)
 
@@ -208,8 +217,9 @@ class TarStream:
     # fixed fields after name (100 bytes): mode, uid, gid | size | mtime, chksum placeholder, type,
     # linkname | magic+version, uname, gname, devmajor, devminor, prefix
     _MID = b"0000644\0" + b"0000000\0" + b"0000000\0"
-    _TAIL = (b"00000000000\0" + b" " * 8 + b"0" + b"\0" * 100 + tarfile.POSIX_MAGIC + b"\0" * 64
-             + b"\0" * 16 + b"\0" * 155)  # devmajor/devminor empty for regular files, as tarfile
+    _TAIL = (
+        b"00000000000\0" + b" " * 8 + b"0" + b"\0" * 100 + tarfile.POSIX_MAGIC + b"\0" * 64 + b"\0" * 16 + b"\0" * 155
+    )  # devmajor/devminor empty for regular files, as tarfile
 
     def __init__(self, f):
         self.f = f
@@ -268,13 +278,19 @@ def _write_shard(task) -> dict:
             try:
                 s = source.read(ref)
                 if s.label < 0 or (num_classes is not None and s.label >= num_classes):
-                    raise BadRecord("label_out_of_range",
-                                    f"label {s.label} outside [0, {num_classes})", None)
+                    raise BadRecord("label_out_of_range", f"label {s.label} outside [0, {num_classes})", None)
                 ext = image_ext(s.image, verify)
             except BadRecord as exc:
                 off = exc.offset if exc.offset is not None else source.offset_of(ref)
-                corrupt.append({"index": index, "offset": off, "source": _ref_src(source, ref),
-                                "reason": exc.reason, "message": exc.message})
+                corrupt.append(
+                    {
+                        "index": index,
+                        "offset": off,
+                        "source": _ref_src(source, ref),
+                        "reason": exc.reason,
+                        "message": exc.message,
+                    }
+                )
                 continue
             key = f"{index:09d}"
             members = {"cls": str(s.label).encode(), ext: s.image, "src": s.src.encode(), **s.extra}
@@ -287,9 +303,17 @@ def _write_shard(task) -> dict:
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(tmp, out / name)
-    return {"shard": shard_idx, "name": name, "count": count, "sha256": tw.hexdigest(), "bytes": tw.n,
-            "corrupt": corrupt, "formats": dict(formats), "max_label": max(labels) if labels else -1,
-            "labels": len(labels)}
+    return {
+        "shard": shard_idx,
+        "name": name,
+        "count": count,
+        "sha256": tw.hexdigest(),
+        "bytes": tw.n,
+        "corrupt": corrupt,
+        "formats": dict(formats),
+        "max_label": max(labels) if labels else -1,
+        "labels": len(labels),
+    }
 
 
 def _ref_src(source, ref):
@@ -340,10 +364,20 @@ def _clear_outputs(out: Path) -> None:
             p.unlink()
 
 
-def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | None = None,
-        shard_bytes: int | None = None, workers: int = 1, verify: str = "decode",
-        max_bad_fraction: float = 0.01, overwrite: bool = False, progress: bool | None = None,
-        log=print) -> RunResult:
+def run(
+    source: Source,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    shard_size: int | None = None,
+    shard_bytes: int | None = None,
+    workers: int = 1,
+    verify: str = "decode",
+    max_bad_fraction: float = 0.01,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    log=print,
+) -> RunResult:
     """Plan, write (resumably, in parallel) and describe the shards of ``source`` in ``out``."""
     t0 = time.perf_counter()
     if verify not in ("decode", "header", "none"):
@@ -365,8 +399,10 @@ def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | Non
     has_outputs = any(out.glob("shard-*.tar")) or (out / MANIFEST).exists()
     if done is None or (not done and has_outputs and not journal_path.exists()):
         if not overwrite:
-            raise DataError(f"{out}: holds shards or a manifest from a different run (other input, seed or "
-                            f"shard size); pass --overwrite to replace them or choose another --out")
+            raise DataError(
+                f"{out}: holds shards or a manifest from a different run (other input, seed or "
+                f"shard size); pass --overwrite to replace them or choose another --out"
+            )
         _clear_outputs(out)
         done = {}
     for stale in out.glob(".shard-*.tar.tmp*"):  # left by a killed run
@@ -389,8 +425,9 @@ def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | Non
         else:
             todo.append(i)
     if not journal_path.exists() or done == {} and not results:
-        atomic_write_text(journal_path, json.dumps({"plan": plan.digest, "tool": source.tool,
-                                                    "version": TOOL_VERSION}) + "\n")
+        atomic_write_text(
+            journal_path, json.dumps({"plan": plan.digest, "tool": source.tool, "version": TOOL_VERSION}) + "\n"
+        )
     kept = len(results)
     if kept:
         log(f"resuming: {kept} of {len(plan.shards)} shards already complete")
@@ -399,9 +436,15 @@ def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | Non
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     from tqdm import tqdm
 
-    bar = tqdm(total=plan.num_entries, initial=sum(len(plan.shards[i]) for i in results), unit="img",
-               unit_scale=True, desc=f"{source.tool} → {out.name}", disable=(not progress) if progress is not None
-               else None, smoothing=0.1)
+    bar = tqdm(
+        total=plan.num_entries,
+        initial=sum(len(plan.shards[i]) for i in results),
+        unit="img",
+        unit_scale=True,
+        desc=f"{source.tool} → {out.name}",
+        disable=(not progress) if progress is not None else None,
+        smoothing=0.1,
+    )
     written = 0
     workers = max(1, int(workers))
     pool = None
@@ -410,8 +453,9 @@ def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | Non
     try:
         if workers > 1 and len(todo) > 1:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
-                            initargs=(source, out, verify, num_classes))
+            pool = ctx.Pool(
+                min(workers, len(todo)), initializer=_init_worker, initargs=(source, out, verify, num_classes)
+            )
             it = pool.imap_unordered(_write_shard, tasks, chunksize=1)
         else:
             _init_worker(source, out, verify, num_classes)
@@ -448,30 +492,55 @@ def run(source: Source, out: str | Path, *, seed: int = 0, shard_size: int | Non
     formats = Counter()
     for r in recs:
         formats.update(r["formats"])
-    corrupt_block = {"count": len(corrupt), "records": corrupt[:MAX_LISTED_CORRUPT],
-                     "by_reason": dict(sorted(Counter(c["reason"] for c in corrupt).items()))}
+    corrupt_block = {
+        "count": len(corrupt),
+        "records": corrupt[:MAX_LISTED_CORRUPT],
+        "by_reason": dict(sorted(Counter(c["reason"] for c in corrupt).items())),
+    }
     seconds = time.perf_counter() - t0
     for c in corrupt[:20]:
         log(f"bad record {c['index']} at offset {c['offset']} ({c['source']}): {c['reason']}: {c['message']}")
     if len(corrupt) > 20:
         log(f"... and {len(corrupt) - 20} more bad records (see manifest.json / corrupt.json)")
     if bad_fraction > max_bad_fraction:
-        atomic_write_text(out / CORRUPT_REPORT, json.dumps(
-            {"total_records": total, "bad_fraction": bad_fraction, "max_bad_fraction": max_bad_fraction,
-             **corrupt_block}, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(
+            out / CORRUPT_REPORT,
+            json.dumps(
+                {
+                    "total_records": total,
+                    "bad_fraction": bad_fraction,
+                    "max_bad_fraction": max_bad_fraction,
+                    **corrupt_block,
+                },
+                indent=1,
+                sort_keys=True,
+            )
+            + "\n",
+        )
         if (out / MANIFEST).exists():
             (out / MANIFEST).unlink()
         return RunResult(None, out, len(corrupt), bad_fraction, seconds, written)
     if (out / CORRUPT_REPORT).exists():
         (out / CORRUPT_REPORT).unlink()
-    extra = {"plan": plan.digest, "seed": seed, "shard_size": shard_size, "shard_bytes": shard_bytes,
-             "verify": verify, "formats": dict(sorted(formats.items())),
-             "identities_per_shard": {"min": min(r["labels"] for r in recs), "max": max(r["labels"] for r in recs)},
-             **source.extra}
-    manifest = Manifest(num_classes=nc, num_images=num_images,
-                        shards=[ShardInfo(r["name"], r["count"], r["sha256"]) for r in recs],
-                        corrupt=corrupt_block, sources=source.sources(),
-                        tool=f"{source.tool} {TOOL_VERSION}", extra=extra)
+    extra = {
+        "plan": plan.digest,
+        "seed": seed,
+        "shard_size": shard_size,
+        "shard_bytes": shard_bytes,
+        "verify": verify,
+        "formats": dict(sorted(formats.items())),
+        "identities_per_shard": {"min": min(r["labels"] for r in recs), "max": max(r["labels"] for r in recs)},
+        **source.extra,
+    }
+    manifest = Manifest(
+        num_classes=nc,
+        num_images=num_images,
+        shards=[ShardInfo(r["name"], r["count"], r["sha256"]) for r in recs],
+        corrupt=corrupt_block,
+        sources=source.sources(),
+        tool=f"{source.tool} {TOOL_VERSION}",
+        extra=extra,
+    )
     write_manifest(out, manifest)
     return RunResult(manifest, out, len(corrupt), bad_fraction, seconds, written)
 
@@ -480,32 +549,51 @@ def finish(res: RunResult, max_bad_fraction: float, log=print) -> int:
     """Print the one-line summary of a run; return the CLI exit status."""
     rate = (res.manifest.num_images if res.manifest else 0) / max(res.seconds, 1e-9)
     if res.manifest is None:
-        log(f"error: {res.num_bad} bad records = {res.bad_fraction:.2%} of the input, more than "
-            f"--max-bad-fraction {max_bad_fraction:.2%}; no manifest written, see {res.out / CORRUPT_REPORT}")
+        log(
+            f"error: {res.num_bad} bad records = {res.bad_fraction:.2%} of the input, more than "
+            f"--max-bad-fraction {max_bad_fraction:.2%}; no manifest written, see {res.out / CORRUPT_REPORT}"
+        )
         return 1
     m = res.manifest
-    log(f"wrote {m.num_images} images of {m.num_classes} classes in {len(m.shards)} shards to {res.out} "
+    log(
+        f"wrote {m.num_images} images of {m.num_classes} classes in {len(m.shards)} shards to {res.out} "
         f"({res.written_shards} shards written this run, {res.num_bad} bad records skipped) "
-        f"in {res.seconds:.1f} s, {rate:.0f} img/s")
+        f"in {res.seconds:.1f} s, {rate:.0f} img/s"
+    )
     return 0
 
 
 def add_common_args(p) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--shard-size", type=int, default=None,
-                   help="samples per shard (default 10000 when --shard-bytes is not given)")
-    g.add_argument("--shard-bytes", type=_parse_bytes, default=None,
-                   help="approximate bytes per shard, e.g. 500M or 1G (instead of --shard-size)")
+    g.add_argument(
+        "--shard-size", type=int, default=None, help="samples per shard (default 10000 when --shard-bytes is not given)"
+    )
+    g.add_argument(
+        "--shard-bytes",
+        type=_parse_bytes,
+        default=None,
+        help="approximate bytes per shard, e.g. 500M or 1G (instead of --shard-size)",
+    )
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes, each writes whole shards")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled sample → shard assignment")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="exit with status 1 (and write no manifest) when more than this fraction is bad")
-    p.add_argument("--verify", choices=["decode", "header", "none"], default="decode",
-                   help="image check: full decode (default), header parse only, or none")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace shards of a different earlier run in --out")
-    p.add_argument("--dataset", default=None,
-                   help="known dataset (ms1mv2, webface4m, casia_webface): compare the counts at the end")
+    p.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="exit with status 1 (and write no manifest) when more than this fraction is bad",
+    )
+    p.add_argument(
+        "--verify",
+        choices=["decode", "header", "none"],
+        default="decode",
+        help="image check: full decode (default), header parse only, or none",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier run in --out")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="known dataset (ms1mv2, webface4m, casia_webface): compare the counts at the end",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -528,12 +616,23 @@ def _parse_bytes(text: str) -> int:
 def run_cli(source, args) -> int:
     """The body shared by the folder2wds and rec2wds CLIs: shard, report, optionally check the
     manifest against a known dataset (``--dataset``); returns the exit status."""
+
     def log(m):
         print(m, file=sys.stderr)
 
-    res = run(source, args.out, seed=args.seed, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
-              workers=args.workers, verify=args.verify, max_bad_fraction=args.max_bad_fraction,
-              overwrite=args.overwrite, progress=False if args.no_progress else None, log=log)
+    res = run(
+        source,
+        args.out,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        shard_bytes=args.shard_bytes,
+        workers=args.workers,
+        verify=args.verify,
+        max_bad_fraction=args.max_bad_fraction,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
+        log=log,
+    )
     status = finish(res, args.max_bad_fraction, log=log)
     if status == 0 and args.dataset:
         from data_prep import datasets

@@ -15,6 +15,7 @@ barrier, then rewrites ``latest`` (also via rename): a directory with a final na
 Resuming with the same world size restores everything exactly; with another world size the
 backbone optimizer moments (partitioned by ZeRO) are re-initialised and a warning says so.
 """
+
 from __future__ import annotations
 
 import json
@@ -102,7 +103,7 @@ def read_state_dict(path: str | Path) -> dict:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConfigError(f"{path}: not a state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -121,8 +122,10 @@ def load_state_strict(module, state: dict, source: str | Path, arch: str) -> Non
         if k not in state:
             raise ConfigError(f"{source}: not a checkpoint of {arch}: first mismatching key '{k}' (missing)")
         if tuple(state[k].shape) != tuple(v.shape):
-            raise ConfigError(f"{source}: not a checkpoint of {arch}: first mismatching key '{k}' "
-                              f"(shape {tuple(state[k].shape)} in checkpoint, {tuple(v.shape)} in model)")
+            raise ConfigError(
+                f"{source}: not a checkpoint of {arch}: first mismatching key '{k}' "
+                f"(shape {tuple(state[k].shape)} in checkpoint, {tuple(v.shape)} in model)"
+            )
     extra = [k for k in state if k not in own]
     if extra:
         raise ConfigError(f"{source}: not a checkpoint of {arch}: first mismatching key '{extra[0]}' (unexpected)")
@@ -134,8 +137,10 @@ def load_state_strict(module, state: dict, source: str | Path, arch: str) -> Non
 def describe(model_cfg) -> str:
     """One line naming a network: backbone, conv kind, inserts, head, widths."""
     ins = "+".join(f"{i.kind}@{i.at}" for i in model_cfg.inserts)
-    return (f"{model_cfg.backbone} (conv {model_cfg.conv.kind}{', inserts ' + ins if ins else ''}, "
-            f"head {model_cfg.head.kind}, width {model_cfg.width}, input {model_cfg.input_size})")
+    return (
+        f"{model_cfg.backbone} (conv {model_cfg.conv.kind}{', inserts ' + ins if ins else ''}, "
+        f"head {model_cfg.head.kind}, width {model_cfg.width}, input {model_cfg.input_size})"
+    )
 
 
 def load_network(source: str | Path, model_cfg=None):

@@ -14,6 +14,7 @@ Validation lives with the types: a dataclass may define ``validate(self)`` (chec
 raising :class:`Invalid` with the field name) and a recipe's options ``validate_with(self, cfg)``
 (checks against the rest of the config). Keys renamed by a redesign are errors that name the new key.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,13 +49,27 @@ RENAMED_KEYS = {
     "model.dropout": "model.head.dropout",
     "model.options": "model.conv (e.g. model.conv: {kind: scan, lsc: false})",
 }
-RENAMED_KEYS.update({f"method.{k}": f"model.conv.{k} (with model.conv.kind: scan)" for k in (
-    "sac", "lsc", "rmo", "rmo_weight", "rmo_lambda", "gamma_m", "efficient_rmo", "t_min", "gaussian_sum1",
-    "t_density_png")})
+RENAMED_KEYS.update(
+    {
+        f"method.{k}": f"model.conv.{k} (with model.conv.kind: scan)"
+        for k in (
+            "sac",
+            "lsc",
+            "rmo",
+            "rmo_weight",
+            "rmo_lambda",
+            "gamma_m",
+            "efficient_rmo",
+            "t_min",
+            "gaussian_sum1",
+            "t_density_png",
+        )
+    }
+)
 RENAMED_KEYS["method.init_backbone"] = "model.init_from"
 RENAMED_VALUES = {
     ("recipe", "scan"): "recipe: margin with model.conv: {kind: scan, ...} (the SCAN switches moved from "
-                        "method: to model.conv:, method.init_backbone to model.init_from)",
+    "method: to model.conv:, method.init_backbone to model.init_from)",
 }
 RENAMED_BACKBONE_PREFIX = ("scan_", "model.backbone: {plain} with model.conv: {{kind: scan}}")
 
@@ -65,18 +80,21 @@ RENAMED_BACKBONE_PREFIX = ("scan_", "model.backbone: {plain} with model.conv: {{
 @dataclass
 class PartOptions:
     """Base of the option schemas of conv kinds, heads and inserts: ``kind`` names the registered part."""
+
     kind: str = ""
 
 
 @dataclass
 class InsertOptions(PartOptions):
     """Base of insert schemas: ``at`` is the trunk point (e.g. ``layer3``, ``layer3.branch``)."""
+
     at: str = ""
 
 
 @dataclass
 class ModelConfig:
     """The face network = trunk (``backbone`` + ``conv`` kind) + ``inserts`` + ``head`` (pipeline.models.network)."""
+
     backbone: str = "iresnet50"  # trunk registry name: iresnet18/34/50/100/200, se_iresnet50/100
     width: float = 1.0  # channel multiplier (1.0 = insightface widths); tiny test models use 0.0625
     input_size: int = 112
@@ -98,6 +116,7 @@ class ModelConfig:
 @dataclass
 class MarginConfig:
     """Combined margin cos(m1*theta + m2) - m3 scaled by s (ArcFace: m2=0.5, CosFace: m3=0.35/0.4)."""
+
     s: float = 64.0
     m1: float = 1.0
     m2: float = 0.5
@@ -141,6 +160,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule stated in epochs, as the papers state it."""
+
     epochs: float = 20.0
     warmup_epochs: float = 0.0
     kind: str = "step"  # step | poly | cosine
@@ -163,6 +183,7 @@ class ScheduleConfig:
 @dataclass
 class AugmentConfig:
     """One augmentation spec shared by the DALI and the torch loader."""
+
     flip: float = 0.5
     multires_p: float = 0.0  # probability of the multi-resolution degradation
     multires_sizes: list = field(default_factory=lambda: [7, 14, 20])
@@ -290,8 +311,13 @@ def _merge(dst: dict, src: dict, origin: dict, source: str, prefix: str = "") ->
     for key, value in src.items():
         dotted = f"{prefix}{key}"
         old = dst.get(key)
-        same_kind = not (isinstance(value, dict) and isinstance(old, dict) and "kind" in value
-                         and "kind" in old and value["kind"] != old["kind"])
+        same_kind = not (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and "kind" in value
+            and "kind" in old
+            and value["kind"] != old["kind"]
+        )
         if isinstance(value, dict) and isinstance(old, dict) and same_kind:
             _merge(dst[key], value, origin, source, dotted + ".")
         else:
@@ -364,15 +390,19 @@ def config_from_dict(merged: dict, origin: dict | None = None) -> Config:
 
 def _resolve_model(model: ModelConfig, origin: dict) -> None:
     if model.backbone.startswith(RENAMED_BACKBONE_PREFIX[0]):
-        plain = model.backbone[len(RENAMED_BACKBONE_PREFIX[0]):]
+        plain = model.backbone[len(RENAMED_BACKBONE_PREFIX[0]) :]
         where = origin.get("model.backbone", "defaults")
-        raise ConfigError(f"{where}: key 'model.backbone': '{model.backbone}' is now "
-                          + RENAMED_BACKBONE_PREFIX[1].format(plain=plain))
+        raise ConfigError(
+            f"{where}: key 'model.backbone': '{model.backbone}' is now "
+            + RENAMED_BACKBONE_PREFIX[1].format(plain=plain)
+        )
     model.conv = _part("conv", model.conv, "model.conv", origin)
     model.head = _part("head", model.head, "model.head", origin)
     if not isinstance(model.inserts, list):
-        raise ConfigError(f"{_nearest_origin('model.inserts', origin)}: key 'model.inserts' expects a list of "
-                          f"{{kind: ..., at: ...}} mappings, got {model.inserts!r}")
+        raise ConfigError(
+            f"{_nearest_origin('model.inserts', origin)}: key 'model.inserts' expects a list of "
+            f"{{kind: ..., at: ...}} mappings, got {model.inserts!r}"
+        )
     model.inserts = [_part("insert", ins, f"model.inserts[{i}]", origin) for i, ins in enumerate(model.inserts)]
 
 
@@ -391,8 +421,9 @@ def _part(kind: str, block: Any, key: str, origin: dict):
     if isinstance(block, dict) and "kind" not in block and kind in _DEFAULT_KINDS:
         block = {"kind": _DEFAULT_KINDS[kind], **block}  # e.g. smoke.yaml's head: {embedding_size: 64}
     if not isinstance(block, dict) or not isinstance(block.get("kind"), str):
-        raise ConfigError(f"{where}: key '{key}' expects a mapping with a 'kind' ({', '.join(registry.names(kind))}), "
-                          f"got {block!r}")
+        raise ConfigError(
+            f"{where}: key '{key}' expects a mapping with a 'kind' ({', '.join(registry.names(kind))}), got {block!r}"
+        )
     try:
         schema = registry.lookup(kind, block["kind"], f"{key}.kind").options
     except ConfigError as exc:

@@ -9,6 +9,7 @@
     python -m pipeline.demo --data ../shared/data/lfw_view1_112/train_112 \\
                             --val ../shared/data/lfw_view1_112/lfw_devtest_112.bin
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,15 +39,19 @@ def synthetic_dataset(out: Path, train_ids: int, val_ids: int, per_id: int, pair
         write_folder(train_root, train_ids, per_id, seed=1)
         held = write_folder(val_root, val_ids, per_id, seed=2)
         chosen = make_pairs(held, pairs, seed=3)
-        write_bin(bin_path, [b for a, c, _ in chosen for b in (a.read_bytes(), c.read_bytes())],
-                  [same for _, _, same in chosen])
+        write_bin(
+            bin_path,
+            [b for a, c, _ in chosen for b in (a.read_bytes(), c.read_bytes())],
+            [same for _, _, same in chosen],
+        )
         (out / ".done").write_text("ok\n")
     return train_root, bin_path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", help="class-per-folder image tree to train on (default: synthetic identities)")
     p.add_argument("--val", help="insightface .bin to verify on (default: held-out synthetic identities)")
     p.add_argument("--out", default="runs/demo", help="where data, shards, logs and checkpoints go")
@@ -78,15 +83,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs:
         overrides.append(f"schedule.epochs={args.epochs}")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-         "-m", "pipeline.train", "--config", "configs/demo.yaml", *overrides, *args.overrides], env=env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "pipeline.train",
+            "--config",
+            "configs/demo.yaml",
+            *overrides,
+            *args.overrides,
+        ],
+        env=env,
+    )
     t_train = time.time() - t0
 
     report = {}
     if val_bin:
         result_json = out / "verify.json"
-        run([sys.executable, "-m", "pipeline.eval", "verify", "--checkpoint", run_dir / "checkpoints",
-             "--bin", val_bin, "--json", result_json])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.eval",
+                "verify",
+                "--checkpoint",
+                run_dir / "checkpoints",
+                "--bin",
+                val_bin,
+                "--json",
+                result_json,
+            ]
+        )
         report = json.loads(result_json.read_text())
     print(f"\n[demo] finished in {(time.time() - t0) / 60:.1f} min")
     print(f"[demo] training took {t_train / 60:.1f} min on {args.nproc} processes")

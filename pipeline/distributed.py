@@ -4,6 +4,7 @@ torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under ``srun``
 derived from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR/MASTER_PORT must be exported
 by the job script (``jobs/*.sh`` does). A plain ``python -m pipeline.train`` is world size 1.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -66,7 +67,9 @@ def init(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     if world == 1:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif "MASTER_PORT" not in os.environ:
-        raise RuntimeError("MASTER_PORT is not set: launch with torchrun, or export MASTER_ADDR/MASTER_PORT in the job script")
+        raise RuntimeError(
+            "MASTER_PORT is not set: launch with torchrun, or export MASTER_ADDR/MASTER_PORT in the job script"
+        )
     if use_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
@@ -75,8 +78,9 @@ def init(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
         dev = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     return DistInfo(rank, world, local, backend, dev)
 
 

@@ -15,6 +15,7 @@ The ONNX model has input ``image`` (N, 3, H, W) float32 in [-1, 1] (N dynamic) a
 ``embedding`` (N, D). After export, onnxruntime's output on a random batch is compared with
 PyTorch's: max |Δ| ≤ atol · max(1, max |embedding|) (``--atol``, default 1e-4), else exit 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,14 +46,22 @@ def export_onnx(model: torch.nn.Module, out: str | Path, input_size: int, opset:
     dummy = torch.zeros(2, 3, input_size, input_size)
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated but needs no onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (dummy,), str(out), input_names=["image"], output_names=["embedding"],
-                          dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(out),
+            input_names=["image"],
+            output_names=["embedding"],
+            dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     return out
 
 
-def check_onnx(model: torch.nn.Module, onnx_path: str | Path, input_size: int, batch: int = 4,
-               seed: int = 0) -> tuple[float, float]:
+def check_onnx(
+    model: torch.nn.Module, onnx_path: str | Path, input_size: int, batch: int = 4, seed: int = 0
+) -> tuple[float, float]:
     """(max |onnxruntime − PyTorch|, max |PyTorch|) on a random batch in [-1, 1]."""
     import onnxruntime as ort
 
@@ -66,14 +75,22 @@ def check_onnx(model: torch.nn.Module, onnx_path: str | Path, input_size: int, b
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.export", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m pipeline.export",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint dir (config.yaml + model.pt) or run dir")
     parser.add_argument("--out", required=True, help="output .onnx path")
     parser.add_argument("--fold", action="store_true", help="fold SCAN layers into plain convs before export")
     parser.add_argument("--save-folded", metavar="PT", help="also save the folded state_dict (needs --fold)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="max allowed |onnxruntime - torch| per unit of embedding scale (default 1e-4)")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="max allowed |onnxruntime - torch| per unit of embedding scale (default 1e-4)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     return parser.parse_args(argv)
 
@@ -92,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.fold:
         net, n = net.folded()
         net.eval()
-        print(f"[export] folded {n} convolution layers into their inference form; {describe(model_cfg)} now has "
-              f"plain convolutions only ({sum(p.numel() for p in net.parameters()):,} parameters)")
+        print(
+            f"[export] folded {n} convolution layers into their inference form; {describe(model_cfg)} now has "
+            f"plain convolutions only ({sum(p.numel() for p in net.parameters()):,} parameters)"
+        )
         if args.save_folded:
             Path(args.save_folded).parent.mkdir(parents=True, exist_ok=True)
             torch.save(net.state_dict(), args.save_folded)
@@ -107,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         # atol on the embedding's scale: |Δ| ≤ atol · max(1, max|embedding|) (an untrained or barely
         # trained net can emit huge embeddings; float32 differences grow with them)
         allowed = args.atol * max(1.0, scale)
-        print(f"[export] onnxruntime vs PyTorch: max abs diff {diff:.3g} (allowed {allowed:.3g} = atol {args.atol:g} "
-              f"× max(1, max|embedding| = {scale:.3g}))")
+        print(
+            f"[export] onnxruntime vs PyTorch: max abs diff {diff:.3g} (allowed {allowed:.3g} = atol {args.atol:g} "
+            f"× max(1, max|embedding| = {scale:.3g}))"
+        )
         if not diff <= allowed:
             print(f"error: onnxruntime output differs from PyTorch by {diff:.3g} > {allowed:.3g}", file=sys.stderr)
             return 1

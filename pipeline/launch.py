@@ -20,6 +20,7 @@ checkpoints at a step all ranks agree on and requeues the job (``scontrol requeu
 job runs the same submission again with ``SLURM_RESTART_COUNT > 0`` and resumes from the newest
 checkpoint in ``output.dir``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,9 +96,12 @@ def train_task(argv: list[str], master_port: int | None = None) -> int:
 
     env = submitit.JobEnvironment()
     os.environ.update(
-        RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
+        RANK=str(env.global_rank),
+        WORLD_SIZE=str(env.num_tasks),
+        LOCAL_RANK=str(env.local_rank),
         MASTER_ADDR=_master_addr(env),
-        MASTER_PORT=str(master_port if master_port else _port_from_job_id(env.job_id)))
+        MASTER_PORT=str(master_port if master_port else _port_from_job_id(env.job_id)),
+    )
     # submitit's preemption signal (SUBMITIT_PREEMPT_SIGNAL, default USR2) → the trainer's SIGUSR1.
     signal.signal(getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")), _forward_preemption)
     rc = train.main(list(argv))
@@ -142,15 +146,17 @@ def build_executor(args: argparse.Namespace):
     extra = _parse_kv(args.slurm_arg, "--slurm-arg")
 
     executor = submitit.AutoExecutor(folder=args.folder, cluster=args.executor)
-    params = dict(name=args.name, nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task,
-                  timeout_min=args.time)
+    params = dict(
+        name=args.name, nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task, timeout_min=args.time
+    )
     if args.executor == "slurm":
         params.update(
             gpus_per_node=args.gpus_per_node,
             slurm_signal_delay_s=args.signal_delay,
             slurm_additional_parameters={"requeue": True, **extra},
             # srun (Slurm 22.05) does not inherit --cpus-per-task from sbatch.
-            slurm_srun_args=[f"--cpus-per-task={args.cpus_per_task}"])
+            slurm_srun_args=[f"--cpus-per-task={args.cpus_per_task}"],
+        )
         if args.partition:
             params["slurm_partition"] = args.partition
     elif args.executor == "local" and args.gpus_per_node:
@@ -164,32 +170,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m pipeline.launch",
         description="Submit pipeline.train with submitit: one task per GPU on Slurm, or local processes.",
         epilog="examples:\n"
-               "  python -m pipeline.launch --config configs/scan_r101_ms1mv2.yaml data.train=/data/ms1mv2 \\\n"
-               "      --nodes 2 --gpus-per-node 8 --partition gpu --time 2880\n"
-               "  python -m pipeline.launch --config configs/arcface_r50.yaml --config configs/smoke.yaml \\\n"
-               "      data.train=shards/lfw output.dir=runs/try --executor local --gpus-per-node 0 --tasks-per-node 2",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", default=[], metavar="YAML",
-                   help="config layer for pipeline.train; repeat to stack (later layers win)")
+        "  python -m pipeline.launch --config configs/scan_r101_ms1mv2.yaml data.train=/data/ms1mv2 \\\n"
+        "      --nodes 2 --gpus-per-node 8 --partition gpu --time 2880\n"
+        "  python -m pipeline.launch --config configs/arcface_r50.yaml --config configs/smoke.yaml \\\n"
+        "      data.train=shards/lfw output.dir=runs/try --executor local --gpus-per-node 0 --tasks-per-node 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="config layer for pipeline.train; repeat to stack (later layers win)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides passed to pipeline.train")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                   help="passed to pipeline.train (resume from CKPT, or output.dir's latest)")
-    p.add_argument("--executor", default="slurm", choices=EXECUTORS,
-                   help="slurm (sbatch), local (processes on this machine) or debug (in this process); default slurm")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CKPT",
+        help="passed to pipeline.train (resume from CKPT, or output.dir's latest)",
+    )
+    p.add_argument(
+        "--executor",
+        default="slurm",
+        choices=EXECUTORS,
+        help="slurm (sbatch), local (processes on this machine) or debug (in this process); default slurm",
+    )
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; 0 for CPU runs (default 8)")
-    p.add_argument("--tasks-per-node", type=int, default=None,
-                   help="processes per node (default: max(1, --gpus-per-node), i.e. one per GPU)")
+    p.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        help="processes per node (default: max(1, --gpus-per-node), i.e. one per GPU)",
+    )
     p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (default 8)")
     p.add_argument("--time", type=int, default=2880, help="time limit in minutes (default 2880 = 2 days)")
     p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
-    p.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra sbatch option, e.g. --slurm-arg account=vision --slurm-arg qos=high")
-    p.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit at which the job is told to checkpoint (default 120)")
+    p.add_argument(
+        "--slurm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra sbatch option, e.g. --slurm-arg account=vision --slurm-arg qos=high",
+    )
+    p.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        help="seconds before the time limit at which the job is told to checkpoint (default 120)",
+    )
     p.add_argument("--name", default="lowq-train", help="job name (default lowq-train)")
-    p.add_argument("--folder", default="logs/submitit/%j",
-                   help="submitit folder for pickles and logs (default logs/submitit/%%j)")
+    p.add_argument(
+        "--folder", default="logs/submitit/%j", help="submitit folder for pickles and logs (default logs/submitit/%%j)"
+    )
     p.add_argument("--wait", action="store_true", help="with --executor slurm: block until the job ends")
     args = p.parse_intermixed_args(argv)
     if not args.config:
@@ -220,15 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     port = None if args.executor == "slurm" else free_port()
     job = executor.submit(train_task, train_argv(args), port)
     world = args.nodes * tasks
-    print(f"[launch] {args.executor} job {job.job_id}: {args.nodes} node(s) x {tasks} task(s) = world {world}; "
-          f"logs in {job.paths.folder}", flush=True)
+    print(
+        f"[launch] {args.executor} job {job.job_id}: {args.nodes} node(s) x {tasks} task(s) = world {world}; "
+        f"logs in {job.paths.folder}",
+        flush=True,
+    )
     if args.executor == "slurm" and not args.wait:
         return 0
     try:
         job.results()  # one result per task; raises if any task failed
     except Exception as exc:  # submitit re-raises the task's error with its traceback text
-        print(f"error: job {job.job_id} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
-              f" (logs: {job.paths.stdout} / {job.paths.stderr})", file=sys.stderr)
+        print(
+            f"error: job {job.job_id} failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
+            f" (logs: {job.paths.stdout} / {job.paths.stderr})",
+            file=sys.stderr,
+        )
         return 1
     print(f"[launch] job {job.job_id} finished", flush=True)
     return 0

@@ -18,6 +18,7 @@ packages :data:`_PACKAGES` is imported the first time a table is read, so a new 
 in one of them: no existing file lists it. Parts defined outside this package (a lab's own head) are
 named in the config's ``plugins:`` list and imported by the config loader.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,6 +81,7 @@ def register(kind: str, name: str, options: type | None = None):
             raise ValueError(f"{kind} '{name}' registered twice")
         _TABLES[kind][name] = Entry(fn, options or NoOptions)
         return fn
+
     return wrap
 
 

@@ -4,6 +4,7 @@
 warm-up over ``warmup_epochs``, then ``step`` (× gamma at each milestone epoch), ``poly``
 ((1 - progress)^power, arcface_torch's default) or ``cosine`` decay to 0 at ``epochs``.
 """
+
 from __future__ import annotations
 
 import bisect

@@ -5,6 +5,7 @@ brow, nose and mouth geometry); each image of it re-draws them with a small pose
 lighting, expression, blur and noise. Identities are disjoint by construction, so a held-out
 set of identities gives an honest verification test with no download.
 """
+
 from __future__ import annotations
 
 import io
@@ -44,12 +45,22 @@ def random_identity(rng: random.Random) -> Identity:
 
     return Identity(
         skin=(rng.randint(120, 240), rng.randint(90, 200), rng.randint(60, 170)),
-        hair=colour(10, 200), eye_colour=colour(20, 160),
-        head_w=rng.uniform(0.52, 0.72), head_h=rng.uniform(0.70, 0.90),
-        eye_dx=rng.uniform(0.13, 0.22), eye_y=rng.uniform(0.38, 0.48), eye_r=rng.uniform(0.035, 0.07),
-        brow_tilt=rng.uniform(-0.05, 0.05), nose_len=rng.uniform(0.10, 0.20), nose_w=rng.uniform(0.04, 0.10),
-        mouth_w=rng.uniform(0.12, 0.26), mouth_y=rng.uniform(0.68, 0.78), hair_h=rng.uniform(0.05, 0.22),
-        fringe=rng.randint(0, 3), beard=rng.random() < 0.3)
+        hair=colour(10, 200),
+        eye_colour=colour(20, 160),
+        head_w=rng.uniform(0.52, 0.72),
+        head_h=rng.uniform(0.70, 0.90),
+        eye_dx=rng.uniform(0.13, 0.22),
+        eye_y=rng.uniform(0.38, 0.48),
+        eye_r=rng.uniform(0.035, 0.07),
+        brow_tilt=rng.uniform(-0.05, 0.05),
+        nose_len=rng.uniform(0.10, 0.20),
+        nose_w=rng.uniform(0.04, 0.10),
+        mouth_w=rng.uniform(0.12, 0.26),
+        mouth_y=rng.uniform(0.68, 0.78),
+        hair_h=rng.uniform(0.05, 0.22),
+        fringe=rng.randint(0, 3),
+        beard=rng.random() < 0.3,
+    )
 
 
 def render(ident: Identity, rng: random.Random, size: int = SIZE) -> Image.Image:
@@ -64,8 +75,9 @@ def render(ident: Identity, rng: random.Random, size: int = SIZE) -> Image.Image
     d.ellipse([cx - hw * 1.04, top - ident.hair_h * s, cx + hw * 1.04, cy + hh * 0.2], fill=ident.hair)
     d.ellipse([cx - hw, top, cx + hw, cy + hh], fill=ident.skin)
     if ident.fringe:
-        d.chord([cx - hw, top - ident.hair_h * s * 0.5, cx + hw, top + hh * 0.25 * ident.fringe],
-                180, 360, fill=ident.hair)
+        d.chord(
+            [cx - hw, top - ident.hair_h * s * 0.5, cx + hw, top + hh * 0.25 * ident.fringe], 180, 360, fill=ident.hair
+        )
     if ident.beard:
         d.chord([cx - hw * 0.9, cy, cx + hw * 0.9, cy + hh * 1.0], 0, 180, fill=ident.hair)
     ey = top + ident.eye_y * 2 * hh
@@ -75,8 +87,11 @@ def render(ident: Identity, rng: random.Random, size: int = SIZE) -> Image.Image
         d.ellipse([ex - er * 1.6, ey - er, ex + er * 1.6, ey + er], fill=(245, 245, 245))
         d.ellipse([ex - er * 0.8, ey - er * 0.8, ex + er * 0.8, ey + er * 0.8], fill=ident.eye_colour)
         by = ey - er * 2.2
-        d.line([ex - er * 1.8, by + sign * ident.brow_tilt * s, ex + er * 1.8, by - sign * ident.brow_tilt * s],
-               fill=ident.hair, width=max(2, int(er * 0.6)))
+        d.line(
+            [ex - er * 1.8, by + sign * ident.brow_tilt * s, ex + er * 1.8, by - sign * ident.brow_tilt * s],
+            fill=ident.hair,
+            width=max(2, int(er * 0.6)),
+        )
     ny = ey + ident.nose_len * s
     shade = tuple(max(0, c - 50) for c in ident.skin)
     d.polygon([(cx, ey + er), (cx - ident.nose_w * s, ny), (cx + ident.nose_w * s, ny)], fill=shade)

@@ -9,6 +9,7 @@ Data-parallel backbone under DeepSpeed; model-parallel class centres in a
 its gradients must never be averaged) with its own optimizer. The recipe is looked up in the
 registry and hands back its own loss terms and monitoring values; this loop only sums and logs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,16 +104,22 @@ class Trainer:
         margin = CombinedMargin(cfg.margin.s, cfg.margin.m1, cfg.margin.m2, cfg.margin.m3)
         torch.manual_seed(cfg.seed + 1)  # the classifier shard init is per rank but reproducible
         self.classifier = ShardedMarginClassifier(
-            self.loader.num_classes, self.model.embedding_size, margin, sample_rate=cfg.classifier.sample_rate,
-            rank=self.rank, world_size=self.world,
+            self.loader.num_classes,
+            self.model.embedding_size,
+            margin,
+            sample_rate=cfg.classifier.sample_rate,
+            rank=self.rank,
+            world_size=self.world,
             # DeepSpeed averages backbone gradients over ranks; the all-gathered softmax already
             # sums each sample's gradient from all shards, so scale back up (as arcface_torch does).
-            embedding_grad_scale=float(self.world)).to(self.device)
+            embedding_grad_scale=float(self.world),
+        ).to(self.device)
 
         groups = param_groups(self.model, self.model.no_weight_decay(), cfg.optim.weight_decay)
         optimizer = make_optimizer(cfg, groups, cfg.optim.lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, self.world), dist_init_required=False)
+            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, self.world), dist_init_required=False
+        )
         if self.world == 1:
             self.engine.enable_backward_allreduce = False  # nothing to average over one rank
         if self.dtype != torch.float32:
@@ -123,8 +130,10 @@ class Trainer:
                     if buf.is_floating_point():
                         setattr(buf_owner, name, buf.to(self.dtype))
         self.cls_optimizer = make_optimizer(
-            cfg, [{"params": list(self.classifier.parameters()), "weight_decay": cfg.optim.weight_decay}],
-            cfg.optim.lr * cfg.classifier.lr_scale)
+            cfg,
+            [{"params": list(self.classifier.parameters()), "weight_decay": cfg.optim.weight_decay}],
+            cfg.optim.lr * cfg.classifier.lr_scale,
+        )
 
         self.step = 0  # optimizer steps done
         self.preempted = False
@@ -158,9 +167,12 @@ class Trainer:
         last_ckpt = None
         tick, tick_step = time.perf_counter(), self.step
         if distributed.is_main():
-            print(f"[train] recipe={cfg.recipe} network={ckpt.describe(cfg.model)} world={self.world} "
-                  f"classes={self.loader.num_classes} images={self.loader.num_images} "
-                  f"steps/epoch={self.steps_per_epoch} total_steps={self.total_steps} start_step={self.step}", flush=True)
+            print(
+                f"[train] recipe={cfg.recipe} network={ckpt.describe(cfg.model)} world={self.world} "
+                f"classes={self.loader.num_classes} images={self.loader.num_images} "
+                f"steps/epoch={self.steps_per_epoch} total_steps={self.total_steps} start_step={self.step}",
+                flush=True,
+            )
         while self.step < self.total_steps:
             self.loader.set_epoch(epoch)
             # resume mid-epoch: the same batches the interrupted run would have seen next
@@ -273,8 +285,11 @@ class Trainer:
         if norm is not None and math.isfinite(float(norm)):
             self.writer.add_scalar("grad_norm/backbone", float(norm), self.step)
         self.writer.flush()
-        print(f"[train] step {self.step}/{self.total_steps} loss {means['loss/total']:.4f} "
-              f"lr {float(terms['_lr']):.4g} {samples_per_s:.1f} samples/s", flush=True)
+        print(
+            f"[train] step {self.step}/{self.total_steps} loss {means['loss/total']:.4f} "
+            f"lr {float(terms['_lr']):.4g} {samples_per_s:.1f} samples/s",
+            flush=True,
+        )
 
     def _log_histograms(self) -> None:
         if self.writer is None:
@@ -326,11 +341,25 @@ class Trainer:
             dump_config(self.cfg, tmp / "config.yaml")
             torch.save(self.model.net.state_dict(), tmp / "model.pt")
             torch.save(self.model.state_dict(), tmp / "recipe.pt")
-            torch.save({"weight": weight.cpu(), "moments": {k: v.cpu() for k, v in moments.items()},
-                        "step": self._classifier_opt_step()}, tmp / "classifier.pt")
-            ckpt.save_json(tmp / "trainer.json", {
-                "step": self.step, "world_size": self.world, "steps_per_epoch": self.steps_per_epoch,
-                "total_steps": self.total_steps, "recipe": self.cfg.recipe, "network": ckpt.describe(self.cfg.model)})
+            torch.save(
+                {
+                    "weight": weight.cpu(),
+                    "moments": {k: v.cpu() for k, v in moments.items()},
+                    "step": self._classifier_opt_step(),
+                },
+                tmp / "classifier.pt",
+            )
+            ckpt.save_json(
+                tmp / "trainer.json",
+                {
+                    "step": self.step,
+                    "world_size": self.world,
+                    "steps_per_epoch": self.steps_per_epoch,
+                    "total_steps": self.total_steps,
+                    "recipe": self.cfg.recipe,
+                    "network": ckpt.describe(self.cfg.model),
+                },
+            )
             self.model.on_checkpoint(tmp, self.step)
         distributed.barrier()
         final = root / ckpt.step_name(self.step)
@@ -363,23 +392,32 @@ class Trainer:
         meta = ckpt.load_json(path / "trainer.json")
         network = ckpt.describe(self.cfg.model)
         if (meta["recipe"], meta.get("network")) != (self.cfg.recipe, network):
-            raise ConfigError(f"--resume: checkpoint {path} is a {meta['recipe']} run of {meta.get('network')}, "
-                              f"this config is {self.cfg.recipe} of {network}")
+            raise ConfigError(
+                f"--resume: checkpoint {path} is a {meta['recipe']} run of {meta.get('network')}, "
+                f"this config is {self.cfg.recipe} of {network}"
+            )
         same_world = meta["world_size"] == self.world
         try:
             if same_world:
                 self.engine.load_checkpoint(str(path), tag="deepspeed", load_lr_scheduler_states=False)
             else:
-                ckpt.load_state_strict(self.model, ckpt.read_state_dict(path / "recipe.pt"), path / "recipe.pt", network)
-                warnings.warn(f"resuming {path} (world size {meta['world_size']}) on world size {self.world}: "
-                              "backbone optimizer moments are re-initialised; classifier state is re-sharded exactly", stacklevel=2)
+                ckpt.load_state_strict(
+                    self.model, ckpt.read_state_dict(path / "recipe.pt"), path / "recipe.pt", network
+                )
+                warnings.warn(
+                    f"resuming {path} (world size {meta['world_size']}) on world size {self.world}: "
+                    "backbone optimizer moments are re-initialised; classifier state is re-sharded exactly",
+                    stacklevel=2,
+                )
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0][:300]
             raise ConfigError(f"--resume: checkpoint {path} does not fit this model ({first})") from None
         cls = torch.load(path / "classifier.pt", map_location="cpu", weights_only=True)
         if cls["weight"].shape[0] != self.loader.num_classes:
-            raise ConfigError(f"--resume: checkpoint {path} has {cls['weight'].shape[0]} classes, "
-                              f"data.train has {self.loader.num_classes}")
+            raise ConfigError(
+                f"--resume: checkpoint {path} has {cls['weight'].shape[0]} classes, "
+                f"data.train has {self.loader.num_classes}"
+            )
         with torch.no_grad():
             self.classifier.weight.copy_(take_shard(cls["weight"], self.rank, self.world).to(self.device))
         if cls["moments"]:
@@ -416,6 +454,7 @@ _STOP_SIGNAL: int | None = None
 def install_signal_handlers() -> None:
     """SIGUSR1 (Slurm's --signal before the time limit) or SIGTERM: finish the step, checkpoint,
     requeue. Installed first thing in main() so a signal during start-up is not fatal."""
+
     def handler(signum, _frame):
         global _STOP_SIGNAL
         _STOP_SIGNAL = signum
@@ -431,12 +470,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.train",
         description="Train any recipe. Example: python -m pipeline.train --config configs/arcface_r50.yaml "
-                    "--config configs/smoke.yaml data.train=shards/lfw output.dir=runs/try",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="config layer; repeat to stack (later layers win)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                        help="resume from CKPT, or from output.dir's latest checkpoint when no path is given")
+        "--config configs/smoke.yaml data.train=shards/lfw output.dir=runs/try",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", action="append", default=[], metavar="YAML", help="config layer; repeat to stack (later layers win)"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CKPT",
+        help="resume from CKPT, or from output.dir's latest checkpoint when no path is given",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.05 data.batch_size=64")
     args = parser.parse_args(argv)
     if not args.config:

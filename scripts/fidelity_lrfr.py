@@ -26,6 +26,7 @@ wall, 12.2 min CPU (user+sys of all processes), i.e. about 6-10 min wall on 2 id
 
 Writes OUT/results.md (the markdown table) and OUT/results.json; prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,14 @@ RUNS = (
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "lfw_view1_112"),
-                    help="folder with train_112/ and lfw_devtest_112.bin (default ../shared/data/lfw_view1_112)")
-    ap.add_argument("--out", default=str(REPO / "runs" / "fidelity_lrfr"), help="output folder (default runs/fidelity_lrfr)")
+    ap.add_argument(
+        "--data",
+        default=str(REPO.parent / "shared" / "data" / "lfw_view1_112"),
+        help="folder with train_112/ and lfw_devtest_112.bin (default ../shared/data/lfw_view1_112)",
+    )
+    ap.add_argument(
+        "--out", default=str(REPO / "runs" / "fidelity_lrfr"), help="output folder (default runs/fidelity_lrfr)"
+    )
     ap.add_argument("--epochs", type=float, default=2.0, help="training epochs per model (default 2)")
     ap.add_argument("--input-size", type=int, default=56, help="model input size in px (default 56)")
     ap.add_argument("--width", type=float, default=0.0625, help="iresnet18 width multiplier (default 0.0625)")
@@ -67,8 +73,18 @@ def shards(data: Path, out: Path) -> Path:
     dst = out / "shards"
     if (dst / "manifest.json").is_file():
         return dst
-    cmd = [sys.executable, "-m", "data_prep.folder2wds", "--root", str(data / "train_112"), "--out", str(dst),
-           "--shard-size", "500", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.folder2wds",
+        "--root",
+        str(data / "train_112"),
+        "--out",
+        str(dst),
+        "--shard-size",
+        "500",
+        "--no-progress",
+    ]
     subprocess.run(cmd, cwd=REPO, check=True)
     return dst
 
@@ -80,12 +96,27 @@ def train(name: str, layers: list[str], args, shard_dir: Path, out: Path) -> Pat
     cmd = [sys.executable, "-m", "pipeline.train", "--config", "configs/lrfr_r34_casia.yaml"]
     for layer in layers:
         cmd += ["--config", layer]
-    cmd += ["device=cpu", f"data.train={shard_dir}", f"output.dir={run_dir}", "model.backbone=iresnet18",
-            f"model.width={args.width}", "model.head.embedding_size=512", f"model.input_size={args.input_size}",
-            f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", "data.shuffle_buffer=500",
-            f"optim.lr={args.lr}", f"schedule.epochs={e}", f"schedule.milestones={milestones}",
-            "output.log_every=20", "output.checkpoint_every=100000", "output.eval_every=0",
-            "output.histogram_every=100000", "output.keep_checkpoints=1", "seed=0"]
+    cmd += [
+        "device=cpu",
+        f"data.train={shard_dir}",
+        f"output.dir={run_dir}",
+        "model.backbone=iresnet18",
+        f"model.width={args.width}",
+        "model.head.embedding_size=512",
+        f"model.input_size={args.input_size}",
+        f"data.batch_size={args.batch_size}",
+        f"data.num_workers={args.workers}",
+        "data.shuffle_buffer=500",
+        f"optim.lr={args.lr}",
+        f"schedule.epochs={e}",
+        f"schedule.milestones={milestones}",
+        "output.log_every=20",
+        "output.checkpoint_every=100000",
+        "output.eval_every=0",
+        "output.histogram_every=100000",
+        "output.keep_checkpoints=1",
+        "seed=0",
+    ]
     print(f"[fidelity] training {name}: {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return run_dir
@@ -109,7 +140,9 @@ def table(results: dict[str, list[dict]], sizes) -> str:
     for name, rows in results.items():
         by = {(r["mode"], r["size"]): r for r in rows}
         cells = [by[("clean", None)]] + [by[("lr", s)] for s in sizes] + [by[("cross", s)] for s in sizes]
-        lines.append("| " + " | ".join([name] + [f"{100 * r['accuracy']:.1f} ± {100 * r['std']:.1f}" for r in cells]) + " |")
+        lines.append(
+            "| " + " | ".join([name] + [f"{100 * r['accuracy']:.1f} ± {100 * r['std']:.1f}" for r in cells]) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -137,15 +170,31 @@ def main(argv=None) -> int:
         print(f"[fidelity] {name}: train {t_train:.0f} s, eval {timings[name]['eval_s']:.0f} s", flush=True)
     md = table(results, args.sizes)
     total = time.time() - t0
-    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ("ru_utime", "ru_stime"))
-    note = (f"\nLFW dev-test (1,000 pairs, 10-fold accuracy % ± fold std); iresnet18 width {args.width}, "
-            f"{args.input_size} px input, {args.epochs:g} epochs on LFW View-1 train (111 ids, 1,814 images), "
-            f"batch {args.batch_size}, seed 0. LR = both images bicubic down/up to s px; cross = second image only. "
-            f"Total wall time {total / 60:.1f} min, CPU time {cpu / 60:.1f} min (user+sys, all processes).\n")
+    cpu = sum(
+        getattr(resource.getrusage(who), f)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
+    note = (
+        f"\nLFW dev-test (1,000 pairs, 10-fold accuracy % ± fold std); iresnet18 width {args.width}, "
+        f"{args.input_size} px input, {args.epochs:g} epochs on LFW View-1 train (111 ids, 1,814 images), "
+        f"batch {args.batch_size}, seed 0. LR = both images bicubic down/up to s px; cross = second image only. "
+        f"Total wall time {total / 60:.1f} min, CPU time {cpu / 60:.1f} min (user+sys, all processes).\n"
+    )
     (out / "results.md").write_text(md + "\n" + note)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "timings": timings, "total_s": round(total, 1), "cpu_s": round(cpu, 1),
-                                                  "results": results}, indent=1) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "timings": timings,
+                "total_s": round(total, 1),
+                "cpu_s": round(cpu, 1),
+                "results": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(md)
     print(note)
     return 0

@@ -36,6 +36,7 @@ images, ResNet-18 at full width, 30 epochs): one seed, 1k test pairs (±1-2 % is
 Writes OUT/results.md, OUT/results.json, OUT/<variant>/ (runs; train.log) and the t-density PNG
 (default docs/fidelity/scan_t_density.png); prints the tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,11 @@ VARIANTS = (
     ("plain", "configs/base.yaml", ["recipe=margin", "model.backbone=iresnet18"]),
     ("SAC", "configs/scan_r18_casia.yaml", ["model.conv.sac=true", "model.conv.lsc=false", "model.conv.rmo=false"]),
     ("SAC+RMO", "configs/scan_r18_casia.yaml", ["model.conv.sac=true", "model.conv.lsc=false", "model.conv.rmo=true"]),
-    ("SAC+RMO+LSC", "configs/scan_r18_casia.yaml", ["model.conv.sac=true", "model.conv.lsc=true", "model.conv.rmo=true"]),
+    (
+        "SAC+RMO+LSC",
+        "configs/scan_r18_casia.yaml",
+        ["model.conv.sac=true", "model.conv.lsc=true", "model.conv.rmo=true"],
+    ),
 )
 SCAN_VARIANTS = tuple(v[0] for v in VARIANTS if v[0] != "plain")
 LOSSES = {  # margin.{s,m1,m2,m3}: cos(m1·θ + m2) − m3
@@ -68,39 +73,68 @@ STEP_RE = re.compile(r"\[train\] step (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf)")
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "lfw_view1_112"),
-                    help="folder with train_list.txt, train_112/ and lfw_devtest_112.bin (default ../shared/data/lfw_view1_112)")
-    ap.add_argument("--out", default=str(REPO / "runs" / "fidelity_scan"), help="work folder (default runs/fidelity_scan)")
-    ap.add_argument("--png", default=str(REPO / "docs" / "fidelity" / "scan_t_density.png"),
-                    help="t-density comparison PNG (default docs/fidelity/scan_t_density.png)")
+    ap.add_argument(
+        "--data",
+        default=str(REPO.parent / "shared" / "data" / "lfw_view1_112"),
+        help="folder with train_list.txt, train_112/ and lfw_devtest_112.bin (default ../shared/data/lfw_view1_112)",
+    )
+    ap.add_argument(
+        "--out", default=str(REPO / "runs" / "fidelity_scan"), help="work folder (default runs/fidelity_scan)"
+    )
+    ap.add_argument(
+        "--png",
+        default=str(REPO / "docs" / "fidelity" / "scan_t_density.png"),
+        help="t-density comparison PNG (default docs/fidelity/scan_t_density.png)",
+    )
     ap.add_argument("--epochs", type=float, default=10.0, help="training epochs per model (default 10)")
-    ap.add_argument("--steps", type=int, default=0, help="stop after this many steps instead (schedule.max_steps; 0 = off)")
+    ap.add_argument(
+        "--steps", type=int, default=0, help="stop after this many steps instead (schedule.max_steps; 0 = off)"
+    )
     ap.add_argument("--input-size", type=int, default=56, help="model input size in px (default 56)")
     ap.add_argument("--width", type=float, default=0.125, help="iresnet18 width multiplier (default 0.125)")
     ap.add_argument("--embedding", type=int, default=128, help="embedding size (default 128)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--loss", choices=sorted(LOSSES), default="cosface", help="margin softmax (default cosface)")
-    ap.add_argument("--blur", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="test blur σ in px at 112 px (default 1 2 3)")
+    ap.add_argument(
+        "--blur", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="test blur σ in px at 112 px (default 1 2 3)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch/OMP threads per process (default 1)")
     ap.add_argument("--workers", type=int, default=1, help="loader worker processes (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="+", choices=[v[0] for v in VARIANTS], help="train/evaluate only these variants")
-    ap.add_argument("--retrain", action="store_true", help="train again even where OUT/<variant> has a final checkpoint")
+    ap.add_argument(
+        "--retrain", action="store_true", help="train again even where OUT/<variant> has a final checkpoint"
+    )
     return ap.parse_args(argv)
 
 
 def _env(threads: int) -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+    }
 
 
 def make_shards(data: Path, out: Path, threads: int) -> Path:
     """LFW View-1 train list → WebDataset shards, once (reused when manifest.json exists)."""
     dst = out / "shards"
     if not (dst / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "data_prep.folder2wds", "--list", str(data / "train_list.txt"), "--out", str(dst),
-               "--shard-size", "1000", "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "data_prep.folder2wds",
+            "--list",
+            str(data / "train_list.txt"),
+            "--out",
+            str(dst),
+            "--shard-size",
+            "1000",
+            "--no-progress",
+        ]
         subprocess.run(cmd, cwd=REPO, check=True, env=_env(threads))
     return dst
 
@@ -111,8 +145,18 @@ def make_blurred(bin_path: Path, out: Path, sigmas, threads: int) -> list[Path]:
     want = [dst / f"{bin_path.stem}_blur{s:g}.bin" for s in sigmas]
     if not all(p.is_file() for p in want):
         dst.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "data_prep.bin", "degrade", "--bin", str(bin_path), "--out-dir", str(dst),
-               "--blur", *[f"{s:g}" for s in sigmas]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "data_prep.bin",
+            "degrade",
+            "--bin",
+            str(bin_path),
+            "--out-dir",
+            str(dst),
+            "--blur",
+            *[f"{s:g}" for s in sigmas],
+        ]
         with open(dst / "degrade.log", "w") as log:  # its tqdm bars go to the log, not the table
             subprocess.run(cmd, cwd=REPO, check=True, env=_env(threads), stdout=log, stderr=subprocess.STDOUT)
     missing = [str(p) for p in want if not p.is_file()]
@@ -130,15 +174,40 @@ def train(name: str, layer: str, extra: list[str], args, shard_dir: Path, out: P
     run_dir = run_dir_of(out, name)
     e = args.epochs
     milestones = [round(e * m / 30, 3) for m in (16, 24, 28)]  # the paper's ÷10 at 16/24/28 of 30 epochs
-    cmd = [sys.executable, "-m", "pipeline.train", "--config", layer, *extra, *LOSSES[args.loss],
-           "device=cpu", f"seed={args.seed}", f"data.train={shard_dir}", f"output.dir={run_dir}",
-           f"model.width={args.width}", f"model.head.embedding_size={args.embedding}", f"model.input_size={args.input_size}",
-           f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", "data.shuffle_buffer=1000",
-           "optim.name=sgd", f"optim.lr={args.lr}", "optim.momentum=0.9", "optim.weight_decay=1e-4",
-           "schedule.kind=step", f"schedule.epochs={e}", f"schedule.milestones={milestones}", "schedule.gamma=0.1",
-           "schedule.warmup_epochs=0", f"schedule.max_steps={args.steps}",
-           "output.log_every=7", "output.checkpoint_every=1000000", "output.eval_every=0",
-           "output.histogram_every=28", "output.keep_checkpoints=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--config",
+        layer,
+        *extra,
+        *LOSSES[args.loss],
+        "device=cpu",
+        f"seed={args.seed}",
+        f"data.train={shard_dir}",
+        f"output.dir={run_dir}",
+        f"model.width={args.width}",
+        f"model.head.embedding_size={args.embedding}",
+        f"model.input_size={args.input_size}",
+        f"data.batch_size={args.batch_size}",
+        f"data.num_workers={args.workers}",
+        "data.shuffle_buffer=1000",
+        "optim.name=sgd",
+        f"optim.lr={args.lr}",
+        "optim.momentum=0.9",
+        "optim.weight_decay=1e-4",
+        "schedule.kind=step",
+        f"schedule.epochs={e}",
+        f"schedule.milestones={milestones}",
+        "schedule.gamma=0.1",
+        "schedule.warmup_epochs=0",
+        f"schedule.max_steps={args.steps}",
+        "output.log_every=7",
+        "output.checkpoint_every=1000000",
+        "output.eval_every=0",
+        "output.histogram_every=28",
+        "output.keep_checkpoints=1",
+    ]
     log_path = run_dir / "train.log"
     final = run_dir / "checkpoints"
     if not args.retrain and log_path.is_file() and "[train] done" in log_path.read_text():
@@ -152,8 +221,11 @@ def train(name: str, layer: str, extra: list[str], args, shard_dir: Path, out: P
             tail = log_path.read_text().strip().splitlines()[-5:]
             raise RuntimeError(f"training {name} failed (exit {proc.returncode}), see {log_path}:\n" + "\n".join(tail))
     steps = [(int(m[1]), int(m[2]), float(m[3])) for m in STEP_RE.finditer(log_path.read_text())]
-    summary = {"steps": steps[-1][1] if steps else None,
-               "first_loss": steps[0][2] if steps else None, "final_loss": steps[-1][2] if steps else None}
+    summary = {
+        "steps": steps[-1][1] if steps else None,
+        "first_loss": steps[0][2] if steps else None,
+        "final_loss": steps[-1][2] if steps else None,
+    }
     return final, summary
 
 
@@ -171,9 +243,16 @@ def t_stats(t) -> dict:
     import numpy as np
 
     t = np.asarray(t, dtype=np.float64)
-    return {"n": int(t.size), "mean": float(t.mean()), "std": float(t.std(ddof=1)), "median": float(np.median(t)),
-            "frac_below_0.1": float((t < 0.1).mean()), "frac_near_init": float((np.abs(t - 1.0) < 0.05).mean()),
-            "min": float(t.min()), "max": float(t.max())}
+    return {
+        "n": int(t.size),
+        "mean": float(t.mean()),
+        "std": float(t.std(ddof=1)),
+        "median": float(np.median(t)),
+        "frac_below_0.1": float((t < 0.1).mean()),
+        "frac_near_init": float((np.abs(t - 1.0) < 0.05).mean()),
+        "min": float(t.min()),
+        "max": float(t.max()),
+    }
 
 
 def evaluate(ckpt_root: Path, bins: list[Path], threads: int) -> tuple[list[dict], dict | None]:
@@ -234,11 +313,16 @@ def tables(results: dict, sigmas, tstats: dict, summaries: dict) -> str:
         loss = summaries[name]["final_loss"]
         lines.append("| " + " | ".join([name, *cells, f"{loss:.2f}" if loss is not None else "-"]) + " |")
     if tstats:
-        lines += ["", "| variant | #t | mean | std | median | frac < 0.1 | frac ∣t−1∣ < 0.05 | min | max |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| variant | #t | mean | std | median | frac < 0.1 | frac ∣t−1∣ < 0.05 | min | max |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, s in tstats.items():
-            lines.append(f"| {name} | {s['n']} | {s['mean']:.3f} | {s['std']:.3f} | {s['median']:.3f} | "
-                         f"{s['frac_below_0.1']:.3f} | {s['frac_near_init']:.3f} | {s['min']:.3f} | {s['max']:.3f} |")
+            lines.append(
+                f"| {name} | {s['n']} | {s['mean']:.3f} | {s['std']:.3f} | {s['median']:.3f} | "
+                f"{s['frac_below_0.1']:.3f} | {s['frac_near_init']:.3f} | {s['min']:.3f} | {s['max']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -271,24 +355,44 @@ def main(argv=None) -> int:
         print(f"[fidelity] {name}: train {t_train:.0f} s, eval {timings[name]['eval_s']:.0f} s; {acc}", flush=True)
     total = time.time() - t0
     if t_by:
-        caption = (f"t of every SAC filter, SCAN-iresnet18 w{args.width:g}, {args.input_size} px, "
-                   f"{args.steps or args.epochs:g} {'steps' if args.steps else 'epochs'} on LFW View-1 train (1.8k images)")
+        caption = (
+            f"t of every SAC filter, SCAN-iresnet18 w{args.width:g}, {args.input_size} px, "
+            f"{args.steps or args.epochs:g} {'steps' if args.steps else 'epochs'} on LFW View-1 train (1.8k images)"
+        )
         plot_t_densities(t_by, Path(args.png), caption)
-    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ("ru_utime", "ru_stime"))
+    cpu = sum(
+        getattr(resource.getrusage(who), f)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for f in ("ru_utime", "ru_stime")
+    )
     md = tables(results, args.blur, tstats, summaries)
     sched = f"{args.steps} steps" if args.steps else f"{args.epochs:g} epochs"
-    note = (f"\nLFW dev-test (1,000 pairs; 10-fold accuracy % ± fold std, flip-augmented embeddings); blur σ in px of "
-            f"the 112 px aligned face, before the resize to the {args.input_size} px input. iresnet18 / scan_iresnet18 "
-            f"width {args.width:g}, {args.embedding}-d, {sched} on LFW View-1 train (111 ids, 1,814 images), batch "
-            f"{args.batch_size}, SGD lr {args.lr:g} ÷10 at 16/24/28 of 30, wd 1e-4, {args.loss} s=64, seed {args.seed}, "
-            f"{args.threads} thread(s). t statistics over all SAC filters of the final checkpoint "
-            f"(t initialised to 1). Total wall time {total / 60:.1f} min, CPU time {cpu / 60:.1f} min (all processes)."
-            + (f"\nt densities: {args.png}" if t_by else "") + "\n")
+    note = (
+        f"\nLFW dev-test (1,000 pairs; 10-fold accuracy % ± fold std, flip-augmented embeddings); blur σ in px of "
+        f"the 112 px aligned face, before the resize to the {args.input_size} px input. iresnet18 / scan_iresnet18 "
+        f"width {args.width:g}, {args.embedding}-d, {sched} on LFW View-1 train (111 ids, 1,814 images), batch "
+        f"{args.batch_size}, SGD lr {args.lr:g} ÷10 at 16/24/28 of 30, wd 1e-4, {args.loss} s=64, seed {args.seed}, "
+        f"{args.threads} thread(s). t statistics over all SAC filters of the final checkpoint "
+        f"(t initialised to 1). Total wall time {total / 60:.1f} min, CPU time {cpu / 60:.1f} min (all processes)."
+        + (f"\nt densities: {args.png}" if t_by else "")
+        + "\n"
+    )
     (out / "results.md").write_text(md + "\n" + note)
-    (out / "results.json").write_text(json.dumps({
-        "args": vars(args), "timings": timings, "total_s": round(total, 1), "cpu_s": round(cpu, 1),
-        "train": summaries, "results": results, "t_stats": tstats}, indent=1) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "timings": timings,
+                "total_s": round(total, 1),
+                "cpu_s": round(cpu, 1),
+                "train": summaries,
+                "results": results,
+                "t_stats": tstats,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(md)
     print(note)
     return 0

@@ -1,4 +1,5 @@
 """Shared fixtures. Tests that need ../shared/data fail (never skip) when it is missing."""
+
 from __future__ import annotations
 
 import os
@@ -41,9 +42,22 @@ def lfw_shards(shared_data, tmp_path_factory) -> Path:
     import sys
 
     out = tmp_path_factory.mktemp("lfw_shards") / "shards"
-    cmd = [sys.executable, "-m", "data_prep.folder2wds", "--list",
-           str(shared_data / "lfw_view1_112" / "train_list.txt"), "--out", str(out),
-           "--shard-size", "300", "--workers", "1", "--verify", "header", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.folder2wds",
+        "--list",
+        str(shared_data / "lfw_view1_112" / "train_list.txt"),
+        "--out",
+        str(out),
+        "--shard-size",
+        "300",
+        "--workers",
+        "1",
+        "--verify",
+        "header",
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
     return out

@@ -19,6 +19,7 @@ By hand::
     SLURM_CONF=/tmp/slurm/slurm.conf sinfo
     python tests/slurm_cluster.py down /tmp/slurm
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ def install() -> None:
     if all(_which(b) for b in BINARIES):
         return
     if os.geteuid() != 0:
-        raise SlurmError("the local Slurm test needs root to apt-get install slurmctld slurmd "
-                         "slurm-client munge (run as root, or install them first: .ci/install_slurm.sh)")
+        raise SlurmError(
+            "the local Slurm test needs root to apt-get install slurmctld slurmd "
+            "slurm-client munge (run as root, or install them first: .ci/install_slurm.sh)"
+        )
     r = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True)
     if r.returncode != 0 or not all(_which(b) for b in BINARIES):
         raise SlurmError(f"{INSTALL_SCRIPT} failed (rc={r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
@@ -143,8 +146,10 @@ class LocalSlurm:
             "SlurmdDebug=info",
         ]
         for name, port in zip(NODES, node_ports):
-            lines.append(f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} "
-                         f"CPUs={self.cpus} RealMemory={mem} State=UNKNOWN")
+            lines.append(
+                f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} "
+                f"CPUs={self.cpus} RealMemory={mem} State=UNKNOWN"
+            )
         lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
         (r / "ctld_state").mkdir(parents=True, exist_ok=True)
         for name in NODES:
@@ -158,15 +163,27 @@ class LocalSlurm:
         self.munge_dir.mkdir(mode=0o755, exist_ok=True)
         os.chown(self.munge_dir, munge.pw_uid, munge.pw_gid)
         pid = self.munge_dir / "munged.pid"
-        cmd = ["runuser", "-u", "munge", "--", _which("munged"),
-               f"--socket={self.munge_socket}", f"--pid-file={pid}",
-               f"--log-file={self.munge_dir / 'munged.log'}", f"--seed-file={self.munge_dir / 'munged.seed'}"]
+        cmd = [
+            "runuser",
+            "-u",
+            "munge",
+            "--",
+            _which("munged"),
+            f"--socket={self.munge_socket}",
+            f"--pid-file={pid}",
+            f"--log-file={self.munge_dir / 'munged.log'}",
+            f"--seed-file={self.munge_dir / 'munged.seed'}",
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise SlurmError(f"munged did not start: {r.stderr.strip()} (log: {self.munge_dir / 'munged.log'})")
         self.started.append(("munged", pid))
-        check = subprocess.run(f"{_which('munge')} -S {self.munge_socket} -n | {_which('unmunge')} -S {self.munge_socket}",
-                               shell=True, capture_output=True, text=True)
+        check = subprocess.run(
+            f"{_which('munge')} -S {self.munge_socket} -n | {_which('unmunge')} -S {self.munge_socket}",
+            shell=True,
+            capture_output=True,
+            text=True,
+        )
         if check.returncode != 0:
             raise SlurmError(f"munge -n | unmunge failed: {check.stderr.strip()}")
 
@@ -187,11 +204,19 @@ class LocalSlurm:
         try:
             self._write_config()
             self._start_munge()
-            self._start_daemon("slurmctld", [_which("slurmctld"), "-f", str(self.conf)],
-                               self.root / "slurmctld.pid", self.root / "slurmctld.log")
+            self._start_daemon(
+                "slurmctld",
+                [_which("slurmctld"), "-f", str(self.conf)],
+                self.root / "slurmctld.pid",
+                self.root / "slurmctld.log",
+            )
             for name in NODES:
-                self._start_daemon(f"slurmd {name}", [_which("slurmd"), "-f", str(self.conf), "-N", name],
-                                   self.root / f"slurmd_{name}.pid", self.root / f"slurmd_{name}.log")
+                self._start_daemon(
+                    f"slurmd {name}",
+                    [_which("slurmd"), "-f", str(self.conf), "-N", name],
+                    self.root / f"slurmd_{name}.pid",
+                    self.root / f"slurmd_{name}.log",
+                )
             self.wait_idle(timeout_s)
         except BaseException:
             self.stop()
@@ -222,8 +247,20 @@ class LocalSlurm:
     def wait_job(self, job_id: int, timeout_s: float, poll_s: float = 0.5) -> dict[str, str]:
         """Poll ``scontrol show job`` until the job leaves PENDING/RUNNING/etc.; return its fields."""
         deadline = time.monotonic() + timeout_s
-        active = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-                  "REQUEUE_FED", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", ""}
+        active = {
+            "PENDING",
+            "RUNNING",
+            "CONFIGURING",
+            "COMPLETING",
+            "REQUEUED",
+            "REQUEUE_HOLD",
+            "REQUEUE_FED",
+            "RESIZING",
+            "SUSPENDED",
+            "SIGNALING",
+            "STAGE_OUT",
+            "",
+        }
         info: dict[str, str] = {}
         while time.monotonic() < deadline:
             info = self.job_info(job_id)
@@ -231,8 +268,10 @@ class LocalSlurm:
                 return info
             time.sleep(poll_s)
         self.run("scancel", str(job_id), check=False)
-        raise SlurmError(f"job {job_id} still {info.get('JobState')} after {timeout_s:.0f} s "
-                         f"(reason {info.get('Reason')})\n{self.logs_tail()}")
+        raise SlurmError(
+            f"job {job_id} still {info.get('JobState')} after {timeout_s:.0f} s "
+            f"(reason {info.get('Reason')})\n{self.logs_tail()}"
+        )
 
     def logs_tail(self, n: int = 30) -> str:
         parts = [_tail(self.root / "slurmctld.log", n)]
@@ -303,8 +342,9 @@ def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Start or stop a one-machine Slurm (nodes n1, n2 on 127.0.0.1) under DIR. Needs root.",
         epilog="example: python tests/slurm_cluster.py up /tmp/slurm && "
-               "SLURM_CONF=/tmp/slurm/slurm.conf sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 "
-               "--cpus-per-task=1 jobs/scan_r101.sh --config configs/smoke.yaml data.train=DIR")
+        "SLURM_CONF=/tmp/slurm/slurm.conf sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 "
+        "--cpus-per-task=1 jobs/scan_r101.sh --config configs/smoke.yaml data.train=DIR",
+    )
     p.add_argument("action", choices=["up", "down"])
     p.add_argument("dir", help="directory for config, state, logs and pid files")
     a = p.parse_args(argv)

@@ -1,4 +1,5 @@
 """The augmentation spec: each step against an independent computation; draw ratios; DALI graph parity."""
+
 from __future__ import annotations
 
 import math
@@ -73,10 +74,12 @@ def test_paired_lr_is_bicubic_down_up_of_its_hr(lfw_train):
     assert torch.allclose(hr, x, atol=1e-6)  # no multires on the HR partner
     assert torch.allclose(lr, bicubic_down_up(hr, 14), atol=1e-6)
     # independent reference for the down step: PIL's antialiased bicubic on each float channel
-    small = torch.nn.functional.interpolate(hr[None], size=(14, 14), mode="bicubic", antialias=True,
-                                            align_corners=False)[0]
-    pil = np.stack([np.asarray(Image.fromarray(hr[c].numpy(), mode="F").resize((14, 14), Image.BICUBIC))
-                    for c in range(3)])
+    small = torch.nn.functional.interpolate(
+        hr[None], size=(14, 14), mode="bicubic", antialias=True, align_corners=False
+    )[0]
+    pil = np.stack(
+        [np.asarray(Image.fromarray(hr[c].numpy(), mode="F").resize((14, 14), Image.BICUBIC)) for c in range(3)]
+    )
     assert np.abs(small.numpy() - pil).max() < 2e-3
     # and the LR copy really lost detail: far from the HR image
     assert (lr - hr).abs().mean() > 0.01
@@ -123,7 +126,7 @@ def test_zero_pad_crop_keeps_the_rectangle_in_place(lfw_train):
     g = sample_generator(3)  # p=1 draws no coin: the first four uniforms are the box
     y0, x0, h, w = crop_box(*torch.rand(4, generator=g, dtype=torch.float64).tolist(), size=112, scale=cfg.crop_scale)
     ref = np.zeros((3, 112, 112), np.float32)
-    ref[:, y0:y0 + h, x0:x0 + w] = x.numpy()[:, y0:y0 + h, x0:x0 + w]
+    ref[:, y0 : y0 + h, x0 : x0 + w] = x.numpy()[:, y0 : y0 + h, x0 : x0 + w]
     assert np.abs(out.numpy() - ref).max() < 1e-6
     assert out.shape == x.shape
 
@@ -179,10 +182,18 @@ def test_decode_is_pil_and_output_range(lfw_train):
     assert small.shape == (3, 64, 64)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("flip", 1.5), ("multires_p", -0.1), ("multires_weights", [1.0, 1.0]), ("multires_sizes", [7, 0, 20]),
-    ("crop_scale", [0.5, 0.2]), ("blur_sigma", [0.0, 1.0]), ("brightness", -1.0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("flip", 1.5),
+        ("multires_p", -0.1),
+        ("multires_weights", [1.0, 1.0]),
+        ("multires_sizes", [7, 0, 20]),
+        ("crop_scale", [0.5, 0.2]),
+        ("blur_sigma", [0.0, 1.0]),
+        ("brightness", -1.0),
+    ],
+)
 def test_bad_spec_is_a_one_line_error(field, value):
     cfg = AugmentConfig(**{field: value})
     with pytest.raises(ConfigError, match=f"data.augment.{field}"):

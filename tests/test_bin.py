@@ -1,4 +1,5 @@
 """data_prep.bin: .bin round trip, pairs.txt → .bin, degraded and cross-resolution copies, bad input."""
+
 from __future__ import annotations
 
 import io
@@ -51,8 +52,17 @@ def test_reads_python2_style_and_numpy_issame(tmp_path):
 def test_from_pairs_reproduces_the_shared_bin(tmp_path, shared_data, lfw_bin, capsys):
     root = shared_data / "lfw_view1_112"
     out = tmp_path / "lfw.bin"
-    rc = B.main(["from-pairs", "--pairs", str(root / "pairsDevTest.txt"), "--root", str(root / "devtest_112"),
-                 "--out", str(out)])
+    rc = B.main(
+        [
+            "from-pairs",
+            "--pairs",
+            str(root / "pairsDevTest.txt"),
+            "--root",
+            str(root / "devtest_112"),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0 and "1000 pairs" in capsys.readouterr().out
     # same JPEG bytes in the same fold-interleaved order as lfw_devtest_112.bin (see its SOURCE.md)
     assert B.read_bin(out) == B.read_bin(lfw_bin)
@@ -69,8 +79,12 @@ def test_view2_pairs_layout(tmp_path):
     pairs.write_text("2\t1\nA\t1\t2\nA\t1\tB\t2\nC\t1\t2\nB\t1\tC\t2\n")
     paths, issame = B.read_pairs(pairs, root)
     assert issame == [True, False, True, False]
-    assert [(a.name, b.name) for a, b in paths] == [("A_0001.jpg", "A_0002.jpg"), ("A_0001.jpg", "B_0002.jpg"),
-                                                   ("C_0001.jpg", "C_0002.jpg"), ("B_0001.jpg", "C_0002.jpg")]
+    assert [(a.name, b.name) for a, b in paths] == [
+        ("A_0001.jpg", "A_0002.jpg"),
+        ("A_0001.jpg", "B_0002.jpg"),
+        ("C_0001.jpg", "C_0002.jpg"),
+        ("B_0001.jpg", "C_0002.jpg"),
+    ]
     # View 1 ("N" header) is re-ordered into 10 folds of matched-then-mismatched
     lines = ["20"] + [f"A\t1\t{2}"] * 20 + ["A\t1\tB\t2"] * 20
     pairs.write_text("\n".join(lines) + "\n")
@@ -98,12 +112,17 @@ def test_pairs_errors(tmp_path):
 
 
 def test_degraded_copies_equal_the_degradation(small_bin, tmp_path, capsys):
-    rc = B.main(["degrade", "--bin", str(small_bin), "--out-dir", str(tmp_path), "--blur", "2",
-                 "--lowres", "14", "--cross"])
+    rc = B.main(
+        ["degrade", "--bin", str(small_bin), "--out-dir", str(tmp_path), "--blur", "2", "--lowres", "14", "--cross"]
+    )
     assert rc == 0
     names = sorted(p.name for p in tmp_path.glob("*.bin"))
-    assert names == ["lfw_small_blur2.bin", "lfw_small_blur2_cross.bin", "lfw_small_lr14.bin",
-                     "lfw_small_lr14_cross.bin"]
+    assert names == [
+        "lfw_small_blur2.bin",
+        "lfw_small_blur2_cross.bin",
+        "lfw_small_lr14.bin",
+        "lfw_small_lr14_cross.bin",
+    ]
     orig, issame = B.read_bin(small_bin)
     for name, fn in (("blur2", lambda x: gaussian_blur(x, 2.0)), ("lr14", lambda x: bicubic_down_up(x, 14))):
         full, same_full = B.read_bin(tmp_path / f"lfw_small_{name}.bin")

@@ -5,6 +5,7 @@ module; inserts sit exactly at their named point; heads read the points they ask
 width comes from the head; registration and renamed keys. End to end (real LFW faces, the real trainer):
 SCAN × LRFR, SCAN × fc folded → ONNX, and the test insert + test head through checkpoint → eval → export.
 """
+
 from __future__ import annotations
 
 import json
@@ -142,7 +143,11 @@ def test_trainer_eval_and_export_never_branch_on_part_names():
     """`git grep` for names of recipes, trunks, conv kinds and heads in the trainer, eval and export."""
     names = set(registry.names("recipe")) | set(registry.names("conv")) | set(registry.names("head"))
     names |= set(registry.names("backbone")) | {"scan", "lcd", "lgaf", "cqa"}
-    files = [REPO / "pipeline" / "train.py", REPO / "pipeline" / "export.py", *(REPO / "pipeline" / "eval").glob("*.py")]
+    files = [
+        REPO / "pipeline" / "train.py",
+        REPO / "pipeline" / "export.py",
+        *(REPO / "pipeline" / "eval").glob("*.py"),
+    ]
     for f in files:
         for line_no, line in enumerate(f.read_text().splitlines(), 1):
             code = line.split("#")[0]
@@ -175,8 +180,16 @@ def test_published_fc_state_dict_gives_bit_identical_embeddings():
     net.eval()
 
     def bn(x, p):
-        return F.batch_norm(x, flat[p + ".running_mean"], flat[p + ".running_var"], flat[p + ".weight"],
-                            flat[p + ".bias"], False, 0.0, 1e-5)
+        return F.batch_norm(
+            x,
+            flat[p + ".running_mean"],
+            flat[p + ".running_var"],
+            flat[p + ".weight"],
+            flat[p + ".bias"],
+            False,
+            0.0,
+            1e-5,
+        )
 
     def reference(x):  # arcface_torch IResNet.forward, written from the flat state dict
         x = F.prelu(bn(F.conv2d(x, flat["conv1.weight"], padding=1), "bn1"), flat["prelu.weight"])
@@ -192,8 +205,16 @@ def test_published_fc_state_dict_gives_bit_identical_embeddings():
                 x = out + sc
         x = torch.flatten(bn(x, "bn2"), 1)
         x = F.linear(x, flat["fc.weight"], flat["fc.bias"])
-        return F.batch_norm(x, flat["features.running_mean"], flat["features.running_var"],
-                            flat["features.weight"], flat["features.bias"], False, 0.0, 1e-5)
+        return F.batch_norm(
+            x,
+            flat["features.running_mean"],
+            flat["features.running_var"],
+            flat["features.weight"],
+            flat["features.bias"],
+            False,
+            0.0,
+            1e-5,
+        )
 
     x = images(3, 32)
     with torch.no_grad():
@@ -237,11 +258,30 @@ def lfw_faces(lfw_bin, n=6):
 @pytest.mark.slow
 def test_scan_convs_under_lrfr_pairing(lfw_shards, tmp_path):
     out = tmp_path / "scan_lrfr"
-    run(train("--config", "configs/compose/scan_lrfr.yaml", "--config", SMOKE, "schedule.max_steps=4",
-              "output.log_every=2", "model.backbone=iresnet18", f"data.train={lfw_shards}", f"output.dir={out}"))
+    run(
+        train(
+            "--config",
+            "configs/compose/scan_lrfr.yaml",
+            "--config",
+            SMOKE,
+            "schedule.max_steps=4",
+            "output.log_every=2",
+            "model.backbone=iresnet18",
+            f"data.train={lfw_shards}",
+            f"output.dir={out}",
+        )
+    )
     tags = tb_scalars(out / "tb")
-    for tag in ("loss/rmo", "loss/dist", "loss/cls_hr", "loss/cls_lr", "loss/total", "monitor/scan/t_mean",
-                "monitor/dist_7px", "monitor/cos_hr_lr"):
+    for tag in (
+        "loss/rmo",
+        "loss/dist",
+        "loss/cls_hr",
+        "loss/cls_lr",
+        "loss/total",
+        "monitor/scan/t_mean",
+        "monitor/dist_7px",
+        "monitor/cos_hr_lr",
+    ):
         assert tag in tags and len(tags[tag]) == 2 and all(np.isfinite(tags[tag])), tag
     # both terms enter the total: total = ½ cls_hr + ½ cls_lr + dist + rmo (rank-mean of each)
     for i in range(2):
@@ -257,11 +297,32 @@ def test_scan_fc_folded_onnx_agrees_on_real_faces(lfw_shards, lfw_bin, tmp_path)
     from pipeline.checkpoint import load_network
 
     out = tmp_path / "scan_fc"
-    run(train("--config", "configs/compose/scan_fc.yaml", "--config", SMOKE, "schedule.max_steps=3",
-              f"data.train={lfw_shards}", f"output.dir={out}"))
+    run(
+        train(
+            "--config",
+            "configs/compose/scan_fc.yaml",
+            "--config",
+            SMOKE,
+            "schedule.max_steps=3",
+            f"data.train={lfw_shards}",
+            f"output.dir={out}",
+        )
+    )
     onnx_path, folded_pt = tmp_path / "scan.onnx", tmp_path / "folded.pt"
-    log = run([sys.executable, "-m", "pipeline.export", "--checkpoint", out, "--out", onnx_path, "--fold",
-               "--save-folded", folded_pt]).stdout
+    log = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.export",
+            "--checkpoint",
+            out,
+            "--out",
+            onnx_path,
+            "--fold",
+            "--save-folded",
+            folded_pt,
+        ]
+    ).stdout
     assert "folded 17 convolution layers" in log and "plain convolutions only" in log
     net, model_cfg, _ = load_network(out)
     x = lfw_faces(lfw_bin)
@@ -289,8 +350,20 @@ def test_probe_insert_and_head_roundtrip_checkpoint_eval_export(lfw_shards, lfw_
     from pipeline.eval.checkpoint import load_model
 
     out = tmp_path / "probe"
-    run(train("--config", PROBE, "--config", SMOKE, "schedule.max_steps=4", "output.log_every=2",
-              "output.histogram_every=2", f"data.train={lfw_shards}", f"output.dir={out}", f"data.val=[{lfw_bin}]"))
+    run(
+        train(
+            "--config",
+            PROBE,
+            "--config",
+            SMOKE,
+            "schedule.max_steps=4",
+            "output.log_every=2",
+            "output.histogram_every=2",
+            f"data.train={lfw_shards}",
+            f"output.dir={out}",
+            f"data.val=[{lfw_bin}]",
+        )
+    )
     tags = tb_scalars(out / "tb")
     assert {"loss/probe", "monitor/probe/layer3.branch/mean_abs", "monitor/probe/pooled_norm"} <= set(tags)
     ck = out / "checkpoints" / "step_0000004"
@@ -306,8 +379,21 @@ def test_probe_insert_and_head_roundtrip_checkpoint_eval_export(lfw_shards, lfw_
         emb, info = load_model(out)
         torch.testing.assert_close(emb(x), ref, rtol=0, atol=0)
     assert info["head"] == "probe_pool"
-    res = run([sys.executable, "-m", "pipeline.eval", "verify", "--checkpoint", out, "--bin", lfw_bin,
-               "--json", tmp_path / "v.json", "--no-progress"])
+    res = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.eval",
+            "verify",
+            "--checkpoint",
+            out,
+            "--bin",
+            lfw_bin,
+            "--json",
+            tmp_path / "v.json",
+            "--no-progress",
+        ]
+    )
     assert "lfw_devtest_112: accuracy" in res.stdout
     assert json.loads((tmp_path / "v.json").read_text())["head"] == "probe_pool"
     onnx_path = tmp_path / "probe.onnx"

@@ -1,4 +1,5 @@
 """Config layering, overrides and one-line errors; schedules stated in epochs."""
+
 from __future__ import annotations
 
 import math
@@ -33,14 +34,17 @@ def test_layers_and_overrides(tmp_path):
     assert load_config([top, write(tmp_path, "t2.yaml", "data: {batch_size: 9}\n")]).data.batch_size == 9
 
 
-@pytest.mark.parametrize("text,override,fragment", [
-    ("optim: {lrr: 0.1}\n", None, "unknown key 'optim.lrr'"),
-    ("optim: {lr: fast}\n", None, "key 'optim.lr' expects a number"),
-    ("data: {batch_size: 1.5}\n", None, "key 'data.batch_size' expects an integer"),
-    ("recipe: nosuch\n", None, "unknown recipe 'nosuch'"),
-    ("{}\n", "model.nosuch=1", "command line: unknown key 'model.nosuch'"),
-    ("{}\n", "method.nosuch=1", "unknown key 'method.nosuch'"),
-])
+@pytest.mark.parametrize(
+    "text,override,fragment",
+    [
+        ("optim: {lrr: 0.1}\n", None, "unknown key 'optim.lrr'"),
+        ("optim: {lr: fast}\n", None, "key 'optim.lr' expects a number"),
+        ("data: {batch_size: 1.5}\n", None, "key 'data.batch_size' expects an integer"),
+        ("recipe: nosuch\n", None, "unknown recipe 'nosuch'"),
+        ("{}\n", "model.nosuch=1", "command line: unknown key 'model.nosuch'"),
+        ("{}\n", "method.nosuch=1", "unknown key 'method.nosuch'"),
+    ],
+)
 def test_errors_name_file_and_key(tmp_path, text, override, fragment):
     path = write(tmp_path, "bad.yaml", text)
     with pytest.raises(ConfigError) as err:
@@ -65,8 +69,13 @@ def test_every_shipped_config_loads():
 
 def test_train_cli_one_line_error(tmp_path):
     cfg = write(tmp_path, "c.yaml", f"base: {REPO / 'configs/smoke.yaml'}\ndata: {{train: {tmp_path / 'missing'}}}\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(cfg)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and "missing" in err[-1] and "does not exist" in err[-1]

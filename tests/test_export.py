@@ -1,5 +1,6 @@
 """pipeline.export: checkpoint → (fold) → ONNX, checked against onnxruntime; folded state_dict → the same
 network with plain convolutions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,10 @@ def scan_checkpoint(tmp_path_factory):
     """A checkpoint directory as the trainer writes it: config.yaml + model.pt (inference backbone)."""
     root = tmp_path_factory.mktemp("ckpt")
     src = root / "recipe.yaml"
-    src.write_text("recipe: margin\nmodel: {backbone: iresnet18, width: 0.0625, input_size: 48, "
-                   "conv: {kind: scan, sac: true, lsc: true, rmo: true}, head: {kind: fc, embedding_size: 16}}\n")
+    src.write_text(
+        "recipe: margin\nmodel: {backbone: iresnet18, width: 0.0625, input_size: 48, "
+        "conv: {kind: scan, sac: true, lsc: true, rmo: true}, head: {kind: fc, embedding_size: 16}}\n"
+    )
     cfg = load_config([src])
     torch.manual_seed(0)
     recipe = registry.build_recipe(cfg)

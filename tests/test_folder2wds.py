@@ -1,5 +1,6 @@
 """folder2wds on the real LFW faces (folder tree and train_list.txt), read back with tarfile,
 webdataset and DALI; determinism; corrupt and bad input."""
+
 from __future__ import annotations
 
 import hashlib
@@ -77,8 +78,9 @@ def test_list_file_and_determinism(tmp_path, shared_data):
     got = samples(out1)
     assert {v["src"].decode(): int(v["cls"]) for v in got.values()} == want
     for v in got.values():
-        assert hashlib.sha256(v["jpg"]).digest() == hashlib.sha256(
-            (lst.parent / v["src"].decode()).read_bytes()).digest()
+        assert (
+            hashlib.sha256(v["jpg"]).digest() == hashlib.sha256((lst.parent / v["src"].decode()).read_bytes()).digest()
+        )
     m = read_manifest(out1)
     assert m.num_classes == max(want.values()) + 1 and m.num_images == len(want)
     assert m.extra["identities_per_shard"]["min"] > 50  # seeded shuffle mixes the 111 identities
@@ -87,8 +89,9 @@ def test_list_file_and_determinism(tmp_path, shared_data):
     assert run(["--list", lst, "--out", out1, "--shard-size", "500"]) == 0
     assert dir_bytes(out1) == before
     assert run(["--list", lst, "--out", out2, "--shard-size", "500", "--workers", "2"]) == 0
-    assert {k: v for k, v in dir_bytes(out2).items() if k != "manifest.json"} == \
-           {k: v for k, v in before.items() if k != "manifest.json"}
+    assert {k: v for k, v in dir_bytes(out2).items() if k != "manifest.json"} == {
+        k: v for k, v in before.items() if k != "manifest.json"
+    }
     assert (out1 / "manifest.json").read_text() == (out2 / "manifest.json").read_text()
     # a different seed gives a different assignment
     out3 = tmp_path / "c"

@@ -9,6 +9,7 @@ difference 0.0 on the 2-core CI machine kind). The bound RTOL = 1e-5 (~100 float
 for a reordered float sum or another BLAS; any real change (an init order, a dropped loss weight, a lost
 ×world gradient scale) moves these losses by > 1e-2.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """IResNet trunk + fc head: arcface_torch names/shapes (strict load of a published flat state dict),
 parameter counts, width/SE/conv kind/input_size, the named points."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -21,8 +22,13 @@ def published(model) -> dict[str, tuple]:
 
 
 def _bn2d(prefix: str, c: int) -> list[tuple[str, tuple]]:
-    return [(f"{prefix}.weight", (c,)), (f"{prefix}.bias", (c,)), (f"{prefix}.running_mean", (c,)),
-            (f"{prefix}.running_var", (c,)), (f"{prefix}.num_batches_tracked", ())]
+    return [
+        (f"{prefix}.weight", (c,)),
+        (f"{prefix}.bias", (c,)),
+        (f"{prefix}.running_mean", (c,)),
+        (f"{prefix}.running_var", (c,)),
+        (f"{prefix}.num_batches_tracked", ()),
+    ]
 
 
 def arcface_torch_table(layers, widths=(64, 128, 256, 512), emb=512, spatial=7) -> OrderedDict:
@@ -57,7 +63,7 @@ def closed_form_params(layers, widths=(64, 128, 256, 512), emb=512, spatial=7) -
             if b == 0:
                 n += cin * c + 2 * c
             cin = c
-    return n + 2 * widths[-1] + widths[-1] * spatial ** 2 * emb + emb + 2 * emb
+    return n + 2 * widths[-1] + widths[-1] * spatial**2 * emb + emb + 2 * emb
 
 
 def test_iresnet50_strict_load_of_arcface_torch_names():
@@ -67,8 +73,10 @@ def test_iresnet50_strict_load_of_arcface_torch_names():
     assert list(got) == list(table)  # same names, same order
     assert got == dict(table)
     g = torch.Generator().manual_seed(0)
-    sd = {k: (torch.randint(0, 5, s, generator=g) if k.endswith("num_batches_tracked")
-              else torch.randn(s, generator=g)) for k, s in table.items()}
+    sd = {
+        k: (torch.randint(0, 5, s, generator=g) if k.endswith("num_batches_tracked") else torch.randn(s, generator=g))
+        for k, s in table.items()
+    }
     load_state_strict(model, sd, "backbone.pth", "iresnet50")
     assert torch.equal(model.trunk.layer3[13].conv2.weight, sd["layer3.13.conv2.weight"])
     assert torch.equal(model.head.fc.weight, sd["fc.weight"])
@@ -78,8 +86,9 @@ def test_iresnet50_strict_load_of_arcface_torch_names():
     assert out.shape == (2, 512)
 
 
-@pytest.mark.parametrize("depth,layers", [(18, (2, 2, 2, 2)), (34, (3, 4, 6, 3)), (100, (3, 13, 30, 3)),
-                                          (200, (6, 26, 60, 6))])
+@pytest.mark.parametrize(
+    "depth,layers", [(18, (2, 2, 2, 2)), (34, (3, 4, 6, 3)), (100, (3, 13, 30, 3)), (200, (6, 26, 60, 6))]
+)
 def test_other_depths_match_table(depth, layers):
     assert published(build_iresnet(depth)) == dict(arcface_torch_table(layers))
 
@@ -145,8 +154,9 @@ def test_conv3x3_factory_used_for_every_3x3():
     # strides: the second conv of the first block of every stage
     assert [c[2] for c in calls].count(2) == 4
     # names unchanged
-    assert {f"trunk.{k}" for k in m.state_dict()} == {k for k in build_iresnet(18, width=0.125).state_dict()
-                                                      if k.startswith("trunk.")}
+    assert {f"trunk.{k}" for k in m.state_dict()} == {
+        k for k in build_iresnet(18, width=0.125).state_dict() if k.startswith("trunk.")
+    }
 
 
 def test_se_block_matches_formula():
@@ -168,12 +178,15 @@ def test_registry_builders():
     names = registry.backbone_names()
     for n in ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "se_iresnet50", "se_iresnet100"):
         assert n in names
-    cfg = load_config([], ["model.backbone=se_iresnet50", "model.width=0.0625", "model.head.embedding_size=64",
-                           "model.head.dropout=0.2"])
+    cfg = load_config(
+        [],
+        ["model.backbone=se_iresnet50", "model.width=0.0625", "model.head.embedding_size=64", "model.head.dropout=0.2"],
+    )
     m = registry.build_network(cfg.model)
     assert m.head.fc.out_features == 64 and m.head.dropout.p == 0.2 and hasattr(m.trunk.layer1[0], "se")
-    m = registry.build_network(load_config([], ["model.backbone=iresnet100", "model.width=0.0625",
-                                                "model.input_size=144"]).model)
+    m = registry.build_network(
+        load_config([], ["model.backbone=iresnet100", "model.width=0.0625", "model.input_size=144"]).model
+    )
     assert len(m.trunk.layer2) == 13 and m.head.fc.in_features == 32 * 81
 
 
@@ -182,8 +195,18 @@ def test_points_are_where_the_spec_says():
     from pipeline.models.iresnet import trunk_points
 
     pts = trunk_points((3, 4, 14, 3), 1.0, 112)
-    assert list(pts) == ["stem", "layer1.branch", "layer1", "layer2.branch", "layer2", "layer3.branch", "layer3",
-                         "layer4.branch", "layer4", "out"]
+    assert list(pts) == [
+        "stem",
+        "layer1.branch",
+        "layer1",
+        "layer2.branch",
+        "layer2",
+        "layer3.branch",
+        "layer3",
+        "layer4.branch",
+        "layer4",
+        "out",
+    ]
     assert (pts["layer3.branch"].channels, pts["layer3.branch"].spatial) == (256, 14)
     assert (pts["layer2"].channels, pts["layer2"].spatial) == (128, 28)
     assert (pts["out"].channels, pts["out"].spatial) == (512, 7)

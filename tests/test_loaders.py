@@ -1,4 +1,5 @@
 """Both training loaders on real LFW shards: layout, parity, rank/worker splits, corrupt data, resume."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,12 +32,18 @@ def make_shards(lfw_train: Path, out: Path, n_images: int, per_shard: list[int] 
     for i, n in enumerate(sizes):
         name = f"shard-{i:06d}.tar"
         with wds.TarWriter(str(out / name)) as w:
-            for j, (f, label) in enumerate(files[start:start + n]):
+            for j, (f, label) in enumerate(files[start : start + n]):
                 data = f.read_bytes()
                 if bad_image_at is not None and start + j == bad_image_at:
                     data = b"this is not an image" * 10
-                w.write({"__key__": f"s{start + j:05d}", "jpg": data, "cls": str(label).encode(),
-                         "src": f"{f.parent.name}/{f.name}".encode()})
+                w.write(
+                    {
+                        "__key__": f"s{start + j:05d}",
+                        "jpg": data,
+                        "cls": str(label).encode(),
+                        "src": f"{f.parent.name}/{f.name}".encode(),
+                    }
+                )
         shards.append(ShardInfo(name, n, sha256_file(out / name)))
         start += n
     write_manifest(out, Manifest(num_classes=files[-1][1] + 1, num_images=len(files), shards=shards))
@@ -114,8 +121,15 @@ def test_both_loaders_agree_per_sample_without_randomness(shards4, lfw_train):
 
 def test_both_loaders_agree_on_deterministic_blur_and_multires(shards4):
     root, _ = shards4
-    aug = AugmentConfig(flip=0.0, blur_p=1.0, blur_sigma=[1.3, 1.3], multires_p=1.0, multires_sizes=[14],
-                        multires_weights=[1.0], paired=True)
+    aug = AugmentConfig(
+        flip=0.0,
+        blur_p=1.0,
+        blur_sigma=[1.3, 1.3],
+        multires_p=1.0,
+        multires_sizes=[14],
+        multires_weights=[1.0],
+        paired=True,
+    )
     out = {}
     for loader in ("torch", "dali"):
         bs = _run(build_train_loader(_cfg(root, loader, aug, batch_size=32), 0, 1, seed=0, with_keys=True))
@@ -146,8 +160,10 @@ def test_torch_split_ignores_the_environment(shards4, monkeypatch):
     root, all_keys = shards4
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "5")
-    seen = [_keys(_run(build_train_loader(_cfg(root, "torch", shuffle_buffer=40), r, 2, seed=1, with_keys=True)))
-            for r in range(2)]
+    seen = [
+        _keys(_run(build_train_loader(_cfg(root, "torch", shuffle_buffer=40), r, 2, seed=1, with_keys=True)))
+        for r in range(2)
+    ]
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == sorted(all_keys)
 
 
@@ -182,8 +198,9 @@ def test_epoch_reshuffle_determinism_and_resume(shards4, loader):
     tail = _run(L, L.iter_from(3))
     assert len(tail) == L.steps_per_epoch - 3
     assert _keys(tail) == _keys(e1[3:])
-    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["lr_size"], b["lr_size"])
-               for a, b in zip(tail, e1[3:]))
+    assert all(
+        torch.equal(a["image"], b["image"]) and torch.equal(a["lr_size"], b["lr_size"]) for a, b in zip(tail, e1[3:])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +260,12 @@ def test_folder2wds_shards_pgm_and_resize_path(shared_data, tmp_path):
     from data_prep import folder2wds
 
     out = tmp_path / "orl"
-    assert folder2wds.main(["--root", str(shared_data / "orl_faces"), "--out", str(out), "--shard-size", "100",
-                            "--no-progress"]) == 0
+    assert (
+        folder2wds.main(
+            ["--root", str(shared_data / "orl_faces"), "--out", str(out), "--shard-size", "100", "--no-progress"]
+        )
+        == 0
+    )
     imgs = {}
     for loader in ("torch", "dali"):
         L = build_train_loader(_cfg(out, loader, batch_size=40), 0, 1, seed=0, with_keys=True)

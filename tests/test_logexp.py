@@ -3,6 +3,7 @@
 References: float64 numpy with the formula exactly as printed, and — where float64 itself
 overflows — Python's ``decimal`` at 60 significant digits (no shared code with the module).
 """
+
 from __future__ import annotations
 
 import decimal
@@ -182,8 +183,8 @@ def test_feature_distance_normalizes_first_eq7(name):
     y = torch.randn(4, 128, generator=g)
     xn = x.double().numpy()
     yn = y.double().numpy()
-    xn = xn / np.sqrt((xn ** 2).sum(1, keepdims=True))
-    yn = yn / np.sqrt((yn ** 2).sum(1, keepdims=True))
+    xn = xn / np.sqrt((xn**2).sum(1, keepdims=True))
+    yn = yn / np.sqrt((yn**2).sum(1, keepdims=True))
     if name == "logexp":
         ref = ref_logexp_f64(xn, yn, 2.0)
     elif name == "l1":
@@ -223,7 +224,9 @@ def test_reduction_none_gives_per_sample_values(name):
     per = feature_distance(name, x, y, p=1.0, reduction="none")
     assert per.shape == (5,)
     for i in range(5):
-        assert per[i].item() == pytest.approx(feature_distance(name, x[i:i + 1], y[i:i + 1], p=1.0).item(), rel=1e-6)
+        assert per[i].item() == pytest.approx(
+            feature_distance(name, x[i : i + 1], y[i : i + 1], p=1.0).item(), rel=1e-6
+        )
     assert per.mean().item() == pytest.approx(feature_distance(name, x, y, p=1.0).item(), rel=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         feature_distance(name, x, y, reduction="sum")

@@ -1,4 +1,5 @@
 """The lrfr recipe: forward contract, eq. 7 assembled as the trainer does, configs, buckets."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,9 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(*overrides):
-    return load_config([], ["recipe=lrfr", "model.backbone=iresnet18", "model.width=0.0625",
-                            "model.head.embedding_size=32", "model.input_size=32", "data.augment.paired=true",
-                            *overrides])
+    return load_config(
+        [],
+        [
+            "recipe=lrfr",
+            "model.backbone=iresnet18",
+            "model.width=0.0625",
+            "model.head.embedding_size=32",
+            "model.input_size=32",
+            "data.augment.paired=true",
+            *overrides,
+        ],
+    )
 
 
 def make_batch(n=6, size=32, seed=0):
@@ -53,6 +63,7 @@ def test_forward_heads_aux_scalars_and_gradients():
     for s in (7, 14, 20):
         idx = batch["lr_size"] == s
         from pipeline.losses.logexp import logexp_distance
+
         ref = logexp_distance(F.normalize(f_hr[idx], dim=1), F.normalize(f_lr[idx], dim=1), 1.0)
         assert out.scalars[f"dist_{s}px"].item() == pytest.approx(ref.item(), rel=1e-5)
     # gradient of the aux loss reaches the shared backbone through both views
@@ -119,8 +130,11 @@ def test_distance_switch(dist, p):
         hn = F.normalize(model.net.embed(batch["image"]), dim=1).double()
         ln = F.normalize(model.net.embed(batch["image_lr"]), dim=1).double()
     d = (hn - ln).abs()
-    ref = {"l1": d.mean(1), "l2": 0.5 * d.pow(2).mean(1),
-           "logexp": torch.log(1 + (torch.exp(d.pow(2)) - 1).sum(1)) / (2.0 * d.shape[1])}[dist].mean()
+    ref = {
+        "l1": d.mean(1),
+        "l2": 0.5 * d.pow(2).mean(1),
+        "logexp": torch.log(1 + (torch.exp(d.pow(2)) - 1).sum(1)) / (2.0 * d.shape[1]),
+    }[dist].mean()
     assert out.aux_losses["dist"].item() == pytest.approx(ref.item(), rel=1e-5)
 
 
@@ -163,12 +177,24 @@ def test_configs_hold_the_paper_settings_and_every_layer_stacks():
     assert r34.recipe == "lrfr" and r34.model.backbone == "iresnet34"
     assert (r34.margin.s, r34.margin.m1, r34.margin.m2, r34.margin.m3) == (48.0, 1.0, 0.0, 0.4)
     assert (r34.optim.lr, r34.optim.momentum, r34.optim.weight_decay) == (0.1, 0.9, 5e-4)
-    assert (r34.schedule.kind, r34.schedule.epochs, r34.schedule.milestones, r34.schedule.gamma) == ("step", 28, [16, 24], 0.1)
+    assert (r34.schedule.kind, r34.schedule.epochs, r34.schedule.milestones, r34.schedule.gamma) == (
+        "step",
+        28,
+        [16, 24],
+        0.1,
+    )
     assert r34.data.batch_size * 2 == 256  # per rank × the paper's 2 GPUs
     a = r34.data.augment
     assert a.paired and a.multires_p == 1.0 and a.multires_sizes == [7, 14, 20] and a.multires_weights == [1, 1, 2]
     m = r34.method
-    assert (m.distance, m.p, m.lambda_dist, m.cls_weight_hr, m.cls_weight_lr, m.normalize) == ("logexp", 1.0, 1.0, 0.5, 0.5, True)
+    assert (m.distance, m.p, m.lambda_dist, m.cls_weight_hr, m.cls_weight_lr, m.normalize) == (
+        "logexp",
+        1.0,
+        1.0,
+        0.5,
+        0.5,
+        True,
+    )
     r50 = load_config([REPO / "configs/lrfr_r50_ms1m.yaml"])
     assert r50.model.backbone == "iresnet50" and r50.optim.lr == 0.01
     assert (r50.schedule.epochs, r50.schedule.milestones) == (16, [8, 12])
@@ -179,14 +205,18 @@ def test_configs_hold_the_paper_settings_and_every_layer_stacks():
     assert len(layers) >= 15
     expect = {
         "aug_14px": lambda c: c.data.augment.multires_sizes == [14],
-        "paug": lambda c: c.data.augment.multires_sizes == [7, 14, 28, 56] and c.data.augment.multires_weights == [1, 1, 1, 1],
+        "paug": lambda c: (
+            c.data.augment.multires_sizes == [7, 14, 28, 56] and c.data.augment.multires_weights == [1, 1, 1, 1]
+        ),
         "dist_l1": lambda c: c.method.distance == "l1",
         "dist_l2": lambda c: c.method.distance == "l2",
         "dist_logexp_p2": lambda c: c.method.distance == "logexp" and c.method.p == 2.0,
         "no_dist": lambda c: c.method.lambda_dist == 0.0,
         "baseline": lambda c: c.recipe == "margin" and not c.data.augment.paired,
         "ratio_1_0_1": lambda c: c.data.augment.multires_sizes == [7, 20] and c.data.augment.multires_weights == [1, 1],
-        "ratio_2_1_1": lambda c: c.data.augment.multires_sizes == [7, 14, 20] and c.data.augment.multires_weights == [2, 1, 1],
+        "ratio_2_1_1": lambda c: (
+            c.data.augment.multires_sizes == [7, 14, 20] and c.data.augment.multires_weights == [2, 1, 1]
+        ),
     }
     for layer in layers:
         for main in ("lrfr_r34_casia.yaml", "lrfr_r50_ms1m.yaml"):
@@ -198,8 +228,9 @@ def test_configs_hold_the_paper_settings_and_every_layer_stacks():
             got = dict(zip(cfg.data.augment.multires_sizes, cfg.data.augment.multires_weights))
             assert [got.get(s, 0) for s in (7, 14, 20)] == want, layer.name
     # Table 4 rows that stack two layers
-    cfg = load_config([REPO / "configs/lrfr_r34_casia.yaml", REPO / "configs/lrfr/aug_14px.yaml",
-                       REPO / "configs/lrfr/dist_l2.yaml"])
+    cfg = load_config(
+        [REPO / "configs/lrfr_r34_casia.yaml", REPO / "configs/lrfr/aug_14px.yaml", REPO / "configs/lrfr/dist_l2.yaml"]
+    )
     assert cfg.method.distance == "l2" and cfg.data.augment.multires_sizes == [14]
 
 
@@ -224,8 +255,16 @@ def tiny_checkpoint(tmp_path_factory):
     from pipeline.config import dump_config
 
     torch.manual_seed(0)
-    cfg = load_config([], ["recipe=lrfr", "model.backbone=iresnet18", "model.width=0.0625",
-                           "model.head.embedding_size=32", "data.augment.paired=true"])
+    cfg = load_config(
+        [],
+        [
+            "recipe=lrfr",
+            "model.backbone=iresnet18",
+            "model.width=0.0625",
+            "model.head.embedding_size=32",
+            "data.augment.paired=true",
+        ],
+    )
     model = registry.build_recipe(cfg)
     d = tmp_path_factory.mktemp("ckpt") / "step_00000001"
     d.mkdir()
@@ -278,8 +317,24 @@ def test_lowres_cli_prints_table_and_json(small_bin, tiny_checkpoint, tmp_path, 
     from pipeline.eval.lowres import main
 
     out = tmp_path / "lowres.json"
-    assert main(["--checkpoint", str(tiny_checkpoint), "--bin", str(small_bin), "--sizes", "7",
-                 "--json", str(out), "--no-progress", "--batch-size", "100"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--bin",
+                str(small_bin),
+                "--sizes",
+                "7",
+                "--json",
+                str(out),
+                "--no-progress",
+                "--batch-size",
+                "100",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| set | pairs | setting | HR (clean) | 7 px |" in printed
     data = json.loads(out.read_text())
@@ -296,6 +351,23 @@ def test_lowres_is_a_subcommand_of_pipeline_eval(small_bin, tiny_checkpoint, tmp
     from pipeline.eval.__main__ import main
 
     out = tmp_path / "sub.json"
-    assert main(["lowres", "--checkpoint", str(tiny_checkpoint), "--bin", str(small_bin), "--sizes", "14",
-                 "--json", str(out), "--no-progress", "--batch-size", "100"]) == 0
+    assert (
+        main(
+            [
+                "lowres",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--bin",
+                str(small_bin),
+                "--sizes",
+                "14",
+                "--json",
+                str(out),
+                "--no-progress",
+                "--batch-size",
+                "100",
+            ]
+        )
+        == 0
+    )
     assert "14 px" in capsys.readouterr().out and out.is_file()

@@ -1,4 +1,5 @@
 """CombinedMargin against a direct, element-by-element evaluation of the formulas (float64)."""
+
 from __future__ import annotations
 
 import math
@@ -31,13 +32,13 @@ def direct_logits(cos: torch.Tensor, labels: torch.Tensor, s, m1, m2, m3) -> tor
 
 
 MARGINS = [  # (s, m1, m2, m3)
-    (64.0, 1.0, 0.5, 0.0),   # ArcFace
+    (64.0, 1.0, 0.5, 0.0),  # ArcFace
     (64.0, 1.0, 0.0, 0.35),  # CosFace
-    (48.0, 1.0, 0.3, 0.2),   # combined
+    (48.0, 1.0, 0.3, 0.2),  # combined
     (30.0, 1.35, 0.0, 0.0),  # SphereFace-style multiplicative
-    (64.0, 1.2, 0.3, 0.1),   # all three
-    (64.0, 4.0, 0.0, 0.0),   # SphereFace m=4: k up to 3
-    (64.0, 1.0, 0.0, 0.0),   # plain normalised softmax
+    (64.0, 1.2, 0.3, 0.1),  # all three
+    (64.0, 4.0, 0.0, 0.0),  # SphereFace m=4: k up to 3
+    (64.0, 1.0, 0.0, 0.0),  # plain normalised softmax
 ]
 
 
@@ -79,7 +80,7 @@ def test_arcface_value_by_hand():
 def test_gradcheck(s, m1, m2, m3):
     g = torch.Generator().manual_seed(1)
     # keep away from the non-differentiable points (θ + m2 = π, φ = kπ) and from |cos| = 1
-    cos = (torch.rand(6, 5, generator=g, dtype=torch.float64) * 1.6 - 0.8)
+    cos = torch.rand(6, 5, generator=g, dtype=torch.float64) * 1.6 - 0.8
     labels = torch.tensor([0, 4, -1, 2, 1, 3])
     margin = CombinedMargin(s, m1, m2, m3)
     pos = cos[torch.arange(6)[labels >= 0], labels[labels >= 0]]

@@ -1,6 +1,7 @@
 """rec2wds against RecordIO files written by real MXNet 1.9.1 (tests/fixtures/mxnet_rec, made by
 tests/fixtures/make_mxnet_rec.py), cross-checked with DALI's fn.readers.mxnet; corrupt input,
 resumability, idempotence, identity mixing; the dataset-count check."""
+
 from __future__ import annotations
 
 import hashlib
@@ -67,8 +68,23 @@ def image_records(layout: str) -> dict[int, dict]:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_reproduces_mxnet_images_and_labels(tmp_path, layout):
     out = tmp_path / "wds"
-    assert run(["--rec", FIX / layout / "train.rec", "--idx", FIX / layout / "train.idx", "--out", out,
-                "--shard-size", "7", "--workers", "2"]) == 0
+    assert (
+        run(
+            [
+                "--rec",
+                FIX / layout / "train.rec",
+                "--idx",
+                FIX / layout / "train.idx",
+                "--out",
+                out,
+                "--shard-size",
+                "7",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     m = read_manifest(out)
     want = image_records(layout)
     assert m.num_images == len(want) and m.num_classes == LAYOUTS[layout]
@@ -109,7 +125,9 @@ def test_pure_python_framing_is_byte_identical_to_mxnet():
         rebuilt = b"".join(recordio.frame(p) for _, p in recordio.iter_file(rec))
         assert rebuilt == data, layout
         # the pack() side: re-pack mxnet's unpacked fields and compare the payloads
-        for (off, payload), (_key, idx_off) in zip(recordio.iter_file(rec), recordio.read_index(rec.with_suffix(".idx"))):
+        for (off, payload), (_key, idx_off) in zip(
+            recordio.iter_file(rec), recordio.read_index(rec.with_suffix(".idx"))
+        ):
             assert off == idx_off
             r = recordio.unpack(payload)
             labels = list(r.labels) if r.header.flag > 0 else r.labels[0]
@@ -160,20 +178,31 @@ def _corrupt_copy(tmp_path: Path) -> tuple[Path, Path, dict[int, tuple[int, str]
     offs = dict(recordio.read_index(idx))
     data = bytearray(rec.read_bytes())
     # key 5: bad magic
-    data[offs[5]:offs[5] + 4] = b"\x00\x11\x22\x33"
+    data[offs[5] : offs[5] + 4] = b"\x00\x11\x22\x33"
     # key 7: garbage image bytes (same length: framing stays valid)
     length = struct.unpack_from("<I", data, offs[7] + 4)[0] & ((1 << 29) - 1)
     rng = np.random.default_rng(0)
-    garbage = rng.integers(0, 256, length - 24, dtype=np.uint8).tobytes().replace(struct.pack("<I", recordio.MAGIC), b"xxxx")
-    data[offs[7] + 8 + 24: offs[7] + 8 + length] = garbage
+    garbage = (
+        rng.integers(0, 256, length - 24, dtype=np.uint8).tobytes().replace(struct.pack("<I", recordio.MAGIC), b"xxxx")
+    )
+    data[offs[7] + 8 + 24 : offs[7] + 8 + length] = garbage
     # key 9: label 99 with 8 classes → out of range; key 10: label -1
     struct.pack_into("<f", data, offs[9] + 8 + 4, 99.0)
     struct.pack_into("<f", data, offs[10] + 8 + 4, -1.0)
     # key 40 (last image): truncate the file in its middle (identity records after it are lost too)
     cut = offs[40] + 100
     rec.write_bytes(bytes(data[:cut]))
-    return rec, idx, {5: (offs[5], "bad_magic"), 7: (offs[7], "undecodable"), 9: (offs[9], "label_out_of_range"),
-                      10: (offs[10], "label_out_of_range"), 40: (offs[40], "truncated")}
+    return (
+        rec,
+        idx,
+        {
+            5: (offs[5], "bad_magic"),
+            7: (offs[7], "undecodable"),
+            9: (offs[9], "label_out_of_range"),
+            10: (offs[10], "label_out_of_range"),
+            40: (offs[40], "truncated"),
+        },
+    )
 
 
 def test_corrupt_records_reported_and_threshold(tmp_path, capsys):
@@ -188,13 +217,15 @@ def test_corrupt_records_reported_and_threshold(tmp_path, capsys):
     assert not (out / "manifest.json").exists()
     report = json.loads((out / shards.CORRUPT_REPORT).read_text())
     assert {(c["index"], c["offset"], c["reason"]) for c in report["records"]} == {
-        (k, off, reason) for k, (off, reason) in bad.items()}
+        (k, off, reason) for k, (off, reason) in bad.items()
+    }
     # above the threshold: skipped and counted in the manifest
     assert run(["--rec", rec, "--idx", idx, "--out", out, "--shard-size", "8", "--max-bad-fraction", "0.2"]) == 0
     m = read_manifest(out)
     assert m.num_images == 40 - len(bad) and m.corrupt["count"] == len(bad)
     assert {(c["index"], c["offset"], c["reason"]) for c in m.corrupt["records"]} == {
-        (k, off, reason) for k, (off, reason) in bad.items()}
+        (k, off, reason) for k, (off, reason) in bad.items()
+    }
     assert m.corrupt["by_reason"] == {"bad_magic": 1, "label_out_of_range": 2, "truncated": 1, "undecodable": 1}
     assert not (out / shards.CORRUPT_REPORT).exists()
     assert m.extra["identity_records"]["bad"] == 8  # all cut off by the truncation
@@ -263,8 +294,22 @@ def test_resume_after_kill_and_idempotence(tmp_path, lfw_train):
     assert dir_bytes(par) == ref_files
     # a run killed after 3 shards (separate process, 2 workers), then started again
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "data_prep.rec2wds", "--rec", str(rec), "--idx", str(idx), "--out", str(out),
-           "--shard-size", "16", "--workers", "2", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.rec2wds",
+        "--rec",
+        str(rec),
+        "--idx",
+        str(idx),
+        "--out",
+        str(out),
+        "--shard-size",
+        "16",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     env = {**os.environ, shards.STOP_ENV: "3"}
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 75, r.stderr
@@ -323,8 +368,12 @@ def test_shards_mix_identities_and_byte_sizing(tmp_path, lfw_train):
 
 
 def _m(nc, ni, bad=0):
-    return Manifest(num_classes=nc, num_images=ni, shards=[ShardInfo("shard-000000.tar", ni, "")],
-                    corrupt={"count": bad, "records": []})
+    return Manifest(
+        num_classes=nc,
+        num_images=ni,
+        shards=[ShardInfo("shard-000000.tar", ni, "")],
+        corrupt={"count": bad, "records": []},
+    )
 
 
 def test_dataset_facts_and_verdicts():
@@ -349,12 +398,30 @@ def test_dataset_facts_and_verdicts():
 def test_dataset_check_cli(tmp_path):
     out = tmp_path / "wds"
     assert run(["--rec", FIX / "im2rec" / "train.rec", "--idx", FIX / "im2rec" / "train.idx", "--out", out]) == 0
-    r = subprocess.run([sys.executable, "-m", "data_prep.datasets", "check", "--manifest", str(out), "--dataset",
-                        "ms1mv2"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "data_prep.datasets", "check", "--manifest", str(out), "--dataset", "ms1mv2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and r.stdout.startswith("mismatch: ms1mv2") and r.stdout.count("\n") == 1
     # --dataset on the converter runs the same check at the end
-    assert run(["--rec", FIX / "im2rec" / "train.rec", "--idx", FIX / "im2rec" / "train.idx", "--out", out,
-                "--dataset", "casia_webface"]) == 1
+    assert (
+        run(
+            [
+                "--rec",
+                FIX / "im2rec" / "train.rec",
+                "--idx",
+                FIX / "im2rec" / "train.idx",
+                "--out",
+                out,
+                "--dataset",
+                "casia_webface",
+            ]
+        )
+        == 1
+    )
 
 
 def test_tar_stream_matches_tarfile(tmp_path):
@@ -362,9 +429,12 @@ def test_tar_stream_matches_tarfile(tmp_path):
     import io as _io
 
     rng = np.random.default_rng(3)
-    members = [(f"{i:09d}.{ext}", rng.integers(0, 256, int(n), dtype=np.uint8).tobytes())
-               for i, (ext, n) in enumerate([("jpg", 0), ("cls", 1), ("src", 511), ("png", 512), ("labels", 513),
-                                             ("jpg", 10240), ("jpg", 30001)])]
+    members = [
+        (f"{i:09d}.{ext}", rng.integers(0, 256, int(n), dtype=np.uint8).tobytes())
+        for i, (ext, n) in enumerate(
+            [("jpg", 0), ("cls", 1), ("src", 511), ("png", 512), ("labels", 513), ("jpg", 10240), ("jpg", 30001)]
+        )
+    ]
     ref = _io.BytesIO()
     with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for name, data in members:

@@ -1,5 +1,6 @@
 """SCAN-CNN: SAC kernel (eqs. 2, 4) vs scipy, LSC (eq. 8), RMO (eq. 6) and its efficient gradient
 (App. E), folding (eq. 5) against the plain IResNet, and the recipe's contract."""
+
 from __future__ import annotations
 
 import copy
@@ -23,6 +24,7 @@ def with_rmo(layer, x):
     trace = Trace()
     y = layer(x, trace)
     return y, trace.aux_losses().get("rmo")
+
 
 TINY = dict(width=0.0625, embedding_size=16, input_size=32)
 
@@ -83,8 +85,9 @@ def test_scaled_kernel_matches_scipy_same_convolution(sum1, gamma_m):
             full = convolve2d(k[o, i], g, mode="full")
             ref = t[o] ** gamma_m * full[2:5, 2:5]
             np.testing.assert_allclose(ks[o, i], ref, rtol=1e-10, atol=1e-12)
-            np.testing.assert_allclose(ks[o, i], t[o] ** gamma_m * convolve2d(k[o, i], g, mode="same"),
-                                       rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(
+                ks[o, i], t[o] ** gamma_m * convolve2d(k[o, i], g, mode="same"), rtol=1e-10, atol=1e-12
+            )
 
 
 def test_gaussian_eq2_not_renormalised_and_small_t_limit():
@@ -201,7 +204,7 @@ def test_efficient_total_gradient_equals_detached_input_definition():
     a, b = _two_layer(True)
     trace = Trace()
     out = b(torch.relu(a(x, trace)), trace)
-    rec = (out ** 2).mean() + out.sum() * 0.1
+    rec = (out**2).mean() + out.sum() * 0.1
     (rec + trace.aux_losses()["rmo"]).backward()
     eff = [p.grad.clone() for p in list(a.parameters()) + list(b.parameters())]
 
@@ -209,9 +212,11 @@ def test_efficient_total_gradient_equals_detached_input_definition():
     a2.rmo = b2.rmo = False
     h = a2(x)
     out = b2(torch.relu(h))
-    rec = (out ** 2).mean() + out.sum() * 0.1
-    ref_rmo = (rmo_per_sample(F.conv2d(x, a2.kernel(), None, 1, 1), 1.0).mean()
-               + rmo_per_sample(F.conv2d(torch.relu(h).detach(), b2.kernel(), None, 1, 1), 1.0).mean())
+    rec = (out**2).mean() + out.sum() * 0.1
+    ref_rmo = (
+        rmo_per_sample(F.conv2d(x, a2.kernel(), None, 1, 1), 1.0).mean()
+        + rmo_per_sample(F.conv2d(torch.relu(h).detach(), b2.kernel(), None, 1, 1), 1.0).mean()
+    )
     (rec + ref_rmo).backward()
     ref = [p.grad for p in list(a2.parameters()) + list(b2.parameters())]
     for e, r in zip(eff, ref):
@@ -243,9 +248,11 @@ def _two_branch(model: torch.nn.Module) -> torch.nn.Module:
     """A copy whose SAC layers compute eq. 8 as two convolutions, k_s ⊛ f + k_i ⊛ f (unfolded)."""
     model = copy.deepcopy(model).eval()
     for _, m in sac_layers(model):
+
         def forward(x, trace=None, m=m):
             out = F.conv2d(x, m.scaled_kernel(), None, m.stride, m.padding)
             return out + F.conv2d(x, m.weight_i, None, m.stride, m.padding) if m.lsc else out
+
         m.forward = forward
     return model
 
@@ -271,8 +278,10 @@ def test_fold_equals_unfolded_and_loads_into_plain_iresnet(depth, se):
         diff32 = (folded32.embed(x) - ref32).abs().max().item()
         same32 = (folded32.embed(x) - scan.embed(x)).abs().max().item()
     assert n_folded == len(sac_layers(scan)) and sac_layers(scan)  # folded a copy, the original is intact
-    print(f"fold r{depth}{' se' if se else ''}: max|folded - two-branch unfolded| float64 {diff64:.2e}, "
-          f"float32 {diff32:.2e} (|out| max {ref32.abs().max():.2f}); vs the module's own eval forward {same32:.1e}")
+    print(
+        f"fold r{depth}{' se' if se else ''}: max|folded - two-branch unfolded| float64 {diff64:.2e}, "
+        f"float32 {diff32:.2e} (|out| max {ref32.abs().max():.2f}); vs the module's own eval forward {same32:.1e}"
+    )
     assert diff64 < 1e-5 and diff32 < 1e-4 * max(1.0, ref32.abs().max().item()) and same32 < 1e-5
     assert not sac_layers(folded32)
     assert sum(p.numel() for p in folded32.parameters()) == sum(p.numel() for p in plain.parameters())
@@ -288,8 +297,10 @@ def test_fold_equals_unfolded_and_loads_into_plain_iresnet(depth, se):
 
 def _scan_cfg(tmp_path, conv: str = "", backbone: str = "iresnet18", extra: str = ""):
     p = tmp_path / "scan.yaml"
-    p.write_text(f"recipe: margin\nmodel: {{backbone: {backbone}, width: 0.0625, input_size: 32, "
-                 f"conv: {{kind: scan, {conv}}}, head: {{embedding_size: 16}}{extra}}}\n")
+    p.write_text(
+        f"recipe: margin\nmodel: {{backbone: {backbone}, width: 0.0625, input_size: 32, "
+        f"conv: {{kind: scan, {conv}}}, head: {{embedding_size: 16}}{extra}}}\n"
+    )
     return load_config([p])
 
 
@@ -361,16 +372,21 @@ def test_init_from_for_finetuning(tmp_path):
         registry.build_recipe(_scan_cfg(tmp_path, backbone="iresnet50", extra=f", init_from: {ckpt}"))
 
 
-@pytest.mark.parametrize("name", ["scan_r18_casia", "scan_r50_ms1mv2", "scan_r101_ms1mv2",
-                                  "scan_survface_finetune", "iresnet_r100_ms1mv2"])
+@pytest.mark.parametrize(
+    "name", ["scan_r18_casia", "scan_r50_ms1mv2", "scan_r101_ms1mv2", "scan_survface_finetune", "iresnet_r100_ms1mv2"]
+)
 def test_recipe_configs_load_and_match_the_paper(name):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs"
     cfg = load_config([root / f"{name}.yaml"])
-    paper = {"scan_r18_casia": (0.1, [16, 24, 28], 30, 256), "scan_r50_ms1mv2": (0.1, [5, 9, 11], 12, 128),
-             "scan_r101_ms1mv2": (0.1, [5, 9, 11], 12, 128), "scan_survface_finetune": (0.01, [12, 16], 20, 128),
-             "iresnet_r100_ms1mv2": (0.1, [5, 9, 11], 12, 128)}[name]
+    paper = {
+        "scan_r18_casia": (0.1, [16, 24, 28], 30, 256),
+        "scan_r50_ms1mv2": (0.1, [5, 9, 11], 12, 128),
+        "scan_r101_ms1mv2": (0.1, [5, 9, 11], 12, 128),
+        "scan_survface_finetune": (0.01, [12, 16], 20, 128),
+        "iresnet_r100_ms1mv2": (0.1, [5, 9, 11], 12, 128),
+    }[name]
     assert (cfg.optim.lr, cfg.schedule.milestones, cfg.schedule.epochs, cfg.data.batch_size * 8) == paper
     assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.margin.s, cfg.margin.m2) == (0.9, 1e-4, 64.0, 0.5)
     depth = {"scan_r18_casia": "iresnet18", "scan_r50_ms1mv2": "iresnet50"}.get(name, "iresnet100")

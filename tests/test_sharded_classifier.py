@@ -4,6 +4,7 @@ Each spawned rank takes its own slice of one global batch (uneven per-rank sizes
 of one global weight; the parent recomputes everything with F.cross_entropy on full logits whose
 margin is applied by the direct formula below, and compares loss and gradients within 1e-5.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,8 +92,14 @@ def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
                 x = emb[rows].clone().requires_grad_(True)
                 loss = clf(x, labels[rows])
                 loss.backward()
-                results[(name, scale)] = dict(loss=loss.detach(), emb_grad=x.grad, w_grad=clf.weight.grad.clone(),
-                                              acc=clf.last_accuracy, start=clf.class_start, num_local=clf.num_local)
+                results[(name, scale)] = dict(
+                    loss=loss.detach(),
+                    emb_grad=x.grad,
+                    w_grad=clf.weight.grad.clone(),
+                    acc=clf.last_accuracy,
+                    start=clf.class_start,
+                    num_local=clf.num_local,
+                )
         # sampling: few distinct positives (count = ceil(rate·num_local)) and many (count = #positives)
         for name, rate, pool in (("sample_few", 0.3, 4), ("sample_many", 0.05, SAMPLE_C)):
             emb, weight, labels = global_data(SAMPLE_C, world, seed=7, label_pool=pool)
@@ -102,17 +109,28 @@ def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
             x = emb[rows].clone().requires_grad_(True)
             loss = clf(x, labels[rows])
             loss.backward()
-            results[name] = dict(loss=loss.detach(), emb_grad=x.grad, w_grad=clf.weight.grad.clone(),
-                                 index=clf.last_sampled_index, start=clf.class_start, num_local=clf.num_local,
-                                 num_sample=clf.num_sample)
+            results[name] = dict(
+                loss=loss.detach(),
+                emb_grad=x.grad,
+                w_grad=clf.weight.grad.clone(),
+                index=clf.last_sampled_index,
+                start=clf.class_start,
+                num_local=clf.num_local,
+                num_sample=clf.num_sample,
+            )
         # full-state round trip: weight and a (rows, D, 2) per-row buffer with the same row split
         clf = ShardedMarginClassifier(10, D, CombinedMargin()).double()
         buf = torch.arange(clf.num_local * D * 2, dtype=torch.float64).reshape(clf.num_local, D, 2) + 1000 * rank
         new_full = torch.randn(10, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
         state = clf.full_state_dict()
         clf.load_full_state_dict({"weight": new_full})
-        results["full"] = dict(weight_full=state["weight"], own=clf.weight.detach().clone(),
-                               buf_full=clf.gather_full(buf), buf=buf, weight_after=clf.full_state_dict()["weight"])
+        results["full"] = dict(
+            weight_full=state["weight"],
+            own=clf.weight.detach().clone(),
+            buf_full=clf.gather_full(buf),
+            buf=buf,
+            weight_after=clf.full_state_dict()["weight"],
+        )
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

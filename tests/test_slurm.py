@@ -9,6 +9,7 @@
 Needs root (installs Debian's slurm-wlm + munge if missing, starts the daemons) and FAILS, never
 skips, otherwise. The GPU request in the job headers is overridden with --gpus-per-node=0.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,11 +56,22 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def submit(slurm: LocalSlurm, script: Path, shape: str, log_dir: Path, train_args: list[str],
-           cwd: Path = REPO, extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> int:
+def submit(
+    slurm: LocalSlurm,
+    script: Path,
+    shape: str,
+    log_dir: Path,
+    train_args: list[str],
+    cwd: Path = REPO,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)  # sbatch opens --output at job start: the dir must exist
-    return slurm.sbatch([*SHAPES[shape], *CPU_ONLY, *extra, f"--output={log_dir}/%x-%j.out",
-                         str(script), *train_args], cwd=cwd, env=env or job_env())
+    return slurm.sbatch(
+        [*SHAPES[shape], *CPU_ONLY, *extra, f"--output={log_dir}/%x-%j.out", str(script), *train_args],
+        cwd=cwd,
+        env=env or job_env(),
+    )
 
 
 def finish(slurm: LocalSlurm, job: int, log_dir: Path, timeout_s: float = 240) -> dict[str, str]:
@@ -69,14 +81,19 @@ def finish(slurm: LocalSlurm, job: int, log_dir: Path, timeout_s: float = 240) -
     except SlurmError as exc:
         pytest.fail(f"{exc}\n{job_log(log_dir, job)}")
     if info.get("JobState") != "COMPLETED" or info.get("ExitCode") != "0:0":
-        pytest.fail(f"job {job}: JobState={info.get('JobState')} ExitCode={info.get('ExitCode')} "
-                    f"Reason={info.get('Reason')}\n{job_log(log_dir, job)}\n{slurm.logs_tail(15)}")
+        pytest.fail(
+            f"job {job}: JobState={info.get('JobState')} ExitCode={info.get('ExitCode')} "
+            f"Reason={info.get('Reason')}\n{job_log(log_dir, job)}\n{slurm.logs_tail(15)}"
+        )
     return info
 
 
 def job_log(log_dir: Path, job: int) -> str:
     logs = sorted(log_dir.glob(f"*-{job}.out"))
-    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-6000:]}" for p in logs) or f"(no log for job {job} in {log_dir})"
+    return (
+        "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-6000:]}" for p in logs)
+        or f"(no log for job {job} in {log_dir})"
+    )
 
 
 # --------------------------------------------------------------------------- scripts, statically
@@ -118,9 +135,14 @@ def test_job_headers(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     # Thin wrappers: identical but for the title, name, time limit and recipe.
     ref = REPO / "jobs" / "scan_r101.sh"
+
     def norm(p):
-        return [ln for ln in p.read_text().replace(recipe_of(p), "RECIPE").replace(p.stem, "NAME").splitlines()
-                if not ln.startswith(("#SBATCH --time", "# ")) and ln.strip() != "#"]
+        return [
+            ln
+            for ln in p.read_text().replace(recipe_of(p), "RECIPE").replace(p.stem, "NAME").splitlines()
+            if not ln.startswith(("#SBATCH --time", "# ")) and ln.strip() != "#"
+        ]
+
     assert norm(script) == norm(ref)
 
 
@@ -129,8 +151,12 @@ def test_job_script_outside_slurm():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     r = subprocess.run(["bash", str(REPO / "jobs" / "scan_r101.sh")], env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "submit with sbatch" in r.stderr
-    r = subprocess.run(["bash", str(REPO / "jobs" / "scan_r101.sh")], env=env | {"SLURM_SUBMIT_DIR": str(REPO)},
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", str(REPO / "jobs" / "scan_r101.sh")],
+        env=env | {"SLURM_SUBMIT_DIR": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "error: submit this script with sbatch" in r.stderr
 
 
@@ -182,8 +208,12 @@ def fake_repo(tmp_path_factory) -> Path:
 def test_job_script_environment(slurm, fake_repo, tmp_path, script, shape):
     out = tmp_path / "out"
     out.mkdir()
-    env = job_env() | {"FAKE_OUT": str(out), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext_cache"),
-                       "RANK": "7", "WORLD_SIZE": "9"}  # stale torchrun values in the submitting shell
+    env = job_env() | {
+        "FAKE_OUT": str(out),
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext_cache"),
+        "RANK": "7",
+        "WORLD_SIZE": "9",
+    }  # stale torchrun values in the submitting shell
     args = ["--config", "configs/smoke.yaml", "data.train=/some/dir", "note=two words"]
     job = submit(slurm, fake_repo / "jobs" / f"{script}.sh", shape, tmp_path / "logs", args, cwd=fake_repo, env=env)
     finish(slurm, job, tmp_path / "logs", timeout_s=120)
@@ -237,9 +267,21 @@ def histogram_tags(run: Path) -> list[str]:
 def run_smoke(slurm, script: str, shape: str, tmp_path: Path, shards: Path) -> tuple[int, Path]:
     run = tmp_path / "run"
     # The smoke layer, cut to 4 steps (histograms at 2 and 4, checkpoint at 4) to keep CI quick.
-    job = submit(slurm, REPO / "jobs" / f"{script}.sh", shape, tmp_path / "logs",
-                 ["--config", "configs/smoke.yaml", f"data.train={shards}", f"output.dir={run}",
-                  "schedule.max_steps=4", "output.histogram_every=2", "output.log_every=2"])
+    job = submit(
+        slurm,
+        REPO / "jobs" / f"{script}.sh",
+        shape,
+        tmp_path / "logs",
+        [
+            "--config",
+            "configs/smoke.yaml",
+            f"data.train={shards}",
+            f"output.dir={run}",
+            "schedule.max_steps=4",
+            "output.histogram_every=2",
+            "output.log_every=2",
+        ],
+    )
     finish(slurm, job, tmp_path / "logs")
     return job, run
 
@@ -274,10 +316,22 @@ def test_preemption_requeue_resume(slurm, lfw_shards, tmp_path):
     run, logs = tmp_path / "run", tmp_path / "logs"
     # The baseline job with a shallower backbone (this test is about the requeue cycle, not the
     # model) and 10 steps so that the signal, sent at the first logged step, lands mid-run.
-    job = submit(slurm, REPO / "jobs" / "iresnet_r100.sh", "2x1", logs,
-                 ["--config", "configs/smoke.yaml", f"data.train={lfw_shards}", f"output.dir={run}",
-                  "model.backbone=iresnet18", "schedule.max_steps=10", "output.checkpoint_every=1000",
-                  "output.log_every=2"])
+    job = submit(
+        slurm,
+        REPO / "jobs" / "iresnet_r100.sh",
+        "2x1",
+        logs,
+        [
+            "--config",
+            "configs/smoke.yaml",
+            f"data.train={lfw_shards}",
+            f"output.dir={run}",
+            "model.backbone=iresnet18",
+            "schedule.max_steps=10",
+            "output.checkpoint_every=1000",
+            "output.log_every=2",
+        ],
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # wait for the first logged step: every rank is in its loop
         if re.search(r"\[train\] step \d+/", job_log(logs, job)):
@@ -304,20 +358,51 @@ def test_launcher_on_slurm_preemption(slurm, lfw_shards, tmp_path):
     """pipeline.launch --executor slurm, 2 nodes × 1 task; submitit's preemption signal (USR2)
     becomes the trainer's SIGUSR1 → checkpoint → requeue → the same submission resumes."""
     run, folder = tmp_path / "run", tmp_path / "submitit"
-    cmd = [sys.executable, "-m", "pipeline.launch", "--config", "configs/iresnet_r100_ms1mv2.yaml",
-           "--config", "configs/smoke.yaml", f"data.train={lfw_shards}", f"output.dir={run}",
-           "model.backbone=iresnet18", "schedule.max_steps=10", "output.checkpoint_every=1000", "output.log_every=2",
-           "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
-           "--cpus-per-task", "1", "--time", "15", "--folder", str(folder / "%j")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.launch",
+        "--config",
+        "configs/iresnet_r100_ms1mv2.yaml",
+        "--config",
+        "configs/smoke.yaml",
+        f"data.train={lfw_shards}",
+        f"output.dir={run}",
+        "model.backbone=iresnet18",
+        "schedule.max_steps=10",
+        "output.checkpoint_every=1000",
+        "output.log_every=2",
+        "--executor",
+        "slurm",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "1",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "15",
+        "--folder",
+        str(folder / "%j"),
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=slurm.env(job_env()), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     job = int(re.search(r"slurm job (\d+):", r.stdout).group(1))
+
     def logs():
-        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-5000:]}"
-                         for p in sorted((folder / str(job)).glob("*_log.*")))
+        return "\n".join(
+            f"--- {p}\n{p.read_text(errors='replace')[-5000:]}" for p in sorted((folder / str(job)).glob("*_log.*"))
+        )
+
     deadline = time.monotonic() + 180
     while not re.search(r"\[train\] step \d+/", logs()):
-        if time.monotonic() > deadline or slurm.job_info(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+        if time.monotonic() > deadline or slurm.job_info(job).get("JobState") not in (
+            "PENDING",
+            "RUNNING",
+            "CONFIGURING",
+        ):
             pytest.fail(f"job {job} did not reach its training loop\n{logs()}")
         time.sleep(0.5)
     slurm.run("scancel", "--signal=USR2", str(job))

@@ -1,5 +1,6 @@
 """End to end through the real parts: folder2wds shards → DeepSpeed + sharded classifier on 2
 gloo processes (torchrun) → atomic checkpoint → resume → verification; TensorBoard read back."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,16 @@ def run(cmd, timeout=600, check=True):
 
 
 def torchrun(nproc: int, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "pipeline.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pipeline.train",
+        *args,
+    ]
 
 
 def scalars(tb_dir: Path) -> dict[str, list]:
@@ -34,9 +43,18 @@ def scalars(tb_dir: Path) -> dict[str, list]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-COMMON = ["--config", "configs/arcface_r50.yaml", "--config", "configs/smoke.yaml",
-          "model.backbone=iresnet18", "schedule.max_steps=8", "output.checkpoint_every=4",
-          "output.keep_checkpoints=3", "output.log_every=2", "data.num_workers=1"]
+COMMON = [
+    "--config",
+    "configs/arcface_r50.yaml",
+    "--config",
+    "configs/smoke.yaml",
+    "model.backbone=iresnet18",
+    "schedule.max_steps=8",
+    "output.checkpoint_every=4",
+    "output.keep_checkpoints=3",
+    "output.log_every=2",
+    "data.num_workers=1",
+]
 
 
 def test_train_resume_verify_two_processes(lfw_shards, lfw_bin, tmp_path):
@@ -71,8 +89,9 @@ def test_train_resume_verify_two_processes(lfw_shards, lfw_bin, tmp_path):
 
     # Verification CLI on the checkpoint: 10-fold accuracy on the real LFW dev-test pairs.
     out_json = tmp_path / "verify.json"
-    proc = run([sys.executable, "-m", "pipeline.eval", "verify", "--checkpoint", ck, "--bin", lfw_bin,
-                "--json", out_json])
+    proc = run(
+        [sys.executable, "-m", "pipeline.eval", "verify", "--checkpoint", ck, "--bin", lfw_bin, "--json", out_json]
+    )
     assert "±" in proc.stdout
     acc = json.loads(out_json.read_text())
     assert "lfw_devtest_112" in json.dumps(acc)
@@ -83,14 +102,25 @@ def test_resume_on_other_world_size_and_errors(lfw_shards, tmp_path):
     another architecture is a one-line error."""
     first = tmp_path / "w2"
     run(torchrun(2, *COMMON, "schedule.max_steps=4", f"data.train={lfw_shards}", f"output.dir={first}"))
-    proc = run([sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={lfw_shards}",
-                f"output.dir={first}", "--resume"])
+    proc = run(
+        [sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={lfw_shards}", f"output.dir={first}", "--resume"]
+    )
     assert "at step 4" in proc.stdout
     assert (first / "checkpoints" / "step_0000008").is_dir()
 
-    proc = run([sys.executable, "-m", "pipeline.train", *COMMON, "model.backbone=iresnet34",
-                f"data.train={lfw_shards}", f"output.dir={tmp_path / 'x'}", f"--resume={first / 'checkpoints'}"],
-               check=False)
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            *COMMON,
+            "model.backbone=iresnet34",
+            f"data.train={lfw_shards}",
+            f"output.dir={tmp_path / 'x'}",
+            f"--resume={first / 'checkpoints'}",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --resume") and "iresnet18" in last and "iresnet34" in last
@@ -98,19 +128,43 @@ def test_resume_on_other_world_size_and_errors(lfw_shards, tmp_path):
 
 def test_grad_accumulation_and_empty_shard_dir(lfw_shards, tmp_path):
     out = tmp_path / "acc"
-    run(torchrun(2, *COMMON, "schedule.max_steps=2", "deepspeed.grad_accum=2", "deepspeed.zero_stage=2",
-                 "optim.name=adamw", "optim.lr=0.001", f"data.train={lfw_shards}", f"output.dir={out}"))
+    run(
+        torchrun(
+            2,
+            *COMMON,
+            "schedule.max_steps=2",
+            "deepspeed.grad_accum=2",
+            "deepspeed.zero_stage=2",
+            "optim.name=adamw",
+            "optim.lr=0.001",
+            f"data.train={lfw_shards}",
+            f"output.dir={out}",
+        )
+    )
     meta = json.loads((out / "checkpoints" / "step_0000002" / "trainer.json").read_text())
     assert meta["step"] == 2
     # bf16 through DeepSpeed on the CPU: the loss stays finite and the checkpoint holds bf16 weights
     bf16 = tmp_path / "bf16"
-    proc = run([sys.executable, "-m", "pipeline.train", *COMMON, "schedule.max_steps=2", "deepspeed.precision=bf16",
-                "output.log_every=1", f"data.train={lfw_shards}", f"output.dir={bf16}"])
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            *COMMON,
+            "schedule.max_steps=2",
+            "deepspeed.precision=bf16",
+            "output.log_every=1",
+            f"data.train={lfw_shards}",
+            f"output.dir={bf16}",
+        ]
+    )
     assert "loss nan" not in proc.stdout and "step 2/2 loss" in proc.stdout
     state = torch.load(bf16 / "checkpoints" / "step_0000002" / "model.pt")
     assert state["trunk.conv1.weight"].dtype == torch.bfloat16
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run([sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={empty}",
-                f"output.dir={tmp_path / 'y'}"], check=False)
+    proc = run(
+        [sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={empty}", f"output.dir={tmp_path / 'y'}"],
+        check=False,
+    )
     assert proc.returncode == 2 and str(empty) in proc.stderr.strip().splitlines()[-1]

@@ -1,4 +1,5 @@
 """Verification: the insightface 10-fold protocol by hand, against scikit-learn, and on real LFW pairs."""
+
 from __future__ import annotations
 
 import json
@@ -125,6 +126,7 @@ def test_auc_and_tar_at_far_independent():
     u = mannwhitneyu(-dist[issame], -dist[~issame]).statistic
     auc_ref = u / (issame.sum() * (~issame).sum())
     from sklearn.metrics import roc_auc_score
+
     assert roc_auc_score(issame, -dist) == pytest.approx(auc_ref)
     tars = V.tar_at_far(dist, issame, fars=(1e-3, 1e-2, 1e-1))
     # brute force: accept when dist <= c for every candidate c; keep those with FAR <= far
@@ -246,8 +248,9 @@ def test_cli_verify_checkpoint_dir(tmp_path, lfw_bin, capsys):
     only_same = tmp_path / "only_same.bin"  # one kind of pair: AUC undefined, still reported
     write_bin(only_same, bins[:40], issame[:20])
     out = tmp_path / "res" / "verify.json"
-    rc = eval_main(["verify", "--checkpoint", str(ck), "--bin", str(small), str(only_same), "--json", str(out),
-                    "--no-progress"])
+    rc = eval_main(
+        ["verify", "--checkpoint", str(ck), "--bin", str(small), str(only_same), "--json", str(out), "--no-progress"]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "small: accuracy " in text and " ± " in text and "only_same: accuracy " in text
@@ -272,13 +275,29 @@ def test_cli_state_dict_file_and_mismatch(tmp_path, lfw_bin, capsys):
     torch.save({names[k]: v for k, v in net.state_dict().items()}, pth)
     m, info = load_model(pth, "iresnet18", width=0.0625, embedding_size=32)
     assert info["backbone"] == "iresnet18"
-    with pytest.raises(ConfigError, match=r"backbone.pth: not a checkpoint of iresnet50 .*first mismatching key "
-                                          r"'layer1.2.bn1.weight' \(missing\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"backbone.pth: not a checkpoint of iresnet50 .*first mismatching key "
+        r"'layer1.2.bn1.weight' \(missing\)",
+    ):
         load_model(pth, "iresnet50", width=0.0625, embedding_size=32)
     with pytest.raises(ConfigError, match=r"first mismatching key 'fc.weight' \(shape"):
         load_model(pth, "iresnet18", width=0.0625, embedding_size=64)
-    rc = eval_main(["verify", "--checkpoint", str(pth), "--backbone", "iresnet34", "--width", "0.0625",
-                    "--embedding-size", "32", "--bin", str(lfw_bin)])
+    rc = eval_main(
+        [
+            "verify",
+            "--checkpoint",
+            str(pth),
+            "--backbone",
+            "iresnet34",
+            "--width",
+            "0.0625",
+            "--embedding-size",
+            "32",
+            "--bin",
+            str(lfw_bin),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "backbone.pth" in err and err.count("\n") == 1
     rc = eval_main(["verify", "--checkpoint", str(pth), "--bin", str(lfw_bin)])
@@ -290,6 +309,19 @@ def test_cli_state_dict_file_and_mismatch(tmp_path, lfw_bin, capsys):
         load_model(ck)
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"nope")
-    rc = eval_main(["verify", "--checkpoint", str(pth), "--backbone", "iresnet18", "--width", "0.0625",
-                    "--embedding-size", "32", "--bin", str(junk)])
+    rc = eval_main(
+        [
+            "verify",
+            "--checkpoint",
+            str(pth),
+            "--backbone",
+            "iresnet18",
+            "--width",
+            "0.0625",
+            "--embedding-size",
+            "32",
+            "--bin",
+            str(junk),
+        ]
+    )
     assert rc == 2 and "junk.bin: not a pickle" in capsys.readouterr().err

@@ -13,6 +13,7 @@ the centres 7.5e-6, of the losses 4e-6. Bounds: 1e-2 (network), 1e-3 (centres), 
 negative control, the same 2-process run with the ×world scaling removed, differs by 0.64 (network) and
 0.56 relative on the third loss, so the bounds separate the two cases by more than 20×.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,16 +31,22 @@ WORKER = REPO / "tests" / "world_equivalence.py"
 def _run(world: int, shards: Path, list_file: Path, out: Path, *extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = [str(WORKER), "--shards", str(shards), "--list", str(list_file), "--out", str(out), *extra]
-    cmd = ([sys.executable, *args] if world == 1 else
-           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args])
+    cmd = (
+        [sys.executable, *args]
+        if world == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return torch.load(out, weights_only=True)
 
 
 def _worst_rel(a: dict, b: dict) -> tuple[float, str]:
-    return max((float((a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp_min(1e-12)), k)
-               for k in a if a[k].is_floating_point())
+    return max(
+        (float((a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp_min(1e-12)), k)
+        for k in a
+        if a[k].is_floating_point()
+    )
 
 
 @pytest.mark.slow
@@ -50,8 +57,10 @@ def test_two_processes_equal_one_process_with_twice_the_batch(lfw_shards, lfw_tr
     loss_rel = max(abs(a - b) / abs(a) for a, b in zip(one["losses"], two["losses"]))
     net_rel, worst = _worst_rel(one["net"], two["net"])
     cen_rel = float((one["centres"] - two["centres"]).norm() / one["centres"].norm())
-    print(f"1×8 vs 2×4: losses {one['losses']} vs {two['losses']} (rel {loss_rel:.1e}); network worst rel "
-          f"{net_rel:.1e} ({worst}); centres rel {cen_rel:.1e}")
+    print(
+        f"1×8 vs 2×4: losses {one['losses']} vs {two['losses']} (rel {loss_rel:.1e}); network worst rel "
+        f"{net_rel:.1e} ({worst}); centres rel {cen_rel:.1e}"
+    )
     assert len(one["losses"]) == 3 and one["centres"].shape == two["centres"].shape == (111, 64)
     assert loss_rel <= 1e-4 and net_rel <= 1e-2 and cen_rel <= 1e-3
 

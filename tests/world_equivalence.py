@@ -9,6 +9,7 @@ the same gradients up to float rounding. Rank 0 writes the per-step losses and t
 full class-centre matrix to OUT.pt. ``--no-grad-scale`` drops the trainer's ×world scaling of the
 embedding gradient (a negative control: the runs must then disagree).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ def global_batches(list_file: Path, per_rank: int, world_max: int, steps: int):
         labels.append(int(label))
     images, labels = torch.stack(imgs), torch.tensor(labels)
     size = per_rank * world_max
-    return [(images[s * size:(s + 1) * size], labels[s * size:(s + 1) * size]) for s in range(steps)]
+    return [(images[s * size : (s + 1) * size], labels[s * size : (s + 1) * size]) for s in range(steps)]
 
 
 def main() -> int:
@@ -56,15 +57,33 @@ def main() -> int:
     info = distributed.init("cpu")
     world, rank = info.world_size, info.rank
     b = args.per_rank * 2 // world  # this rank's share of the 2B global batch
-    cfg = load_config([REPO / "configs" / "arcface_r50.yaml", REPO / "configs" / "smoke.yaml"], [
-        "model.backbone=iresnet18", "model.head.dropout=0.0", f"data.batch_size={b}", f"data.train={args.shards}",
-        f"output.dir={Path(args.out).parent / f'run_w{world}'}", "optim.lr=0.1", "optim.momentum=0.9",
-        "optim.weight_decay=5e-4", "schedule.kind=step", "schedule.milestones=[]", "classifier.sample_rate=1.0", "deepspeed.zero_stage=1", "margin.s=32"])
+    cfg = load_config(
+        [REPO / "configs" / "arcface_r50.yaml", REPO / "configs" / "smoke.yaml"],
+        [
+            "model.backbone=iresnet18",
+            "model.head.dropout=0.0",
+            f"data.batch_size={b}",
+            f"data.train={args.shards}",
+            f"output.dir={Path(args.out).parent / f'run_w{world}'}",
+            "optim.lr=0.1",
+            "optim.momentum=0.9",
+            "optim.weight_decay=5e-4",
+            "schedule.kind=step",
+            "schedule.milestones=[]",
+            "classifier.sample_rate=1.0",
+            "deepspeed.zero_stage=1",
+            "margin.s=32",
+        ],
+    )
     trainer = Trainer(cfg)
     # The same initial class centres for any world size (the trainer initialises each rank's shard
     # from its own seed, which is reproducible but depends on the world size).
-    full = torch.randn(trainer.loader.num_classes, trainer.model.embedding_size,
-                       generator=torch.Generator().manual_seed(5)) * 0.01
+    full = (
+        torch.randn(
+            trainer.loader.num_classes, trainer.model.embedding_size, generator=torch.Generator().manual_seed(5)
+        )
+        * 0.01
+    )
     with torch.no_grad():
         trainer.classifier.weight.copy_(take_shard(full, rank, world))
     if args.no_grad_scale:
@@ -74,7 +93,7 @@ def main() -> int:
             m.eval()
     losses = []
     for images, labels in global_batches(Path(args.list), args.per_rank, 2, args.steps):
-        batch = {"image": images[rank * b:(rank + 1) * b], "label": labels[rank * b:(rank + 1) * b]}
+        batch = {"image": images[rank * b : (rank + 1) * b], "label": labels[rank * b : (rank + 1) * b]}
         terms = trainer._micro_step(batch, 0)
         trainer.step += 1
         losses.append(float(terms["total"]))

@@ -44,6 +44,7 @@ Randomness: each sample gets its own :class:`torch.Generator`, seeded from (seed
 pass, sample key) by :func:`sample_generator`, so the augmentation of a sample does not
 depend on the number of workers or on the order in which samples are read.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -142,7 +143,7 @@ def zero_pad_crop(x: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tens
     """Keep the rectangle (y0, x0, h, w) in place, black elsewhere (AdaFace's crop)."""
     y0, x0, h, w = box
     out = torch.zeros_like(x)
-    out[:, y0:y0 + h, x0:x0 + w] = x[:, y0:y0 + h, x0:x0 + w]
+    out[:, y0 : y0 + h, x0 : x0 + w] = x[:, y0 : y0 + h, x0 : x0 + w]
     return out
 
 

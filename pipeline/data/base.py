@@ -1,6 +1,7 @@
 """What the torch and DALI training loaders share: the manifest, the batch count, the epoch
 counter and the bookkeeping of skipped corrupt shards and samples. The interface itself is
 documented in :mod:`pipeline.data.loader`."""
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,7 @@ def steps_for(num_images: int, batch_size: int, world_size: int) -> int:
 
 
 class TrainLoaderBase:
-    def __init__(self, data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int,
-                 with_keys: bool):
+    def __init__(self, data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int, with_keys: bool):
         check(data_cfg, "data.")  # a DataConfig built in code has not been through the loader's validation
         self.root = Path(data_cfg.train)
         self.manifest = read_manifest(self.root)

@@ -32,6 +32,7 @@ files are written for the good samples only; a truncated shard keeps its complet
 garbage shard is dropped. Skipped shards/samples are warned about and counted (``stats()``).
 An image whose header is valid but whose body is corrupt is left to the decoder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,20 @@ log = logging.getLogger("pipeline.data")
 
 # Formats data_prep writes that DALI's image decoder reads (GIF is not among them), with their magic.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "pgm", "pbm", "ppm", "gif")
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"RIFF", b"II*\x00", b"MM\x00*",
-          b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+_MAGIC = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"BM",
+    b"RIFF",
+    b"II*\x00",
+    b"MM\x00*",
+    b"P1",
+    b"P2",
+    b"P3",
+    b"P4",
+    b"P5",
+    b"P6",
+)
 
 
 # --------------------------------------------------------------------------- shard validation
@@ -143,15 +156,20 @@ def scan_shard_cached(path: str | Path, num_classes: int) -> ShardScan:
     cached = cache_dir() / f"{key}.json"
     try:
         data = json.loads(cached.read_text())
-        return ShardScan(str(path), [[tuple(c) for c in comps] for comps in data["samples"]],
-                         [tuple(b) for b in data["bad_samples"]], data["error"])
+        return ShardScan(
+            str(path),
+            [[tuple(c) for c in comps] for comps in data["samples"]],
+            [tuple(b) for b in data["bad_samples"]],
+            data["error"],
+        )
     except (OSError, ValueError, KeyError, TypeError):
         pass
     scan = scan_shard(path, num_classes)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cached, json.dumps({"samples": scan.samples, "bad_samples": scan.bad_samples,
-                                              "error": scan.error}))
+        atomic_write_text(
+            cached, json.dumps({"samples": scan.samples, "bad_samples": scan.bad_samples, "error": scan.error})
+        )
     except OSError as exc:  # a read-only home is no reason to stop
         log.info("shard scan cache not written (%s)", exc)
     return scan
@@ -189,8 +207,21 @@ def _uniform(lo: float, hi: float):
     return float(lo) if hi <= lo else fn.random.uniform(range=[float(lo), float(hi)])
 
 
-def build_pipeline(paths, index_paths, aug, *, size: int, batch_size: int, num_threads: int, device_id,
-                   seed: int, shard_id: int, num_shards: int, shuffle_buffer: int, with_keys: bool):
+def build_pipeline(
+    paths,
+    index_paths,
+    aug,
+    *,
+    size: int,
+    batch_size: int,
+    num_threads: int,
+    device_id,
+    seed: int,
+    shard_id: int,
+    num_shards: int,
+    shuffle_buffer: int,
+    with_keys: bool,
+):
     """The DALI pipeline of the spec; outputs image, cls bytes, [image_lr, lr_size], [src bytes]."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, pipeline_def, types
@@ -200,14 +231,27 @@ def build_pipeline(paths, index_paths, aug, *, size: int, batch_size: int, num_t
     (b0, b1), (c0, c1), (s0, s1) = photometric_ranges(aug)
     validate(aug)
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  enable_conditionals=True, prefetch_queue_depth=2)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=seed,
+        enable_conditionals=True,
+        prefetch_queue_depth=2,
+    )
     def pipe():
         outs = fn.readers.webdataset(
-            paths=paths, index_paths=index_paths, ext=[";".join(IMAGE_EXTS[:-1]), "cls"] + (["src"] if with_keys else []),
-            missing_component_behavior="skip", shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=shuffle_buffer > 1, initial_fill=max(1, shuffle_buffer), seed=seed,
-            stick_to_shard=True, name="reader",
+            paths=paths,
+            index_paths=index_paths,
+            ext=[";".join(IMAGE_EXTS[:-1]), "cls"] + (["src"] if with_keys else []),
+            missing_component_behavior="skip",
+            shard_id=shard_id,
+            num_shards=num_shards,
+            random_shuffle=shuffle_buffer > 1,
+            initial_fill=max(1, shuffle_buffer),
+            seed=seed,
+            stick_to_shard=True,
+            name="reader",
         )
         jpegs, cls = outs[0], outs[1]
         # 0. decode (GPU: nvJPEG via "mixed"); resize to S×S only when the stored size differs
@@ -218,8 +262,12 @@ def build_pipeline(paths, index_paths, aug, *, size: int, batch_size: int, num_t
         img = fn.cast(img, dtype=types.FLOAT) * (1.0 / 255.0)
         # 1. AdaFace rectangle crop, zero padded (augment.crop_box in DALI arithmetic)
         if aug.crop_p > 0:
-            area = (aug.crop_scale[0] + (aug.crop_scale[1] - aug.crop_scale[0]) * fn.random.uniform(range=[0.0, 1.0])) * (S * S)
-            ratio = dmath.exp(CROP_LOG_RATIO[0] + (CROP_LOG_RATIO[1] - CROP_LOG_RATIO[0]) * fn.random.uniform(range=[0.0, 1.0]))
+            area = (
+                aug.crop_scale[0] + (aug.crop_scale[1] - aug.crop_scale[0]) * fn.random.uniform(range=[0.0, 1.0])
+            ) * (S * S)
+            ratio = dmath.exp(
+                CROP_LOG_RATIO[0] + (CROP_LOG_RATIO[1] - CROP_LOG_RATIO[0]) * fn.random.uniform(range=[0.0, 1.0])
+            )
             w = dmath.min(S, dmath.floor(dmath.sqrt(area * ratio) + 0.5))
             h = dmath.min(S, dmath.floor(dmath.sqrt(area / ratio) + 0.5))
             x0 = dmath.min(S - w, dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (S - w + 1.0)))
@@ -263,10 +311,12 @@ def build_pipeline(paths, index_paths, aug, *, size: int, batch_size: int, num_t
                 lr_size = fn.cast(px, dtype=types.INT64)
         else:
             lr_size = fn.cast(fn.random.coin_flip(probability=0.0), dtype=types.INT64)
+
         # 6. normalise to [-1, 1], CHW; the mirror is shared by the HR and the LR copy
         def norm(x):
-            return fn.crop_mirror_normalize(x, mirror=mirror, mean=[0.5], std=[0.5], dtype=types.FLOAT,
-                                            output_layout="CHW")
+            return fn.crop_mirror_normalize(
+                x, mirror=mirror, mean=[0.5], std=[0.5], dtype=types.FLOAT, output_layout="CHW"
+            )
 
         result = [norm(img), fn.pad(cls, fill_value=0)] if aug.paired else [norm(lr), fn.pad(cls, fill_value=0)]
         if aug.paired:
@@ -289,8 +339,16 @@ def _parse_bytes(arr) -> list[str]:
 class DaliTrainLoader(TrainLoaderBase):
     """See :mod:`pipeline.data.loader` for the interface shared with the torch loader."""
 
-    def __init__(self, data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int = 112,
-                 with_keys: bool = False, device: str = "auto"):
+    def __init__(
+        self,
+        data_cfg: DataConfig,
+        rank: int,
+        world_size: int,
+        seed: int,
+        input_size: int = 112,
+        with_keys: bool = False,
+        device: str = "auto",
+    ):
         super().__init__(data_cfg, rank, world_size, seed, input_size, with_keys)
         self.aug = validate(data_cfg.augment)
         self.threads = max(1, data_cfg.num_workers)
@@ -330,9 +388,18 @@ class DaliTrainLoader(TrainLoaderBase):
     def pipeline(self, epoch: int | None = None):
         e = self.epoch if epoch is None else epoch
         return build_pipeline(
-            self.paths, self.index_paths, self.aug, size=self.size, batch_size=self.batch_size,
-            num_threads=self.threads, device_id=self.device_id, seed=_hash_seed(self.seed, e, self.rank) % (2**31 - 1),
-            shard_id=self.rank, num_shards=self.world, shuffle_buffer=self.cfg.shuffle_buffer, with_keys=self.with_keys,
+            self.paths,
+            self.index_paths,
+            self.aug,
+            size=self.size,
+            batch_size=self.batch_size,
+            num_threads=self.threads,
+            device_id=self.device_id,
+            seed=_hash_seed(self.seed, e, self.rank) % (2**31 - 1),
+            shard_id=self.rank,
+            num_shards=self.world,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+            with_keys=self.with_keys,
         )
 
     def iter_from(self, step: int):
@@ -343,7 +410,11 @@ class DaliTrainLoader(TrainLoaderBase):
     def _epoch(self, step: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        names = ["image", "cls"] + (["image_lr", "lr_size"] if self.aug.paired else []) + (["key"] if self.with_keys else [])
+        names = (
+            ["image", "cls"]
+            + (["image_lr", "lr_size"] if self.aug.paired else [])
+            + (["key"] if self.with_keys else [])
+        )
         pipe = self.pipeline()
         pipe.build()
         # size=-1 and no reader_name: the reader wraps around inside the rank's part; we take
@@ -355,8 +426,9 @@ class DaliTrainLoader(TrainLoaderBase):
                 if i < step:
                     continue
                 batch = {"image": out["image"]}
-                batch["label"] = torch.tensor([int(s) for s in _parse_bytes(out["cls"])], dtype=torch.int64,
-                                              device=out["image"].device)
+                batch["label"] = torch.tensor(
+                    [int(s) for s in _parse_bytes(out["cls"])], dtype=torch.int64, device=out["image"].device
+                )
                 if self.aug.paired:
                     batch["image_lr"] = out["image_lr"]
                     batch["lr_size"] = out["lr_size"].reshape(-1).to(torch.int64)

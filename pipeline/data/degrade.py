@@ -3,6 +3,7 @@
 Images are float tensors (C, H, W) or (N, C, H, W) in any range; outputs keep the input range
 (clamped to the input's min/max so bicubic overshoot cannot leave it).
 """
+
 from __future__ import annotations
 
 import math

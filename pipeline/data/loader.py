@@ -18,6 +18,7 @@ CPU). ``dali``: :class:`pipeline.data.dali_loader.DaliTrainLoader` (decode and a
 GPU when CUDA is present, else DALI's CPU operators). Both implement
 :mod:`pipeline.data.augment`.
 """
+
 from __future__ import annotations
 
 from pipeline.config import ConfigError, DataConfig
@@ -25,8 +26,9 @@ from pipeline.config import ConfigError, DataConfig
 LOADERS = ("torch", "dali")
 
 
-def build_train_loader(data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int = 112,
-                       with_keys: bool = False):
+def build_train_loader(
+    data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int = 112, with_keys: bool = False
+):
     if not 0 <= rank < world_size:
         raise ConfigError(f"build_train_loader: rank {rank} outside [0, {world_size})")
     if data_cfg.loader == "torch":

@@ -22,6 +22,7 @@ samples with a missing/undecodable image or a bad label are skipped. Workers rep
 skipped alongside their chunks, the main process warns once per shard/sample and counts them
 (:meth:`TorchTrainLoader.stats`), so the counts survive worker processes.
 """
+
 from __future__ import annotations
 
 import random
@@ -81,8 +82,9 @@ def _reader_shards(urls: list[str], world: int, workers: int, rank: int, worker:
 class _ShardStream(IterableDataset):
     """One pass of one rank: every DataLoader worker streams its share and yields chunks."""
 
-    def __init__(self, urls, counts, rank, world, workers, chunk, aug, size, num_classes, seeds, skips, with_keys,
-                 shuffle_buffer):
+    def __init__(
+        self, urls, counts, rank, world, workers, chunk, aug, size, num_classes, seeds, skips, with_keys, shuffle_buffer
+    ):
         self.shuffle_buffer = shuffle_buffer
         self.urls, self.counts = urls, counts  # epoch-ordered shard urls, {url: manifest count}
         self.rank, self.world, self.workers = rank, world, workers
@@ -188,8 +190,13 @@ class _ShardStream(IterableDataset):
     def __iter__(self):
         _PENDING.clear()
         ds = wds.WebDataset(
-            self.urls, handler=_shard_error, shardshuffle=False, nodesplitter=self._nodesplit,
-            workersplitter=None, empty_check=False, seed=0,
+            self.urls,
+            handler=_shard_error,
+            shardshuffle=False,
+            nodesplitter=self._nodesplit,
+            workersplitter=None,
+            empty_check=False,
+            seed=0,
         )
         return iter(ds.compose(self._keep).compose(self._shuffle).compose(self._chunks))
 
@@ -201,8 +208,15 @@ class _PlanMismatch(Exception):
 class TorchTrainLoader(TrainLoaderBase):
     """See :mod:`pipeline.data.loader` for the interface shared with the DALI loader."""
 
-    def __init__(self, data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int = 112,
-                 with_keys: bool = False):
+    def __init__(
+        self,
+        data_cfg: DataConfig,
+        rank: int,
+        world_size: int,
+        seed: int,
+        input_size: int = 112,
+        with_keys: bool = False,
+    ):
         super().__init__(data_cfg, rank, world_size, seed, input_size, with_keys)
         self.aug = Augmenter(validate(data_cfg.augment), input_size)
         self.workers = max(1, data_cfg.num_workers)
@@ -227,11 +241,11 @@ class TorchTrainLoader(TrainLoaderBase):
         mode, _, _ = _split_plan(len(urls), self.world, self.workers, self.rank, 0)
         if mode == "samples":
             return urls  # every reader reads all shards; a new pass differs by its shuffle and seeds
-        mine = urls[self.rank::self.world]
+        mine = urls[self.rank :: self.world]
         random.Random(_hash_seed(self.seed, self.epoch, pass_idx, self.rank)).shuffle(mine)
         # keep the dealing `urls[rank::world]` valid: place the rank's shards at its own positions
         out = list(urls)
-        out[self.rank::self.world] = mine
+        out[self.rank :: self.world] = mine
         return out
 
     def _worker_counts(self, urls: list[str]) -> list[int]:
@@ -265,12 +279,30 @@ class TorchTrainLoader(TrainLoaderBase):
         urls = self._epoch_urls(pass_idx)
         counts = self._worker_counts(urls)
         plan = self._skip_plan(counts, skip) if (planned and skip) else None
-        ds = _ShardStream(urls, self.counts, self.rank, self.world, self.workers, self.batch_size, self.aug,
-                          self.size, self.num_classes, (self.seed, self.epoch, pass_idx), plan, self.with_keys,
-                          self.cfg.shuffle_buffer)
+        ds = _ShardStream(
+            urls,
+            self.counts,
+            self.rank,
+            self.world,
+            self.workers,
+            self.batch_size,
+            self.aug,
+            self.size,
+            self.num_classes,
+            (self.seed, self.epoch, pass_idx),
+            plan,
+            self.with_keys,
+            self.cfg.shuffle_buffer,
+        )
         nw = self.cfg.num_workers
-        dl = DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=torch.cuda.is_available(),
-                        prefetch_factor=2 if nw else None, persistent_workers=False)
+        dl = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=nw,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=2 if nw else None,
+            persistent_workers=False,
+        )
         pos = 0
         for chunk in dl:
             for kind, name, msg in chunk["corrupt"]:
@@ -321,8 +353,9 @@ class TorchTrainLoader(TrainLoaderBase):
                         buf, have = list(buf_before), have_before
             positions = self._last_pass_positions
             if positions == 0:
-                raise DataError(f"{self.root}: rank {self.rank} read no valid sample from its shards "
-                                f"(corrupt: {self.stats()})")
+                raise DataError(
+                    f"{self.root}: rank {self.rank} read no valid sample from its shards (corrupt: {self.stats()})"
+                )
             skip = max(0, pass_skip - positions)
             pass_idx += 1
 
@@ -360,7 +393,7 @@ def _take(buf: list, B: int, have: int):
             need -= n
         else:
             parts.append(_slice(ch, 0, need))
-            rest = [_slice(ch, need, n)] + buf[i + 1:]
+            rest = [_slice(ch, need, n)] + buf[i + 1 :]
             need = 0
             break
     batch = {}

@@ -13,6 +13,7 @@ Examples::
     # an insightface arcface_torch backbone.pth
     python -m pipeline.eval verify --checkpoint ms1mv3_r50/backbone.pth --backbone iresnet50 --bin lfw.bin
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,13 +30,20 @@ from pipeline.eval.lowres import add_lowres_parser, run_lowres
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    v = sub.add_parser("verify", help="10-fold verification accuracy on .bin sets or an LFW pairs file",
-                       description="Prints 'NAME: accuracy MEAN ± STD' per set (insightface 10-fold protocol).")
-    v.add_argument("--checkpoint", required=True,
-                   help="trainer checkpoint dir (config.yaml + model.pt), a run dir, or a state-dict .pth")
+    v = sub.add_parser(
+        "verify",
+        help="10-fold verification accuracy on .bin sets or an LFW pairs file",
+        description="Prints 'NAME: accuracy MEAN ± STD' per set (insightface 10-fold protocol).",
+    )
+    v.add_argument(
+        "--checkpoint",
+        required=True,
+        help="trainer checkpoint dir (config.yaml + model.pt), a run dir, or a state-dict .pth",
+    )
     v.add_argument("--backbone", help="registry backbone name for a state-dict file (e.g. iresnet50)")
     v.add_argument("--width", type=float, default=1.0, help="width multiplier for --backbone (default 1.0)")
     v.add_argument("--embedding-size", type=int, default=512)
@@ -61,24 +69,32 @@ def verify(args) -> list[dict]:
     if args.pairs and not args.root:
         raise ConfigError("--pairs needs --root (the image folder)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    net, info = load_model(args.checkpoint, args.backbone, args.width, args.embedding_size,
-                           args.input_size, device=device)
+    net, info = load_model(
+        args.checkpoint, args.backbone, args.width, args.embedding_size, args.input_size, device=device
+    )
     size = info["input_size"]
-    sets = ([(Path(b).stem, lambda b=b: load_bin(b, size)) for b in args.bin] if args.bin else
-            [(Path(args.pairs).stem, lambda: load_pairs(args.pairs, args.root, size, args.ext))])
+    sets = (
+        [(Path(b).stem, lambda b=b: load_bin(b, size)) for b in args.bin]
+        if args.bin
+        else [(Path(args.pairs).stem, lambda: load_pairs(args.pairs, args.root, size, args.ext))]
+    )
     results, issames, dists = [], [], []
     for name, load in sets:
         images, issame = load()
-        res = evaluate_images(net, images, issame, name, args.batch_size, device,
-                              progress=not args.no_progress, keep_distances=True)
+        res = evaluate_images(
+            net, images, issame, name, args.batch_size, device, progress=not args.no_progress, keep_distances=True
+        )
         dists.append(np.asarray(res.pop("distances")))
         issames.append(issame)
         results.append(res)
         tars = ", ".join(f"TAR@FAR={k}: {v:.4f}" for k, v in res["tar_at_far"].items() if v is not None)
         auc = f", AUC {res['auc']:.4f}" if res["auc"] is not None else ""  # None: one kind of pair only
-        print(f"{name}: accuracy {res['accuracy']:.4f} ± {res['std']:.4f}  "
-              f"(threshold {res['threshold']:.2f}, no-flip {res['accuracy_noflip']:.4f}{auc}"
-              f"{', ' + tars if tars else ''})", flush=True)
+        print(
+            f"{name}: accuracy {res['accuracy']:.4f} ± {res['std']:.4f}  "
+            f"(threshold {res['threshold']:.2f}, no-flip {res['accuracy_noflip']:.4f}{auc}"
+            f"{', ' + tars if tars else ''})",
+            flush=True,
+        )
     roc = args.roc or (str(Path(args.json).with_suffix("")) + "_roc.png" if args.json else None)
     if roc:
         Path(roc).parent.mkdir(parents=True, exist_ok=True)

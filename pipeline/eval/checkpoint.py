@@ -11,6 +11,7 @@ Two sources:
 A state dict that does not fit the architecture is a one-line :class:`ConfigError` naming the
 checkpoint and the first mismatching key.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,18 +23,34 @@ from pipeline.checkpoint import load_network
 from pipeline.config import ModelConfig, _resolve_model
 
 
-def load_model(checkpoint: str | Path, backbone: str | None = None, width: float = 1.0,
-               embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
-               conv: dict | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model(
+    checkpoint: str | Path,
+    backbone: str | None = None,
+    width: float = 1.0,
+    embedding_size: int = 512,
+    input_size: int = 112,
+    dropout: float = 0.0,
+    conv: dict | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict]:
     """(embedding module in eval mode on ``device``: images → (N, D), info dict)."""
     model_cfg = None
     if not Path(checkpoint).is_dir() and backbone:
-        model_cfg = ModelConfig(backbone=backbone, width=width, input_size=input_size,  # default conv and head
-                                head={"embedding_size": embedding_size, "dropout": dropout})
+        model_cfg = ModelConfig(
+            backbone=backbone,
+            width=width,
+            input_size=input_size,  # default conv and head
+            head={"embedding_size": embedding_size, "dropout": dropout},
+        )
         if conv:
             model_cfg.conv = dict(conv)
         _resolve_model(model_cfg, {})
     net, model_cfg, path = load_network(checkpoint, model_cfg)
-    info = {"checkpoint": str(path.parent if path.name == "model.pt" else path), "backbone": model_cfg.backbone,
-            "conv": model_cfg.conv.kind, "head": model_cfg.head.kind, "input_size": model_cfg.input_size}
+    info = {
+        "checkpoint": str(path.parent if path.name == "model.pt" else path),
+        "backbone": model_cfg.backbone,
+        "conv": model_cfg.conv.kind,
+        "head": model_cfg.head.kind,
+        "input_size": model_cfg.input_size,
+    }
     return net.embedder().to(device).eval(), info

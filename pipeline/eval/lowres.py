@@ -20,6 +20,7 @@ equals embedding a half-degraded copy).
 
 Prints a markdown table (accuracy ± std of the 10 folds, %) and writes all metrics to ``--json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,11 +52,11 @@ def degrade_u8(images_u8: torch.Tensor, size: int, batch: int = 256) -> torch.Te
         raise ConfigError(f"--sizes: resolution must be a positive number of px, got {size}")
     out = torch.empty_like(images_u8)
     for s in range(0, len(images_u8), batch):
-        x = images_u8[s:s + batch].permute(0, 3, 1, 2).float()
+        x = images_u8[s : s + batch].permute(0, 3, 1, 2).float()
         lo = x.amin(dim=(1, 2, 3), keepdim=True)
         hi = x.amax(dim=(1, 2, 3), keepdim=True)
         y = torch.minimum(torch.maximum(bicubic_down_up(x, size), lo), hi)
-        out[s:s + batch] = y.round().to(torch.uint8).permute(0, 2, 3, 1)
+        out[s : s + batch] = y.round().to(torch.uint8).permute(0, 2, 3, 1)
     return out
 
 
@@ -63,9 +64,16 @@ def _slim(res: dict) -> dict:
     return {k: res[k] for k in _KEEP if k in res}
 
 
-def evaluate_lowres_images(embed_fn: Callable[[torch.Tensor], torch.Tensor], images_u8: torch.Tensor,
-                           issame: np.ndarray, name: str = "set", sizes=DEFAULT_SIZES, batch_size: int = 64,
-                           device: str | torch.device = "cpu", progress: bool = False) -> list[dict]:
+def evaluate_lowres_images(
+    embed_fn: Callable[[torch.Tensor], torch.Tensor],
+    images_u8: torch.Tensor,
+    issame: np.ndarray,
+    name: str = "set",
+    sizes=DEFAULT_SIZES,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> list[dict]:
     """Rows ``{"set", "mode" (clean|lr|cross), "size" (px, None for clean), accuracy, std, ...}``."""
     from tqdm import tqdm
 
@@ -81,12 +89,21 @@ def evaluate_lowres_images(embed_fn: Callable[[torch.Tensor], torch.Tensor], ima
         rows.append({"set": name, "mode": "lr", "size": int(s), **_slim(verification_metrics(low, low_f, issame))})
         cross, cross_f = clean.copy(), clean_f.copy()
         cross[1::2], cross_f[1::2] = low[1::2], low_f[1::2]  # second image of each pair degraded
-        rows.append({"set": name, "mode": "cross", "size": int(s), **_slim(verification_metrics(cross, cross_f, issame))})
+        rows.append(
+            {"set": name, "mode": "cross", "size": int(s), **_slim(verification_metrics(cross, cross_f, issame))}
+        )
     return rows
 
 
-def evaluate_lowres_bin(embed_fn, bin_path: str | Path, sizes=DEFAULT_SIZES, batch_size: int = 64,
-                        device: str | torch.device = "cpu", image_size: int = 112, progress: bool = False) -> list[dict]:
+def evaluate_lowres_bin(
+    embed_fn,
+    bin_path: str | Path,
+    sizes=DEFAULT_SIZES,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    image_size: int = 112,
+    progress: bool = False,
+) -> list[dict]:
     """:func:`evaluate_lowres_images` on an insightface ``.bin`` (name = file stem)."""
     from pipeline.eval.verify import load_bin
 
@@ -100,8 +117,10 @@ def markdown_table(rows: list[dict], label: str | None = None) -> str:
     ``label`` adds a leading "model" column (for comparing runs)."""
     sizes = sorted({r["size"] for r in rows if r["size"] is not None})
     lead = ["model"] if label is not None else []
-    lines = ["| " + " | ".join(lead + ["set", "pairs", "setting", "HR (clean)"] + [f"{s} px" for s in sizes]) + " |",
-             "|" + "---|" * (len(lead) + 4 + len(sizes))]
+    lines = [
+        "| " + " | ".join(lead + ["set", "pairs", "setting", "HR (clean)"] + [f"{s} px" for s in sizes]) + " |",
+        "|" + "---|" * (len(lead) + 4 + len(sizes)),
+    ]
 
     def cell(r):
         return f"{100 * r['accuracy']:.2f} ± {100 * r['std']:.2f}" if r else "—"
@@ -112,7 +131,9 @@ def markdown_table(rows: list[dict], label: str | None = None) -> str:
         pairs = str(clean["num_pairs"]) if clean and "num_pairs" in clean else "—"
         for mode, title, hr in (("lr", "LR (both)", cell(clean)), ("cross", "cross (one HR)", "—")):
             cells = [cell(by.get((mode, s))) for s in sizes]
-            lines.append("| " + " | ".join(([label] if label is not None else []) + [name, pairs, title, hr] + cells) + " |")
+            lines.append(
+                "| " + " | ".join(([label] if label is not None else []) + [name, pairs, title, hr] + cells) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -122,15 +143,21 @@ def markdown_table(rows: list[dict], label: str | None = None) -> str:
 def add_lowres_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``lowres`` on the ``python -m pipeline.eval`` sub-parsers; returns the parser."""
     p = subparsers.add_parser(
-        "lowres", help="verification on low-resolution and cross-resolution copies of .bin sets",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "lowres",
+        help="verification on low-resolution and cross-resolution copies of .bin sets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_arguments(p)
     return p
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="trainer checkpoint dir (config.yaml + model.pt), a run dir (its latest checkpoint), or a state-dict .pth")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="trainer checkpoint dir (config.yaml + model.pt), a run dir (its latest checkpoint), or a state-dict .pth",
+    )
     p.add_argument("--backbone", help="registry backbone name for a state-dict file (e.g. iresnet50)")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier for --backbone (default 1.0)")
     p.add_argument("--embedding-size", type=int, default=512, help="embedding size for --backbone (default 512)")
@@ -140,8 +167,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--pairs", help="LFW pairs file ('N' or 'FOLDS N' header); needs --root")
     p.add_argument("--root", help="image folder for --pairs (ROOT/name/name_%%04d.jpg)")
     p.add_argument("--ext", default="jpg", help="image extension for --pairs (default jpg)")
-    p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
-                   help="LR resolutions in px (default: 7 14 20)")
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="LR resolutions in px (default: 7 14 20)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--json", help="write the table's numbers (and AUC, TAR@FAR, thresholds) to this JSON file")
@@ -158,16 +186,21 @@ def run_lowres(args) -> list[dict]:
     if any(s < 1 for s in args.sizes):
         raise ConfigError(f"--sizes: resolutions must be positive px, got {args.sizes}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    net, info = load_model(args.checkpoint, args.backbone, args.width, args.embedding_size, args.input_size,
-                           device=device)
+    net, info = load_model(
+        args.checkpoint, args.backbone, args.width, args.embedding_size, args.input_size, device=device
+    )
     size = info["input_size"]
-    sets = ([(Path(b).stem, lambda b=b: load_bin(b, size)) for b in args.bin] if args.bin else
-            [(Path(args.pairs).stem, lambda: load_pairs(args.pairs, args.root, size, args.ext))])
+    sets = (
+        [(Path(b).stem, lambda b=b: load_bin(b, size)) for b in args.bin]
+        if args.bin
+        else [(Path(args.pairs).stem, lambda: load_pairs(args.pairs, args.root, size, args.ext))]
+    )
     rows: list[dict] = []
     for name, load in sets:
         images, issame = load()
-        rows += evaluate_lowres_images(net, images, issame, name, args.sizes, args.batch_size, device,
-                                       progress=not args.no_progress)
+        rows += evaluate_lowres_images(
+            net, images, issame, name, args.sizes, args.batch_size, device, progress=not args.no_progress
+        )
     print(markdown_table(rows), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

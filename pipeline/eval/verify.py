@@ -17,6 +17,7 @@ false-accept rate is ≤ FAR), and the ROC for plotting.
 Library entry points: :func:`evaluate_bin` (what the trainer calls), :func:`evaluate_images`,
 :func:`load_bin` (decoded and cached), :func:`load_pairs`, :func:`verification_metrics`.
 """
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,9 @@ def load_bin(path: str | Path, image_size: int | None = 112) -> tuple[torch.Tens
     return _CACHE[key]
 
 
-def load_pairs(pairs_path: str | Path, root: str | Path, image_size: int | None = 112,
-               ext: str = "jpg") -> tuple[torch.Tensor, np.ndarray]:
+def load_pairs(
+    pairs_path: str | Path, root: str | Path, image_size: int | None = 112, ext: str = "jpg"
+) -> tuple[torch.Tensor, np.ndarray]:
     """LFW pairs.txt + image folder → the same structure as :func:`load_bin` (fold order)."""
     pairs, issame = read_pairs(pairs_path, root, ext)
     decoded = []
@@ -96,15 +98,20 @@ def to_model_input(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def embed_images(embed_fn: EmbedFn, images_u8: torch.Tensor, batch_size: int = 64,
-                 device: str | torch.device = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def embed_images(
+    embed_fn: EmbedFn,
+    images_u8: torch.Tensor,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings, embeddings of the horizontally flipped images), float32 numpy (N, D) each."""
     from tqdm import tqdm
 
     plain, flipped = [], []
     starts = range(0, len(images_u8), batch_size)
     for s in tqdm(starts, desc="embed", unit="batch", disable=not progress, leave=False):
-        x = to_model_input(images_u8[s:s + batch_size]).to(device)
+        x = to_model_input(images_u8[s : s + batch_size]).to(device)
         plain.append(embed_fn(x).float().cpu())
         flipped.append(embed_fn(torch.flip(x, dims=[3])).float().cpu())
     return torch.cat(plain).numpy(), torch.cat(flipped).numpy()
@@ -125,8 +132,9 @@ def _accuracy_table(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray
     return tpr, fpr, (tp + tn) / dist.size
 
 
-def kfold_accuracy(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray = THRESHOLDS,
-                   nfolds: int = NUM_FOLDS) -> dict:
+def kfold_accuracy(
+    dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray = THRESHOLDS, nfolds: int = NUM_FOLDS
+) -> dict:
     """The 10-fold protocol on pair distances: best threshold on 9 folds, accuracy on the 10th."""
     dist = np.asarray(dist)
     issame = np.asarray(issame, dtype=bool)
@@ -141,9 +149,15 @@ def kfold_accuracy(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray 
         fprs.append(fpr)
         accs.append(float(acc_test[b]))
         best.append(round(float(thresholds[b]), 6))
-    return {"accuracy": float(np.mean(accs)), "std": float(np.std(accs)), "fold_accuracies": accs,
-            "fold_thresholds": best, "threshold": float(np.mean(best)),
-            "roc_tpr": np.mean(tprs, 0).tolist(), "roc_fpr": np.mean(fprs, 0).tolist()}
+    return {
+        "accuracy": float(np.mean(accs)),
+        "std": float(np.std(accs)),
+        "fold_accuracies": accs,
+        "fold_thresholds": best,
+        "threshold": float(np.mean(best)),
+        "roc_tpr": np.mean(tprs, 0).tolist(),
+        "roc_fpr": np.mean(fprs, 0).tolist(),
+    }
 
 
 def tar_at_far(dist: np.ndarray, issame: np.ndarray, fars=FARS) -> dict[str, float | None]:
@@ -176,9 +190,17 @@ def verification_metrics(emb: np.ndarray, emb_flip: np.ndarray | None, issame: n
     return out
 
 
-def evaluate_images(embed_fn: EmbedFn, images_u8: torch.Tensor, issame: np.ndarray, name: str = "set",
-                    batch_size: int = 64, device: str | torch.device = "cpu", flip: bool = True,
-                    progress: bool = False, keep_distances: bool = False) -> dict:
+def evaluate_images(
+    embed_fn: EmbedFn,
+    images_u8: torch.Tensor,
+    issame: np.ndarray,
+    name: str = "set",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    flip: bool = True,
+    progress: bool = False,
+    keep_distances: bool = False,
+) -> dict:
     emb, emb_flip = embed_images(embed_fn, images_u8, batch_size, device, progress)
     res = verification_metrics(emb, emb_flip if flip else None, issame)
     dist = res.pop("distances")
@@ -187,17 +209,22 @@ def evaluate_images(embed_fn: EmbedFn, images_u8: torch.Tensor, issame: np.ndarr
     return {"name": name, **res}
 
 
-def evaluate_bin(embed_fn: EmbedFn, bin_path: str | Path, batch_size: int = 64,
-                 device: str | torch.device = "cpu", progress: bool = False, image_size: int = 112,
-                 **kw) -> dict:
+def evaluate_bin(
+    embed_fn: EmbedFn,
+    bin_path: str | Path,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    image_size: int = 112,
+    **kw,
+) -> dict:
     """Verify on one insightface ``.bin``. ``embed_fn``: float (N,3,112,112) in [-1,1] → (N, D).
 
     The caller puts its model in eval mode; images of another size are resized to ``image_size``. Returns a JSON-serialisable dict with ``name`` (file
     stem), ``accuracy``, ``std``, ``threshold`` and the extras described in the module docstring.
     """
     images, issame = load_bin(bin_path, image_size)
-    return evaluate_images(embed_fn, images, issame, Path(bin_path).stem, batch_size, device,
-                           progress=progress, **kw)
+    return evaluate_images(embed_fn, images, issame, Path(bin_path).stem, batch_size, device, progress=progress, **kw)
 
 
 def plot_roc(results: list[dict], issames: list[np.ndarray], dists: list[np.ndarray], path: str | Path) -> None:

@@ -33,6 +33,7 @@ The branch is chosen per sample with torch.where; the direct branch's input is c
 is not selected so that no inf/NaN can leak into the gradient of the unselected branch.
 Reduced-precision inputs (fp16/bf16) are computed in float32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,7 +48,9 @@ DISTANCES = ("logexp", "l1", "l2")
 
 def _check(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.dim() != 2 or x.shape != y.shape:
-        raise ValueError(f"feature distance expects two (B, D) tensors of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"feature distance expects two (B, D) tensors of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -103,8 +106,9 @@ def logexp_distance(x: torch.Tensor, y: torch.Tensor, p: float = 1.0, reduction:
     return _reduce(log_one_plus_sum_expm1(a) / (p * x.shape[1]), reduction)
 
 
-def feature_distance(name: str, x: torch.Tensor, y: torch.Tensor, p: float = 1.0,
-                     normalize: bool = True, reduction: str = "mean") -> torch.Tensor:
+def feature_distance(
+    name: str, x: torch.Tensor, y: torch.Tensor, p: float = 1.0, normalize: bool = True, reduction: str = "mean"
+) -> torch.Tensor:
     """Eq. 7's L_dist: distance ``name`` (logexp | l1 | l2) between x/‖x‖₂ and y/‖y‖₂.
 
     ``p`` is used by ``logexp`` only. ``normalize=False`` applies the distance to the raw vectors.

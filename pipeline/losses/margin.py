@@ -24,6 +24,7 @@ m3 is subtracted in both cases. cos θ is clamped to [−1+ε, 1−ε] before ar
 gradient stays finite (d arccos(x)/dx = −1/√(1−x²) diverges at ±1); at the clamp the gradient
 is zero, which only happens for an embedding exactly on (or opposite to) its class centre.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,10 @@ class CombinedMargin(nn.Module):
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if cosine.dim() != 2 or labels.shape != cosine.shape[:1]:
-            raise ValueError(f"CombinedMargin: expected cosine (N, C) and labels (N,), got "
-                             f"{tuple(cosine.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"CombinedMargin: expected cosine (N, C) and labels (N,), got "
+                f"{tuple(cosine.shape)} and {tuple(labels.shape)}"
+            )
         logits = cosine * self.s
         rows = torch.nonzero(labels >= 0, as_tuple=True)[0]
         if rows.numel() == 0 or (self.m1 == 1.0 and self.m2 == 0.0 and self.m3 == 0.0):

@@ -22,6 +22,7 @@ the trainer passes ``embedding_grad_scale = world_size`` to undo the 1/W (arcfac
 ``AllGatherFunc.backward`` multiplies by the world size for the same reason). The classifier
 shard is not data-parallel: its gradient is already exact and must not be averaged.
 """
+
 from __future__ import annotations
 
 import math
@@ -83,7 +84,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
             grad = grad.clone()
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         offset = sum(sizes[:rank])
-        g = grad[offset:offset + sizes[rank]]
+        g = grad[offset : offset + sizes[rank]]
         if ctx.scale != 1.0:
             g = g * ctx.scale
         return g, None, None, None
@@ -147,8 +148,16 @@ class ShardedMarginClassifier(nn.Module):
     local row indices used in the last step.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, margin: nn.Module, sample_rate: float = 1.0,
-                 rank: int | None = None, world_size: int | None = None, embedding_grad_scale: float = 1.0):
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: nn.Module,
+        sample_rate: float = 1.0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        embedding_grad_scale: float = 1.0,
+    ):
         super().__init__()
         r, w = _world()
         rank = r if rank is None else int(rank)
@@ -174,9 +183,11 @@ class ShardedMarginClassifier(nn.Module):
         self.last_sampled_index: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, rank={self.rank}/"
-                f"{self.world_size}, rows=[{self.class_start}, {self.class_start + self.num_local}), "
-                f"sample_rate={self.sample_rate}")
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, rank={self.rank}/"
+            f"{self.world_size}, rows=[{self.class_start}, {self.class_start + self.num_local}), "
+            f"sample_rate={self.sample_rate}"
+        )
 
     # ------------------------------------------------------------------ forward
     def _sample(self, local_pos: torch.Tensor) -> torch.Tensor:
@@ -190,8 +201,10 @@ class ShardedMarginClassifier(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size or labels.shape != embeddings.shape[:1]:
-            raise ValueError(f"ShardedMarginClassifier: expected embeddings (N, {self.embedding_size}) and labels (N,), "
-                             f"got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"ShardedMarginClassifier: expected embeddings (N, {self.embedding_size}) and labels (N,), "
+                f"got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
+            )
         labels = labels.to(device=embeddings.device, dtype=torch.long)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
@@ -211,8 +224,9 @@ class ShardedMarginClassifier(nn.Module):
         if self.num_sample < self.num_local:
             index = self._sample(local[in_shard])
             weight = self.weight[index]  # gradient flows into the full parameter (index_put backward)
-            target = torch.where(in_shard, torch.searchsorted(index, local.clamp(0, self.num_local - 1)),
-                                 torch.full_like(local, -1))
+            target = torch.where(
+                in_shard, torch.searchsorted(index, local.clamp(0, self.num_local - 1)), torch.full_like(local, -1)
+            )
             self.last_sampled_index = index
         else:
             weight = self.weight
@@ -240,8 +254,10 @@ class ShardedMarginClassifier(nn.Module):
     def load_full_(self, full: torch.Tensor) -> None:
         """Copy this rank's rows of a full (num_classes, D) weight into ``weight`` (any saved world size)."""
         if tuple(full.shape) != (self.num_classes, self.embedding_size):
-            raise ValueError(f"classifier weight: expected shape ({self.num_classes}, {self.embedding_size}), "
-                             f"got {tuple(full.shape)}")
+            raise ValueError(
+                f"classifier weight: expected shape ({self.num_classes}, {self.embedding_size}), "
+                f"got {tuple(full.shape)}"
+            )
         with torch.no_grad():
             self.weight.copy_(take_shard(full, self.rank, self.world_size))
 

@@ -26,6 +26,7 @@ input_size halved (ceil) four times (7 for 112 px, 9 for 144 px).
 Branch inserts sit right after ``bn3`` (the BN of the block's last 3×3 conv, so they see "conv → BN" output,
 LCD's F), before SE and before the shortcut addition.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -83,8 +84,15 @@ class SEModule(nn.Module):
 class IBasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 conv3x3: Conv3x3Factory | None = None, se: bool = False):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        conv3x3: Conv3x3Factory | None = None,
+        se: bool = False,
+    ):
         super().__init__()
         conv3x3 = conv3x3 or ConvKind().conv3x3
         self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-05)
@@ -117,8 +125,14 @@ class IBasicBlock(nn.Module):
 class IResNetTrunk(nn.Module):
     """Stem + four named stages + the final BN; ``forward(x, trace, keep)`` → {point: map} (``"out"`` always)."""
 
-    def __init__(self, layers, width: float = 1.0, se: bool = False, conv3x3: Conv3x3Factory | None = None,
-                 inserts: dict[str, InsertPoint] | None = None):
+    def __init__(
+        self,
+        layers,
+        width: float = 1.0,
+        se: bool = False,
+        conv3x3: Conv3x3Factory | None = None,
+        inserts: dict[str, InsertPoint] | None = None,
+    ):
         super().__init__()
         conv3x3 = conv3x3 or ConvKind().conv3x3
         inserts = dict(inserts or {})
@@ -157,8 +171,9 @@ class IResNetTrunk(nn.Module):
             x = self.after[name](x, trace)
         return x
 
-    def forward(self, x: torch.Tensor, trace: Trace | None = None,
-                keep: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, trace: Trace | None = None, keep: frozenset[str] = frozenset()
+    ) -> dict[str, torch.Tensor]:
         feats: dict[str, torch.Tensor] = {}
         x = self.prelu(self.bn1(call(self.conv1, x, trace)))
         x = self._after("stem", x, trace)
@@ -207,8 +222,9 @@ class IResNetBuilder:
         self.__doc__ = f"{'SE-' if se else ''}IResNet-{depth} trunk (stages {LAYERS[depth]})."
 
     def __call__(self, model_cfg, conv_kind: ConvKind, inserts: dict[str, InsertPoint]) -> IResNetTrunk:
-        return IResNetTrunk(LAYERS[self.depth], width=model_cfg.width, se=self.se, conv3x3=conv_kind.conv3x3,
-                            inserts=inserts)
+        return IResNetTrunk(
+            LAYERS[self.depth], width=model_cfg.width, se=self.se, conv3x3=conv_kind.conv3x3, inserts=inserts
+        )
 
     def points(self, model_cfg) -> dict[str, PointInfo]:
         return trunk_points(LAYERS[self.depth], model_cfg.width, model_cfg.input_size)
@@ -228,6 +244,7 @@ for _depth in (50, 100):
 @dataclass
 class FCHeadOptions(PartOptions):
     """``model.head: {kind: fc, embedding_size: 512, dropout: 0.0}``: insightface's output head."""
+
     embedding_size: int = 512
     dropout: float = 0.0
 
@@ -264,8 +281,15 @@ def build_fc_head(opts: FCHeadOptions, points: dict[str, PointInfo], model_cfg=N
 # --------------------------------------------------------------------------- direct construction
 
 
-def build_iresnet(depth: int, width: float = 1.0, embedding_size: int = 512, dropout: float = 0.0,
-                  input_size: int = 112, se: bool = False, conv: dict | None = None) -> FaceNetwork:
+def build_iresnet(
+    depth: int,
+    width: float = 1.0,
+    embedding_size: int = 512,
+    dropout: float = 0.0,
+    input_size: int = 112,
+    se: bool = False,
+    conv: dict | None = None,
+) -> FaceNetwork:
     """IResNet-``depth`` (18/34/50/100/200) with the ``fc`` head, as a FaceNetwork (tests, benchmarks).
 
     ``conv``: a ``model.conv`` block, e.g. ``{"kind": "scan", "lsc": False}`` (default plain)."""
@@ -273,8 +297,12 @@ def build_iresnet(depth: int, width: float = 1.0, embedding_size: int = 512, dro
 
     if depth not in LAYERS:
         raise ValueError(f"iresnet depth {depth} not one of {sorted(LAYERS)}")
-    cfg = ModelConfig(backbone=f"{'se_' if se else ''}iresnet{depth}", width=width, input_size=input_size,
-                      conv=dict(conv or {"kind": "plain"}),
-                      head={"kind": "fc", "embedding_size": embedding_size, "dropout": dropout})
+    cfg = ModelConfig(
+        backbone=f"{'se_' if se else ''}iresnet{depth}",
+        width=width,
+        input_size=input_size,
+        conv=dict(conv or {"kind": "plain"}),
+        head={"kind": "fc", "embedding_size": embedding_size, "dropout": dropout},
+    )
     _resolve_model(cfg, {})
     return registry.build_network(cfg)

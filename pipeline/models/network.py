@@ -16,6 +16,7 @@ monitoring values that modules inside the network produced during that very call
 through a :class:`Trace` that the network creates per call and passes down explicitly; nothing is kept
 on a module after its call. A module that reports is a :class:`Reporter` (``forward(x, trace)``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,8 +50,10 @@ class Trace:
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         # summed in at least float32 (a half-precision term is accumulated in float32)
-        return {k: torch.stack([v if v.dtype == torch.float64 else v.float() for v in vs]).sum()
-                for k, vs in self._losses.items()}
+        return {
+            k: torch.stack([v if v.dtype == torch.float64 else v.float() for v in vs]).sum()
+            for k, vs in self._losses.items()
+        }
 
 
 @dataclass
@@ -78,6 +81,7 @@ def call(module: nn.Module, x: torch.Tensor, trace: Trace | None) -> torch.Tenso
 @dataclass
 class PointInfo:
     """What flows at a named point of a trunk: channels and spatial size (for sizing inserts)."""
+
     channels: int
     spatial: int
 
@@ -114,6 +118,7 @@ class Head(nn.Module):
     Subclasses set ``embedding_size`` (the classifier's input width is taken from it) and implement
     ``forward(features, trace) -> (N, embedding_size)`` where ``features`` maps point names to tensors.
     """
+
     needs: tuple[str, ...] = ()
     embedding_size: int
 
@@ -245,7 +250,9 @@ def build_network(model_cfg) -> FaceNetwork:
     for i, ins in enumerate(model_cfg.inserts):
         if ins.at not in points or ins.at == "out":
             names = ", ".join(p for p in points if p != "out")
-            raise ConfigError(f"model.inserts[{i}].at: '{ins.at}' is not a point of {model_cfg.backbone} (known: {names})")
+            raise ConfigError(
+                f"model.inserts[{i}].at: '{ins.at}' is not a point of {model_cfg.backbone} (known: {names})"
+            )
         module = registry.lookup("insert", ins.kind, f"model.inserts[{i}].kind").build(ins, points[ins.at])
         inserts.setdefault(ins.at, []).append(module)
     trunk = trunk_entry.build(model_cfg, conv_kind, {k: InsertPoint(v) for k, v in inserts.items()})
@@ -253,8 +260,10 @@ def build_network(model_cfg) -> FaceNetwork:
     head = head_entry.build(model_cfg.head, points, model_cfg)
     for need in head.needs:
         if need not in points:
-            raise ConfigError(f"model.head: head '{model_cfg.head.kind}' reads trunk point '{need}', "
-                              f"which {model_cfg.backbone} does not have")
+            raise ConfigError(
+                f"model.head: head '{model_cfg.head.kind}' reads trunk point '{need}', "
+                f"which {model_cfg.backbone} does not have"
+            )
     net = FaceNetwork(trunk, head, conv_kind)
     init = getattr(trunk_entry.build, "init_weights", None)
     if init is not None:

@@ -63,6 +63,7 @@ kernel a K×K-cropped Gaussian is a single number, so scale has no meaning there
 the same module name, so a folded SCAN-IResNet has exactly the plain IResNet's parameters and its
 ``state_dict`` loads into :func:`pipeline.models.iresnet.build_iresnet` with ``strict=True``.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,8 +80,14 @@ from pipeline.models.iresnet import build_iresnet
 from pipeline.models.network import ConvKind, Reporter, Trace
 
 __all__ = [
-    "ScaleAttentionConv", "ScanConvOptions", "ScanConvKind", "fold", "sac_layers", "rmo_per_sample",
-    "build_scan_iresnet", "plot_t_density",
+    "ScaleAttentionConv",
+    "ScanConvOptions",
+    "ScanConvKind",
+    "fold",
+    "sac_layers",
+    "rmo_per_sample",
+    "build_scan_iresnet",
+    "plot_t_density",
 ]
 
 
@@ -121,8 +128,7 @@ class _ConvWithRMO(torch.autograd.Function):
             grad_y = grad_y.to(y.dtype)
         if ctx.needs_input_grad[0] and grad_y is not None:
             # input gradient: recognition path only (the RMO term sees a detached input)
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_y, x, w, *conv_args, (True, False, False))[0].to(x_dtype)
+            grad_x = torch.ops.aten.convolution_backward(grad_y, x, w, *conv_args, (True, False, False))[0].to(x_dtype)
         if ctx.needs_input_grad[1]:
             g = grad_y
             if grad_loss is not None:
@@ -131,8 +137,7 @@ class _ConvWithRMO(torch.autograd.Function):
                 g_rmo = coef.to(y.dtype).view(-1, *([1] * (y.dim() - 1))) * y
                 g = g_rmo if g is None else g + g_rmo
             if g is not None:
-                grad_w = torch.ops.aten.convolution_backward(
-                    g, x, w, *conv_args, (False, True, False))[1].to(w_dtype)
+                grad_w = torch.ops.aten.convolution_backward(g, x, w, *conv_args, (False, True, False))[1].to(w_dtype)
         return grad_x, grad_w, None, None, None
 
 
@@ -150,11 +155,25 @@ class ScaleAttentionConv(Reporter):
     ``rmo_weight · L_scale`` (batch mean, eq. 6) as the trace's aux loss ``rmo``.
     """
 
-    def __init__(self, in_planes: int, out_planes: int, kernel_size: int = 3, stride: int = 1,
-                 padding: int | None = None, *, sac: bool = True, lsc: bool = True, rmo: bool = True,
-                 gamma_m: float = 1.0, rmo_lambda: float = 1.0, efficient_rmo: bool = True,
-                 t_min: float = 1e-3, gaussian_sum1: bool = False, init_std: float = 0.1,
-                 rmo_weight: float = 1.0):
+    def __init__(
+        self,
+        in_planes: int,
+        out_planes: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int | None = None,
+        *,
+        sac: bool = True,
+        lsc: bool = True,
+        rmo: bool = True,
+        gamma_m: float = 1.0,
+        rmo_lambda: float = 1.0,
+        efficient_rmo: bool = True,
+        t_min: float = 1e-3,
+        gaussian_sum1: bool = False,
+        init_std: float = 0.1,
+        rmo_weight: float = 1.0,
+    ):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"ScaleAttentionConv: kernel_size must be odd, got {kernel_size}")
@@ -178,9 +197,11 @@ class ScaleAttentionConv(Reporter):
         self.register_buffer("_d2", (idx[:, None] - idx[None, :]) ** 2, persistent=False)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_planes}, {self.out_planes}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, sac={self.sac}, lsc={self.lsc}, rmo={self.rmo}, gamma_m={self.gamma_m}, "
-                f"rmo_lambda={self.rmo_lambda}, efficient_rmo={self.efficient_rmo}")
+        return (
+            f"{self.in_planes}, {self.out_planes}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, sac={self.sac}, lsc={self.lsc}, rmo={self.rmo}, gamma_m={self.gamma_m}, "
+            f"rmo_lambda={self.rmo_lambda}, efficient_rmo={self.efficient_rmo}"
+        )
 
     # ------------------------------------------------------------------ kernels
     @property
@@ -270,6 +291,7 @@ def fold(model: nn.Module) -> nn.Module:
 @dataclass
 class ScanConvOptions(PartOptions):
     """``model.conv: {kind: scan, ...}`` (Sec. 4, 6.1; Table 1 switches)."""
+
     sac: bool = True  # scale attention conv (eq. 4); false: plain kernel k
     lsc: bool = True  # local shortcut connection, independent k_i (eq. 8)
     rmo: bool = True  # response-maximisation objective (eq. 6)
@@ -300,9 +322,22 @@ class ScanConvKind(ConvKind):
         o = self.opts
         if not (o.sac or o.lsc or o.rmo):
             return nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
-        return ScaleAttentionConv(in_planes, out_planes, 3, stride, 1, sac=o.sac, lsc=o.lsc, rmo=o.rmo,
-                                  gamma_m=o.gamma_m, rmo_lambda=o.rmo_lambda, efficient_rmo=o.efficient_rmo,
-                                  t_min=o.t_min, gaussian_sum1=o.gaussian_sum1, rmo_weight=o.rmo_weight)
+        return ScaleAttentionConv(
+            in_planes,
+            out_planes,
+            3,
+            stride,
+            1,
+            sac=o.sac,
+            lsc=o.lsc,
+            rmo=o.rmo,
+            gamma_m=o.gamma_m,
+            rmo_lambda=o.rmo_lambda,
+            efficient_rmo=o.efficient_rmo,
+            t_min=o.t_min,
+            gaussian_sum1=o.gaussian_sum1,
+            rmo_weight=o.rmo_weight,
+        )
 
     @staticmethod
     def t_per_layer(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -314,8 +349,13 @@ class ScanConvKind(ConvKind):
         if not per_layer:
             return {}
         t = torch.cat(list(per_layer.values())).float()
-        return {"scan/t_mean": t.mean(), "scan/t_min": t.min(), "scan/t_max": t.max(), "scan/t_std": t.std(),
-                "scan/t_frac_below_0.1": (t < 0.1).float().mean()}
+        return {
+            "scan/t_mean": t.mean(),
+            "scan/t_min": t.min(),
+            "scan/t_max": t.max(),
+            "scan/t_std": t.std(),
+            "scan/t_frac_below_0.1": (t < 0.1).float().mean(),
+        }
 
     def histograms(self, net: nn.Module) -> dict[str, torch.Tensor]:
         per_layer = self.t_per_layer(net)
@@ -331,8 +371,11 @@ class ScanConvKind(ConvKind):
     def on_checkpoint(self, net: nn.Module, out_dir: Path, step: int) -> None:
         per_layer = self.t_per_layer(net)
         if per_layer and self.opts.t_density_png:
-            plot_t_density(torch.cat(list(per_layer.values())).float().cpu().numpy(), Path(out_dir) / "t_density.png",
-                           title=f"SCAN t density, step {step} ({len(per_layer)} SAC layers)")
+            plot_t_density(
+                torch.cat(list(per_layer.values())).float().cpu().numpy(),
+                Path(out_dir) / "t_density.png",
+                title=f"SCAN t density, step {step} ({len(per_layer)} SAC layers)",
+            )
 
     def fold(self, net: nn.Module) -> int:
         n = len(sac_layers(net))
@@ -345,11 +388,25 @@ def build_scan_conv(opts: ScanConvOptions) -> ScanConvKind:
     return ScanConvKind(opts)
 
 
-def build_scan_iresnet(depth: int, width: float = 1.0, embedding_size: int = 512, dropout: float = 0.0,
-                       input_size: int = 112, se: bool = False, **sac_options):
+def build_scan_iresnet(
+    depth: int,
+    width: float = 1.0,
+    embedding_size: int = 512,
+    dropout: float = 0.0,
+    input_size: int = 112,
+    se: bool = False,
+    **sac_options,
+):
     """SCAN-IResNet-``depth`` (a FaceNetwork): :func:`build_iresnet` with ``model.conv: {kind: scan, ...}``."""
-    return build_iresnet(depth, width=width, embedding_size=embedding_size, dropout=dropout,
-                         input_size=input_size, se=se, conv={"kind": "scan", **sac_options})
+    return build_iresnet(
+        depth,
+        width=width,
+        embedding_size=embedding_size,
+        dropout=dropout,
+        input_size=input_size,
+        se=se,
+        conv={"kind": "scan", **sac_options},
+    )
 
 
 def plot_t_density(t, path: Path, title: str = "") -> Path:

@@ -8,6 +8,7 @@ with its labels and weight), the auxiliary losses (already weighted; the trainer
 network's own (e.g. SCAN's ``rmo``) passed through plus the recipe's — and monitoring values. The
 trainer knows nothing else about it, and nothing about the network's parts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -32,6 +32,7 @@ rank (the trainer all-reduces scalars by name); a bucket with no sample in the b
 the two views). Histogram ``lrfr/dim_abs_error``: mean |f̂_HR − f̂_LR| per embedding dimension
 (the quantity of the paper's Fig. 6).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from pipeline.recipes.base import ClassifierInput, RecipeModel, StepOutput
 @dataclass
 class LRFRConfig:
     """The ``method:`` block of the lrfr recipe."""
+
     distance: str = "logexp"  # logexp (eq. 5) | l1 (eq. 1) | l2 (eq. 2)
     p: float = 1.0  # LogExp exponent (Table 4: "Ours(1)", "Ours(2)"); ignored by l1/l2
     lambda_dist: float = 1.0  # λ of eq. 7 (Table 5; the paper's main results use 1)
@@ -89,15 +91,16 @@ class LRFRRecipe(RecipeModel):
 
     def forward(self, batch: dict) -> StepOutput:
         if "image_lr" not in batch:
-            raise ConfigError("data.augment.paired: the lrfr recipe needs paired batches with 'image_lr' (set data.augment.paired: true)")
+            raise ConfigError(
+                "data.augment.paired: the lrfr recipe needs paired batches with 'image_lr' (set data.augment.paired: true)"
+            )
         labels = batch["label"]
         # Siamese: the same network (shared weights) on both views; two calls so that each view's
         # BatchNorm statistics are its own, as in a Siamese network and the authors' code.
         hr = self.net(batch["image"])
         lr = self.net(batch["image_lr"])
         f_hr, f_lr = hr.embedding, lr.embedding
-        per_sample = feature_distance(self.distance, f_hr, f_lr, p=self.p, normalize=self.normalize,
-                                      reduction="none")
+        per_sample = feature_distance(self.distance, f_hr, f_lr, p=self.p, normalize=self.normalize, reduction="none")
         l_dist = per_sample.mean()  # eq. 7's L_dist (batch mean of the per-sample distance)
 
         scalars: dict[str, torch.Tensor] = _mean_of_views(hr.monitors, lr.monitors)

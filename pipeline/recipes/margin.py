@@ -3,6 +3,7 @@
 The margin itself (ArcFace / CosFace / combined) lives in the shared classifier (``margin:`` block); the
 network's own aux losses (e.g. SCAN's RMO, eq. 7 of SCAN-CNN) and monitors pass straight through.
 """
+
 from __future__ import annotations
 
 from pipeline import registry
@@ -12,8 +13,11 @@ from pipeline.recipes.base import ClassifierInput, RecipeModel, StepOutput
 class MarginRecipe(RecipeModel):
     def forward(self, batch: dict) -> StepOutput:
         out = self.net(batch["image"])
-        return StepOutput(heads={"main": ClassifierInput(out.embedding, batch["label"])},
-                          aux_losses=out.aux_losses, scalars=out.monitors)
+        return StepOutput(
+            heads={"main": ClassifierInput(out.embedding, batch["label"])},
+            aux_losses=out.aux_losses,
+            scalars=out.monitors,
+        )
 
 
 @registry.register_recipe("margin")

@@ -6,6 +6,7 @@ fixed seed, 1 and 2 gloo processes, real LFW faces) and writes ``tests/golden/lo
 the same commands and compares. The file was recorded on the commit *before* the composable-model
 redesign (issue 8), so the test proves the redesign changed no number beyond float noise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("losses.json")
 STEPS = 6
-COMMON = ["--config", "configs/smoke.yaml", f"schedule.max_steps={STEPS}", "output.log_every=1",
-          "output.checkpoint_every=1000", "output.histogram_every=0", "data.num_workers=1", "seed=3"]
+COMMON = [
+    "--config",
+    "configs/smoke.yaml",
+    f"schedule.max_steps={STEPS}",
+    "output.log_every=1",
+    "output.checkpoint_every=1000",
+    "output.histogram_every=0",
+    "data.num_workers=1",
+    "seed=3",
+]
 # case name → config layers / overrides placed before COMMON (the smoke layer is stacked last)
 CASES = {
     "margin": ["--config", "configs/arcface_r50.yaml", "model.backbone=iresnet18"],
@@ -33,8 +42,16 @@ def command(case: str, world: int, shards: Path, out: Path) -> list[str]:
     args = [*CASES[case][:2], *COMMON[:2], *CASES[case][2:], *COMMON[2:], f"data.train={shards}", f"output.dir={out}"]
     if world == 1:
         return [sys.executable, "-m", "pipeline.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-            "-m", "pipeline.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world}",
+        "-m",
+        "pipeline.train",
+        *args,
+    ]
 
 
 def losses_of(tb_dir: Path) -> dict[str, list[float]]:

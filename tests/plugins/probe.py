@@ -8,6 +8,7 @@ They exist to prove the composition mechanism, with behaviour simple enough to c
 - ``probe_pool`` head: global-average-pools the trunk's final map and one extra point it asks for
   (``needs``), concatenates, and projects with a linear layer to ``embedding_size``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
