@@ -6,8 +6,10 @@
 
 Data-parallel backbone under DeepSpeed; model-parallel class centres in a
 :class:`ShardedMarginClassifier` that stays outside DeepSpeed (its rows differ per rank, so
-its gradients must never be averaged) with its own optimizer. The recipe is looked up in the
-registry and hands back its own loss terms and monitoring values; this loop only sums and logs.
+its gradients must never be averaged) with its own optimizer. The recipe (training procedure) is
+looked up in the registry; it holds the FaceNetwork built from ``model:`` and hands back its loss
+terms and monitoring values (the network's own, e.g. SCAN's RMO, included). This loop only sums and
+logs: it knows no recipe, trunk, conv kind, insert or head by name.
 """
 
 from __future__ import annotations
