@@ -73,7 +73,9 @@ def init(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
-        backend = "nccl"
+        # both devices served: device tensors over NCCL, host-side values (the preemption flag) over
+        # gloo without a GPU sync; pipeline.collectives checks every tensor against this
+        backend = "cpu:gloo,cuda:nccl"
     else:
         dev = torch.device("cpu")
         backend = "gloo"
@@ -89,8 +91,9 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    from pipeline import collectives
+
+    collectives.barrier()
 
 
 def cleanup() -> None:

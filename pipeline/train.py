@@ -25,11 +25,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data_prep.manifest import DataError, read_manifest
 from pipeline import checkpoint as ckpt
-from pipeline import distributed, registry, schedule
+from pipeline import collectives, distributed, registry, schedule
 from pipeline.config import Config, ConfigError, dump_config, load_config
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -115,6 +114,7 @@ class Trainer:
             # DeepSpeed averages backbone gradients over ranks; the all-gathered softmax already
             # sums each sample's gradient from all shards, so scale back up (as arcface_torch does).
             embedding_grad_scale=float(self.world),
+            uniform_batch=True,  # every rank's loader yields full batches of data.batch_size
         ).to(self.device)
 
         groups = param_groups(self.model, self.model.no_weight_decay(), cfg.optim.weight_decay)
@@ -139,6 +139,7 @@ class Trainer:
 
         self.step = 0  # optimizer steps done
         self.preempted = False
+        self.skipped_steps = 0  # optimizer steps skipped on fp16 overflow (logged as train/skipped_steps)
         self.writer = None
         if resume:
             self._resume(resume)
@@ -240,10 +241,11 @@ class Trainer:
         if self.cfg.deepspeed.precision == "fp16":
             # engine.backward multiplied the loss by the dynamic loss scale: undo it for the
             # classifier, and skip its step whenever DeepSpeed skipped the backbone's (overflow).
-            scale = float(getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", 1.0)))
+            scale = self._loss_scale()
             for p in params:
                 p.grad.div_(scale)
             if not self.engine.was_step_applied():
+                self.skipped_steps += 1  # fp16 overflow: DeepSpeed skipped the backbone's step
                 self.cls_optimizer.zero_grad(set_to_none=True)
                 return
         if self.cfg.optim.grad_clip > 0:
@@ -251,6 +253,10 @@ class Trainer:
         self._cls_grad_norm = torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else None
         self.cls_optimizer.step()
         self.cls_optimizer.zero_grad(set_to_none=True)
+
+    def _loss_scale(self) -> float:
+        """DeepSpeed's current dynamic fp16 loss scale (1 outside fp16)."""
+        return float(getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", 1.0)))
 
     def _to_device(self, v):
         if not torch.is_tensor(v):
@@ -262,9 +268,10 @@ class Trainer:
 
     def _mean_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         names = sorted(values)
-        vec = torch.stack([torch.as_tensor(values[n], dtype=torch.float64).reshape(()) for n in names])
+        # on the training device (NCCL under CUDA); a log step is the one place the loop syncs with the host
+        vec = torch.stack([torch.as_tensor(values[n]).to(self.device, torch.float64).reshape(()) for n in names])
         if self.world > 1:
-            dist.all_reduce(vec)
+            collectives.all_reduce(vec)
             vec /= self.world
         return dict(zip(names, vec.tolist()))
 
@@ -283,6 +290,9 @@ class Trainer:
             self.writer.add_scalar(k, v, self.step)
         self.writer.add_scalar("lr", float(terms["_lr"]), self.step)
         self.writer.add_scalar("samples_per_s", samples_per_s, self.step)
+        if self.cfg.deepspeed.precision == "fp16":
+            self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
+            self.writer.add_scalar("train/loss_scale", self._loss_scale(), self.step)
         norm = self.engine.get_global_grad_norm()
         if norm is not None and math.isfinite(float(norm)):
             self.writer.add_scalar("grad_norm/backbone", float(norm), self.step)
@@ -434,9 +444,11 @@ class Trainer:
     # ------------------------------------------------------------------ preemption
 
     def _should_stop(self) -> bool:
+        # A host-side value: a CPU tensor over gloo (served beside NCCL on CUDA runs), so this
+        # per-step check never waits for the GPU stream.
         flag = torch.tensor([1.0 if _STOP_SIGNAL else 0.0])
         if self.world > 1:
-            dist.all_reduce(flag)  # every rank stops at the same step
+            collectives.all_reduce(flag)  # every rank stops at the same step
         return bool(flag.item() > 0)
 
     def _requeue(self) -> None:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import collectives
 from pipeline.config import ConfigError
 
 
@@ -62,7 +63,7 @@ def _all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if x.shape[0] < n_max:
         x = torch.cat([x, x.new_zeros((n_max - x.shape[0],) + tuple(x.shape[1:]))])
     bufs = [torch.empty_like(x) for _ in sizes]
-    dist.all_gather(bufs, x.contiguous())
+    collectives.all_gather(bufs, x.contiguous())
     return torch.cat([b[:n] for b, n in zip(bufs, sizes)])
 
 
@@ -82,7 +83,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         if len(sizes) > 1:
             grad = grad.clone()
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            collectives.all_reduce(grad, "sum")
         offset = sum(sizes[:rank])
         g = grad[offset : offset + sizes[rank]]
         if ctx.scale != 1.0:
@@ -107,7 +108,7 @@ class _ShardedSoftmaxCE(torch.autograd.Function):
         cols = target[rows]
         maxes = torch.stack([logits.max(dim=1).values, cosine.max(dim=1).values])
         if distributed:
-            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+            collectives.all_reduce(maxes, "max")
         row_max, cos_max = maxes[0], maxes[1]
         probs = torch.exp(logits - row_max[:, None])
         sums = logits.new_zeros(3, n)
@@ -115,7 +116,7 @@ class _ShardedSoftmaxCE(torch.autograd.Function):
         sums[1, rows] = logits[rows, cols] - row_max[rows]
         sums[2, rows] = cosine[rows, cols]
         if distributed:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            collectives.all_reduce(sums, "sum")
         sum_exp, target_shifted, target_cos = sums[0], sums[1], sums[2]
         loss = (torch.log(sum_exp) - target_shifted).mean()
         accuracy = (target_cos >= cos_max).to(logits.dtype).mean()
@@ -142,7 +143,9 @@ class ShardedMarginClassifier(nn.Module):
     """Partial-FC margin softmax classifier; this rank holds ``weight`` = rows [class_start, class_start+num_local).
 
     ``forward(embeddings (N_local, D), labels (N_local,) global ids) -> loss`` (a scalar, the
-    mean CE over the global batch, identical on every rank). Per-rank batch sizes may differ.
+    mean CE over the global batch, identical on every rank). Per-rank batch sizes may differ, unless
+    ``uniform_batch`` promises they never do (the trainer's loaders yield full batches only): then no
+    sizes are exchanged, which saves a device→host copy (a host sync) per step.
     ``last_accuracy`` holds the top-1 accuracy of the global batch under the plain cosine
     (no margin; at sample_rate < 1 among the sampled classes) and ``last_sampled_index`` the
     local row indices used in the last step.
@@ -157,6 +160,7 @@ class ShardedMarginClassifier(nn.Module):
         rank: int | None = None,
         world_size: int | None = None,
         embedding_grad_scale: float = 1.0,
+        uniform_batch: bool = False,
     ):
         super().__init__()
         r, w = _world()
@@ -175,6 +179,7 @@ class ShardedMarginClassifier(nn.Module):
         self.margin = margin
         self.sample_rate = float(sample_rate)
         self.embedding_grad_scale = float(embedding_grad_scale)
+        self.uniform_batch = bool(uniform_batch)
         self.class_start, end = shard_range(self.num_classes, rank, world_size)
         self.num_local = end - self.class_start
         self.num_sample = min(self.num_local, math.ceil(self.sample_rate * self.num_local))
@@ -206,13 +211,21 @@ class ShardedMarginClassifier(nn.Module):
                 f"got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
             )
         labels = labels.to(device=embeddings.device, dtype=torch.long)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        if labels.is_cuda:  # checked on the device: no host sync in the hot loop
+            torch._assert_async(
+                ((labels >= 0) & (labels < self.num_classes)).all(),
+                f"ShardedMarginClassifier: a label is outside [0, {self.num_classes})",
+            )
+        elif labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
             raise ValueError(f"ShardedMarginClassifier: label {bad} is outside [0, {self.num_classes})")
         distributed = self.world_size > 1
         if distributed:
-            n = torch.tensor([embeddings.shape[0]], device=embeddings.device, dtype=torch.long)
-            sizes = _all_gather_rows(n, [1] * self.world_size).tolist()
+            if self.uniform_batch:
+                sizes = [embeddings.shape[0]] * self.world_size
+            else:
+                n = torch.tensor([embeddings.shape[0]], device=embeddings.device, dtype=torch.long)
+                sizes = _all_gather_rows(n, [1] * self.world_size).tolist()
             all_labels = _all_gather_rows(labels, sizes)
         else:
             sizes = [embeddings.shape[0]]

@@ -107,18 +107,20 @@ class LRFRRecipe(RecipeModel):
         scalars["dist"] = l_dist.detach()
         with torch.no_grad():
             sizes = batch.get("lr_size")
+            d = per_sample.detach().float()
             for s in self.buckets:
                 name = "dist_clean" if s == 0 else f"dist_{s}px"
                 if sizes is None:
-                    scalars[name] = torch.tensor(float("nan"))
+                    scalars[name] = torch.full((), float("nan"), device=d.device)
                     continue
-                mask = sizes.to(per_sample.device) == s
-                # NaN (not absent) when the bucket is empty: keys must match across ranks
-                scalars[name] = per_sample[mask].mean() if mask.any() else torch.tensor(float("nan"))
+                mask = (sizes.to(d.device) == s).float()
+                # bucket mean as sum / count on the device (no host sync); an empty bucket is 0/0 = NaN,
+                # not absent: the keys must match across ranks
+                scalars[name] = (d * mask).sum() / mask.sum()
             n_hr = F.normalize(f_hr.detach().float(), dim=1)
             n_lr = F.normalize(f_lr.detach().float(), dim=1)
             scalars["cos_hr_lr"] = (n_hr * n_lr).sum(dim=1).mean()
-            self._last_dim_error = (n_hr - n_lr).abs().mean(dim=0).cpu()
+            self._last_dim_error = (n_hr - n_lr).abs().mean(dim=0)  # to the host only when histograms are written
 
         aux = _mean_of_views(hr.aux_losses, lr.aux_losses)
         aux["dist"] = self.lambda_dist * l_dist
