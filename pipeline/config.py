@@ -225,15 +225,15 @@ class AugmentConfig:
 class DataConfig:
     train: str = ""  # WebDataset shard directory holding manifest.json
     val: list = field(default_factory=list)  # insightface .bin files
-    loader: str = "torch"  # torch | dali
+    loader: str = "auto"  # auto (DALI on CUDA when it imports, else torch) | torch | dali
     batch_size: int = 128  # per rank
     num_workers: int = 2
     shuffle_buffer: int = 1000
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self):
-        if self.loader not in ("torch", "dali"):
-            raise Invalid("loader", f"unknown loader '{self.loader}' (known: torch, dali)")
+        if self.loader not in ("auto", "torch", "dali"):
+            raise Invalid("loader", f"unknown loader '{self.loader}' (known: auto, torch, dali)")
         if self.batch_size < 1:
             raise Invalid("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:

@@ -96,7 +96,12 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)  # identical initial backbone on every rank
 
-        self.loader = build_train_loader(cfg.data, self.rank, self.world, cfg.seed, cfg.model.input_size)
+        self.loader = build_train_loader(
+            cfg.data, self.rank, self.world, cfg.seed, cfg.model.input_size, device=self.device
+        )
+        if distributed.is_main():
+            print(f"[train] device {self.device} ({self.info.backend}); loader {self.loader.engine}: {self.loader.why}",
+                  flush=True)
         self.gas = cfg.deepspeed.grad_accum
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch // self.gas)  # optimizer steps
         self.total_steps = schedule.total_steps(cfg.schedule, self.steps_per_epoch)

@@ -119,14 +119,26 @@ def test_both_loaders_agree_per_sample_without_randomness(shards4, lfw_train):
     assert max(diffs) < 0.02, max(diffs)  # JPEG decoders (PIL vs DALI's) differ in rounding only
 
 
-def test_both_loaders_agree_on_deterministic_blur_and_multires(shards4):
+@pytest.mark.parametrize("size", [7, 14, 20])
+def test_both_loaders_agree_on_deterministic_blur_and_multires(shards4, size):
+    """The torch and DALI engines on the same 128 faces with blur σ = 1.3 and the LR copy at `size` px.
+
+    Measured (DALI's CPU operators, this machine kind), max over faces of the per-image mean |Δ| on [-1, 1]:
+    HR 8e-8 (same JPEG decoder, same blur); LR 0.0200 / 0.0071 / 0.0035 at 7 / 14 / 20 px. The LR gap is
+    DALI's border handling, not the kernel: inside the image DALI's antialiased cubic equals PIL's (= the
+    torch engine's, to rounding), while in the outermost row/column DALI clamps to the edge where PIL
+    renormalises the weights (7 px down-sample: border mean |Δ| 0.0093 vs interior 0.0014 on [0, 1]); the
+    smaller the LR image, the larger the border's share. Before the torch engine's bicubic up-sampling
+    became PIL's, the gap was larger by the a = -0.75 vs -0.5 kernel difference (0.0075 mean at 7 px).
+    Bounds: 1.25× the measured worst per size; HR 1e-5.
+    """
     root, _ = shards4
     aug = AugmentConfig(
         flip=0.0,
         blur_p=1.0,
         blur_sigma=[1.3, 1.3],
         multires_p=1.0,
-        multires_sizes=[14],
+        multires_sizes=[size],
         multires_weights=[1.0],
         paired=True,
     )
@@ -136,7 +148,9 @@ def test_both_loaders_agree_on_deterministic_blur_and_multires(shards4):
         out[loader] = {k: (a, b) for bt in bs for k, a, b in zip(bt["key"], bt["image"], bt["image_lr"])}
     hr = [(out["torch"][k][0] - out["dali"][k][0]).abs().mean().item() for k in out["torch"]]
     lr = [(out["torch"][k][1] - out["dali"][k][1]).abs().mean().item() for k in out["torch"]]
-    assert max(hr) < 0.02 and max(lr) < 0.03, (max(hr), max(lr))
+    print(f"{size} px: max per-image mean |torch - DALI|: HR {max(hr):.4f}, LR {max(lr):.4f}")
+    bound = {7: 0.025, 14: 0.009, 20: 0.0045}[size]
+    assert max(hr) < 1e-5 and max(lr) < bound, (max(hr), max(lr))
 
 
 @pytest.mark.parametrize("per_shard", [16, 64, 128], ids=["shard-split", "rank-shards", "sample-split"])

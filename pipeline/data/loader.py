@@ -13,6 +13,7 @@
   ``with_keys=True`` (tests, debugging) also ``"key"``: the samples' ``.src`` keys;
 * ``stats()`` → ``{"corrupt_samples": n, "corrupt_shards": n}`` (distinct items skipped so far).
 
+``auto`` (the default): DALI when training on CUDA and DALI imports, else torch.
 ``torch``: :class:`pipeline.data.torch_loader.TorchTrainLoader` (WebDataset + DataLoader workers,
 CPU). ``dali``: :class:`pipeline.data.dali_loader.DaliTrainLoader` (decode and augment on the
 GPU when CUDA is present, else DALI's CPU operators). Both implement
@@ -21,24 +22,52 @@ GPU when CUDA is present, else DALI's CPU operators). Both implement
 
 from __future__ import annotations
 
+import torch
+
 from pipeline.config import ConfigError, DataConfig
 
-LOADERS = ("torch", "dali")
+LOADERS = ("auto", "torch", "dali")
+
+
+def resolve_loader(name: str, device: str | torch.device = "cpu") -> tuple[str, str]:
+    """(engine, why) for ``data.loader``: ``auto`` is DALI when training on CUDA and DALI imports (decode
+    with nvJPEG "mixed", every augmentation on the GPU), else the torch loader."""
+    device = torch.device(device)
+    if name != "auto":
+        return name, f"data.loader={name}"
+    if device.type != "cuda":
+        return "torch", f"data.loader=auto on {device.type}: the torch loader"
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as exc:
+        return "torch", f"data.loader=auto: nvidia-dali does not import ({exc}); the torch loader on the CPU"
+    return "dali", "data.loader=auto on CUDA: DALI, mixed decoding and augmentation on the GPU"
 
 
 def build_train_loader(
-    data_cfg: DataConfig, rank: int, world_size: int, seed: int, input_size: int = 112, with_keys: bool = False
+    data_cfg: DataConfig,
+    rank: int,
+    world_size: int,
+    seed: int,
+    input_size: int = 112,
+    with_keys: bool = False,
+    device: str | torch.device = "cpu",
 ):
+    """The loader ``data.loader`` names (``auto``: see :func:`resolve_loader`); ``.engine`` / ``.why`` say which."""
     if not 0 <= rank < world_size:
         raise ConfigError(f"build_train_loader: rank {rank} outside [0, {world_size})")
-    if data_cfg.loader == "torch":
+    engine, why = resolve_loader(data_cfg.loader, device)
+    if engine == "torch":
         from pipeline.data.torch_loader import TorchTrainLoader
 
-        return TorchTrainLoader(data_cfg, rank, world_size, seed, input_size, with_keys=with_keys)
-    if data_cfg.loader == "dali":
+        loader = TorchTrainLoader(data_cfg, rank, world_size, seed, input_size, with_keys=with_keys)
+    elif engine == "dali":
         try:
             from pipeline.data.dali_loader import DaliTrainLoader
         except ImportError as exc:
             raise ConfigError(f"data.loader: 'dali' needs nvidia-dali ({exc}); use data.loader=torch") from None
-        return DaliTrainLoader(data_cfg, rank, world_size, seed, input_size, with_keys=with_keys)
-    raise ConfigError(f"data.loader: unknown loader {data_cfg.loader!r} (known: {', '.join(LOADERS)})")
+        loader = DaliTrainLoader(data_cfg, rank, world_size, seed, input_size, with_keys=with_keys)
+    else:
+        raise ConfigError(f"data.loader: unknown loader {data_cfg.loader!r} (known: {', '.join(LOADERS)})")
+    loader.engine, loader.why = engine, why
+    return loader

@@ -80,14 +80,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", required=True, help="LFW View-1 train shards (tests/conftest.py lfw_shards)")
     ap.add_argument("--work", default="/tmp/golden_losses", help="scratch directory for the runs")
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
+                    help="re-record only these (after a deliberate change of their numbers)")
+    ap.add_argument("--why", default="", help="with --cases: the deliberate change, recorded beside the numbers")
     args = ap.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    result = {"commit": commit, "steps": STEPS, "cases": {}}
-    for case in CASES:
+    if set(args.cases) != set(CASES):
+        if not args.why:
+            ap.error("--cases needs --why (what deliberately changed these losses)")
+        result = json.loads(GOLDEN.read_text())
+        result.setdefault("rerecorded", [])
+    else:
+        result = {"commit": commit, "steps": STEPS, "cases": {}}
+    for case in args.cases:
         for world in WORLDS:
             key = f"{case}/world{world}"
             result["cases"][key] = run_case(case, world, Path(args.shards), Path(args.work) / key)
             print(key, {k: [round(x, 5) for x in v] for k, v in result["cases"][key].items()}, flush=True)
+    if "rerecorded" in result:
+        result["rerecorded"].append({"cases": args.cases, "on_top_of": commit, "why": args.why})
     GOLDEN.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {GOLDEN}")
     return 0

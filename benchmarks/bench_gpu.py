@@ -1,0 +1,901 @@
+"""GPU benchmarks (issue 9): loaders, training step + MFU, the obvious levers, SCAN's cost, partial FC at 1M classes.
+
+Every figure is measured in this one process and every comparison is a ratio of two figures measured in the
+same run (variants alternate round-robin, so a slow period hits all of them alike). Timing: CUDA events
+around ``--steps`` steps after ``--warmup`` untimed ones, the median of ``--repeats`` such blocks
+(``time.perf_counter`` around the same blocks on the CPU).
+
+Parts (``--parts``, default all):
+
+* ``loader``: DALI GPU loader (``DaliTrainLoader``, device gpu, the full augmentation of bench_loaders.py,
+  112 px, batch 512) vs the torch loader (``TorchTrainLoader``, one worker per core, at most 16), images/s.
+  Shards: the LFW faces of ../shared/data (as bench_loaders.py) or ``--shards DIR``. Skipped with one line
+  when DALI is not importable.
+* ``train``: iresnet50 and iresnet100, bf16 autocast, batch 128 and 256: images/s; MFU = 3 × (forward FLOPs
+  counted by ``torch.utils.flop_counter.FlopCounterMode``, 2 FLOPs per multiply-add) × images/s / the card's
+  dense bf16 peak; the trainer's step (``pipeline.train.Trainer._micro_step``: DeepSpeed engine, bf16,
+  ``ShardedMarginClassifier`` on one rank) / the bare PyTorch loop (same network, same classifier rows, same
+  ArcFace margin, SGD), same process. Without DeepSpeed the bare loop alone is reported, with the reason.
+* ``levers``: the bare loop with ``--channels-last``, fused SGD (``--fused-sgd``), ``torch.backends.cudnn.
+  benchmark`` (``--cudnn-benchmark``), ``torch.compile`` (``--compile``), and all of them together, each / the
+  default loop (``--lever-depth``, ``--lever-batch``).
+* ``scan``: SCAN-iresnet100 training step / plain iresnet100 step (goal <= 1.3); folded SCAN inference / plain
+  inference (goal <= 1.02), equal parameter counts checked.
+* ``classifier``: ``ShardedMarginClassifier`` at 1M classes, embedding 512, batch 256, sample rate 1.0 and
+  0.1, one GPU: peak memory (``torch.cuda.max_memory_allocated`` above the allocation before it was built),
+  step time, and the peak predicted by the buffer count of BENCHMARKS.md ("Scale on paper").
+
+Results: printed, and written to ``--out DIR`` as ``bench_gpu.json`` and ``bench_gpu.md``.
+
+    .venv/bin/python benchmarks/bench_gpu.py --out benchmarks/results/gpu       # on a CUDA machine, ~6 min on an H100
+    .venv/bin/python benchmarks/bench_gpu.py --cpu-smoke --out /tmp/gpu_smoke   # every code path, tiny, on the CPU
+
+Without CUDA (and without ``--cpu-smoke``) it prints "no CUDA: nothing measured" and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+MiB = 1024**2
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peak, TFLOP/s, matched against torch.cuda.get_device_name in this
+# order. Sources: NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100: BF16 1,979 SXM / 1,513 PCIe /
+# 1,671 NVL TFLOP/s "with sparsity", i.e. twice the dense figure), NVIDIA H200 datasheet
+# (nvidia.com/en-us/data-center/h200: 1,979 SXM / 1,671 NVL with sparsity), glennklockwood.com/garden/
+# processors/h100 (BF16 matrix 989.4 dense, 1978.9 sparse), NVIDIA A100 datasheet (312 dense).
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("H100", 989.4),  # "NVIDIA H100 80GB HBM3" = SXM5
+    ("A100", 312.0),
+)
+# iresnet100 (LResNet100E-IR, ArcFace) at 112×112: 24.2115 GFLOPs, 65.132 M parameters — OpenVINO Open Model
+# Zoo, models/public/face-recognition-resnet100-arcface-onnx/README.md; OMZ counts 2 FLOPs per multiply-add
+# (its resnet-50 is listed at 8.2 GFLOPs = 2 × 4.1 GMACs).
+PUBLISHED_R100_GFLOP = 24.2115
+PUBLISHED_R100_MPARAMS = 65.132
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+T0 = time.perf_counter()
+
+
+def peak_tflops(name: str) -> tuple[float | None, str]:
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in name:
+            return value, f"{key}: {value} TFLOP/s dense bf16 (datasheet)"
+    return None, f"unknown card '{name}': pass --peak-tflops"
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+@dataclass
+class Sizes:
+    width: float = 1.0
+    depths: tuple[int, ...] = (50, 100)
+    batches: tuple[int, ...] = (128, 256)
+    train_classes: int = 10_000  # the classifier rows of one GPU in the training-step runs (≈ MS1MV2 85k / 8)
+    lever_depth: int = 50
+    lever_batch: int = 128
+    scan_depth: int = 100
+    scan_batch: int = 128
+    infer_batch: int = 256
+    loader_batch: int = 512
+    loader_images: int = 20 * 512
+    torch_workers: int = 16
+    dali_threads: int = 8
+    cls_classes: int = 1_000_000
+    cls_batch: int = 256
+    cls_rates: tuple[float, ...] = (1.0, 0.1)
+    warmup: int = 5
+    steps: int = 10
+    repeats: int = 5
+    compile_backend: str = "inductor"
+    extra: dict = field(default_factory=dict)
+
+
+def smoke_sizes() -> Sizes:
+    return Sizes(
+        width=0.125,
+        batches=(4,),
+        train_classes=1000,
+        lever_batch=4,
+        scan_batch=4,
+        infer_batch=4,
+        loader_batch=4,
+        loader_images=8,
+        torch_workers=1,
+        dali_threads=1,
+        cls_classes=1000,
+        cls_batch=4,
+        warmup=1,
+        steps=2,
+        repeats=1,
+        compile_backend="aot_eager",  # dynamo + autograd tracing without a C++ build: the code path, quickly
+    )
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Clock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def per_call(self, fn, n: int) -> float:
+        """Seconds per call of ``fn`` over ``n`` back-to-back calls (CUDA events on the GPU)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0 / n
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n
+
+    def peak_step_bytes(self, fn) -> int | None:
+        """Peak allocation during one call above the allocation before it (GPU only)."""
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+
+def round_robin(clock: Clock, variants: dict, sz: Sizes, label: str) -> dict[str, dict]:
+    """Warm each variant up, then ``repeats`` rounds of ``steps`` timed calls of each in turn.
+
+    ``variants``: name → (step function, setup-before-block function or None). Returns name → {median_s,
+    blocks_s, peak_step_mib}."""
+    out = {name: {"blocks_s": []} for name in variants}
+    for name, (fn, setup) in variants.items():
+        if setup:
+            setup()
+        for _ in range(sz.warmup):
+            fn()
+        peak = clock.peak_step_bytes(fn)
+        out[name]["peak_step_mib"] = None if peak is None else peak / MiB
+    for r in range(sz.repeats):
+        for name, (fn, setup) in variants.items():
+            if setup:
+                setup()
+            out[name]["blocks_s"].append(clock.per_call(fn, sz.steps))
+        log(f"  {label}: round {r + 1}/{sz.repeats}")
+    for res in out.values():
+        res["median_s"] = statistics.median(res["blocks_s"])
+    return out
+
+
+def free(*objs) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def count_flops(depth: int, width: float, input_size: int = 112, scan: bool = False) -> dict:
+    """Forward and forward+backward FLOPs per image (FlopCounterMode: 2 per multiply-add), on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.models.iresnet import build_iresnet
+    from pipeline.models.scan import build_scan_iresnet
+
+    build = build_scan_iresnet if scan else build_iresnet
+    with torch.device("meta"):
+        net = build(depth, width=width, embedding_size=512, input_size=input_size)
+    x = torch.empty(1, 3, input_size, input_size, device="meta")
+    net.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net.embed(x)
+    fwd = fc.get_total_flops()
+    net.train()
+    with FlopCounterMode(display=False) as fc:
+        out = net(torch.empty(2, 3, input_size, input_size, device="meta"))
+        loss = out.embedding.sum() + sum(out.aux_losses.values(), torch.zeros((), device="meta"))
+        loss.backward()
+    params = sum(p.numel() for p in net.parameters())
+    return {"fwd_flop": fwd, "train_flop_counted": fc.get_total_flops() / 2, "params": params}
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def make_shards(root: Path, num_classes: int | None, shared: Path) -> Path:
+    """The LFW training faces as WebDataset shards (bench_loaders.make_shards); the manifest may claim
+    more classes than the faces have (classes without images), so that the classifier has realistic rows."""
+    import bench_loaders
+
+    from data_prep.manifest import read_manifest, write_manifest
+
+    root.mkdir(parents=True, exist_ok=True)
+    bench_loaders.make_shards(shared / "lfw_view1_112/train_112", root)
+    if num_classes is not None:
+        m = read_manifest(root)
+        m.num_classes = max(m.num_classes, num_classes)
+        write_manifest(root, m)
+    return root
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def part_loader(args, sz: Sizes, device: torch.device, shards: Path) -> dict:
+    if importlib.util.find_spec("nvidia.dali") is None:
+        return {"skipped": "nvidia.dali is not importable"}
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as e:  # a broken install (CUDA mismatch, ...) is a skip, not a crash
+        return {"skipped": f"nvidia.dali does not import: {type(e).__name__}: {e}"}
+    import bench_loaders
+
+    from pipeline.config import DataConfig
+    from pipeline.data.dali_loader import DaliTrainLoader
+    from pipeline.data.torch_loader import TorchTrainLoader
+
+    dali_device = "gpu" if device.type == "cuda" else "cpu"
+    res = {"batch": sz.loader_batch, "augment": "full (bench_loaders.FULL)", "dali_device": dali_device}
+    cfg_t = DataConfig(
+        train=str(shards),
+        batch_size=sz.loader_batch,
+        num_workers=sz.torch_workers,
+        shuffle_buffer=1024,
+        augment=bench_loaders.FULL,
+    )
+    cfg_d = DataConfig(
+        train=str(shards),
+        loader="dali",
+        batch_size=sz.loader_batch,
+        num_workers=sz.dali_threads,
+        shuffle_buffer=1024,
+        augment=bench_loaders.FULL,
+    )
+    log(f"loader: DALI {dali_device}, {sz.dali_threads} threads, batch {sz.loader_batch}")
+    res["dali_img_s"] = bench_loaders.measure(
+        lambda: DaliTrainLoader(cfg_d, 0, 1, 0, 112, device=dali_device), sz.loader_images
+    )
+    log(f"loader: torch, {sz.torch_workers} workers, batch {sz.loader_batch}")
+    res["torch_img_s"] = bench_loaders.measure(lambda: TorchTrainLoader(cfg_t, 0, 1, 0, 112), sz.loader_images)
+    res.update(
+        dali_threads=sz.dali_threads,
+        torch_workers=sz.torch_workers,
+        images_timed=sz.loader_images,
+        dali_over_torch=res["dali_img_s"] / res["torch_img_s"],
+    )
+    log(
+        f"loader: DALI {res['dali_img_s']:.0f} img/s, torch {res['torch_img_s']:.0f} img/s, "
+        f"DALI/torch {res['dali_over_torch']:.2f}"
+    )
+    return res
+
+
+class BareLoop:
+    """The bare PyTorch training step: network (bf16 autocast) → fp32 embedding → cosine classifier with the
+    ArcFace margin → CE; SGD with momentum and weight decay over the network and the class centres."""
+
+    def __init__(
+        self,
+        net,
+        classes: int,
+        batch: dict,
+        device: torch.device,
+        channels_last=False,
+        fused=False,
+        compile_backend=None,
+    ):
+        from pipeline.losses.margin import CombinedMargin
+
+        self.net = net.to(device).train()
+        self.weight = torch.nn.Parameter(torch.randn(classes, net.embedding_size, device=device) * 0.01)
+        self.margin = CombinedMargin(64.0, 1.0, 0.5, 0.0)
+        self.x, self.y = batch["image"], batch["label"]
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.forward = self._forward
+        if compile_backend:
+            self.forward = torch.compile(self._forward, backend=compile_backend)
+        params = [{"params": list(self.net.parameters())}, {"params": [self.weight]}]
+        self.opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4, **({"fused": True} if fused else {}))
+        self.device = device
+
+    def _forward(self, x):
+        out = self.net(x)
+        return out.embedding, out.aux_losses
+
+    def step(self):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            emb, aux = self.forward(self.x)
+        cos = F.linear(F.normalize(emb.float()), F.normalize(self.weight))
+        loss = F.cross_entropy(self.margin(cos, self.y), self.y)
+        for v in aux.values():
+            loss = loss + v.float()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+def make_batch(n: int, classes: int, device: torch.device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": (torch.rand(n, 3, 112, 112, generator=g) * 2 - 1).to(device),
+        "label": torch.randint(0, classes, (n,), generator=g).to(device),
+    }
+
+
+def build_trainer(depth: int, batch: int, sz: Sizes, device: torch.device, shards: Path, tmp: Path):
+    """The real Trainer (as bench_trainer.py builds it), bf16, one rank, or (None, reason)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return None, "deepspeed is not installed: bare loop only"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    from pipeline.config import load_config
+    from pipeline.train import Trainer
+
+    cfg = load_config(
+        [REPO / "configs/arcface_r50.yaml"],
+        [
+            f"model.backbone=iresnet{depth}",
+            f"model.width={sz.width}",
+            f"data.train={shards}",
+            f"data.batch_size={batch}",
+            f"output.dir={tmp / f'run_r{depth}_b{batch}'}",
+            f"device={'cuda' if device.type == 'cuda' else 'cpu'}",
+            "data.num_workers=0",
+            "deepspeed.precision=bf16",
+            "classifier.sample_rate=1.0",
+        ],
+    )
+    try:
+        return Trainer(cfg), None
+    except Exception as e:  # reported (with the reason), the bare loop is still measured
+        traceback.print_exc()
+        return None, f"Trainer failed to build: {type(e).__name__}: {e}"
+
+
+def part_train(args, sz: Sizes, device: torch.device, clock: Clock, shards: Path, tmp: Path, peak: float | None) -> dict:
+    from pipeline.models.iresnet import build_iresnet
+
+    res = {"precision": "bf16 autocast (bare loop); DeepSpeed bf16 (trainer)", "runs": []}
+    flops = {d: count_flops(d, sz.width) for d in sz.depths}
+    res["flops"] = {f"iresnet{d}": v for d, v in flops.items()}
+    for depth in sz.depths:
+        for batch in sz.batches:
+            label = f"iresnet{depth} batch {batch}"
+            log(f"train: {label}")
+            trainer, why = build_trainer(depth, batch, sz, device, shards, tmp)
+            classes = trainer.loader.num_classes if trainer is not None else sz.train_classes
+            data = make_batch(batch, min(classes, 111), device)  # labels of real faces (< 111)
+            torch.manual_seed(0)
+            bare = BareLoop(build_iresnet(depth, width=sz.width, embedding_size=512), classes, data, device)
+            variants = {"bare": (bare.step, None)}
+            if trainer is not None:
+
+                def trainer_step(trainer=trainer, data=data):
+                    trainer._micro_step(data, 0)
+                    trainer.step += 1
+
+                variants["trainer"] = (trainer_step, None)
+            t = round_robin(clock, variants, sz, label)
+            fwd = flops[depth]["fwd_flop"]
+            row = {"depth": depth, "batch": batch, "classes": classes}
+            for name, r in t.items():
+                ips = batch / r["median_s"]
+                row[name] = {
+                    "step_s": r["median_s"],
+                    "img_s": ips,
+                    "blocks_s": r["blocks_s"],
+                    "peak_step_mib": r["peak_step_mib"],
+                    "tflop_s": 3 * fwd * ips / 1e12,
+                    "mfu": (3 * fwd * ips / 1e12 / peak) if peak else None,
+                }
+            row["trainer_over_bare"] = (row["trainer"]["img_s"] / row["bare"]["img_s"]) if trainer else None
+            row["trainer_note"] = why
+            res["runs"].append(row)
+            mfu = row["bare"]["mfu"]
+            log(
+                f"train: {label}: bare {row['bare']['img_s']:.1f} img/s"
+                + (f" (MFU {mfu:.1%})" if mfu is not None else "")
+                + (
+                    f", trainer {row['trainer']['img_s']:.1f} img/s, trainer/bare {row['trainer_over_bare']:.3f}"
+                    if trainer
+                    else f"; {why}"
+                )
+            )
+            free(bare, trainer, data)
+    return res
+
+
+def part_levers(args, sz: Sizes, device: torch.device, clock: Clock, tmp: Path) -> dict:
+    from pipeline.models.iresnet import build_iresnet
+
+    depth, batch = sz.lever_depth, sz.lever_batch
+    data = make_batch(batch, 111, device)
+    want = {
+        "channels_last": args.channels_last,
+        "fused_sgd": args.fused_sgd,
+        "cudnn_benchmark": args.cudnn_benchmark,
+        "compile": args.compile,
+    }
+    on = [k for k, v in want.items() if v]
+    configs = {"default": {}}
+    for k in on:
+        configs[k] = {k: True}
+    if len(on) > 1:
+        configs["all"] = dict.fromkeys(on, True)
+    loops, variants, notes = {}, {}, {}
+    for name, c in configs.items():
+        torch.manual_seed(0)
+        log(f"levers: building '{name}'")
+        try:
+            loop = BareLoop(
+                build_iresnet(depth, width=sz.width, embedding_size=512),
+                sz.train_classes,
+                data,
+                device,
+                channels_last=c.get("channels_last", False),
+                fused=c.get("fused_sgd", False),
+                compile_backend=sz.compile_backend if c.get("compile") else None,
+            )
+            if c.get("compile"):  # compile outside the timed blocks (counted separately)
+                t = time.perf_counter()
+                loop.step()
+                clock.sync()
+                notes[name] = f"first step incl. compilation {time.perf_counter() - t:.1f} s"
+        except Exception as e:
+            traceback.print_exc()
+            notes[name] = f"failed: {type(e).__name__}: {e}"
+            continue
+        bench = bool(c.get("cudnn_benchmark"))
+        loops[name] = loop
+        variants[name] = (loop.step, lambda bench=bench: setattr(torch.backends.cudnn, "benchmark", bench))
+    t = round_robin(clock, variants, sz, f"levers iresnet{depth} batch {batch}")
+    torch.backends.cudnn.benchmark = False
+    base = t["default"]["median_s"]
+    res = {"depth": depth, "batch": batch, "compile_backend": sz.compile_backend, "variants": {}}
+    for name in configs:
+        if name not in t:
+            res["variants"][name] = {"speedup_vs_default": None, "note": notes.get(name)}
+            continue
+        res["variants"][name] = {
+            "step_s": t[name]["median_s"],
+            "img_s": batch / t[name]["median_s"],
+            "speedup_vs_default": base / t[name]["median_s"],
+            "peak_step_mib": t[name]["peak_step_mib"],
+            "note": notes.get(name),
+        }
+        log(f"levers: {name:16s} {batch / t[name]['median_s']:9.1f} img/s   x{base / t[name]['median_s']:.3f} vs default")
+    free(loops, variants, data)
+    return res
+
+
+def part_scan(args, sz: Sizes, device: torch.device, clock: Clock) -> dict:
+    from pipeline.models.iresnet import build_iresnet
+    from pipeline.models.scan import build_scan_iresnet
+
+    depth, batch = sz.scan_depth, sz.scan_batch
+    data = make_batch(batch, 111, device)
+    torch.manual_seed(0)
+    plain = BareLoop(build_iresnet(depth, width=sz.width, embedding_size=512), sz.train_classes, data, device)
+    scan = BareLoop(build_scan_iresnet(depth, width=sz.width, embedding_size=512), sz.train_classes, data, device)
+    log(f"scan: training step, iresnet{depth} vs SCAN-iresnet{depth} (efficient RMO), batch {batch}")
+    t = round_robin(clock, {"plain": (plain.step, None), "scan": (scan.step, None)}, sz, "scan train")
+    res = {
+        "depth": depth,
+        "train_batch": batch,
+        "train_plain_step_s": t["plain"]["median_s"],
+        "train_scan_step_s": t["scan"]["median_s"],
+        "train_scan_over_plain": t["scan"]["median_s"] / t["plain"]["median_s"],
+        "train_peak_step_mib": {k: v["peak_step_mib"] for k, v in t.items()},
+    }
+    res["train_goal_met"] = res["train_scan_over_plain"] <= 1.3
+    log(f"scan: training SCAN/plain = {res['train_scan_over_plain']:.3f} (goal <= 1.3)")
+
+    scan_net = scan.net.eval()
+    folded, n_folded = scan_net.folded()
+    plain_net = plain.net.eval()
+    folded = folded.to(device).eval()
+    res["folded_convs"] = n_folded
+    res["params_plain"] = sum(p.numel() for p in plain_net.parameters())
+    res["params_folded"] = sum(p.numel() for p in folded.parameters())
+    x = make_batch(sz.infer_batch, 111, device, seed=1)["image"]
+
+    def infer(net):
+        def run():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                net.embed(x)
+
+        return run
+
+    log(f"scan: inference, folded SCAN vs plain, batch {sz.infer_batch}")
+    isz = Sizes(**{**sz.__dict__, "steps": sz.steps * 2, "repeats": max(sz.repeats, 7) if device.type == "cuda" else 1})
+    ti = round_robin(clock, {"plain": (infer(plain_net), None), "folded": (infer(folded), None)}, isz, "scan infer")
+    res.update(
+        infer_batch=sz.infer_batch,
+        infer_plain_s=ti["plain"]["median_s"],
+        infer_folded_s=ti["folded"]["median_s"],
+        infer_folded_over_plain=ti["folded"]["median_s"] / ti["plain"]["median_s"],
+        params_equal=res["params_plain"] == res["params_folded"],
+    )
+    res["infer_goal_met"] = res["infer_folded_over_plain"] <= 1.02 and res["params_equal"]
+    log(f"scan: inference folded/plain = {res['infer_folded_over_plain']:.3f} (goal <= 1.02), params equal: {res['params_equal']}")
+    free(plain, scan, folded, data)
+    return res
+
+
+def predicted_classifier_peak(classes: int, dim: int, global_batch: int, sample_rate: float) -> dict:
+    """The buffer count of BENCHMARKS.md "Scale on paper" for one rank holding ``classes`` rows (fp32)."""
+    num_sample = min(classes, math.ceil(sample_rate * classes))
+    cd = classes * dim * 4
+    sd = num_sample * dim * 4
+    ns = global_batch * num_sample * 4
+    sampled = num_sample < classes
+    # state: weight, gradient (dense over the shard, also when sampling), momentum
+    state = 3 * cd
+    # peak (backward of F.normalize on the (sampled) rows): weight + momentum + the shard-sized gradient
+    # being accumulated, plus the normalised rows saved for F.linear, the gradient of the normalised rows,
+    # and normalize's backward temporaries (2 more S×D); with sampling the gathered rows and their
+    # gradient (2 more S×D). Logits: the largest moment needs 2 N×S fp32 buffers besides that.
+    peak = 2 * cd + cd + (4 + (2 if sampled else 0)) * sd + 2 * ns
+    return {"state_bytes": state, "peak_bytes": peak, "num_sample": num_sample}
+
+
+def part_classifier(args, sz: Sizes, device: torch.device, clock: Clock) -> dict:
+    from pipeline.losses.margin import CombinedMargin
+    from pipeline.losses.sharded_classifier import ShardedMarginClassifier
+
+    res = {"classes": sz.cls_classes, "dim": 512, "batch": sz.cls_batch, "runs": []}
+    for rate in sz.cls_rates:
+        log(f"classifier: {sz.cls_classes:,} classes, sample rate {rate}, batch {sz.cls_batch}")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+            base = _rss("VmRSS")
+        torch.manual_seed(0)
+        clf = ShardedMarginClassifier(sz.cls_classes, 512, CombinedMargin(64.0, 1.0, 0.5, 0.0), sample_rate=rate)
+        clf = clf.to(device)
+        opt = torch.optim.SGD(clf.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        g = torch.Generator().manual_seed(0)
+        emb = torch.randn(sz.cls_batch, 512, generator=g).to(device).requires_grad_(True)
+        lab = torch.randint(0, sz.cls_classes, (sz.cls_batch,), generator=g).to(device)
+
+        def step(clf=clf, opt=opt, emb=emb, lab=lab):
+            loss = clf(emb, lab)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            emb.grad = None
+
+        for _ in range(sz.warmup):
+            step()
+        times = [clock.per_call(step, sz.steps) for _ in range(sz.repeats)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            how = "torch.cuda.max_memory_allocated - allocated before building"
+        else:
+            peak = (_rss("VmHWM") - base) if base is not None else None
+            how = "peak RSS (VmHWM) - RSS before building (CPU smoke: includes allocator noise)"
+        state = sum(p.numel() * p.element_size() for p in clf.parameters()) + sum(
+            v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+        ) + clf.weight.numel() * 4  # + the gradient, freed by zero_grad(set_to_none) at the end of the step
+        pred = predicted_classifier_peak(sz.cls_classes, 512, sz.cls_batch, rate)
+        row = {
+            "sample_rate": rate,
+            "step_s": statistics.median(times),
+            "blocks_s": times,
+            "peak_mib": None if peak is None else peak / MiB,
+            "peak_how": how,
+            "state_mib": state / MiB,
+            "predicted_peak_mib": pred["peak_bytes"] / MiB,
+            "predicted_state_mib": pred["state_bytes"] / MiB,
+            "peak_over_predicted": None if peak is None else peak / pred["peak_bytes"],
+        }
+        res["runs"].append(row)
+        log(
+            f"classifier: rate {rate}: step {row['step_s'] * 1000:.1f} ms, peak "
+            + ("n/a" if peak is None else f"{row['peak_mib']:.0f} MiB")
+            + f" (predicted {row['predicted_peak_mib']:.0f} MiB), state {row['state_mib']:.0f} MiB"
+        )
+        free(clf, opt, emb, lab, step)
+    return res
+
+
+def _rss(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(v, spec=".3f", none="—") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown(R: dict) -> str:
+    m = R["machine"]
+    L = [
+        f"# bench_gpu.py — {m['device_name']} ({'CPU SMOKE: tiny sizes, not a measurement' if m['cpu_smoke'] else 'measured'})",
+        "",
+        f"torch {m['torch']}, {m['cpu_cores']} CPU cores, {m['date']}; peak bf16 {fmt(m['peak_tflops'], '.1f')} TFLOP/s "
+        f"({m['peak_source']}); timing: {m['timing']}",
+        "",
+    ]
+    fl = R.get("flops", {})
+    if fl:
+        L += ["## FLOPs (FlopCounterMode, 2 FLOPs per multiply-add, 112 px, per image)", ""]
+        L += ["| network | forward GFLOP | counted fwd+bwd / fwd | parameters (M) |", "|---|---:|---:|---:|"]
+        for k, v in fl.items():
+            if isinstance(v, dict) and "fwd_flop" in v:
+                L.append(
+                    f"| {k} | {v['fwd_flop'] / 1e9:.3f} | {v['train_flop_counted'] / v['fwd_flop']:.2f} | {v['params'] / 1e6:.3f} |"
+                )
+        if "r100_vs_published" in fl:
+            L += ["", f"iresnet100 forward / published {PUBLISHED_R100_GFLOP} GFLOP: **{fl['r100_vs_published']:.4f}**"]
+        L.append("")
+    ld = R.get("loader", {})
+    L += ["## Loader", ""]
+    if "skipped" in ld:
+        L += [f"skipped: {ld['skipped']}", ""]
+    elif ld:
+        L += [
+            "| loader | batch | threads/workers | img/s |",
+            "|---|---:|---:|---:|",
+            f"| DALI ({ld['dali_device']}) | {ld['batch']} | {ld['dali_threads']} | {ld['dali_img_s']:.0f} |",
+            f"| torch | {ld['batch']} | {ld['torch_workers']} | {ld['torch_img_s']:.0f} |",
+            "",
+            f"DALI / torch: **{ld['dali_over_torch']:.2f}**",
+            "",
+        ]
+    tr = R.get("train", {})
+    if "runs" in tr:
+        L += [f"## Training step ({tr['precision']})", ""]
+        L += [
+            "| network | batch | bare img/s | bare MFU | trainer img/s | trainer MFU | trainer / bare | bare peak step MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in tr["runs"]:
+            t = r.get("trainer") or {}
+            L.append(
+                f"| iresnet{r['depth']} | {r['batch']} | {r['bare']['img_s']:.1f} | {fmt(r['bare']['mfu'], '.1%')} | "
+                f"{fmt(t.get('img_s'), '.1f')} | {fmt(t.get('mfu'), '.1%')} | {fmt(r['trainer_over_bare'])} | "
+                f"{fmt(r['bare']['peak_step_mib'], '.0f')} |"
+            )
+        notes = {r["trainer_note"] for r in tr["runs"] if r["trainer_note"]}
+        L += [""] + [f"note: {n}" for n in notes] + ([""] if notes else [])
+    elif tr:
+        L += ["## Training step", "", f"skipped: {tr.get('skipped')}", ""]
+    lv = R.get("levers", {})
+    if "variants" in lv:
+        L += [f"## Levers (bare loop, iresnet{lv['depth']}, batch {lv['batch']}, compile backend {lv['compile_backend']})", ""]
+        L += ["| variant | img/s | speed-up vs default | note |", "|---|---:|---:|---|"]
+        for k, v in lv["variants"].items():
+            L.append(f"| {k} | {fmt(v.get('img_s'), '.1f')} | {fmt(v['speedup_vs_default'])} | {v.get('note') or ''} |")
+        L.append("")
+    sc = R.get("scan", {})
+    if "train_scan_over_plain" in sc:
+        L += [
+            f"## SCAN (iresnet{sc['depth']})",
+            "",
+            "| ratio | measured | goal |",
+            "|---|---:|---|",
+            f"| training step SCAN / plain (batch {sc['train_batch']}) | **{sc['train_scan_over_plain']:.3f}** | <= 1.3 |",
+            f"| inference folded SCAN / plain (batch {sc['infer_batch']}) | **{sc['infer_folded_over_plain']:.3f}** | <= 1.02 |",
+            "",
+            f"parameters plain / folded: {sc['params_plain']:,} / {sc['params_folded']:,} ({'equal' if sc['params_equal'] else 'DIFFERENT'})",
+            "",
+        ]
+    cl = R.get("classifier", {})
+    if "runs" in cl:
+        L += [f"## Sharded classifier ({cl['classes']:,} classes, D {cl['dim']}, batch {cl['batch']}, one device)", ""]
+        L += [
+            "| sample rate | step ms | peak MiB | predicted peak MiB | measured / predicted | state MiB |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in cl["runs"]:
+            L.append(
+                f"| {r['sample_rate']} | {r['step_s'] * 1000:.1f} | {fmt(r['peak_mib'], '.0f')} | "
+                f"{r['predicted_peak_mib']:.0f} | {fmt(r['peak_over_predicted'])} | {r['state_mib']:.0f} |"
+            )
+        L += ["", f"peak: {cl['runs'][0]['peak_how']}", ""]
+    errs = R.get("errors", {})
+    if errs:
+        L += ["## Errors", ""] + [f"- {k}: {v}" for k, v in errs.items()] + [""]
+    return "\n".join(L)
+
+
+# --------------------------------------------------------------------------- main
+
+PARTS = ("loader", "train", "levers", "scan", "classifier")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--out", type=Path, help="write bench_gpu.json and bench_gpu.md into this directory")
+    ap.add_argument("--cpu-smoke", action="store_true", help="run every part at tiny sizes on the CPU")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--shards", type=Path, help="WebDataset shard directory (default: shard the LFW faces)")
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument("--warmup", type=int, help="untimed steps per variant (default 5; smoke 1)")
+    ap.add_argument("--steps", type=int, help="timed steps per block (default 10; smoke 2)")
+    ap.add_argument("--repeats", type=int, help="timed blocks per variant, median reported (default 5; smoke 1)")
+    ap.add_argument("--depths", help="training-step depths (default 50,100)")
+    ap.add_argument("--batches", help="training-step batches per GPU (default 128,256)")
+    ap.add_argument("--train-classes", type=int, help="classifier rows in the training-step runs (default 10000)")
+    ap.add_argument("--lever-depth", type=int, help="iresnet depth for the lever runs (default 50)")
+    ap.add_argument("--lever-batch", type=int, help="batch for the lever runs (default 128)")
+    ap.add_argument("--cls-classes", type=int, help="classes of the classifier part (default 1000000)")
+    ap.add_argument("--torch-workers", type=int, help="torch loader workers (default: CPU cores, at most 16)")
+    ap.add_argument("--dali-threads", type=int, help="DALI CPU threads (default 8)")
+    ap.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the card (default: from its name)")
+    for lever, helptext in (
+        ("channels-last", "NHWC activations and weights"),
+        ("fused-sgd", "torch.optim.SGD(..., fused=True)"),
+        ("cudnn-benchmark", "torch.backends.cudnn.benchmark = True"),
+        ("compile", "torch.compile of the network's forward (inductor; aot_eager in --cpu-smoke)"),
+    ):
+        ap.add_argument(f"--{lever}", action=argparse.BooleanOptionalAction, default=True, help=f"lever: {helptext}")
+    args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"--parts: unknown {sorted(unknown)} (known: {', '.join(PARTS)})")
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu_smoke:
+        print("no CUDA: nothing measured (--cpu-smoke runs every part at tiny sizes on the CPU)")
+        return 0
+    device = torch.device("cuda", 0) if cuda and not args.cpu_smoke else torch.device("cpu")
+    sz = smoke_sizes() if args.cpu_smoke else Sizes(torch_workers=min(16, os.cpu_count() or 1))
+    for name in ("warmup", "steps", "repeats", "train_classes", "lever_depth", "lever_batch", "cls_classes"):
+        if getattr(args, name) is not None:
+            setattr(sz, name, getattr(args, name))
+    if args.torch_workers:
+        sz.torch_workers = args.torch_workers
+    if args.dali_threads:
+        sz.dali_threads = args.dali_threads
+    if args.depths:
+        sz.depths = tuple(int(d) for d in args.depths.split(","))
+    if args.batches:
+        sz.batches = tuple(int(b) for b in args.batches.split(","))
+    if args.cpu_smoke:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    peak, peak_src = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else peak_tflops(name)
+    if device.type == "cpu":
+        peak, peak_src = None, "no MFU on the CPU"
+    R: dict = {
+        "machine": {
+            "device_name": name,
+            "cpu_smoke": bool(args.cpu_smoke),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cpu_cores": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "peak_tflops": peak,
+            "peak_source": peak_src,
+            "timing": (
+                "CUDA events" if device.type == "cuda" else "time.perf_counter"
+            ) + f", {sz.warmup} warm-up, median of {sz.repeats} blocks of {sz.steps} steps",
+            "sizes": {k: v for k, v in sz.__dict__.items() if k != "extra"},
+        },
+        "errors": {},
+    }
+    log(f"device: {name}; peak bf16: {peak} ({peak_src}); parts: {', '.join(parts)}")
+
+    # FLOPs: always the published check at full width; the measured widths too
+    fl = {}
+    for d in sorted({100, *sz.depths}):
+        fl[f"iresnet{d}"] = count_flops(d, 1.0)
+    fl["r100_vs_published"] = fl["iresnet100"]["fwd_flop"] / 1e9 / PUBLISHED_R100_GFLOP
+    fl["r100_params_vs_published"] = fl["iresnet100"]["params"] / 1e6 / PUBLISHED_R100_MPARAMS
+    fl["convention"] = "FlopCounterMode: 2 FLOPs per multiply-add (published figure: the same convention)"
+    R["flops"] = fl
+    log(
+        f"FLOPs: iresnet100 forward {fl['iresnet100']['fwd_flop'] / 1e9:.3f} GFLOP/image "
+        f"(published {PUBLISHED_R100_GFLOP}: ratio {fl['r100_vs_published']:.4f}); "
+        f"counted fwd+bwd = {fl['iresnet100']['train_flop_counted'] / fl['iresnet100']['fwd_flop']:.2f} x fwd"
+    )
+
+    clock = Clock(device)
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmpdir:
+        tmp = Path(tmpdir)
+        shards = args.shards
+        if shards is None and {"loader", "train"} & set(parts):
+            shards = make_shards(tmp / "shards", sz.train_classes, args.shared)
+        elif shards is not None and "train" in parts:  # the trainer's classifier rows come from the manifest
+            log(f"shards: {shards} (the trainer uses its manifest's class count)")
+        jobs = {
+            "loader": lambda: part_loader(args, sz, device, shards),
+            "train": lambda: part_train(args, sz, device, clock, shards, tmp, peak),
+            "levers": lambda: part_levers(args, sz, device, clock, tmp),
+            "scan": lambda: part_scan(args, sz, device, clock),
+            "classifier": lambda: part_classifier(args, sz, device, clock),
+        }
+        for part in PARTS:
+            if part not in parts:
+                R[part] = {"skipped": "not in --parts"}
+                continue
+            t = time.perf_counter()
+            try:
+                R[part] = jobs[part]()
+            except Exception as e:
+                traceback.print_exc()
+                R[part] = {"skipped": f"error: {type(e).__name__}: {e}"}
+                R["errors"][part] = f"{type(e).__name__}: {e}"
+            R[part]["seconds"] = time.perf_counter() - t
+            log(f"{part}: done in {R[part]['seconds']:.1f} s")
+    R["machine"]["total_seconds"] = time.perf_counter() - T0
+
+    md = markdown(R)
+    print("\n" + md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_gpu.json").write_text(json.dumps(R, indent=1, default=str) + "\n")
+        (args.out / "bench_gpu.md").write_text(md + "\n")
+        log(f"wrote {args.out / 'bench_gpu.json'} and {args.out / 'bench_gpu.md'}")
+    return 1 if R["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
