@@ -3,6 +3,9 @@
 ``tests/golden/losses.json`` holds every ``loss/*`` term at each of the first 6 optimizer steps of the
 margin, SCAN and LRFR runs (smoke layer, seed 3, real LFW faces, 1 and 2 gloo processes), recorded on the
 commit before the composable-model redesign (issue 8). The same commands must reproduce them.
+A deliberate change of the numbers re-records only the cases it changes, with the reason stored beside them
+(``python -m tests.golden.losses --shards DIR --cases lrfr --why "..."``; see the file's ``rerecorded``):
+the LRFR cases were re-recorded once, when the torch engine's bicubic up-sampling became PIL's (issue 9).
 
 Tolerance: measured, the redesigned code reproduces all 6 recordings bit for bit (worst relative
 difference 0.0 on the 2-core CI machine kind). The bound RTOL = 1e-5 (~100 float32 ulps) only leaves room
