@@ -20,6 +20,8 @@ help:
 	@echo "make test   - ruff (lint + format check), then the full test suite (CPU, <30 min on 2 cores; starts a local Slurm when root)"
 	@echo "make format - apply ruff's fixes and formatting"
 	@echo "make bench  - the benchmark scripts (prints ratios; see BENCHMARKS.md)"
+	@echo "make gpu-stage - stage the wheels a lent GPU machine lacks into .gpu_stage/ parts (docs/gpu-check.md)"
+	@echo "make gpu-check - ON THE LENT GPU MACHINE ONLY, after receive.sh got every part (docs/gpu-check.md)"
 	@echo "variables: DATA=<image folder> VAL=<.bin> for the demo on your own faces"
 
 $(STAMP): pyproject.toml
@@ -52,3 +54,16 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---- GPU check on a lent single-GPU machine (docs/gpu-check.md); never part of make test / CI ----
+.PHONY: gpu-stage gpu-commands gpu-check
+GPU_STAGE_ARGS ?=
+gpu-stage: $(STAMP)
+	$(PY) scripts/gpu_check/stage.py $(GPU_STAGE_ARGS)
+
+gpu-commands:
+	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check/stage.py --print-commands
+
+# Runs on the GPU machine under its own python3 (no .venv there): no dependency on $(STAMP).
+gpu-check:
+	@bash scripts/gpu_check/gpu_check.sh

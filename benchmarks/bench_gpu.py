@@ -207,8 +207,8 @@ def round_robin(clock: Clock, variants: dict, sz: Sizes, label: str) -> dict[str
     return out
 
 
-def free(*objs) -> None:
-    del objs
+def free() -> None:
+    """Collect what the caller has just deleted and hand cached GPU blocks back."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -244,19 +244,39 @@ def count_flops(depth: int, width: float, input_size: int = 112, scan: bool = Fa
 # --------------------------------------------------------------------------- shards
 
 
-def make_shards(root: Path, num_classes: int | None, shared: Path) -> Path:
-    """The LFW training faces as WebDataset shards (bench_loaders.make_shards); the manifest may claim
-    more classes than the faces have (classes without images), so that the classifier has realistic rows."""
-    import bench_loaders
+def make_shards(
+    root: Path, shared: Path, repeat: int = 1, num_classes: int | None = None, per_shard: int = 512
+) -> Path:
+    """The LFW training faces (1,814 JPEGs, 111 people) as WebDataset shards, as bench_loaders.make_shards,
+    each image written ``repeat`` times under distinct keys: one epoch at batch 512 must be long enough that
+    the loaders' per-epoch start-up (DataLoader workers, a fresh DALI pipeline) is not what is timed. The
+    manifest may claim more classes than the faces have (classes without images), so that the training-step
+    classifier has realistic rows."""
+    import webdataset as wds
 
-    from data_prep.manifest import read_manifest, write_manifest
+    from data_prep.manifest import Manifest, ShardInfo, sha256_file, write_manifest
 
+    lfw = shared / "lfw_view1_112" / "train_112"
+    people = sorted(p for p in lfw.iterdir() if p.is_dir())
+    files = [(f, c) for c, p in enumerate(people) for f in sorted(p.glob("*.jpg"))]
+    samples = [(f, c, r) for r in range(repeat) for f, c in files]
     root.mkdir(parents=True, exist_ok=True)
-    bench_loaders.make_shards(shared / "lfw_view1_112/train_112", root)
-    if num_classes is not None:
-        m = read_manifest(root)
-        m.num_classes = max(m.num_classes, num_classes)
-        write_manifest(root, m)
+    shards = []
+    for i in range(0, len(samples), per_shard):
+        name = f"shard-{i // per_shard:06d}.tar"
+        with wds.TarWriter(str(root / name)) as w:
+            for f, c, r in samples[i : i + per_shard]:
+                w.write(
+                    {
+                        "__key__": f"{c:04d}_{f.stem}_r{r}",
+                        "jpg": f.read_bytes(),
+                        "cls": str(c).encode(),
+                        "src": f.name.encode(),
+                    }
+                )
+        shards.append(ShardInfo(name, len(samples[i : i + per_shard]), sha256_file(root / name)))
+    classes = max(len(people), num_classes or 0)
+    write_manifest(root, Manifest(num_classes=classes, num_images=len(samples), shards=shards))
     return root
 
 
@@ -339,7 +359,9 @@ class BareLoop:
         if compile_backend:
             self.forward = torch.compile(self._forward, backend=compile_backend)
         params = [{"params": list(self.net.parameters())}, {"params": [self.weight]}]
-        self.opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4, **({"fused": True} if fused else {}))
+        self.opt = torch.optim.SGD(
+            params, lr=0.1, momentum=0.9, weight_decay=5e-4, **({"fused": True} if fused else {})
+        )
         self.device = device
 
     def _forward(self, x):
@@ -395,12 +417,15 @@ def build_trainer(depth: int, batch: int, sz: Sizes, device: torch.device, shard
         return None, f"Trainer failed to build: {type(e).__name__}: {e}"
 
 
-def part_train(args, sz: Sizes, device: torch.device, clock: Clock, shards: Path, tmp: Path, peak: float | None) -> dict:
+def part_train(
+    args, sz: Sizes, device: torch.device, clock: Clock, shards: Path, tmp: Path, peak: float | None, fl: dict
+) -> dict:
     from pipeline.models.iresnet import build_iresnet
 
     res = {"precision": "bf16 autocast (bare loop); DeepSpeed bf16 (trainer)", "runs": []}
-    flops = {d: count_flops(d, sz.width) for d in sz.depths}
-    res["flops"] = {f"iresnet{d}": v for d, v in flops.items()}
+    # MFU counts the FLOPs of the network actually run (full width on the GPU, tiny width in the smoke run)
+    flops = {d: fl[f"iresnet{d}"] if sz.width == 1.0 else count_flops(d, sz.width) for d in sz.depths}
+    res["flops_width"] = sz.width
     for depth in sz.depths:
         for batch in sz.batches:
             label = f"iresnet{depth} batch {batch}"
@@ -411,6 +436,7 @@ def part_train(args, sz: Sizes, device: torch.device, clock: Clock, shards: Path
             torch.manual_seed(0)
             bare = BareLoop(build_iresnet(depth, width=sz.width, embedding_size=512), classes, data, device)
             variants = {"bare": (bare.step, None)}
+            trainer_step = None
             if trainer is not None:
 
                 def trainer_step(trainer=trainer, data=data):
@@ -444,7 +470,8 @@ def part_train(args, sz: Sizes, device: torch.device, clock: Clock, shards: Path
                     else f"; {why}"
                 )
             )
-            free(bare, trainer, data)
+            del bare, trainer, trainer_step, variants, data
+            free()
     return res
 
 
@@ -506,8 +533,11 @@ def part_levers(args, sz: Sizes, device: torch.device, clock: Clock, tmp: Path) 
             "peak_step_mib": t[name]["peak_step_mib"],
             "note": notes.get(name),
         }
-        log(f"levers: {name:16s} {batch / t[name]['median_s']:9.1f} img/s   x{base / t[name]['median_s']:.3f} vs default")
-    free(loops, variants, data)
+        log(
+            f"levers: {name:16s} {batch / t[name]['median_s']:9.1f} img/s   x{base / t[name]['median_s']:.3f} vs default"
+        )
+    del loops, variants, data
+    free()
     return res
 
 
@@ -542,7 +572,7 @@ def part_scan(args, sz: Sizes, device: torch.device, clock: Clock) -> dict:
     res["params_folded"] = sum(p.numel() for p in folded.parameters())
     x = make_batch(sz.infer_batch, 111, device, seed=1)["image"]
 
-    def infer(net):
+    def infer(net, x=x):
         def run():
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
                 net.embed(x)
@@ -560,26 +590,43 @@ def part_scan(args, sz: Sizes, device: torch.device, clock: Clock) -> dict:
         params_equal=res["params_plain"] == res["params_folded"],
     )
     res["infer_goal_met"] = res["infer_folded_over_plain"] <= 1.02 and res["params_equal"]
-    log(f"scan: inference folded/plain = {res['infer_folded_over_plain']:.3f} (goal <= 1.02), params equal: {res['params_equal']}")
-    free(plain, scan, folded, data)
+    log(
+        f"scan: inference folded/plain = {res['infer_folded_over_plain']:.3f} (goal <= 1.02), params equal: {res['params_equal']}"
+    )
+    del plain, scan, scan_net, plain_net, folded, data, x
+    free()
     return res
 
 
-def predicted_classifier_peak(classes: int, dim: int, global_batch: int, sample_rate: float) -> dict:
-    """The buffer count of BENCHMARKS.md "Scale on paper" for one rank holding ``classes`` rows (fp32)."""
-    num_sample = min(classes, math.ceil(sample_rate * classes))
-    cd = classes * dim * 4
-    sd = num_sample * dim * 4
-    ns = global_batch * num_sample * 4
+def expected_positive_rows(classes_local: int, global_batch: int, world: int = 1) -> float:
+    """Expected distinct positive classes of a uniform-label global batch that fall in one shard."""
+    total = classes_local * world
+    return classes_local * (1.0 - (1.0 - 1.0 / total) ** global_batch)
+
+
+def predicted_classifier_peak(classes: int, dim: int, global_batch: int, sample_rate: float, world: int = 1) -> dict:
+    """Peak tensor bytes of one ShardedMarginClassifier step on a rank holding ``classes`` rows (all fp32),
+    from the buffers live at its three high-water marks (traced op by op; BENCHMARKS.md "Scale on paper"):
+
+    * softmax forward (exp):  weight + momentum + normalised rows (+ gathered rows if sampling) + 4 N×S
+      (cosine, s·cosine with the margin, logits − max, exp) + 2 N×D (gathered and normalised embeddings);
+    * F.normalize backward:   weight + momentum + 5 S×D (grad of the normalised rows, two quotients, a
+      negation, a product) (+ gathered rows if sampling);
+    * index backward (sampling only): weight + momentum + 2 C×D (the dense zero gradient and index_put's
+      out-of-place result) + S×D.
+
+    S = the sampled rows = max(ceil(rate·C), distinct positives in the shard)."""
+    pos = expected_positive_rows(classes, global_batch, world)
+    num_sample = classes if sample_rate >= 1.0 else min(classes, max(math.ceil(sample_rate * classes), round(pos)))
     sampled = num_sample < classes
-    # state: weight, gradient (dense over the shard, also when sampling), momentum
-    state = 3 * cd
-    # peak (backward of F.normalize on the (sampled) rows): weight + momentum + the shard-sized gradient
-    # being accumulated, plus the normalised rows saved for F.linear, the gradient of the normalised rows,
-    # and normalize's backward temporaries (2 more S×D); with sampling the gathered rows and their
-    # gradient (2 more S×D). Logits: the largest moment needs 2 N×S fp32 buffers besides that.
-    peak = 2 * cd + cd + (4 + (2 if sampled else 0)) * sd + 2 * ns
-    return {"state_bytes": state, "peak_bytes": peak, "num_sample": num_sample}
+    cd, sd, ns = classes * dim * 4, num_sample * dim * 4, global_batch * num_sample * 4
+    marks = {
+        "softmax": 2 * cd + (2 if sampled else 1) * sd + 4 * ns + 2 * global_batch * dim * 4,
+        "normalize_backward": 2 * cd + (6 if sampled else 5) * sd,
+        "index_backward": (4 * cd + sd) if sampled else 0,
+    }
+    where = max(marks, key=marks.get)
+    return {"state_bytes": 3 * cd, "peak_bytes": marks[where], "peak_at": where, "num_sample": num_sample}
 
 
 def part_classifier(args, sz: Sizes, device: torch.device, clock: Clock) -> dict:
@@ -624,9 +671,11 @@ def part_classifier(args, sz: Sizes, device: torch.device, clock: Clock) -> dict
         else:
             peak = (_rss("VmHWM") - base) if base is not None else None
             how = "peak RSS (VmHWM) - RSS before building (CPU smoke: includes allocator noise)"
-        state = sum(p.numel() * p.element_size() for p in clf.parameters()) + sum(
-            v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
-        ) + clf.weight.numel() * 4  # + the gradient, freed by zero_grad(set_to_none) at the end of the step
+        state = (
+            sum(p.numel() * p.element_size() for p in clf.parameters())
+            + sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+            + clf.weight.numel() * 4
+        )  # + the gradient, freed by zero_grad(set_to_none) at the end of the step
         pred = predicted_classifier_peak(sz.cls_classes, 512, sz.cls_batch, rate)
         row = {
             "sample_rate": rate,
@@ -645,7 +694,8 @@ def part_classifier(args, sz: Sizes, device: torch.device, clock: Clock) -> dict
             + ("n/a" if peak is None else f"{row['peak_mib']:.0f} MiB")
             + f" (predicted {row['predicted_peak_mib']:.0f} MiB), state {row['state_mib']:.0f} MiB"
         )
-        free(clf, opt, emb, lab, step)
+        del clf, opt, emb, lab, step
+        free()
     return res
 
 
@@ -722,7 +772,10 @@ def markdown(R: dict) -> str:
         L += ["## Training step", "", f"skipped: {tr.get('skipped')}", ""]
     lv = R.get("levers", {})
     if "variants" in lv:
-        L += [f"## Levers (bare loop, iresnet{lv['depth']}, batch {lv['batch']}, compile backend {lv['compile_backend']})", ""]
+        L += [
+            f"## Levers (bare loop, iresnet{lv['depth']}, batch {lv['batch']}, compile backend {lv['compile_backend']})",
+            "",
+        ]
         L += ["| variant | img/s | speed-up vs default | note |", "|---|---:|---:|---|"]
         for k, v in lv["variants"].items():
             L.append(f"| {k} | {fmt(v.get('img_s'), '.1f')} | {fmt(v['speedup_vs_default'])} | {v.get('note') or ''} |")
@@ -820,7 +873,11 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     peak, peak_src = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else peak_tflops(name)
     if device.type == "cpu":
         peak, peak_src = None, "no MFU on the CPU"
@@ -834,9 +891,8 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "peak_tflops": peak,
             "peak_source": peak_src,
-            "timing": (
-                "CUDA events" if device.type == "cuda" else "time.perf_counter"
-            ) + f", {sz.warmup} warm-up, median of {sz.repeats} blocks of {sz.steps} steps",
+            "timing": ("CUDA events" if device.type == "cuda" else "time.perf_counter")
+            + f", {sz.warmup} warm-up, median of {sz.repeats} blocks of {sz.steps} steps",
             "sizes": {k: v for k, v in sz.__dict__.items() if k != "extra"},
         },
         "errors": {},
@@ -862,12 +918,14 @@ def main(argv=None) -> int:
         tmp = Path(tmpdir)
         shards = args.shards
         if shards is None and {"loader", "train"} & set(parts):
-            shards = make_shards(tmp / "shards", sz.train_classes, args.shared)
+            repeat = max(1, math.ceil((sz.loader_images + 4 * sz.loader_batch) / 1814))
+            log(f"shards: the LFW faces x{repeat} under {tmp / 'shards'}")
+            shards = make_shards(tmp / "shards", args.shared, repeat=repeat, num_classes=sz.train_classes)
         elif shards is not None and "train" in parts:  # the trainer's classifier rows come from the manifest
             log(f"shards: {shards} (the trainer uses its manifest's class count)")
         jobs = {
             "loader": lambda: part_loader(args, sz, device, shards),
-            "train": lambda: part_train(args, sz, device, clock, shards, tmp, peak),
+            "train": lambda: part_train(args, sz, device, clock, shards, tmp, peak, fl),
             "levers": lambda: part_levers(args, sz, device, clock, tmp),
             "scan": lambda: part_scan(args, sz, device, clock),
             "classifier": lambda: part_classifier(args, sz, device, clock),

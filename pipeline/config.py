@@ -245,6 +245,7 @@ class DeepSpeedConfig:
     zero_stage: int = 1
     precision: str = "fp32"  # fp32 | fp16 | bf16
     grad_accum: int = 1
+    initial_scale_power: int = 16  # fp16: the dynamic loss scale starts at 2**this (DeepSpeed's default 16)
 
     def validate(self):
         if self.precision not in ("fp32", "fp16", "bf16"):

@@ -54,7 +54,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,  # our client SGD/AdamW (FACTS.md)
         "gradient_clipping": cfg.optim.grad_clip,
-        "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
+        "fp16": {"enabled": prec == "fp16", "initial_scale_power": cfg.deepspeed.initial_scale_power},
         "bf16": {"enabled": prec == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

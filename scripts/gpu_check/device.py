@@ -50,9 +50,7 @@ def sha256_file(path: Path) -> str:
 def load_manifest(stage: Path) -> dict:
     path = stage / MANIFEST
     if not path.is_file():
-        raise CheckError(
-            f"no {path}: no part was received here (fresh machine?); send part_00.. again with receive.sh"
-        )
+        raise CheckError(f"no {path}: no part was received here (fresh machine?); send part_00.. again with receive.sh")
     try:
         man = json.loads(path.read_text())
     except ValueError as e:
@@ -62,17 +60,20 @@ def load_manifest(stage: Path) -> dict:
     return man
 
 
-def assemble(stage: Path, wheels_dir: Path, without: tuple[str, ...] = ()) -> list[Path]:
+def assemble(
+    stage: Path, wheels_dir: Path, without: tuple[str, ...] = (), skip: frozenset[str] = frozenset()
+) -> list[Path]:
     """Concatenate each wheel's chunks into wheels_dir, checking chunk and wheel sha256.
 
-    Every problem is collected first and reported in ONE line (which wheel, which part to re-send)."""
+    Wheels of a group in `without` and files named in `skip` are left out. Every problem is collected
+    first and reported in ONE line (which wheel, which part to re-send)."""
     man = load_manifest(stage)
     wheels_dir.mkdir(parents=True, exist_ok=True)
     done: list[Path] = []
     missing: dict[str, set[str]] = {}
     corrupt: dict[str, set[str]] = {}
     for w in man["wheels"]:
-        if w["group"] in without:
+        if w["group"] in without or w["file"] in skip:
             continue
         absent = [c for c in w["chunks"] if not (stage / c["file"]).is_file()]
         if absent:
@@ -120,19 +121,41 @@ def _code_lines(text: str) -> list[str]:
 
 
 def fix_namespace_inits(target: Path) -> list[str]:
-    """Make shared top-level folders such as `nvidia/` extend their __path__.
+    """Make top-level folders shared with the image, such as `nvidia/`, extend their __path__.
 
     Several nvidia-* wheels ship an empty `nvidia/__init__.py`; installed with --target in front of
     PYTHONPATH it would hide the image's own `nvidia.*` packages (cublas, cudnn, ...) from imports.
-    With pkgutil.extend_path both folders are searched."""
+    With pkgutil.extend_path both folders are searched. Only empty inits of folders that also exist
+    on this python's sys.path are touched."""
+    elsewhere = [Path(p) for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != target.resolve()]
     fixed = []
     for init in sorted(target.glob("*/__init__.py")):
+        name = init.parent.name
+        if not any((p / name).is_dir() for p in elsewhere):
+            continue
         code = _code_lines(init.read_text(errors="replace"))
+        if not code:
+            init.write_text(NAMESPACE_INIT)
         if not code or code == [NAMESPACE_INIT.strip()]:
-            if code != [NAMESPACE_INIT.strip()]:
-                init.write_text(NAMESPACE_INIT)
-            fixed.append(init.parent.name)
+            fixed.append(name)
     return fixed
+
+
+def image_version(name: str, spec: str, target: Path) -> str | None:
+    """The version of `name` this python3 has outside `target`, if it satisfies `spec`."""
+    from importlib import metadata
+
+    try:
+        from packaging.specifiers import SpecifierSet
+    except ImportError:
+        return None  # cannot compare: install the fallback
+    want = re.sub(r"[-_.]+", "-", name).lower()
+    for d in metadata.distributions():
+        n = re.sub(r"[-_.]+", "-", d.metadata["Name"] or "").lower()
+        where = str(d.locate_file(""))
+        if n == want and not where.startswith(str(target)):
+            return d.version if SpecifierSet(spec).contains(d.version, prereleases=True) else None
+    return None
 
 
 def install(stage: Path, target: Path, without: tuple[str, ...] = (), python: str = sys.executable) -> str:
@@ -142,7 +165,16 @@ def install(stage: Path, target: Path, without: tuple[str, ...] = (), python: st
     if stamp.is_file() and stamp.read_text() == key:
         return f"already installed in {target} (same manifest), nothing to do"
     t0 = time.monotonic()
-    wheels = assemble(stage, stage / "wheels", without)
+    man = load_manifest(stage)
+    skip, kept = set(), []
+    for w in man["wheels"]:
+        if w.get("if_image_lacks") and w["group"] not in without:
+            v = image_version(w["name"], w["if_image_lacks"], target)
+            if v:
+                skip.add(w["file"])
+            else:
+                kept.append(f"{w['name']} {w['version']}")
+    wheels = assemble(stage, stage / "wheels", without, frozenset(skip))
     if not wheels:
         raise CheckError(f"no wheel to install from {stage} (all groups skipped?)")
     t1 = time.monotonic()
@@ -160,7 +192,10 @@ def install(stage: Path, target: Path, without: tuple[str, ...] = (), python: st
     size = sum(w.stat().st_size for w in wheels) / 2**20
     return (
         f"{len(wheels)} wheels ({size:.1f} MiB) verified in {t1 - t0:.1f} s, installed into {target} in "
-        f"{time.monotonic() - t1:.1f} s" + (f"; namespace folders made shared: {', '.join(fixed)}" if fixed else "")
+        f"{time.monotonic() - t1:.1f} s"
+        + (f"; over the image's (too old or absent): {', '.join(kept)}" if kept else "")
+        + (f"; image's own kept: {len(skip)} fallback wheel(s)" if skip else "")
+        + (f"; namespace folders made shared: {', '.join(fixed)}" if fixed else "")
     )
 
 
@@ -178,6 +213,19 @@ VERSIONS = [
     "tensorboard",
     "onnxruntime",
 ]
+
+
+# What the probe imports for each wheel group that was installed.
+GROUP_IMPORTS = {"core": ["deepspeed", "webdataset", "submitit"], "dali": ["nvidia.dali"]}
+
+
+def default_imports(stage: Path, without: tuple[str, ...]) -> list[str]:
+    """The imports of the groups staged and not skipped (all of them when nothing was staged)."""
+    try:
+        groups = {w["group"] for w in load_manifest(stage)["wheels"]}
+    except CheckError:
+        groups = set(GROUP_IMPORTS)
+    return [m for g, mods in GROUP_IMPORTS.items() if g in groups and g not in without for m in mods]
 
 
 def probe(imports: list[str], allow_cpu: bool) -> tuple[dict, list[str]]:
@@ -263,7 +311,8 @@ def summary(steps_file: Path, env_file: Path, out_dir: Path, total_s: float) -> 
     rc_of = {s["step"]: ("skipped" if s["rc"] is None else f"rc={s['rc']}") for s in steps}
     print(
         f"gpu-check: {result['result']} device={result['device']!r} torch={env.get('versions', {}).get('torch', '?')}"
-        f" cuda={env.get('torch_cuda', '?')} " + " ".join(f"{k}:{v}" for k, v in rc_of.items())
+        f" cuda={env.get('torch_cuda', '?')} "
+        + " ".join(f"{k}:{v}" for k, v in rc_of.items())
         + f" total={round(total_s)}s -> {out_dir / 'summary.json'}"
     )
     return 0 if ok else 1
@@ -282,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--without", default="")
     p = sub.add_parser("probe")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--imports", default="deepspeed nvidia.dali webdataset submitit")
+    p.add_argument("--imports", default="", help="modules to import (default: those of the staged groups)")
+    p.add_argument("--stage", type=Path, default=Path("/tmp/lowq_gpu_stage"))
+    p.add_argument("--without", default="")
     p.add_argument("--allow-cpu", action="store_true")
     s = sub.add_parser("summary")
     s.add_argument("--steps", type=Path, required=True)
@@ -301,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "install":
             print("gpu-check: " + install(args.stage, args.target, groups(args.without)))
         elif args.cmd == "probe":
-            info, problems = probe(args.imports.split(), args.allow_cpu)
+            mods = args.imports.split() or default_imports(args.stage, groups(args.without))
+            info, problems = probe(mods, args.allow_cpu)
             args.out.write_text(json.dumps(info, indent=2) + "\n")
             print(f"python {info['python']} ({info['executable']})")
             print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))

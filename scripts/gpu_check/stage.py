@@ -90,7 +90,9 @@ ROOT_FALLBACK = {"deepspeed": "0.19.8", "webdataset": "1.0.2", "submitit": "1.5.
 # unversioned): the 13.0 line, the CUDA minor of the image's toolkit and driver; 13.1+ may need a
 # newer driver than 580.
 PINS = {"nvidia-nvjpeg": "==13.0.*"}
-GROUP_ORDER = ["core", "dali"]  # packed in this order: part_00 holds all of `core`
+GROUP_ORDER = ["core", "dali"]
+# Image-held packages never staged as fallbacks, whatever version our packages ask for.
+NEVER_CARRY = {"torch", "numpy", "triton"}  # packed in this order: part_00 holds all of `core`
 
 
 def canon(name: str) -> str:
@@ -178,14 +180,21 @@ def resolve(wheels: Path, cuda_major: int, without: set[str]) -> list[dict]:
 
     Version of a dependency: the one in the local .venv when it satisfies the requirement (the set
     tested here), else a PINS entry, else the newest pip finds. One version per name; a second,
-    incompatible requirement on a chosen name stops with an error."""
+    incompatible requirement on a chosen name stops with an error.
+
+    A name the image holds is not followed; but where our packages ask for a version of it (pydantic
+    2.14 wants typing-extensions>=4.16), one wheel of it is staged as a fallback
+    (`if_image_lacks`: the combined requirement): device.py installs it only when the image's own
+    version fails that requirement. Large ones (NEVER_CARRY) are never staged."""
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
 
     have = local_versions()
     gpu_has = {canon(n) for n in GPU_HAS}
     chosen: dict[str, dict] = {}
+    held: dict[str, dict] = {}  # image-held names our packages constrain: specs, group
     level = [(n, s, g, set()) for n, s, g in roots(cuda_major, without, have)]
+    fallback_round = False
     while level:
         todo = []  # (name, spec, group, extras) needing a wheel file
         for name, spec, group, extras in level:
@@ -202,6 +211,8 @@ def resolve(wheels: Path, cuda_major: int, without: set[str]) -> list[dict]:
             elif name in PINS:
                 spec = ",".join(s for s in (spec, PINS[name]) if s)
             chosen[name] = {"name": name, "spec": spec, "group": group, "extras": set(extras)}
+            if fallback_round:
+                chosen[name]["if_image_lacks"] = str(held[name]["spec"])
             todo.append((name, spec, group, extras))
         fetch = [f"{n}{s}" for n, s, _, _ in todo if n != "deepspeed" and find_wheel(wheels, n, s) is None]
         if fetch:
@@ -216,20 +227,32 @@ def resolve(wheels: Path, cuda_major: int, without: set[str]) -> list[dict]:
                 sys.exit(f"gpu-stage: no wheel for {name}{spec} in {wheels} after the download")
             c = chosen[name]
             c["file"], c["version"] = path, wheel_name_version(path)[1]
+            if fallback_round:
+                continue  # a fallback's own needs are the image's business
             for r in wheel_requires(path, c["extras"]):
                 req = Requirement(r)
                 dep = canon(req.name)
                 if dep in gpu_has:
+                    h = held.setdefault(dep, {"spec": SpecifierSet(), "group": group, "by": set()})
+                    h["spec"] &= req.specifier
+                    h["by"].add(name)
                     continue
                 nxt.append((dep, str(req.specifier), group, set(req.extras)))
         level = nxt
+        if not level and not fallback_round:
+            fallback_round = True
+            level = [(n, str(h["spec"]), h["group"], set()) for n, h in sorted(held.items()) if str(h["spec"])]
+            level = [x for x in level if x[0] not in NEVER_CARRY]
+    relied = sorted(f"{n}{h['spec']}" for n, h in held.items())
+    print("gpu-stage: taken from the image: " + ", ".join(relied))
     return sorted(chosen.values(), key=lambda c: (GROUP_ORDER.index(c["group"]), c["file"].stat().st_size, c["name"]))
 
 
 def split(wheels: list[dict], stage: Path, part_bytes: int, meta: dict | None = None) -> dict:
     """Cut the wheels, in order, into parts of at most part_bytes; write the parts and the manifest.
 
-    wheels: dicts with name, version, group, file (Path). Returns the manifest."""
+    wheels: dicts with name, version, group, file (Path), if_image_lacks (optional). Returns the manifest."""
+    stage.mkdir(parents=True, exist_ok=True)
     for old in stage.glob("part_*"):
         shutil.rmtree(old)
     names = [w["name"] for w in wheels]
@@ -245,15 +268,17 @@ def split(wheels: list[dict], stage: Path, part_bytes: int, meta: dict | None = 
             "name": w["name"],
             "version": w["version"],
             "group": w["group"],
+            **({"if_image_lacks": w["if_image_lacks"]} if w.get("if_image_lacks") else {}),
             "size": size,
             "sha256": device.sha256_file(path),
             "chunks": [],
         }
+        sliver = min(MIB, part_bytes // 16)
         with open(path, "rb") as f:
             offset = 0
             while offset < size:
                 room = part_bytes - part_sizes[-1]
-                if room < min(MIB, size - offset):  # no sliver chunks: start the next part
+                if room == 0 or (room < sliver and size - offset > room):  # no sliver chunks: next part
                     part_sizes.append(0)
                     room = part_bytes
                 n = min(room, size - offset)
@@ -263,7 +288,13 @@ def split(wheels: list[dict], stage: Path, part_bytes: int, meta: dict | None = 
                 (stage / part).mkdir(parents=True, exist_ok=True)
                 (stage / part / chunk).write_bytes(data)
                 entry["chunks"].append(
-                    {"file": chunk, "part": part, "offset": offset, "size": n, "sha256": hashlib.sha256(data).hexdigest()}
+                    {
+                        "file": chunk,
+                        "part": part,
+                        "offset": offset,
+                        "size": n,
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                    }
                 )
                 part_sizes[-1] += n
                 offset += n
@@ -311,6 +342,27 @@ def part_dir_bytes(stage: Path, part: str) -> int:
     return sum(p.stat().st_size for p in (stage / part).iterdir())
 
 
+# The real faces the GPU tier reads (tests/conftest.py: $LOWQ_SHARED/data): ../shared does not travel, so the
+# files it needs are copied under the stage and carried by the last call (~17 MiB).
+SHARED_FILES = ("lfw_view1_112/train_112", "lfw_view1_112/train_list.txt", "lfw_view1_112/lfw_devtest_112.bin")
+SHARED_DIR = "shared"
+
+
+def stage_shared_data(stage: Path, source: Path = REPO.parent / "shared" / "data") -> int:
+    """Copy SHARED_FILES into STAGE/shared/data (idempotent); returns its size in bytes."""
+    dst_root = stage / SHARED_DIR / "data"
+    for rel in SHARED_FILES:
+        src, dst = source / rel, dst_root / rel
+        if not src.exists():
+            sys.exit(f"gpu-stage: {src} is missing (the GPU tier needs the shared LFW faces)")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        elif not dst.is_file() or dst.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, dst)
+    return sum(p.stat().st_size for p in (stage / SHARED_DIR).rglob("*") if p.is_file())
+
+
 RECEIVE_TIMEOUT_S = 60
 CHECK_TIMEOUT_S = 540  # gpu_check.sh's 480 s budget + receive + slack
 
@@ -318,15 +370,23 @@ CHECK_TIMEOUT_S = 540  # gpu_check.sh's 480 s budget + receive + slack
 def device_calls(manifest: dict, stage_rel: str = ".gpu_stage") -> list[dict]:
     """The calls the lead makes, in order: receive every part; the last call also runs the check."""
     calls = []
+    src = "" if stage_rel == ".gpu_stage" else f"GPU_STAGE_SRC={stage_rel} "
     for i, p in enumerate(manifest["parts"]):
         last = i == len(manifest["parts"]) - 1
-        cmd = f"bash scripts/gpu_check/receive.sh {p}"
+        cmd = f"{src}bash scripts/gpu_check/receive.sh {p}"
         if last:
             cmd += " && bash scripts/gpu_check/gpu_check.sh"
-        calls.append(
-            {"command": cmd, "carry": [f"{stage_rel}/{p}"], "timeout_s": CHECK_TIMEOUT_S if last else RECEIVE_TIMEOUT_S}
-        )
+        carry = [f"{stage_rel}/{p}"] + ([f"{stage_rel}/{SHARED_DIR}"] if last else [])
+        calls.append({"command": cmd, "carry": carry, "timeout_s": CHECK_TIMEOUT_S if last else RECEIVE_TIMEOUT_S})
     return calls
+
+
+def stage_rel(stage: Path) -> str:
+    """The stage folder as the device calls name it: relative to the repository root (it must be inside)."""
+    try:
+        return str(stage.resolve().relative_to(REPO))
+    except ValueError:
+        return str(stage)  # not inside the repo: it cannot be carried; the printed calls say so by their path
 
 
 def format_calls(calls: list[dict]) -> str:
@@ -334,7 +394,9 @@ def format_calls(calls: list[dict]) -> str:
         f"{len(calls)} device calls, back to back (the machine is given back after ~30 s idle):",
     ]
     for i, c in enumerate(calls, 1):
-        lines.append(f"  {i}. run(command={json.dumps(c['command'])}, carry={json.dumps(c['carry'])}, timeout_s={c['timeout_s']})")
+        lines.append(
+            f"  {i}. run(command={json.dumps(c['command'])}, carry={json.dumps(c['carry'])}, timeout_s={c['timeout_s']})"
+        )
     return "\n".join(lines)
 
 
@@ -351,10 +413,16 @@ def main(argv: list[str] | None = None) -> int:
         man_path = stage / device.MANIFEST
         if not man_path.is_file():
             sys.exit(f"gpu-stage: no {man_path}: run make gpu-stage first")
-        print(format_calls(device_calls(json.loads(man_path.read_text()))))
+        print(format_calls(device_calls(json.loads(man_path.read_text()), stage_rel(stage))))
         return 0
 
     t0 = time.monotonic()
+    rel = stage_rel(stage)
+    ignored = subprocess.run(["git", "check-ignore", "-q", rel + "/"], cwd=REPO).returncode == 0
+    if rel.startswith("/") or not ignored:
+        print(
+            f"gpu-stage: WARNING {stage} is not a git-ignored folder of the repository: a device call cannot carry it"
+        )
     tree = tree_bytes()
     part_bytes = int(args.part_mib * MIB)
     if tree + part_bytes + MARGIN > CALL_LIMIT:
@@ -374,14 +442,20 @@ def main(argv: list[str] | None = None) -> int:
         "without": sorted(without),
     }
     manifest = split(chosen, stage, part_bytes, meta)
-    calls = device_calls(manifest)
+    calls = device_calls(manifest, stage_rel(stage))
 
     print(f"gpu-stage: {len(chosen)} wheels for CPython {PYTHON_VERSION} manylinux x86_64, CUDA {args.cuda_major}:")
     for w in manifest["wheels"]:
         parts = sorted({c["part"] for c in w["chunks"]})
-        print(f"  {w['group']:<5} {w['name']:<24} {w['version']:<12} {w['size'] / MIB:8.2f} MiB  {','.join(parts)}")
+        cond = f"  only if the image lacks {w['name']}{w['if_image_lacks']}" if w.get("if_image_lacks") else ""
+        print(
+            f"  {w['group']:<5} {w['name']:<24} {w['version']:<12} {w['size'] / MIB:8.2f} MiB  {','.join(parts)}{cond}"
+        )
     sizes = [part_dir_bytes(stage, p) for p in manifest["parts"]]
-    biggest = max(sizes) + tree
+    data = stage_shared_data(stage)
+    sizes_with_data = sizes[:-1] + [sizes[-1] + data]
+    biggest = max(sizes_with_data) + tree
+    print(f"gpu-stage: shared LFW faces for the GPU tier: {data / MIB:.1f} MiB in {stage / SHARED_DIR} (last call)")
     print(
         f"gpu-stage: total {manifest['total_bytes'] / MIB:.1f} MiB in {len(sizes)} parts "
         f"({', '.join(f'{s / MIB:.1f}' for s in sizes)} MiB) under {stage}"

@@ -1,0 +1,242 @@
+"""Scale on paper: per-GPU memory, FLOPs and communication of WebFace42M × iresnet100 training (BENCHMARKS.md).
+
+Prints, for W GPUs and partial-FC sample rates r, the per-GPU terms of one training step (batch 128 per GPU,
+embedding 512, the ArcFace margin in ``ShardedMarginClassifier``, the backbone under DeepSpeed ZeRO-1 bf16):
+
+* class-centre shard: rows C/W, weight + momentum + (dense) gradient, fp32;
+* logits: global batch N = 128·W × sampled rows S per shard, fp32 (the trainer casts the embeddings to fp32
+  and the classifier has no autocast), and the classifier's peak from the buffers live at its high-water
+  marks (``bench_gpu.predicted_classifier_peak``: the softmax forward, ``F.normalize``'s backward, the
+  sampled rows' index backward);
+* collectives per step: the all-gather of embeddings (fp32) and labels (int64), the all-reduce of the
+  gathered embeddings' gradient and of the softmax statistics; the backbone's gradient reduction and
+  parameter all-gather (bf16);
+* backbone: parameters / gradients (bf16) + fp32 master weights and momentum partitioned by ZeRO-1;
+  activations at batch 128 in bf16 = the bytes of the tensors autograd saves, counted with
+  ``torch.autograd.graph.saved_tensors_hooks`` on the meta device (no compute; identical to a real CPU
+  forward on a small network, checked by ``--verify-meta``);
+* FLOPs per step (FlopCounterMode, 2 per multiply-add): backbone 3 × forward, classifier 6·N·S·D.
+
+``--check FILE...`` compares the per-rank peak memory printed by bench_sharded_classifier.py (gloo ranks on
+the CPU) with the same buffer count, and its step times with a two-term model t = a·N·S + c·C/W calibrated on
+the W = 1 rows, printing measured / predicted.
+
+    .venv/bin/python benchmarks/scale_on_paper.py
+    .venv/bin/python benchmarks/scale_on_paper.py --check benchmarks/results/scale_*.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from bench_gpu import expected_positive_rows, predicted_classifier_peak  # noqa: E402
+
+MiB, GB = 1024**2, 1e9
+WEBFACE42M_CLASSES = 2_059_906
+WEBFACE42M_IMAGES = 42_474_557  # insightface arcface_torch configs/wf42m_pfc02_r100.py (num_classes 2059906)
+
+
+def saved_activation_bytes(
+    depth: int, batch: int, dtype=torch.bfloat16, device: str = "meta", width: float = 1.0
+) -> int:
+    """Bytes of the distinct storages autograd saves in one training forward of iresnet-``depth``."""
+    from pipeline.models.iresnet import build_iresnet
+
+    with torch.device(device):
+        torch.manual_seed(0)
+        net = build_iresnet(depth, width=width).to(dtype).train()
+        x = torch.randn(batch, 3, 112, 112, dtype=dtype)
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st._cdata] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    return sum(seen.values())
+
+
+def backbone_numbers(depth: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.models.iresnet import build_iresnet
+
+    with torch.device("meta"):
+        net = build_iresnet(depth).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net.embed(torch.empty(1, 3, 112, 112, device="meta"))
+    params = sum(p.numel() for p in net.parameters())
+    a2 = saved_activation_bytes(depth, 2)
+    a128 = saved_activation_bytes(depth, 128)
+    per_image = (a128 - a2) / 126
+    return {
+        "params": params,
+        "fwd_flop": fc.get_total_flops(),
+        "act128": a128,
+        "act_per_image": per_image,
+        "act_fixed": a2 - 2 * per_image,  # the bf16 weights autograd also saves
+    }
+
+
+def table(worlds, rates, batch: int, depth: int, dim: int = 512, classes: int = WEBFACE42M_CLASSES) -> str:
+    bb = backbone_numbers(depth)
+    psi = bb["params"]
+    out = [
+        f"WebFace42M: {classes:,} classes, {WEBFACE42M_IMAGES / 1e6:.1f} M images; iresnet{depth} "
+        f"({psi / 1e6:.2f} M parameters, {bb['fwd_flop'] / 1e9:.2f} GFLOP forward/image), embedding {dim}, "
+        f"batch {batch}/GPU",
+        f"backbone activations (saved tensors, bf16, meta-device count): {bb['act_per_image'] / MiB:.1f} MiB/image "
+        f"+ {bb['act_fixed'] / MiB:.0f} MiB (bf16 weight copies) -> batch {batch}: "
+        f"{(bb['act_fixed'] + batch * bb['act_per_image']) / GB:.2f} GB",
+        "",
+        "| W | r | rows C/W | S | weight+momentum GB | +grad GB | one N×S logits buffer GB | classifier peak GB "
+        "(at) | all-gather MB | all-reduce MB (cls) | backbone grad + param MB | backbone state GB | "
+        "activations GB | total GB | classifier TFLOP | backbone TFLOP |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    act = bb["act_fixed"] + batch * bb["act_per_image"]
+    for w in worlds:
+        rows = math.ceil(classes / w)
+        n = batch * w
+        # ZeRO-1 bf16 (DeepSpeedZeroOptimizer): bf16 params + bf16 grads, fp32 master + momentum + the
+        # partition's fp32 gradient at the step, each 1/W
+        state_bb = 2 * psi + 2 * psi + 3 * 4 * psi / w
+        for r in rates:
+            p = predicted_classifier_peak(rows, dim, n, r, world=w)
+            s = p["num_sample"]
+            wm = 2 * rows * dim * 4
+            logits = n * s * 4
+            gather = n * dim * 4 + n * 8 + w * 8  # embeddings fp32 + labels int64 + sizes
+            reduce_cls = n * dim * 4 + 2 * n * 4 + 3 * n * 4  # embedding grad + (max, cos max) + 3 sums
+            comm_bb = 2 * psi + 2 * psi  # bf16 gradient reduction + bf16 parameter all-gather
+            total = state_bb + act + p["peak_bytes"]
+            out.append(
+                f"| {w} | {r} | {rows:,} | {s:,} | {wm / GB:.3f} | {(wm + rows * dim * 4) / GB:.3f} | "
+                f"{logits / GB:.3f} | {p['peak_bytes'] / GB:.2f} ({p['peak_at']}) | {gather / 1e6:.2f} | "
+                f"{reduce_cls / 1e6:.2f} | {comm_bb / 1e6:.0f} | {state_bb / GB:.3f} | {act / GB:.2f} | "
+                f"{total / GB:.2f} | {6 * n * s * dim / 1e12:.3f} | {3 * bb['fwd_flop'] * batch / 1e12:.2f} |"
+            )
+    out += [
+        "",
+        f"expected distinct positives per shard (uniform labels): W=8: "
+        f"{expected_positive_rows(math.ceil(classes / 8), batch * 8, 8):.0f}, W=64: "
+        f"{expected_positive_rows(math.ceil(classes / 64), batch * 64, 64):.0f} (S = max(ceil(r·C/W), positives))",
+    ]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- check against the CPU runs
+
+_HEAD = re.compile(r"batch (\d+)/rank, sample_rate=([0-9.]+)")
+_ROW = re.compile(r"^\s*(\d+)\s+(full|W=\d+)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s+[\d.]+\s+([\d.]+)")
+
+
+def parse(path: Path) -> list[dict]:
+    text = path.read_text()
+    m = _HEAD.search(text)
+    if not m:
+        raise SystemExit(f"{path}: not a bench_sharded_classifier.py output (no 'batch N/rank, sample_rate=' line)")
+    batch, rate = int(m.group(1)), float(m.group(2))
+    rows = []
+    for line in text.splitlines():
+        r = _ROW.match(line)
+        if r and r.group(2) != "full":
+            rows.append(
+                dict(
+                    file=path.name,
+                    classes=int(r.group(1)),
+                    world=int(r.group(2)[2:]),
+                    batch=batch,
+                    rate=rate,
+                    state_mib=float(r.group(3)),
+                    peak_mib=float(r.group(4)),
+                    step_s=float(r.group(5)),
+                )
+            )
+    return rows
+
+
+def check(paths: list[Path], dim: int, cores: int) -> str:
+    rows = [r for p in paths for r in parse(p)]
+    out = [
+        "| file | C | W | batch/rank | r | state MiB meas. / pred. | peak MiB meas. | peak MiB pred. (at) | "
+        "peak meas./pred. | step s meas. | step s pred. | step meas./pred. |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    # time model per rank: t = (a·N·S + c_r·C/W) × max(1, W/cores); a and c_1 from the two W=1, r=1 rows
+    # with different batches, c_r (r < 1: the dense index backward) from the W=1 row at that rate
+    w1 = {(r["classes"], r["batch"], r["rate"]): r for r in rows if r["world"] == 1}
+    a = c = None
+    full = sorted((k, v) for k, v in w1.items() if k[2] == 1.0)
+    if len(full) >= 2:
+        (k1, r1), (k2, r2) = full[0], full[-1]
+        x1, x2 = k1[1] * k1[0], k2[1] * k2[0]  # N·S at W=1, r=1: batch × C
+        if x1 != x2 and k1[0] == k2[0]:
+            a = (r2["step_s"] - r1["step_s"]) / (x2 - x1)
+            c = (r1["step_s"] - a * x1) / k1[0]
+    c_rate = {}
+    if a is not None:
+        for (C, b, rate), r in w1.items():
+            s = predicted_classifier_peak(C, dim, b, rate)["num_sample"]
+            c_rate.setdefault(rate, (r["step_s"] - a * b * s) / C) if rate < 1.0 else c_rate.setdefault(rate, c)
+    for r in sorted(rows, key=lambda r: (r["rate"], r["batch"] * r["world"], r["world"], r["batch"])):
+        local = math.ceil(r["classes"] / r["world"])
+        n = r["batch"] * r["world"]
+        p = predicted_classifier_peak(local, dim, n, r["rate"], world=r["world"])
+        st_pred = p["state_bytes"] / MiB
+        t_pred = None
+        if a is not None and r["rate"] in c_rate:
+            t_pred = (a * n * p["num_sample"] + c_rate[r["rate"]] * local) * max(1.0, r["world"] / cores)
+        out.append(
+            f"| {r['file']} | {r['classes']:,} | {r['world']} | {r['batch']} | {r['rate']} | "
+            f"{r['state_mib']:.1f} / {st_pred:.1f} | {r['peak_mib']:.1f} | {p['peak_bytes'] / MiB:.1f} ({p['peak_at']}) | "
+            f"{r['peak_mib'] / (p['peak_bytes'] / MiB):.3f} | {r['step_s']:.2f} | "
+            + (f"{t_pred:.2f} | {r['step_s'] / t_pred:.2f} |" if t_pred else "— | — |")
+        )
+    if a is not None:
+        out += [
+            "",
+            f"time model: a = {a * 1e9:.3f} s per 1e9 logits (N·S), c(r=1) = {c * 1e6:.3f} s per 1e6 rows; "
+            + ", ".join(f"c(r={k}) = {v * 1e6:.3f} s per 1e6 rows" for k, v in sorted(c_rate.items()) if k < 1.0)
+            + f"; W ranks on {cores} cores: × max(1, W/{cores})",
+        ]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--worlds", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.2, 0.1])
+    ap.add_argument("--batch", type=int, default=128, help="per GPU")
+    ap.add_argument("--depth", type=int, default=100)
+    ap.add_argument("--check", type=Path, nargs="*", help="bench_sharded_classifier.py outputs to compare")
+    ap.add_argument("--cores", type=int, default=2, help="CPU cores the --check runs shared (time model)")
+    ap.add_argument("--verify-meta", action="store_true", help="meta-device activation count == a real CPU forward")
+    args = ap.parse_args(argv)
+    if args.verify_meta:
+        real = saved_activation_bytes(18, 4, device="cpu", width=0.25)
+        meta = saved_activation_bytes(18, 4, width=0.25)
+        print(f"iresnet18 x0.25 batch 4 bf16 saved bytes: CPU {real / MiB:.2f} MiB, meta {meta / MiB:.2f} MiB")
+    if args.check:
+        print(check(args.check, 512, args.cores))
+        return 0
+    print(table(args.worlds, args.rates, args.batch, args.depth))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
