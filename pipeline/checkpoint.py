@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from data_prep.manifest import atomic_write_text
@@ -37,29 +38,80 @@ def tmp_name(step: int) -> str:
     return f".tmp_{step_name(step)}"
 
 
+def step_of(path: Path) -> int | None:
+    """The step number of a ``step_0000100`` directory name, else None."""
+    name = Path(path).name
+    if name.startswith("step_") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def complete(path: Path) -> bool:
+    """A finished checkpoint directory: final name and the files every loader reads."""
+    return step_of(path) is not None and all((path / f).is_file() for f in ("trainer.json", "model.pt", "config.yaml"))
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first by step number (not by name)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and complete(p)), key=step_of)
+
+
 def finalize(root: Path, step: int, keep: int) -> Path:
-    """Rank 0: rename the temporary directory, point ``latest`` at it, prune old ones."""
+    """Rank 0: rename the temporary directory, point ``latest`` at it, prune old ones.
+
+    Pruning keeps the ``keep`` newest checkpoints by step number among those at or before ``step`` (this
+    run's lineage; a directory of a later step, left by an abandoned earlier run, is never touched) and never
+    the one just written."""
     tmp, final = root / tmp_name(step), root / step_name(step)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(root / LATEST, final.name + "\n")
-    if keep > 0:
-        done = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    ours = [p for p in checkpoints(root) if step_of(p) <= step and p != final]
+    for old in ours[: max(0, len(ours) - (max(1, keep) - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def resolve(path_or_root: str | Path) -> Path:
-    """A checkpoint directory, or a run's checkpoint root / output dir (→ its ``latest``)."""
+    """A checkpoint directory, or a run's checkpoint root / output dir (→ its ``latest``).
+
+    A ``latest`` that names a missing or incomplete directory falls back, with a warning, to the newest
+    complete checkpoint by step number."""
     p = Path(path_or_root)
     for root in (p, p / "checkpoints"):
         if (root / LATEST).is_file():
-            return root / (root / LATEST).read_text().strip()
+            named = root / (root / LATEST).read_text().strip()
+            if complete(named):
+                return named
+            found = checkpoints(root)
+            if found:
+                warnings.warn(
+                    f"{root / LATEST} names {named.name}, which is missing or incomplete: using {found[-1].name}, "
+                    "the newest complete checkpoint",
+                    stacklevel=2,
+                )
+                return found[-1]
+            raise FileNotFoundError(
+                f"{root / LATEST} names {named.name}, which is missing, and {root} holds no complete checkpoint"
+            )
     if (p / "trainer.json").is_file():
         return p
+    found = checkpoints(p) or checkpoints(p / "checkpoints")
+    if found:
+        return found[-1]
     raise FileNotFoundError(f"{p}: no checkpoint here (expected a step_* directory or a 'latest' file)")
+
+
+def latest_or_none(root: str | Path) -> Path | None:
+    """The run's latest complete checkpoint, or None (for messages)."""
+    try:
+        return resolve(root)
+    except FileNotFoundError:
+        return None
 
 
 def save_json(path: Path, data: dict) -> None:

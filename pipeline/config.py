@@ -151,10 +151,16 @@ class OptimConfig:
     weight_decay: float = 5e-4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 0.0  # 0 disables
+    # A step whose loss is NaN/inf on any rank is skipped (no update; counted in TensorBoard and on the
+    # console); after this many consecutive skipped steps (fp16 overflow skips included) the run stops with a
+    # one-line error and exit code 3, keeping its last (finite) checkpoint.
+    max_nonfinite_steps: int = 5
 
     def validate(self):
         if self.name not in ("sgd", "adamw"):
             raise Invalid("name", f"unknown optimizer '{self.name}' (known: sgd, adamw)")
+        if self.max_nonfinite_steps < 1:
+            raise Invalid("max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
 
 
 @dataclass
@@ -263,7 +269,18 @@ class OutputConfig:
     checkpoint_every: int = 1000  # steps; a checkpoint is always written at the end
     eval_every: int = 2000  # steps; 0 disables periodic verification
     histogram_every: int = 200
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # this run's newest N checkpoints are kept (by step number); at least 1
+    # A fresh run (no --resume) refuses an output.dir that already holds a run; `overwrite: true` clears its
+    # checkpoints/ and tb/ first.
+    overwrite: bool = False
+
+    def validate(self):
+        for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise Invalid(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "histogram_every"):
+            if getattr(self, key) < 0:
+                raise Invalid(key, f"must be >= 0 (0 disables), got {getattr(self, key)}")
 
 
 @dataclass

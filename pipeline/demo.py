@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     run([sys.executable, "-m", "data_prep.folder2wds", "--root", train_root, "--out", shards, "--shard-size", "500"])
 
     run_dir = out / "run"
-    overrides = [f"data.train={shards}", f"output.dir={run_dir}"]
+    overrides = [f"data.train={shards}", f"output.dir={run_dir}", "output.overwrite=true"]  # a rerun starts over
     if val_bin:
         overrides.append(f"data.val=[{val_bin}]")
     if args.epochs:

@@ -31,6 +31,12 @@ from pipeline import checkpoint as ckpt
 from pipeline import collectives, distributed, registry, schedule
 from pipeline.config import Config, ConfigError, dump_config, load_config
 
+# Exit codes of `python -m pipeline.train` (README "Reliability"): 0 the run reached its last step; 2 a
+# configuration or data error (one line); 3 diverged (optim.max_nonfinite_steps); 4 stopped by a signal
+# before its last step outside Slurm (a checkpoint was written; `train && eval` does not evaluate it).
+EXIT_DIVERGED = 3
+EXIT_STOPPED = 4
+
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -100,8 +106,10 @@ class Trainer:
             cfg.data, self.rank, self.world, cfg.seed, cfg.model.input_size, device=self.device
         )
         if distributed.is_main():
-            print(f"[train] device {self.device} ({self.info.backend}); loader {self.loader.engine}: {self.loader.why}",
-                  flush=True)
+            print(
+                f"[train] device {self.device} ({self.info.backend}); loader {self.loader.engine}: {self.loader.why}",
+                flush=True,
+            )
         self.gas = cfg.deepspeed.grad_accum
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch // self.gas)  # optimizer steps
         self.total_steps = schedule.total_steps(cfg.schedule, self.steps_per_epoch)
@@ -142,9 +150,13 @@ class Trainer:
             cfg.optim.lr * cfg.classifier.lr_scale,
         )
 
+        self._claim_output_dir(resume)
         self.step = 0  # optimizer steps done
         self.preempted = False
         self.skipped_steps = 0  # optimizer steps skipped on fp16 overflow (logged as train/skipped_steps)
+        self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss (train/nonfinite_steps)
+        self._consecutive_bad = 0
+        self._window_bad = False  # a micro step of the current accumulation window was non-finite
         self.writer = None
         if resume:
             self._resume(resume)
@@ -154,6 +166,31 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.out / "config.yaml")
             self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.step else None)
+
+    def _claim_output_dir(self, resume: str | None) -> None:
+        """A fresh run never writes into another run's output.dir (its pruning and `latest` would mix with
+        that run's checkpoints): refuse, unless resuming or output.overwrite clears it first."""
+        if resume is not None:
+            return
+        held = []
+        if ckpt.checkpoints(self.ckpt_root) or (self.ckpt_root / ckpt.LATEST).exists():
+            held.append("checkpoints")
+        if (self.out / "tb").is_dir() and any((self.out / "tb").iterdir()):
+            held.append("TensorBoard logs")
+        if not held:
+            return
+        if not self.cfg.output.overwrite:
+            raise ConfigError(
+                f"output.dir: {self.out} already holds a run ({' and '.join(held)}): continue it with --resume, "
+                "choose another output.dir, or start over with output.overwrite=true"
+            )
+        if distributed.is_main():
+            import shutil
+
+            for sub in ("checkpoints", "tb"):
+                shutil.rmtree(self.out / sub, ignore_errors=True)
+            print(f"[train] output.overwrite: cleared {self.out} ({' and '.join(held)})", flush=True)
+        distributed.barrier()
 
     # ------------------------------------------------------------------ schedule
 
@@ -231,15 +268,58 @@ class Trainer:
             terms[name] = loss.float()
             total = total + loss.float()
         terms["total"] = total
-        self.engine.backward(total)
+        # NaN/inf guard: every rank learns whether any rank's loss is non-finite (one device→host read per
+        # micro step, the price of never applying a poisoned update); such a step is skipped whole.
+        if self._nonfinite_anywhere(total):
+            self._window_bad = True
         boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.step()
+        if not self._window_bad:
+            self.engine.backward(total)
+            self.engine.step()
+        else:
+            self.engine.micro_steps += 1  # keep DeepSpeed's accumulation counter in step with this loop
         if boundary:
-            self._classifier_step()
+            if self._window_bad:
+                self._skip_step("non-finite loss", terms)
+            else:
+                self._classifier_step()
         terms = {k: v.detach() for k, v in terms.items()}
         terms["_lr"] = torch.tensor(lr)
         self._scalars = outputs.scalars
         return terms
+
+    def _nonfinite_anywhere(self, total: torch.Tensor) -> bool:
+        flag = (~torch.isfinite(total.detach())).to(torch.float32).reshape(1)
+        if self.world > 1:
+            collectives.all_reduce(flag, "max")
+        return bool(flag.item() > 0)
+
+    def _skip_step(self, why: str, terms: dict) -> None:
+        """Drop this optimizer step's gradients (backbone and classifier); count it; stop after too many."""
+        self._window_bad = False
+        self.engine.optimizer.zero_grad()
+        self.cls_optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        self._consecutive_bad += 1
+        self._note_bad_step(why, {k: float(v) for k, v in terms.items() if not k.startswith("_")})
+
+    def _note_bad_step(self, why: str, values: dict) -> None:
+        step = self.step + 1
+        if distributed.is_main():
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+            print(
+                f"[train] step {step}: {why} ({shown}): step skipped "
+                f"({self._consecutive_bad} in a row, {self.nonfinite_steps + self.skipped_steps} in all)",
+                flush=True,
+            )
+            if self.writer:
+                self.writer.add_scalar("train/nonfinite_steps", self.nonfinite_steps, step)
+        if self._consecutive_bad >= self.cfg.optim.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"training diverged: {self._consecutive_bad} consecutive skipped steps ({why}) at step {step} "
+                f"(optim.max_nonfinite_steps={self.cfg.optim.max_nonfinite_steps}); last checkpoint kept: "
+                f"{ckpt.latest_or_none(self.ckpt_root)}"
+            )
 
     def _classifier_step(self) -> None:
         params = [p for p in self.classifier.parameters() if p.grad is not None]
@@ -251,8 +331,12 @@ class Trainer:
                 p.grad.div_(scale)
             if not self.engine.was_step_applied():
                 self.skipped_steps += 1  # fp16 overflow: DeepSpeed skipped the backbone's step
+                self._consecutive_bad += 1
                 self.cls_optimizer.zero_grad(set_to_none=True)
+                if self._consecutive_bad >= self.cfg.optim.max_nonfinite_steps:  # the loss scale collapsed
+                    self._note_bad_step(f"fp16 gradient overflow, loss scale {self._loss_scale():g}", {})
                 return
+        self._consecutive_bad = 0
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         self._cls_grad_norm = torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else None
@@ -344,7 +428,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _weights_finite(self) -> bool:
+        """Every parameter of the network and the classifier finite, on every rank (once per checkpoint)."""
+        bad = torch.zeros(1, device=self.device)
+        for p in list(self.model.parameters()) + list(self.classifier.parameters()):
+            bad += (~torch.isfinite(p.detach())).any().float()
+        if self.world > 1:
+            collectives.all_reduce(bad)
+        return bool(bad.item() == 0)
+
     def save(self) -> Path:
+        if not self._weights_finite():  # never write a poisoned model over good checkpoints
+            raise TrainingDiverged(
+                f"the weights are not finite at step {self.step}: no checkpoint written; last checkpoint kept: "
+                f"{ckpt.latest_or_none(self.ckpt_root)}"
+            )
         root = self.ckpt_root
         tmp = root / ckpt.tmp_name(self.step)
         if distributed.is_main():
@@ -467,18 +565,31 @@ class Trainer:
                     print(f"[train] scontrol requeue {job} failed: {proc.stderr.strip()}", file=sys.stderr, flush=True)
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite / overflowing steps: the run stops, its last checkpoint kept (exit 3)."""
+
+
 _STOP_SIGNAL: int | None = None
 
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
 def install_signal_handlers() -> None:
-    """SIGUSR1 (Slurm's --signal before the time limit) or SIGTERM: finish the step, checkpoint,
-    requeue. Installed first thing in main() so a signal during start-up is not fatal."""
+    """SIGUSR1 (Slurm's --signal before the time limit), SIGTERM (scancel, torchrun's teardown, a process-group
+    kill) or SIGINT (Ctrl-C): finish the step, checkpoint, requeue under Slurm. Installed first thing in main()
+    so a signal during start-up is not fatal. DataLoader workers ignore these signals
+    (pipeline.data.torch_loader), so a signal to the whole process group cannot kill them under the trainer."""
 
     def handler(signum, _frame):
         global _STOP_SIGNAL
+        if signum == signal.SIGINT and _STOP_SIGNAL is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now, without the checkpoint
         _STOP_SIGNAL = signum
+        if signum == signal.SIGINT:
+            print("[train] SIGINT: finishing this step and writing a checkpoint (Ctrl-C again to abort)", flush=True)
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         try:
             signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. some launchers)
@@ -521,9 +632,16 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(cfg)
         trainer = Trainer(cfg, resume=resume)
         trainer.fit()
+        if trainer.preempted and not os.environ.get("SLURM_JOB_ID"):
+            # stopped before its last step: a checkpoint is written, but `train && eval` must not go on
+            print(f"[train] exit {EXIT_STOPPED}: stopped before the last step; continue with --resume", flush=True)
+            return EXIT_STOPPED
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     finally:
         distributed.cleanup()
     return 0

@@ -100,6 +100,7 @@ def train(name: str, layers: list[str], args, shard_dir: Path, out: Path) -> Pat
         "device=cpu",
         f"data.train={shard_dir}",
         f"output.dir={run_dir}",
+        "output.overwrite=true",
         "model.backbone=iresnet18",
         f"model.width={args.width}",
         "model.head.embedding_size=512",

@@ -186,6 +186,7 @@ def train(name: str, layer: str, extra: list[str], args, shard_dir: Path, out: P
         f"seed={args.seed}",
         f"data.train={shard_dir}",
         f"output.dir={run_dir}",
+        "output.overwrite=true",
         f"model.width={args.width}",
         f"model.head.embedding_size={args.embedding}",
         f"model.input_size={args.input_size}",

@@ -205,6 +205,16 @@ class _PlanMismatch(Exception):
     pass
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore the trainer's stop signals: a SIGTERM/SIGINT/SIGUSR1 sent to the whole process
+    group (scancel, torchrun, Ctrl-C) must reach only the main process, which finishes its step and writes a
+    checkpoint; torch's own worker handler would otherwise let the worker die and take the run with it."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TorchTrainLoader(TrainLoaderBase):
     """See :mod:`pipeline.data.loader` for the interface shared with the DALI loader."""
 
@@ -302,6 +312,7 @@ class TorchTrainLoader(TrainLoaderBase):
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=2 if nw else None,
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
         )
         pos = 0
         for chunk in dl:
