@@ -36,7 +36,6 @@ Without CUDA (and without ``--cpu-smoke``) it prints "no CUDA: nothing measured"
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib.util
 import json
@@ -120,15 +119,20 @@ class Sizes:
     steps: int = 10
     repeats: int = 5
     compile_backend: str = "inductor"
+    trainer_precision: str = "bf16"  # DeepSpeed's; the bare loop always runs under bf16 autocast
     extra: dict = field(default_factory=dict)
 
 
 def smoke_sizes() -> Sizes:
+    # depth costs time even at tiny width (per-op overhead): the smallest trunk everywhere, one Trainer
     return Sizes(
         width=0.125,
+        depths=(18,),
         batches=(4,),
         train_classes=1000,
+        lever_depth=18,
         lever_batch=4,
+        scan_depth=18,
         scan_batch=4,
         infer_batch=4,
         loader_batch=4,
@@ -141,6 +145,7 @@ def smoke_sizes() -> Sizes:
         steps=2,
         repeats=1,
         compile_backend="aot_eager",  # dynamo + autograd tracing without a C++ build: the code path, quickly
+        trainer_precision="fp32",  # DeepSpeed bf16 runs plain bf16 kernels: very slow on a CPU without bf16 units
     )
 
 
@@ -406,7 +411,7 @@ def build_trainer(depth: int, batch: int, sz: Sizes, device: torch.device, shard
             f"output.dir={tmp / f'run_r{depth}_b{batch}'}",
             f"device={'cuda' if device.type == 'cuda' else 'cpu'}",
             "data.num_workers=0",
-            "deepspeed.precision=bf16",
+            f"deepspeed.precision={sz.trainer_precision}",
             "classifier.sample_rate=1.0",
         ],
     )
@@ -422,7 +427,7 @@ def part_train(
 ) -> dict:
     from pipeline.models.iresnet import build_iresnet
 
-    res = {"precision": "bf16 autocast (bare loop); DeepSpeed bf16 (trainer)", "runs": []}
+    res = {"precision": f"bf16 autocast (bare loop); DeepSpeed {sz.trainer_precision} (trainer)", "runs": []}
     # MFU counts the FLOPs of the network actually run (full width on the GPU, tiny width in the smoke run)
     flops = {d: fl[f"iresnet{d}"] if sz.width == 1.0 else count_flops(d, sz.width) for d in sz.depths}
     res["flops_width"] = sz.width
@@ -629,6 +634,49 @@ def predicted_classifier_peak(classes: int, dim: int, global_batch: int, sample_
     return {"state_bytes": 3 * cd, "peak_bytes": marks[where], "peak_at": where, "num_sample": num_sample}
 
 
+class LiveTensorPeak:
+    """Peak bytes of live tensor storages during a block of code, on any device (the CPU stand-in for
+    ``torch.cuda.max_memory_allocated``): a dispatch mode registers every op's output storage and a weakref
+    finalizer drops it when the storage dies. Tensors that exist before the block are passed to ``track``."""
+
+    def __init__(self):
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def track(self, *tensors) -> None:
+        import weakref
+
+        for t in tensors:
+            st = t.untyped_storage()
+            k = st._cdata
+            if k in self.live:
+                continue
+            self.live[k] = st.nbytes()
+            self.current += st.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(st, self._drop, k)
+
+    def _drop(self, k: int) -> None:
+        self.current -= self.live.pop(k, 0)
+
+    def run(self, fn) -> int:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.track(*(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)))
+                return out
+
+        self.peak = self.current
+        with Mode():
+            fn()
+        return self.peak
+
+
 def part_classifier(args, sz: Sizes, device: torch.device, clock: Clock) -> dict:
     from pipeline.losses.margin import CombinedMargin
     from pipeline.losses.sharded_classifier import ShardedMarginClassifier
@@ -642,10 +690,6 @@ def part_classifier(args, sz: Sizes, device: torch.device, clock: Clock) -> dict
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        else:
-            with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")
-            base = _rss("VmRSS")
         torch.manual_seed(0)
         clf = ShardedMarginClassifier(sz.cls_classes, 512, CombinedMargin(64.0, 1.0, 0.5, 0.0), sample_rate=rate)
         clf = clf.to(device)
@@ -667,10 +711,23 @@ def part_classifier(args, sz: Sizes, device: torch.device, clock: Clock) -> dict
         if device.type == "cuda":
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
-            how = "torch.cuda.max_memory_allocated - allocated before building"
-        else:
-            peak = (_rss("VmHWM") - base) if base is not None else None
-            how = "peak RSS (VmHWM) - RSS before building (CPU smoke: includes allocator noise)"
+            how = "torch.cuda.max_memory_allocated above the allocation before the classifier was built"
+        else:  # one more step under the live-tensor tracer (RSS is allocator noise at smoke sizes)
+            tracer = LiveTensorPeak()
+            tracer.track(
+                clf.weight, emb, lab, *(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+            )
+            peak = tracer.run(step)
+            how = "live tensor bytes at the peak of one step (dispatch-mode tracer, CPU)"
+        tf32 = None
+        if device.type == "cuda" and rate == 1.0:  # lever: the fp32 matmuls on TF32 tensor cores
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                step()
+                tf32 = statistics.median([clock.per_call(step, sz.steps) for _ in range(sz.repeats)])
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
         state = (
             sum(p.numel() * p.element_size() for p in clf.parameters())
             + sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
@@ -687,6 +744,9 @@ def part_classifier(args, sz: Sizes, device: torch.device, clock: Clock) -> dict
             "predicted_peak_mib": pred["peak_bytes"] / MiB,
             "predicted_state_mib": pred["state_bytes"] / MiB,
             "peak_over_predicted": None if peak is None else peak / pred["peak_bytes"],
+            "predicted_peak_at": pred["peak_at"],
+            "tf32_step_s": tf32,
+            "tf32_speedup": None if tf32 is None else statistics.median(times) / tf32,
         }
         res["runs"].append(row)
         log(
@@ -697,17 +757,6 @@ def part_classifier(args, sz: Sizes, device: torch.device, clock: Clock) -> dict
         del clf, opt, emb, lab, step
         free()
     return res
-
-
-def _rss(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 # --------------------------------------------------------------------------- report
@@ -797,13 +846,14 @@ def markdown(R: dict) -> str:
     if "runs" in cl:
         L += [f"## Sharded classifier ({cl['classes']:,} classes, D {cl['dim']}, batch {cl['batch']}, one device)", ""]
         L += [
-            "| sample rate | step ms | peak MiB | predicted peak MiB | measured / predicted | state MiB |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| sample rate | step ms | TF32 speed-up | peak MiB | predicted peak MiB (at) | measured / predicted | state MiB |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in cl["runs"]:
             L.append(
-                f"| {r['sample_rate']} | {r['step_s'] * 1000:.1f} | {fmt(r['peak_mib'], '.0f')} | "
-                f"{r['predicted_peak_mib']:.0f} | {fmt(r['peak_over_predicted'])} | {r['state_mib']:.0f} |"
+                f"| {r['sample_rate']} | {r['step_s'] * 1000:.1f} | {fmt(r.get('tf32_speedup'))} | "
+                f"{fmt(r['peak_mib'], '.1f')} | {r['predicted_peak_mib']:.1f} ({r['predicted_peak_at']}) | "
+                f"{fmt(r['peak_over_predicted'])} | {r['state_mib']:.1f} |"
             )
         L += ["", f"peak: {cl['runs'][0]['peak_how']}", ""]
     errs = R.get("errors", {})
@@ -901,7 +951,7 @@ def main(argv=None) -> int:
 
     # FLOPs: always the published check at full width; the measured widths too
     fl = {}
-    for d in sorted({100, *sz.depths}):
+    for d in sorted({100, *sz.depths}) if device.type == "cuda" else [100]:  # the MFU needs them on the GPU
         fl[f"iresnet{d}"] = count_flops(d, 1.0)
     fl["r100_vs_published"] = fl["iresnet100"]["fwd_flop"] / 1e9 / PUBLISHED_R100_GFLOP
     fl["r100_params_vs_published"] = fl["iresnet100"]["params"] / 1e6 / PUBLISHED_R100_MPARAMS

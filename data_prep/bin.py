@@ -4,6 +4,12 @@ Format (../shared/FACTS.md): ``pickle.dump((bins, issame_list))``; ``bins`` hold
 images per pair, consecutive (pair k = ``bins[2k]``, ``bins[2k+1]``); ``issame_list`` one bool per
 pair. Files written by Python 2 insightface load with ``pickle.load(f, encoding="bytes")``.
 
+A ``.bin`` is read by :func:`read_bin` alone, with a restricted unpickler (:class:`BinUnpickler`):
+a pickle may name only the globals that bytes, bools and numpy arrays/scalars need (numpy's array
+and scalar reconstructors, ``numpy.dtype``/``ndarray``, ``bytes``/``bytearray``, and ``_codecs.encode``
+with latin-1, which Python 3 protocol-2 pickles use for bytes); any other global (``os.system``,
+``builtins.eval``, …) is refused before it is called: a one-line DataError naming the file and the global.
+
 LFW ``pairs.txt`` layouts read by :func:`read_pairs`:
 
 - View 1 (``pairsDevTrain.txt`` / ``pairsDevTest.txt``): first line ``N``, then ``N`` matched lines
@@ -51,21 +57,118 @@ def _as_bytes(item, path, index: int) -> bytes:
         return bytes(item)
     if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
         return item.tobytes()
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 2 and item.shape[1] == 1:
+        return item.tobytes()  # cv2.imencode's (N, 1) buffer
     if isinstance(item, str):  # a Python 2 str unpickled with encoding="latin1"
         return item.encode("latin1")
     raise DataError(f"{path}: image {index} is a {type(item).__name__}, not encoded image bytes")
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global that a ``.bin`` never holds (raised before anything is called)."""
+
+    def __init__(self, qualname: str, args: tuple | None = None):
+        self.qualname = qualname
+        self.detail = f" called with ({', '.join(_describe(a) for a in args)})" if args is not None else ""
+        super().__init__(qualname + self.detail)
+
+
+def _describe(arg) -> str:
+    return repr(arg) if isinstance(arg, str) and len(arg) <= 20 else type(arg).__name__
+
+
+def _latin1_encode(text="", encoding="latin1", errors="strict"):
+    """``_codecs.encode`` as Python 3 protocol-0/2 pickles call it for ``bytes`` (latin-1 only)."""
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+        raise RefusedGlobal("_codecs.encode", (text, encoding))
+    return text.encode("latin1", errors)
+
+
+def _data_only(kind: type):
+    """``bytes`` / ``bytearray`` from what a pickle passes them (bytes, or str + encoding), never a size."""
+
+    def make(*args):
+        if len(args) > 2 or (args and not isinstance(args[0], (bytes, bytearray, str))):
+            raise RefusedGlobal(f"builtins.{kind.__name__}", args)
+        return kind(*args)
+
+    return make
+
+
+def _numpy_global(name: str):
+    """numpy's own reconstructor ``name`` from ``numpy._core`` (numpy 2) or ``numpy.core`` (numpy 1)."""
+    import importlib
+
+    for mod in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{mod}.{name.split('.')[0]}"), name.split(".")[1])
+        except (ImportError, AttributeError):
+            continue
+    raise RefusedGlobal(f"numpy._core.{name}", ())  # not in this numpy
+
+
+#: (module, name) → what it resolves to; ``numpy.core`` (numpy 1 writers) and ``numpy._core`` (numpy 2)
+#: are the same functions; ``__builtin__`` is Python 2's ``builtins``.
+_ALLOWED = {
+    **{
+        (f"{core}.{mod}", fn): f"{mod}.{fn}"
+        for core in ("numpy.core", "numpy._core")
+        for mod, fn in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+    },
+    ("numpy", "ndarray"): "ndarray",
+    ("numpy", "dtype"): "dtype",
+    **{(b, t): t for b in ("builtins", "__builtin__") for t in ("bytes", "bytearray")},
+    ("_codecs", "encode"): "encode",
+}
+
+
+class BinUnpickler(pickle.Unpickler):
+    """Unpickles what an insightface ``.bin`` holds and nothing else: every global the stream names
+    goes through :meth:`find_class`, which admits only :data:`_ALLOWED` (see the module docstring)."""
+
+    def __init__(self, file):
+        super().__init__(file, encoding="bytes")  # Python 2 str → bytes, as insightface loads them
+
+    def find_class(self, module: str, name: str):
+        what = _ALLOWED.get((module, name))
+        if what is None:
+            raise RefusedGlobal(f"{module}.{name}")
+        if what == "ndarray":
+            return np.ndarray
+        if what == "dtype":
+            return np.dtype
+        if what == "encode":
+            return _latin1_encode
+        if what in ("bytes", "bytearray"):
+            return _data_only(bytes if what == "bytes" else bytearray)
+        return _numpy_global(what)
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent IDs are not part of a .bin")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
 def read_bin(path: str | Path) -> tuple[list[bytes], list[bool]]:
-    """``(bins, issame)`` of an insightface ``.bin``; DataError (one line, naming the file) if bad."""
+    """``(bins, issame)`` of an insightface ``.bin``; DataError (one line, naming the file) if bad.
+
+    The only place a ``.bin`` is unpickled; a pickle that names any global other than what bytes,
+    bools and numpy arrays need is refused without calling anything (:class:`BinUnpickler`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: .bin file does not exist")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = BinUnpickler(f).load()
+    except RefusedGlobal as exc:
+        raise DataError(
+            f"{path}: refused pickle global '{exc.qualname}'{exc.detail} "
+            "(a .bin holds only bytes, bools and numpy arrays)"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a .bin"
-        raise DataError(f"{path}: not a pickle of (bins, issame) ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: not a pickle of (bins, issame) ({type(exc).__name__}: {_one_line(exc)})") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise DataError(f"{path}: not a pickle of (bins, issame) (got {type(obj).__name__})")
     bins, issame = obj

@@ -14,29 +14,65 @@ same network with ``model.conv: {kind: plain}``.
 The ONNX model has input ``image`` (N, 3, H, W) float32 in [-1, 1] (N dynamic) and output
 ``embedding`` (N, D). After export, onnxruntime's output on a random batch is compared with
 PyTorch's: max |Δ| ≤ atol · max(1, max |embedding|) (``--atol``, default 1e-4), else exit 1.
+
+Bad input is one ``error:`` line and exit 2, before any work: a truncated/empty ``model.pt``, a garbage
+``config.yaml``, an ``--out`` / ``--save-folded`` that cannot be written (a directory, a parent that is a
+file, a read-only place).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.checkpoint import describe, load_network
+from pipeline.checkpoint import describe
 from pipeline.config import ConfigError
 
 
 def load_for_export(checkpoint: str | Path):
     """(eval-mode FaceNetwork with model.pt loaded, its model config, checkpoint dir)."""
+    from pipeline.eval.checkpoint import load_network_checked
+
     try:
-        net, model_cfg, path = load_network(checkpoint)
+        net, model_cfg, path = load_network_checked(checkpoint)
     except ConfigError as exc:
         raise ConfigError(f"--checkpoint: {exc}") from None
     return net.eval(), model_cfg, path.parent
+
+
+def check_writable(path: str | Path, key: str) -> Path:
+    """Fail early (one-line ConfigError naming ``key``) when a file cannot be written at ``path``:
+    it is a directory, an existing ancestor is a file, or the nearest existing directory refuses a
+    file (checked by creating and removing one: permission bits say nothing for root, nor for
+    read-only file systems)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{key}: {path} is a directory (give a file name)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{key}: cannot write {path}: the file is read-only")
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{key}: cannot write {path}: {anc} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write {path}: {anc} is not writable ({exc.strerror})") from None
+    return path
+
+
+def _write_error(key: str, path, exc: OSError) -> ConfigError:
+    return ConfigError(f"{key}: cannot write {exc.filename or path} ({exc.strerror or type(exc).__name__})")
 
 
 def export_onnx(model: torch.nn.Module, out: str | Path, input_size: int, opset: int = 17) -> Path:
@@ -102,10 +138,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--opset: must be >= 17, got {args.opset}")
         if args.save_folded and not args.fold:
             raise ConfigError("--save-folded: needs --fold")
+        check_writable(args.out, "--out")
+        if args.save_folded:
+            check_writable(args.save_folded, "--save-folded")
         net, model_cfg, path = load_for_export(args.checkpoint)
+        return _export(args, net, model_cfg, path)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+
+
+def _export(args: argparse.Namespace, net, model_cfg, path: Path) -> int:
+    """Fold, write, check (after :func:`main` validated the arguments); write failures → ConfigError."""
     if args.fold:
         net, n = net.folded()
         net.eval()
@@ -114,12 +158,18 @@ def main(argv: list[str] | None = None) -> int:
             f"plain convolutions only ({sum(p.numel() for p in net.parameters()):,} parameters)"
         )
         if args.save_folded:
-            Path(args.save_folded).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(net.state_dict(), args.save_folded)
+            try:
+                Path(args.save_folded).parent.mkdir(parents=True, exist_ok=True)
+                torch.save(net.state_dict(), args.save_folded)
+            except OSError as exc:
+                raise _write_error("--save-folded", args.save_folded, exc) from None
             print(f"[export] folded state_dict → {args.save_folded}")
     model = net.embedder().eval()
     size = model_cfg.input_size
-    out = export_onnx(model, args.out, size, args.opset)
+    try:
+        out = export_onnx(model, args.out, size, args.opset)
+    except OSError as exc:
+        raise _write_error("--out", args.out, exc) from None
     print(f"[export] {path} → {out} (opset {args.opset}, input {size}×{size})")
     if not args.no_check:
         diff, scale = check_onnx(model, out, size)

@@ -157,6 +157,9 @@ class Trainer:
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss (train/nonfinite_steps)
         self._consecutive_bad = 0
         self._window_bad = False  # a micro step of the current accumulation window was non-finite
+        self._buffers = [b for b in self.model.buffers()]
+        self._float_buffers = [b for b in self._buffers if b.is_floating_point()]
+        self._buffers_before: list[torch.Tensor] = []
         self.writer = None
         if resume:
             self._resume(resume)
@@ -172,11 +175,8 @@ class Trainer:
         that run's checkpoints): refuse, unless resuming or output.overwrite clears it first."""
         if resume is not None:
             return
-        held = []
-        if ckpt.checkpoints(self.ckpt_root) or (self.ckpt_root / ckpt.LATEST).exists():
-            held.append("checkpoints")
-        if (self.out / "tb").is_dir() and any((self.out / "tb").iterdir()):
-            held.append("TensorBoard logs")
+        held = self._held_by_another_run()
+        distributed.barrier()  # every rank has looked before rank 0 writes config.yaml / tb/
         if not held:
             return
         if not self.cfg.output.overwrite:
@@ -191,6 +191,14 @@ class Trainer:
                 shutil.rmtree(self.out / sub, ignore_errors=True)
             print(f"[train] output.overwrite: cleared {self.out} ({' and '.join(held)})", flush=True)
         distributed.barrier()
+
+    def _held_by_another_run(self) -> list[str]:
+        held = []
+        if ckpt.checkpoints(self.ckpt_root) or (self.ckpt_root / ckpt.LATEST).exists():
+            held.append("checkpoints")
+        if (self.out / "tb").is_dir() and any((self.out / "tb").iterdir()):
+            held.append("TensorBoard logs")
+        return held
 
     # ------------------------------------------------------------------ schedule
 
@@ -257,6 +265,8 @@ class Trainer:
         torch.manual_seed((self.cfg.seed * 1_000_003 + self.step * self.gas + micro) * 1009 + self.rank)
         lr = self._set_lr()
         batch = {k: self._to_device(v) for k, v in batch.items()}
+        if micro % self.gas == 0:  # the buffers (BatchNorm statistics) as the window starts, for a skip
+            self._buffers_before = [b.detach().clone() for b in self._buffers]
         outputs = self.engine(batch)
         terms: dict[str, torch.Tensor] = {}
         total = 0.0
@@ -280,7 +290,7 @@ class Trainer:
             self.engine.micro_steps += 1  # keep DeepSpeed's accumulation counter in step with this loop
         if boundary:
             if self._window_bad:
-                self._skip_step("non-finite loss", terms)
+                self._skip_step("non-finite loss or BatchNorm statistics", terms)
             else:
                 self._classifier_step()
         terms = {k: v.detach() for k, v in terms.items()}
@@ -289,7 +299,12 @@ class Trainer:
         return terms
 
     def _nonfinite_anywhere(self, total: torch.Tensor) -> bool:
-        flag = (~torch.isfinite(total.detach())).to(torch.float32).reshape(1)
+        """The loss, or a BatchNorm statistic this forward updated, is NaN/inf on some rank."""
+        bad = ~torch.isfinite(total.detach())
+        if self._float_buffers:  # one fused norm over every buffer: inf/NaN anywhere makes it non-finite
+            norms = torch.stack(torch._foreach_norm(self._float_buffers))
+            bad = bad | ~torch.isfinite(norms.float()).all()
+        flag = bad.to(torch.float32).reshape(1)
         if self.world > 1:
             collectives.all_reduce(flag, "max")
         return bool(flag.item() > 0)
@@ -297,6 +312,9 @@ class Trainer:
     def _skip_step(self, why: str, terms: dict) -> None:
         """Drop this optimizer step's gradients (backbone and classifier); count it; stop after too many."""
         self._window_bad = False
+        with torch.no_grad():  # a skipped step leaves no trace: the forward's BatchNorm statistics too
+            for b, saved in zip(self._buffers, self._buffers_before):
+                b.copy_(saved)
         self.engine.optimizer.zero_grad()
         self.cls_optimizer.zero_grad(set_to_none=True)
         self.nonfinite_steps += 1
@@ -431,7 +449,8 @@ class Trainer:
     def _weights_finite(self) -> bool:
         """Every parameter of the network and the classifier finite, on every rank (once per checkpoint)."""
         bad = torch.zeros(1, device=self.device)
-        for p in list(self.model.parameters()) + list(self.classifier.parameters()):
+        tensors = list(self.model.parameters()) + list(self.classifier.parameters())
+        for p in tensors + [b for b in self._buffers if b.is_floating_point()]:
             bad += (~torch.isfinite(p.detach())).any().float()
         if self.world > 1:
             collectives.all_reduce(bad)

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     try:
         verify(args) if args.cmd == "verify" else run_lowres(args)
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
         return 2
     return 0
 

@@ -9,7 +9,8 @@ Two sources:
   (``--backbone iresnet50``): an ``fc``-head network of that trunk.
 
 A state dict that does not fit the architecture is a one-line :class:`ConfigError` naming the
-checkpoint and the first mismatching key.
+checkpoint and the first mismatching key; so is an unreadable, truncated or garbage ``model.pt`` /
+``config.yaml`` (:func:`load_network_checked`, also used by ``pipeline.export``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.checkpoint import load_network
-from pipeline.config import ModelConfig, _resolve_model
+from pipeline.checkpoint import find_checkpoint, load_network
+from pipeline.config import ConfigError, ModelConfig, _resolve_model
+
+
+def load_network_checked(source: str | Path, model_cfg: ModelConfig | None = None):
+    """:func:`pipeline.checkpoint.load_network`, with every failure to read the checkpoint's files a
+    one-line ConfigError naming the file: a ``config.yaml`` that is not UTF-8 text, an unreadable file
+    (OSError), and multi-line messages from the YAML parser folded into one line."""
+    path = Path(source)
+    try:
+        return load_network(source, model_cfg)
+    except UnicodeDecodeError as exc:  # the only text a checkpoint holds is its config.yaml
+        where = find_checkpoint(path) / "config.yaml" if path.is_dir() else path
+        raise ConfigError(f"{where}: not a YAML text file (byte {exc.start} is not UTF-8)") from None
+    except ConfigError as exc:
+        raise ConfigError(" ".join(str(exc).split())) from None
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename or path}: cannot read ({exc.strerror or type(exc).__name__})") from None
 
 
 def load_model(
@@ -45,7 +62,7 @@ def load_model(
         if conv:
             model_cfg.conv = dict(conv)
         _resolve_model(model_cfg, {})
-    net, model_cfg, path = load_network(checkpoint, model_cfg)
+    net, model_cfg, path = load_network_checked(checkpoint, model_cfg)
     info = {
         "checkpoint": str(path.parent if path.name == "model.pt" else path),
         "backbone": model_cfg.backbone,

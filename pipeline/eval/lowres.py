@@ -83,14 +83,26 @@ def evaluate_lowres_images(
     if len(images_u8) != 2 * len(issame):
         raise DataError(f"{name}: {len(images_u8)} images for {len(issame)} pairs")
     clean, clean_f = embed_images(embed_fn, images_u8, batch_size, device)
-    rows = [{"set": name, "mode": "clean", "size": None, **_slim(verification_metrics(clean, clean_f, issame))}]
+    rows = [{"set": name, "mode": "clean", "size": None, **_slim(verification_metrics(clean, clean_f, issame, name))}]
     for s in tqdm(list(sizes), desc=f"{name} low-res", unit="size", disable=not progress, leave=False):
         low, low_f = embed_images(embed_fn, degrade_u8(images_u8, int(s)), batch_size, device)
-        rows.append({"set": name, "mode": "lr", "size": int(s), **_slim(verification_metrics(low, low_f, issame))})
+        rows.append(
+            {
+                "set": name,
+                "mode": "lr",
+                "size": int(s),
+                **_slim(verification_metrics(low, low_f, issame, f"{name} (LR {int(s)} px)")),
+            }
+        )
         cross, cross_f = clean.copy(), clean_f.copy()
         cross[1::2], cross_f[1::2] = low[1::2], low_f[1::2]  # second image of each pair degraded
         rows.append(
-            {"set": name, "mode": "cross", "size": int(s), **_slim(verification_metrics(cross, cross_f, issame))}
+            {
+                "set": name,
+                "mode": "cross",
+                "size": int(s),
+                **_slim(verification_metrics(cross, cross_f, issame, f"{name} (cross {int(s)} px)")),
+            }
         )
     return rows
 

@@ -168,11 +168,25 @@ def tar_at_far(dist: np.ndarray, issame: np.ndarray, fars=FARS) -> dict[str, flo
     return {f"{far:.0e}": (float(tpr[fpr <= far].max()) if far * n_neg >= 1 else None) for far in fars}
 
 
-def verification_metrics(emb: np.ndarray, emb_flip: np.ndarray | None, issame: np.ndarray) -> dict:
-    """Everything reported for one set, from raw embeddings (N = 2P rows, pair k = rows 2k, 2k+1)."""
+def check_finite(emb: np.ndarray, emb_flip: np.ndarray | None, name: str = "set") -> None:
+    """One-line DataError naming the set when any embedding (or its flipped twin) holds NaN/inf."""
+    bad = ~np.isfinite(emb).all(axis=1)
+    if emb_flip is not None:
+        bad |= ~np.isfinite(emb_flip).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"{name}: {int(bad.sum())} of {len(bad)} embeddings are not finite (NaN/inf: a diverged model?)"
+        )
+
+
+def verification_metrics(emb: np.ndarray, emb_flip: np.ndarray | None, issame: np.ndarray, name: str = "set") -> dict:
+    """Everything reported for one set, from raw embeddings (N = 2P rows, pair k = rows 2k, 2k+1).
+
+    Non-finite embeddings are a one-line DataError naming ``name`` (:func:`check_finite`)."""
     issame = np.asarray(issame, dtype=bool)
     if emb.shape[0] != 2 * len(issame):
-        raise DataError(f"{emb.shape[0]} embeddings for {len(issame)} pairs")
+        raise DataError(f"{name}: {emb.shape[0]} embeddings for {len(issame)} pairs")
+    check_finite(emb, emb_flip, name)
     both = emb + emb_flip if emb_flip is not None else emb
     e = normalize(both)
     dist = np.sum(np.square(e[0::2] - e[1::2]), axis=1)
@@ -202,7 +216,7 @@ def evaluate_images(
     keep_distances: bool = False,
 ) -> dict:
     emb, emb_flip = embed_images(embed_fn, images_u8, batch_size, device, progress)
-    res = verification_metrics(emb, emb_flip if flip else None, issame)
+    res = verification_metrics(emb, emb_flip if flip else None, issame, name)
     dist = res.pop("distances")
     if keep_distances:
         res["distances"] = dist.tolist()

@@ -1,0 +1,256 @@
+"""Fault injection (issue 10): real trainer processes on gloo and the real LFW shards, one scenario per test.
+
+| scenario | expected |
+|---|---|
+| a fresh run in an output.dir that holds a run | one-line error (exit 2); `output.overwrite=true` starts over |
+| pruning with an older run's `step_0000040` beside new `step_0000004` | by step number, the new one kept |
+| `latest` naming a missing directory | newest complete checkpoint, with a warning |
+| SIGTERM to the process group (DataLoader workers included), 1 process | checkpoint written, exit 4 |
+| SIGTERM to torchrun, 2 processes | every rank stops at the same step, checkpoint written |
+| SIGINT (Ctrl-C) | checkpoint written, exit 4 |
+| `optim.lr=1e6` (NaN from step 3) | steps skipped and counted, exit 3 after 5 in a row, finite checkpoint kept |
+| one NaN batch in the middle of a run | that step skipped, training goes on, weights finite |
+| `output.log_every=0` and friends | one-line error at start-up |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["--config", "configs/arcface_r50.yaml", "--config", "configs/smoke.yaml", "model.backbone=iresnet18"]
+
+
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def train_cmd(*args, nproc: int = 1):
+    if nproc == 1:
+        return [sys.executable, "-m", "pipeline.train", *SMOKE, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pipeline.train",
+        *SMOKE,
+        *args,
+    ]
+
+
+def run(cmd, timeout=600):
+    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    d = root / ckpt.step_name(step)
+    d.mkdir(parents=True)
+    for f in ("trainer.json", "model.pt", "config.yaml"):
+        (d / f).write_text("{}")
+    return d
+
+
+def test_pruning_is_by_step_number_and_never_drops_the_new_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 40)  # left by an earlier, longer run
+    for step in (2, 4, 6):
+        (root / ckpt.tmp_name(step)).mkdir(parents=True)
+        for f in ("trainer.json", "model.pt", "config.yaml"):
+            (root / ckpt.tmp_name(step) / f).write_text("{}")
+        final = ckpt.finalize(root, step, keep=2)
+        assert final.is_dir() and (root / "latest").read_text().strip() == final.name
+    # by name, step_0000040 sorts after step_0000006 and the new checkpoints would have been pruned
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000004", "step_0000006", "step_0000040"]
+    assert ckpt.resolve(root).name == "step_0000006"
+
+
+def test_dangling_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 4)
+    _fake_checkpoint(root, 12)
+    (root / "step_0000016").mkdir()  # incomplete (no trainer.json)
+    (root / "latest").write_text("step_0000020\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ckpt.resolve(root).name == "step_0000012"
+    assert any("missing or incomplete" in str(w.message) for w in caught)
+    for d in root.glob("step_*"):
+        for f in d.iterdir():
+            f.unlink()
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        ckpt.resolve(root)
+
+
+@pytest.mark.slow
+def test_fresh_run_refuses_a_used_output_dir(lfw_shards, tmp_path):
+    out = tmp_path / "run"
+    args = [f"data.train={lfw_shards}", f"output.dir={out}", "schedule.max_steps=2"]
+    assert run(train_cmd(*args)).returncode == 0
+    proc = run(train_cmd(*args))
+    assert proc.returncode == 2
+    line = last_line(proc.stderr)
+    assert line.startswith("error: output.dir:") and "already holds a run" in line and "output.overwrite=true" in line
+    proc = run(train_cmd(*args, "output.overwrite=true"))
+    assert proc.returncode == 0 and "output.overwrite: cleared" in proc.stdout
+    assert [p.name for p in ckpt.checkpoints(out / "checkpoints")] == ["step_0000002"]
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _start(cmd) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-3000:]}")
+
+
+def _stop_run(lfw_shards, tmp_path, sig, nproc=1, to_group=True):
+    out = tmp_path / "run"
+    proc = _start(
+        train_cmd(
+            f"data.train={lfw_shards}",
+            f"output.dir={out}",
+            "schedule.max_steps=400",
+            "output.log_every=1",
+            "output.checkpoint_every=1000",
+            "data.num_workers=2",
+            nproc=nproc,
+        )
+    )
+    _wait_for(proc, "step 3/400")
+    if to_group:
+        os.killpg(proc.pid, sig)  # what scancel / torchrun / a terminal's Ctrl-C do: every process of the run
+    else:
+        proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=180)
+    return proc.returncode, rest, out
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_checkpoints_and_exits_4(lfw_shards, tmp_path):
+    rc, log, out = _stop_run(lfw_shards, tmp_path, signal.SIGTERM)
+    assert "killed by signal" not in log, log[-2000:]
+    assert rc == 4, log[-2000:]
+    assert "stopped by signal" in log and "continue with --resume" in log
+    found = ckpt.resolve(out / "checkpoints")
+    assert json.loads((found / "trainer.json").read_text())["step"] >= 3
+
+
+@pytest.mark.slow
+def test_sigint_checkpoints_too(lfw_shards, tmp_path):
+    rc, log, out = _stop_run(lfw_shards, tmp_path, signal.SIGINT)
+    assert rc == 4 and "KeyboardInterrupt" not in log, log[-2000:]
+    assert ckpt.checkpoints(out / "checkpoints")
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step(lfw_shards, tmp_path):
+    rc, log, out = _stop_run(lfw_shards, tmp_path, signal.SIGTERM, nproc=2, to_group=False)
+    assert "killed by signal: Terminated" not in log, log[-2000:]
+    found = ckpt.resolve(out / "checkpoints")
+    meta = json.loads((found / "trainer.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] >= 3
+    assert (found / "deepspeed").is_dir() and (found / "classifier.pt").is_file()
+
+
+# --------------------------------------------------------------------------- NaN guard
+
+
+@pytest.mark.slow
+def test_divergence_stops_with_one_line_and_keeps_the_finite_checkpoint(lfw_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = run(
+        train_cmd(
+            f"data.train={lfw_shards}",
+            f"output.dir={out}",
+            "optim.lr=1e6",
+            "schedule.max_steps=40",
+            "output.log_every=1",
+            "output.checkpoint_every=2",
+            "output.keep_checkpoints=5",
+        )
+    )
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = last_line(proc.stderr)
+    assert line.startswith("error: training diverged: 5 consecutive skipped steps (non-finite loss or BatchNorm statistics)"), line
+    assert proc.stdout.count("step skipped") == 5
+    kept = ckpt.checkpoints(out / "checkpoints")
+    assert kept[0].name == "step_0000002" and kept[-1].name in line
+    # the skipped steps left no trace: every later checkpoint holds step 2's weights and BN statistics
+    first = torch.load(kept[0] / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in first.values() if v.is_floating_point())
+    for later in kept[1:]:
+        state = torch.load(later / "model.pt", weights_only=True)
+        assert all(torch.equal(state[k], first[k]) for k in first), later.name
+
+
+@pytest.mark.slow
+def test_one_nan_batch_is_skipped_and_training_goes_on(lfw_shards, tmp_path):
+    """In-process: good batch, a batch with a NaN pixel, good batch (tests/nan_step_worker.py)."""
+    proc = run([sys.executable, str(REPO / "tests" / "nan_step_worker.py"), str(lfw_shards), str(tmp_path / "w")])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["nonfinite_steps"] == 1 and res["steps"] == 3 and res["finite"]
+    assert res["changed_by_nan_step"] == 0.0  # the skipped step did not move a weight
+    assert res["changed_by_good_step"] > 0
+
+
+# --------------------------------------------------------------------------- start-up checks
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "output.log_every=0",
+        "output.checkpoint_every=0",
+        "output.keep_checkpoints=0",
+        "output.eval_every=-1",
+        "optim.max_nonfinite_steps=0",
+    ],
+)
+def test_zero_intervals_are_one_line_config_errors(key):
+    with pytest.raises(ConfigError) as exc:
+        load_config([REPO / "configs" / "smoke.yaml"], [key])
+    assert key.split("=")[0] in str(exc.value) and "\n" not in str(exc.value)
