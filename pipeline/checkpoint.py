@@ -18,6 +18,7 @@ backbone optimizer moments (partitioned by ZeRO) are re-initialised and a warnin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -47,8 +48,9 @@ def step_of(path: Path) -> int | None:
 
 
 def complete(path: Path) -> bool:
-    """A finished checkpoint directory: final name and the files every loader reads."""
-    return step_of(path) is not None and all((path / f).is_file() for f in ("trainer.json", "model.pt", "config.yaml"))
+    """A finished checkpoint directory: final name and the files every loader reads (resuming also verifies
+    the rest against checksums.json)."""
+    return step_of(path) is not None and all((path / f).is_file() for f in ("model.pt", "config.yaml"))
 
 
 def checkpoints(root: Path) -> list[Path]:
@@ -106,6 +108,75 @@ def resolve(path_or_root: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: no checkpoint here (expected a step_* directory or a 'latest' file)")
 
 
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(ckpt_dir: Path) -> None:
+    """Record sha256 and size of every file of a checkpoint (rank 0, after every rank wrote its part)."""
+    ckpt_dir = Path(ckpt_dir)
+    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    save_json(
+        ckpt_dir / CHECKSUMS,
+        {str(p.relative_to(ckpt_dir)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
+    )
+
+
+def verify(ckpt_dir: Path) -> str | None:
+    """None when every recorded file is present with its recorded size and sha256, else what is wrong (one line).
+    A checkpoint written before checksums were recorded (no checksums.json) is reported as such."""
+    ckpt_dir = Path(ckpt_dir)
+    sums = ckpt_dir / CHECKSUMS
+    if not sums.is_file():
+        return f"{sums} is missing (a checkpoint written before checksums were recorded, or an incomplete one)"
+    try:
+        table = json.loads(sums.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{sums} is unreadable ({type(exc).__name__})"
+    for rel, rec in table.items():
+        p = ckpt_dir / rel
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != rec["bytes"]:
+            return f"{p} has {p.stat().st_size} bytes, {rec['bytes']} were written (truncated?)"
+        if _sha256(p) != rec["sha256"]:
+            return f"{p} does not match the sha256 recorded when it was written (corrupt)"
+    return None
+
+
+def resolve_verified(where: str | Path, fall_back: bool) -> Path:
+    """The checkpoint to resume from, its files verified against their recorded checksums.
+
+    ``fall_back`` (resuming a run's latest): a checkpoint that fails verification is skipped, with a warning,
+    for the previous complete one; otherwise (an explicit directory) it is a one-line ConfigError naming the file.
+    DeepSpeed's loader unpickles with full trust, so nothing unverified reaches it."""
+    first = resolve(where)
+    candidates = [first] + (
+        [p for p in reversed(checkpoints(first.parent)) if step_of(p) < step_of(first)]
+        if fall_back and step_of(first) is not None
+        else []
+    )
+    problems = []
+    for cand in candidates:
+        problem = verify(cand)
+        if problem is None:
+            if problems:
+                warnings.warn(f"resuming {cand.name}: skipped {'; '.join(problems)}", stacklevel=2)
+            return cand
+        problems.append(f"{cand.name}: {problem}")
+    raise ConfigError(
+        f"--resume: no verifiable checkpoint: {problems[0]}"
+        + (f" (and {len(problems) - 1} older)" if len(problems) > 1 else "")
+    )
+
+
 def latest_or_none(root: str | Path) -> Path | None:
     """The run's latest complete checkpoint, or None (for messages)."""
     try:
@@ -142,7 +213,12 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def read_state_dict(path: str | Path) -> dict:
-    """Tensors only (``weights_only``: a checkpoint never executes code); DDP's ``module.`` prefix dropped."""
+    """Tensors only (``weights_only``: a checkpoint never executes code); DDP's ``module.`` prefix dropped.
+
+    Accepts a plain state dict (``model.pt``, arcface_torch's ``backbone.pth``), a dict holding one under
+    ``state_dict`` (many training scripts), and insightface arcface_torch's training checkpoint
+    ``checkpoint_gpu_<rank>.pt`` (backbone under ``state_dict_backbone``, beside ``state_dict_softmax_fc``,
+    ``state_optimizer``, ``state_lr_scheduler``, ``epoch``, ``global_step``: all ignored)."""
     import torch
 
     try:
@@ -150,11 +226,20 @@ def read_state_dict(path: str | Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - any load failure: not a torch checkpoint
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ConfigError(f"{path}: not a PyTorch state dict ({type(exc).__name__}: {first})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"{path}: not a state dict of tensors")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
+    if isinstance(obj, dict):
+        for key in ("state_dict_backbone", "state_dict"):  # arcface_torch checkpoint_gpu_*.pt, then generic
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: not a state dict of tensors (holds a {type(obj).__name__})")
+    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ConfigError(
+            f"{path}: not a state dict of tensors (key {str(bad)[:80]!r} holds a {type(obj[bad]).__name__}; "
+            "expected a state dict, or one under 'state_dict' / 'state_dict_backbone')"
+        )
+    if obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):  # saved from DDP
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 

@@ -311,6 +311,8 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: config file does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (UnicodeDecodeError, ValueError) as exc:  # binary junk, NUL bytes
+        raise ConfigError(f"{path}: not a YAML text file ({type(exc).__name__})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -112,6 +112,7 @@ class Trainer:
             )
         self.gas = cfg.deepspeed.grad_accum
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch // self.gas)  # optimizer steps
+        self.global_batch = cfg.data.batch_size * self.world * self.gas  # samples per optimizer step
         self.total_steps = schedule.total_steps(cfg.schedule, self.steps_per_epoch)
 
         self.model = registry.build_recipe(cfg)
@@ -219,6 +220,7 @@ class Trainer:
         epoch, offset = divmod(self.step * self.gas, micro_per_epoch)
         last_ckpt = None
         tick, tick_step = time.perf_counter(), self.step
+        self._started, self._start_step = tick, self.step
         if distributed.is_main():
             print(
                 f"[train] recipe={cfg.recipe} network={ckpt.describe(cfg.model)} world={self.world} "
@@ -404,9 +406,13 @@ class Trainer:
         if norm is not None and math.isfinite(float(norm)):
             self.writer.add_scalar("grad_norm/backbone", float(norm), self.step)
         self.writer.flush()
+        elapsed = time.perf_counter() - self._started
+        done = self.step - self._start_step
+        eta = elapsed / done * (self.total_steps - self.step) if done else float("nan")
         print(
-            f"[train] step {self.step}/{self.total_steps} loss {means['loss/total']:.4f} "
-            f"lr {float(terms['_lr']):.4g} {samples_per_s:.1f} samples/s",
+            f"[train] step {self.step}/{self.total_steps} epoch {self.step / self.steps_per_epoch:.2f} "
+            f"loss {means['loss/total']:.4f} lr {float(terms['_lr']):.4g} {samples_per_s:.1f} samples/s "
+            f"elapsed {_hms(elapsed)} eta {_hms(eta)}",
             flush=True,
         )
 
@@ -431,8 +437,12 @@ class Trainer:
                 return self.model.embed(images.to(self.device, self.dtype)).float()
 
             for path in self.cfg.data.val:
-                res = evaluate_bin(embed, path, batch_size=self.cfg.data.batch_size, device=str(self.device))
                 name = Path(path).stem
+                try:
+                    res = evaluate_bin(embed, path, batch_size=self.cfg.data.batch_size, device=str(self.device))
+                except DataError as exc:  # rank 0 alone evaluates: report, never leave the others at the barrier
+                    print(f"[eval] step {self.step} {name}: skipped: {exc}", flush=True)
+                    continue
                 results[name] = {k: v for k, v in res.items() if not k.startswith("roc_")}
                 if self.writer:
                     self.writer.add_scalar(f"val/{name}/accuracy", res["accuracy"], self.step)
@@ -492,10 +502,16 @@ class Trainer:
                     "total_steps": self.total_steps,
                     "recipe": self.cfg.recipe,
                     "network": ckpt.describe(self.cfg.model),
+                    # what a saved step means in data: resume refuses a run where it would mean other samples
+                    "global_batch": self.global_batch,
+                    "num_images": self.loader.num_images,
+                    "num_classes": self.loader.num_classes,
                 },
             )
             self.model.on_checkpoint(tmp, self.step)
         distributed.barrier()
+        if distributed.is_main():
+            ckpt.write_checksums(tmp)  # after every rank's DeepSpeed files are in place
         final = root / ckpt.step_name(self.step)
         if distributed.is_main():
             final = ckpt.finalize(root, self.step, self.cfg.output.keep_checkpoints)
@@ -516,7 +532,7 @@ class Trainer:
         from pipeline.losses.sharded_classifier import take_shard
 
         try:
-            path = ckpt.resolve(self.ckpt_root if where == "latest" else where)
+            path = ckpt.resolve_verified(self.ckpt_root if where == "latest" else where, fall_back=where == "latest")
         except FileNotFoundError as exc:
             if where == "latest":
                 if distributed.is_main():
@@ -529,6 +545,25 @@ class Trainer:
             raise ConfigError(
                 f"--resume: checkpoint {path} is a {meta['recipe']} run of {meta.get('network')}, "
                 f"this config is {self.cfg.recipe} of {network}"
+            )
+        saved_batch = meta.get("global_batch", self.global_batch)
+        if saved_batch != self.global_batch:
+            raise ConfigError(
+                f"--resume: {path} was trained with a global batch of {saved_batch} (data.batch_size × world size × "
+                f"deepspeed.grad_accum), this run has {self.global_batch}: its step {meta['step']} would mean other "
+                f"samples and another schedule. Resume with data.batch_size="
+                f"{saved_batch // (self.world * self.gas)} on {self.world} process(es)"
+                if saved_batch % (self.world * self.gas) == 0
+                else f"--resume: {path} was trained with a global batch of {saved_batch}, which {self.world} "
+                f"process(es) × deepspeed.grad_accum={self.gas} cannot reproduce (data.batch_size)"
+            )
+        if (
+            meta.get("num_images", self.loader.num_images) != self.loader.num_images
+            or meta.get("num_classes", self.loader.num_classes) != self.loader.num_classes
+        ):
+            raise ConfigError(
+                f"--resume: {path} was trained on {meta['num_images']} images of {meta['num_classes']} classes, "
+                f"data.train has {self.loader.num_images} of {self.loader.num_classes}: not the same dataset"
             )
         same_world = meta["world_size"] == self.world
         try:
@@ -582,6 +617,13 @@ class Trainer:
                 proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"[train] scontrol requeue {job} failed: {proc.stderr.strip()}", file=sys.stderr, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class TrainingDiverged(RuntimeError):

@@ -68,7 +68,7 @@ LOSSES = {  # margin.{s,m1,m2,m3}: cos(m1·θ + m2) − m3
     "cosface": ["margin.s=64.0", "margin.m1=1.0", "margin.m2=0.0", "margin.m3=0.35"],
     "arcface": ["margin.s=64.0", "margin.m1=1.0", "margin.m2=0.5", "margin.m3=0.0"],
 }
-STEP_RE = re.compile(r"\[train\] step (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf)")
+STEP_RE = re.compile(r"\[train\] step (\d+)/(\d+) (?:epoch [0-9.]+ )?loss ([0-9.eE+-]+|nan|inf)")
 
 
 def parse_args(argv=None):

@@ -214,7 +214,9 @@ def test_divergence_stops_with_one_line_and_keeps_the_finite_checkpoint(lfw_shar
     )
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = last_line(proc.stderr)
-    assert line.startswith("error: training diverged: 5 consecutive skipped steps (non-finite loss or BatchNorm statistics)"), line
+    assert line.startswith(
+        "error: training diverged: 5 consecutive skipped steps (non-finite loss or BatchNorm statistics)"
+    ), line
     assert proc.stdout.count("step skipped") == 5
     kept = ckpt.checkpoints(out / "checkpoints")
     assert kept[0].name == "step_0000002" and kept[-1].name in line
@@ -254,3 +256,90 @@ def test_zero_intervals_are_one_line_config_errors(key):
     with pytest.raises(ConfigError) as exc:
         load_config([REPO / "configs" / "smoke.yaml"], [key])
     assert key.split("=")[0] in str(exc.value) and "\n" not in str(exc.value)
+
+
+# --------------------------------------------------------------------------- resume that cannot be fooled
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_falls_back_or_is_named(lfw_shards, tmp_path):
+    out = tmp_path / "run"
+    base = [f"data.train={lfw_shards}", f"output.dir={out}", "output.checkpoint_every=2", "output.keep_checkpoints=3"]
+    assert run(train_cmd(*base, "schedule.max_steps=4")).returncode == 0
+    root = out / "checkpoints"
+    assert (root / "step_0000004" / "checksums.json").is_file()
+    cls = root / "step_0000004" / "classifier.pt"
+    cls.write_bytes(cls.read_bytes()[:100])  # truncated
+    # an explicit checkpoint: one line naming the file
+    proc = run(train_cmd(*base, "schedule.max_steps=6", f"--resume={root / 'step_0000004'}"))
+    assert proc.returncode == 2
+    line = last_line(proc.stderr)
+    assert line.startswith("error: --resume: no verifiable checkpoint") and "classifier.pt" in line, line
+    # the run's latest: the previous complete checkpoint, with a warning
+    proc = run(train_cmd(*base, "schedule.max_steps=6", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert "skipped step_0000004" in proc.stderr
+    (root / "step_0000006" / "trainer.json").write_text("")  # an empty file
+    for step in (2, 4):
+        (root / ckpt.step_name(step) / "checksums.json").unlink()  # unverifiable
+    proc = run(train_cmd(*base, "schedule.max_steps=8", "--resume"))
+    assert proc.returncode == 2 and "trainer.json" in last_line(proc.stderr), proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- chaos
+
+
+@pytest.mark.slow
+def test_chaos_kill_stop_and_signals_end_with_the_uninterrupted_weights(lfw_shards, tmp_path):
+    """One 14-step run interrupted at seeded random steps by SIGTERM, kill -9, SIGSTOP/SIGCONT and SIGINT, each
+    time resumed with --resume, ends with the weights and class centres of the uninterrupted run."""
+    import random
+
+    rng = random.Random(7)
+    steps = 14
+    base = [
+        f"data.train={lfw_shards}",
+        f"schedule.max_steps={steps}",
+        "output.log_every=1",
+        "output.checkpoint_every=2",
+        "output.keep_checkpoints=2",
+    ]
+    ref = tmp_path / "ref"
+    assert run(train_cmd(*base, f"output.dir={ref}")).returncode == 0
+    out = tmp_path / "chaos"
+    events = ["SIGTERM", "KILL", "STOP", "SIGINT"]
+    at = sorted(rng.sample(range(3, steps - 1), len(events)))
+    log = []
+    first = True
+    for event, step in zip(events, at):
+        done = ckpt.latest_or_none(out / "checkpoints")
+        start = json.loads((done / "trainer.json").read_text())["step"] if done else 0
+        step = max(step, start + 1)
+        proc = _start(train_cmd(*base, f"output.dir={out}", *([] if first else ["--resume"])))
+        first = False
+        _wait_for(proc, f"step {step}/{steps}")
+        if event == "STOP":
+            os.killpg(proc.pid, signal.SIGSTOP)
+            time.sleep(2)
+            os.killpg(proc.pid, signal.SIGCONT)
+            rest, _ = proc.communicate(timeout=300)  # it just carries on to the end
+            assert proc.returncode == 0, rest[-2000:]
+            first = True  # finished: the remaining events start a fresh lineage below
+            log.append((event, step, proc.returncode))
+            break
+        os.killpg(proc.pid, {"SIGTERM": signal.SIGTERM, "KILL": signal.SIGKILL, "SIGINT": signal.SIGINT}[event])
+        rest, _ = proc.communicate(timeout=300)
+        log.append((event, step, proc.returncode))
+        assert proc.returncode == (-9 if event == "KILL" else 4), (event, rest[-2000:])
+    if not first:
+        assert run(train_cmd(*base, f"output.dir={out}", "--resume")).returncode == 0
+    a = ckpt.resolve(ref / "checkpoints")
+    b = ckpt.resolve(out / "checkpoints")
+    assert a.name == b.name == ckpt.step_name(steps), (a, b, log)
+    wa, wb = torch.load(a / "recipe.pt", weights_only=True), torch.load(b / "recipe.pt", weights_only=True)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k} after {log}: {m}")
+    ca = torch.load(a / "classifier.pt", weights_only=True)
+    cb = torch.load(b / "classifier.pt", weights_only=True)
+    torch.testing.assert_close(ca["weight"], cb["weight"], rtol=1e-4, atol=1e-5)

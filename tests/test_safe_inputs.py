@@ -508,7 +508,6 @@ def _arcface_torch_checkpoint(net, path: Path) -> None:
     )
 
 
-@pytest.mark.xfail(reason="read_state_dict change pending", strict=False)
 def test_arcface_torch_training_checkpoint(tiny, tmp_path, small_bin, capsys):
     net = copy.deepcopy(tiny[1])  # the optimizer step below moves its weights (weight decay)
     pt = tmp_path / "checkpoint_gpu_0.pt"

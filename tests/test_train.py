@@ -102,9 +102,11 @@ def test_resume_on_other_world_size_and_errors(lfw_shards, tmp_path):
     another architecture is a one-line error."""
     first = tmp_path / "w2"
     run(torchrun(2, *COMMON, "schedule.max_steps=4", f"data.train={lfw_shards}", f"output.dir={first}"))
-    proc = run(
-        [sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={lfw_shards}", f"output.dir={first}", "--resume"]
-    )
+    one = [sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={lfw_shards}", f"output.dir={first}", "--resume"]
+    proc = run(one, check=False)  # 1 process × 16 is not the saved global batch of 2 × 16: refused, by name
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "global batch of 32" in last and "data.batch_size=32" in last, last
+    proc = run([*one, "data.batch_size=32"])
     assert "at step 4" in proc.stdout
     assert (first / "checkpoints" / "step_0000008").is_dir()
 
@@ -158,7 +160,7 @@ def test_grad_accumulation_and_empty_shard_dir(lfw_shards, tmp_path):
             f"output.dir={bf16}",
         ]
     )
-    assert "loss nan" not in proc.stdout and "step 2/2 loss" in proc.stdout
+    assert "loss nan" not in proc.stdout and "step 2/2 epoch" in proc.stdout and " eta 0:" in proc.stdout
     state = torch.load(bf16 / "checkpoints" / "step_0000002" / "model.pt")
     assert state["trunk.conv1.weight"].dtype == torch.bfloat16
     empty = tmp_path / "empty"
