@@ -23,11 +23,21 @@ Parts (``--parts``, default all):
   inference (goal <= 1.02), equal parameter counts checked.
 * ``classifier``: ``ShardedMarginClassifier`` at 1M classes, embedding 512, batch 256, sample rate 1.0 and
   0.1, one GPU: peak memory (``torch.cuda.max_memory_allocated`` above the allocation before it was built),
-  step time, and the peak predicted by the buffer count of BENCHMARKS.md ("Scale on paper").
+  step time, and the peak predicted by the buffer count of BENCHMARKS.md ("Scale on paper"); at rate 1.0 also
+  the step with TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``; the trainer's classifier is fp32).
 
-Results: printed, and written to ``--out DIR`` as ``bench_gpu.json`` and ``bench_gpu.md``.
+``--cpu-smoke``: every part on the CPU at tiny sizes (width 0.125, iresnet18, batch 4, 1k classes, 2 steps; the
+trainer in fp32, the "all levers" variant without a second compilation, compile backend aot_eager, classifier
+peak from a live-tensor tracer). Its timings mean nothing; it checks that every code path runs.
 
-    .venv/bin/python benchmarks/bench_gpu.py --out benchmarks/results/gpu       # on a CUDA machine, ~6 min on an H100
+Results: printed, and written to ``--out DIR`` as ``bench_gpu.json`` and ``bench_gpu.md`` after every part, so a
+run stopped at a time limit keeps the parts it finished (``machine.complete`` says whether it ran to the end).
+
+Time: estimated 5-6 min on an H100 at the defaults (not yet measured: no GPU was lent when this was written);
+the two ``torch.compile`` builds of the lever part are the largest share (``--no-compile`` drops them);
+``--parts``, ``--repeats``, ``--steps`` shorten it further.
+
+    .venv/bin/python benchmarks/bench_gpu.py --out benchmarks/results/gpu       # on a CUDA machine
     .venv/bin/python benchmarks/bench_gpu.py --cpu-smoke --out /tmp/gpu_smoke   # every code path, tiny, on the CPU
 
 Without CUDA (and without ``--cpu-smoke``) it prints "no CUDA: nothing measured" and exits 0.
@@ -412,6 +422,7 @@ def build_trainer(depth: int, batch: int, sz: Sizes, device: torch.device, shard
             f"data.batch_size={batch}",
             f"output.dir={tmp / f'run_r{depth}_b{batch}'}",
             f"device={'cuda' if device.type == 'cuda' else 'cpu'}",
+            "data.loader=torch",  # never iterated here (batches come from memory): the cheapest to build
             "data.num_workers=0",
             f"deepspeed.precision={sz.trainer_precision}",
             "classifier.sample_rate=1.0",
@@ -872,6 +883,24 @@ def markdown(R: dict) -> str:
     return "\n".join(L)
 
 
+def write_results(out: Path | None, R: dict, final: bool) -> str:
+    """bench_gpu.json and bench_gpu.md into ``out`` (atomically); before the end they say "incomplete"."""
+    R["machine"]["complete"] = final
+    md = markdown(R)
+    if not final:
+        md = md.replace("\n", "\n\n**incomplete: the run had not finished when this was written**\n", 1)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in (
+            ("bench_gpu.json", json.dumps(R, indent=1, default=str) + "\n"),
+            ("bench_gpu.md", md + "\n"),
+        ):
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(out / name)
+    return md
+
+
 # --------------------------------------------------------------------------- main
 
 PARTS = ("loader", "train", "levers", "scan", "classifier")
@@ -1003,14 +1032,11 @@ def main(argv=None) -> int:
                 R["errors"][part] = f"{type(e).__name__}: {e}"
             R[part]["seconds"] = time.perf_counter() - t
             log(f"{part}: done in {R[part]['seconds']:.1f} s")
+            write_results(args.out, R, final=False)  # a run killed at a time limit keeps the parts done
     R["machine"]["total_seconds"] = time.perf_counter() - T0
-
-    md = markdown(R)
+    md = write_results(args.out, R, final=True)
     print("\n" + md)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_gpu.json").write_text(json.dumps(R, indent=1, default=str) + "\n")
-        (args.out / "bench_gpu.md").write_text(md + "\n")
         log(f"wrote {args.out / 'bench_gpu.json'} and {args.out / 'bench_gpu.md'}")
     return 1 if R["errors"] else 0
 

@@ -11,6 +11,11 @@ procedure issues no collective outside this module (DeepSpeed's own engine aside
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -46,18 +51,107 @@ def check_device(op: str, *tensors: torch.Tensor, backend: str | None = None) ->
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce of ``t`` (op: sum | max | min); returns ``t``."""
     check_device("all_reduce", t)
-    dist.all_reduce(t, op=_OPS[op])
+    with _waiting("all_reduce"):
+        dist.all_reduce(t, op=_OPS[op])
     return t
 
 
 def all_gather(bufs: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
     """All-gather ``t`` into ``bufs`` (one per rank, same shape and device); returns ``bufs``."""
     check_device("all_gather", t, *bufs)
-    dist.all_gather(bufs, t)
+    with _waiting("all_gather"):
+        dist.all_gather(bufs, t)
     return bufs
 
 
 def barrier() -> None:
     """A barrier over the default group (no-op without one, or on one rank)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        with _waiting("barrier"):
+            dist.barrier()
+
+
+# --------------------------------------------------------------------------- the watchdog
+# Every collective above takes a sequence number. A daemon thread per rank publishes (sequence, step) in the
+# process group's key-value store every few seconds (a CPU round trip off the training thread: no per-step
+# cost, no GPU sync). When this rank has waited inside one collective longer than `collective_warn_s`, it
+# prints the ranks whose sequence is behind its own: a stopped or stalled rank is named within minutes
+# instead of the whole job waiting silently for the collective timeout.
+
+_state = {"op": None, "since": 0.0, "seq": 0, "step": 0, "warned": False}
+_watchdog_started = False
+
+
+class _waiting:
+    def __init__(self, op: str):
+        self.op = op
+
+    def __enter__(self):
+        _state.update(op=self.op, since=time.monotonic(), warned=False, seq=_state["seq"] + 1)
+
+    def __exit__(self, *exc):
+        _state["op"] = None
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store (e.g. one process without env init): no watchdog
+        return None
+
+
+def publish_step(step: int) -> None:
+    """Record this rank's optimizer step (shown beside a rank that is behind)."""
+    _state["step"] = step
+
+
+def ranks_behind(store, me: int, world: int) -> dict[int, tuple[int, int]]:
+    """{rank: (its published collective sequence, its step)} for every rank behind this one's sequence."""
+    behind = {}
+    for r in range(world):
+        key = f"lowq/progress/{r}"
+        if r == me:
+            continue
+        seq, step = (int(v) for v in store.get(key).decode().split()) if store.check([key]) else (0, 0)
+        if seq < _state["seq"]:
+            behind[r] = (seq, step)
+    return behind
+
+
+def start_watchdog(warn_after_s: float) -> None:
+    """Start the daemon thread (once; only with more than one rank)."""
+    global _watchdog_started
+    store = _store()
+    if _watchdog_started or not dist.is_initialized() or dist.get_world_size() == 1 or store is None:
+        return
+    _watchdog_started = True
+    rank, world = dist.get_rank(), dist.get_world_size()
+    period = max(0.5, min(10.0, warn_after_s / 4))
+
+    def loop():
+        while True:
+            time.sleep(period)
+            try:
+                store.set(f"lowq/progress/{rank}", f"{_state['seq'] - (1 if _state['op'] else 0)} {_state['step']}")
+            except Exception:  # noqa: BLE001 - the store went away (job ending)
+                return
+            op, since = _state["op"], _state["since"]
+            if op is None or _state["warned"] or time.monotonic() - since < warn_after_s:
+                continue
+            _state["warned"] = True
+            try:
+                behind = ranks_behind(store, rank, world)
+            except Exception as exc:  # noqa: BLE001 - the store itself is unreachable
+                detail = f"unknown (the store did not answer: {type(exc).__name__})"
+            else:
+                detail = ", ".join(f"rank {r} at step {st}" for r, (_, st) in sorted(behind.items())) or (
+                    "no rank by its collectives (one may be stuck inside a collective of its own)"
+                )
+            print(
+                f"[dist] rank {rank} (pid {os.getpid()}) has waited {time.monotonic() - since:.0f} s in {op} "
+                f"at step {_state['step']}; behind: {detail}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    threading.Thread(target=loop, name="lowq-collective-watchdog", daemon=True).start()

@@ -288,6 +288,10 @@ class Config:
     recipe: str = "margin"  # the training procedure: margin | lrfr (see pipeline/recipes)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    # A collective that waits longer than collective_timeout_s ends the run (every rank); after
+    # collective_warn_s of waiting, the console names the ranks that are behind (a stalled or stopped rank).
+    collective_timeout_s: int = 1800
+    collective_warn_s: int = 120
     model: ModelConfig = field(default_factory=ModelConfig)
     margin: MarginConfig = field(default_factory=MarginConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -301,6 +305,14 @@ class Config:
     # package: imported before the model is resolved, and recorded in every checkpoint's config.yaml so
     # that eval and export find them too. E.g. [mylab.heads]. Built-in parts need no entry here.
     plugins: list = field(default_factory=list)
+
+    def validate(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise Invalid("device", f"must be auto, cpu or cuda, got '{self.device}'")
+        if self.collective_timeout_s < 10:
+            raise Invalid("collective_timeout_s", f"must be >= 10, got {self.collective_timeout_s}")
+        if not 1 <= self.collective_warn_s < self.collective_timeout_s:
+            raise Invalid("collective_warn_s", f"must be in [1, collective_timeout_s), got {self.collective_warn_s}")
 
 
 # --------------------------------------------------------------------------- loading

@@ -94,7 +94,8 @@ class Trainer:
         from pipeline.losses.sharded_classifier import ShardedMarginClassifier
 
         self.cfg = cfg
-        self.info = distributed.init(cfg.device)
+        self.info = distributed.init(cfg.device, timeout_s=cfg.collective_timeout_s)
+        collectives.start_watchdog(cfg.collective_warn_s)
         self.rank, self.world = self.info.rank, self.info.world_size
         self.device = self.info.device
         self.dtype = PRECISIONS[cfg.deepspeed.precision]
@@ -238,6 +239,7 @@ class Trainer:
                 if (micro + 1) % self.gas:
                     continue
                 self.step += 1
+                collectives.publish_step(self.step)
                 if self.step % out.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     rate = (self.step - tick_step) * self.gas * cfg.data.batch_size * self.world / max(now - tick, 1e-9)

@@ -59,6 +59,8 @@ def test_cpu_smoke_writes_every_section(tmp_path):
     assert rates == {1.0, 0.1}
     for r in res["classifier"]["runs"]:
         assert r["step_s"] > 0 and r["predicted_peak_mib"] > 0
+        # the live-tensor peak of a step is the buffer count of BENCHMARKS.md "Scale on paper"
+        assert abs(r["peak_over_predicted"] - 1.0) < 0.05, r
 
 
 def test_without_cuda_nothing_measured(tmp_path):

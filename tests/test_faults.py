@@ -343,3 +343,41 @@ def test_chaos_kill_stop_and_signals_end_with_the_uninterrupted_weights(lfw_shar
     ca = torch.load(a / "classifier.pt", weights_only=True)
     cb = torch.load(b / "classifier.pt", weights_only=True)
     torch.testing.assert_close(ca["weight"], cb["weight"], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- hangs end
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_and_a_killed_rank_ends_the_job(lfw_shards, tmp_path):
+    """SIGSTOP on rank 1: rank 0 names it within collective_warn_s; after SIGCONT the run goes on. kill -9 of a
+    rank: torchrun ends every rank quickly."""
+    import re
+
+    proc = _start(
+        train_cmd(
+            f"data.train={lfw_shards}",
+            f"output.dir={tmp_path / 'a'}",
+            "schedule.max_steps=400",
+            "output.log_every=1",
+            "collective_warn_s=3",
+            "data.num_workers=1",
+            nproc=2,
+        )
+    )
+    head = _wait_for(proc, "step 3/400")
+    pids = subprocess.run(
+        ["pgrep", "-f", "-P", str(proc.pid), "pipeline.train"], capture_output=True, text=True
+    ).stdout.split()
+    assert len(pids) == 2, (pids, head[-1000:])
+    # torchrun starts rank 0 first: the higher pid is rank 1
+    rank1 = max(int(p) for p in pids)
+    os.kill(rank1, signal.SIGSTOP)
+    named = _wait_for(proc, "[dist] rank 0", timeout=60)
+    assert re.search(r"has waited \d+ s in \w+ at step \d+; behind: rank 1 at step \d+", named), named[-1500:]
+    os.kill(rank1, signal.SIGCONT)
+    _wait_for(proc, "step 12/400", timeout=120)
+    t0 = time.monotonic()
+    os.kill(rank1, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60, time.monotonic() - t0
