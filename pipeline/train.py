@@ -45,9 +45,15 @@ def check_inputs(cfg: Config) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train: not set (a WebDataset shard directory with manifest.json)")
     read_manifest(cfg.data.train)  # missing / empty shard directory → one-line DataError
+    from data_prep.bin import read_bin
+
     for path in cfg.data.val:
         if not Path(path).is_file():
             raise ConfigError(f"data.val: verification file '{path}' does not exist")
+        try:  # parsed now (safely: no code runs), not hours later at the first evaluation
+            read_bin(path)
+        except DataError as exc:
+            raise DataError(f"data.val: {exc}") from None
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -87,6 +93,7 @@ def param_groups(model: torch.nn.Module, no_decay: set[str], weight_decay: float
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None):
+        _announce_deepspeed_build()
         import deepspeed
 
         from pipeline.data.loader import build_train_loader
@@ -619,6 +626,20 @@ class Trainer:
                 proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"[train] scontrol requeue {job} failed: {proc.stderr.strip()}", file=sys.stderr, flush=True)
+
+
+def _announce_deepspeed_build() -> None:
+    """On a CPU machine DeepSpeed JIT-compiles its shared-memory communication op the first time (~3.5 min on
+    2 cores, silently): say so before it starts. The build is cached under TORCH_EXTENSIONS_DIR."""
+    if torch.cuda.is_available() or not distributed.is_main():
+        return
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    if not list(root.glob("**/deepspeed_shm_comm*.so")):
+        print(
+            f"[train] first DeepSpeed run on this machine: building its CPU communication op (a few minutes, once; "
+            f"cached in {root})",
+            flush=True,
+        )
 
 
 def _hms(seconds: float) -> str:

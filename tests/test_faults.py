@@ -381,3 +381,15 @@ def test_a_stopped_rank_is_named_and_a_killed_rank_ends_the_job(lfw_shards, tmp_
     os.kill(rank1, signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.monotonic() - t0 < 60, time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_a_bad_val_bin_fails_at_start_up(lfw_shards, tmp_path):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\x80\x04not a pickle at all")
+    t0 = time.monotonic()
+    proc = run(train_cmd(f"data.train={lfw_shards}", f"output.dir={tmp_path / 'r'}", f"data.val=[{bad}]"))
+    assert proc.returncode == 2 and time.monotonic() - t0 < 60
+    line = last_line(proc.stderr)
+    assert line.startswith("error: data.val:") and "bad.bin" in line, line
+    assert not (tmp_path / "r" / "checkpoints").exists()
