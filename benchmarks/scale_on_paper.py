@@ -88,45 +88,139 @@ def backbone_numbers(depth: int) -> dict:
     }
 
 
+_VIEWS = {
+    "view", "_unsafe_view", "t", "transpose", "expand", "as_strided", "unsqueeze", "squeeze", "select", "slice",
+    "detach", "alias", "permute", "reshape", "lift_fresh",
+}  # fmt: skip
+
+
+def _step_traffic(classes: int, batch: int, rate: float, dim: int = 512) -> tuple[int, int]:
+    """Bytes every op of one classifier step reads and writes (each operand streamed once: no fusion, no
+    cache reuse, what eager PyTorch does to tensors larger than the GPU's L2), and the sampled rows S."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from pipeline.losses.margin import CombinedMargin
+    from pipeline.losses.sharded_classifier import ShardedMarginClassifier
+
+    def nb(t):
+        return t.numel() * t.element_size()
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func._schema.name.split("::")[1]
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if name in _VIEWS or name in ("empty", "new_empty", "empty_like"):
+                b = 0
+            elif name == "index":  # gather: the gathered elements, read and written
+                b = 2 * sum(nb(t) for t in outs)
+            elif name in ("index_put_", "index_put"):  # the values scattered; out-of-place also copies self
+                b = 2 * nb(args[2]) + (2 * nb(args[0]) if name == "index_put" else 0)
+            elif name in ("new_zeros", "zeros_like", "zeros"):
+                b = sum(nb(t) for t in outs)
+            else:
+                ins = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
+                b = sum(nb(t) for t in ins) + sum(nb(t) for t in outs)
+            Count.total += b
+            return out
+
+    torch.manual_seed(0)
+    clf = ShardedMarginClassifier(classes, dim, CombinedMargin(64.0, 1.0, 0.5, 0.0), sample_rate=rate)
+    opt = torch.optim.SGD(clf.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    emb, y = torch.randn(batch, dim, requires_grad=True), torch.randint(0, classes, (batch,))
+
+    def step():
+        clf(emb, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        emb.grad = None
+
+    step()  # momentum exists from the second step on
+    with Count():
+        step()
+    return Count.total, clf.num_sample
+
+
+def traffic_passes(rate: float, classes: int = 20_000, dim: int = 512) -> tuple[float, float]:
+    """(passes over the N×S fp32 logits, passes over the C×D fp32 shard) of one step, from two counted runs
+    that differ only in the batch (the C×D terms cancel)."""
+    (b1, s1), (b2, s2) = _step_traffic(classes, 64, rate, dim), _step_traffic(classes, 1024, rate, dim)
+    alpha = (b2 - b1) / ((1024 * s2 - 64 * s1) * 4)
+    beta = (b1 - alpha * 64 * s1 * 4) / (classes * dim * 4)
+    return alpha, beta
+
+
+# H100 SXM5 (glennklockwood.com/garden/processors/h100; NVIDIA H100 datasheet): dense TFLOP/s, HBM3 TB/s;
+# links: NVLink 4 900 GB/s per GPU both directions together (450 each way) inside a node; between nodes a
+# DGX H100's 8 × 400 Gb/s ConnectX-7 = 50 GB/s per GPU each way.
+H100 = {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9, "hbm_tb_s": 3.35, "nvlink_gb_s": 450.0, "ib_gb_s": 50.0}
+
+
 def table(worlds, rates, batch: int, depth: int, dim: int = 512, classes: int = WEBFACE42M_CLASSES) -> str:
     bb = backbone_numbers(depth)
     psi = bb["params"]
+    act = bb["act_fixed"] + batch * bb["act_per_image"]
+    passes = {r: traffic_passes(r) for r in sorted(set(rates) | {1.0})}
     out = [
         f"WebFace42M: {classes:,} classes, {WEBFACE42M_IMAGES / 1e6:.1f} M images; iresnet{depth} "
         f"({psi / 1e6:.2f} M parameters, {bb['fwd_flop'] / 1e9:.2f} GFLOP forward/image), embedding {dim}, "
         f"batch {batch}/GPU",
         f"backbone activations (saved tensors, bf16, meta-device count): {bb['act_per_image'] / MiB:.1f} MiB/image "
-        f"+ {bb['act_fixed'] / MiB:.0f} MiB (bf16 weight copies) -> batch {batch}: "
-        f"{(bb['act_fixed'] + batch * bb['act_per_image']) / GB:.2f} GB",
+        f"+ {bb['act_fixed'] / MiB:.0f} MiB (bf16 weight copies) -> batch {batch}: {act / GB:.2f} GB",
+        "classifier traffic per step (counted op by op on the CPU, each operand streamed once): "
+        + "; ".join(f"r={r}: {a:.1f} passes over N×S fp32 + {b:.1f} over C/W×D fp32" for r, (a, b) in passes.items()),
         "",
-        "| W | r | rows C/W | S | weight+momentum GB | +grad GB | one N×S logits buffer GB | classifier peak GB "
-        "(at) | all-gather MB | all-reduce MB (cls) | backbone grad + param MB | backbone state GB | "
-        "activations GB | total GB | classifier TFLOP | backbone TFLOP |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Memory per GPU (GB = 1e9 bytes)",
+        "",
+        "| W | r | rows C/W | S | weight+momentum | + gradient | one N×S fp32 buffer | classifier peak (at) | "
+        "backbone state | activations | sum |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    act = bb["act_fixed"] + batch * bb["act_per_image"]
+    rows_t = []
     for w in worlds:
         rows = math.ceil(classes / w)
         n = batch * w
         # ZeRO-1 bf16 (DeepSpeedZeroOptimizer): bf16 params + bf16 grads, fp32 master + momentum + the
         # partition's fp32 gradient at the step, each 1/W
         state_bb = 2 * psi + 2 * psi + 3 * 4 * psi / w
+        link = H100["nvlink_gb_s"] if w <= 8 else H100["ib_gb_s"]
         for r in rates:
             p = predicted_classifier_peak(rows, dim, n, r, world=w)
             s = p["num_sample"]
             wm = 2 * rows * dim * 4
-            logits = n * s * 4
-            gather = n * dim * 4 + n * 8 + w * 8  # embeddings fp32 + labels int64 + sizes
-            reduce_cls = n * dim * 4 + 2 * n * 4 + 3 * n * 4  # embedding grad + (max, cos max) + 3 sums
-            comm_bb = 2 * psi + 2 * psi  # bf16 gradient reduction + bf16 parameter all-gather
-            total = state_bb + act + p["peak_bytes"]
             out.append(
                 f"| {w} | {r} | {rows:,} | {s:,} | {wm / GB:.3f} | {(wm + rows * dim * 4) / GB:.3f} | "
-                f"{logits / GB:.3f} | {p['peak_bytes'] / GB:.2f} ({p['peak_at']}) | {gather / 1e6:.2f} | "
-                f"{reduce_cls / 1e6:.2f} | {comm_bb / 1e6:.0f} | {state_bb / GB:.3f} | {act / GB:.2f} | "
-                f"{total / GB:.2f} | {6 * n * s * dim / 1e12:.3f} | {3 * bb['fwd_flop'] * batch / 1e12:.2f} |"
+                f"{n * s * 4 / GB:.3f} | {p['peak_bytes'] / GB:.2f} ({p['peak_at']}) | {state_bb / GB:.3f} | "
+                f"{act / GB:.2f} | {(state_bb + act + p['peak_bytes']) / GB:.2f} |"
+            )
+            gather = n * dim * 4 + n * 8 + w * 8  # embeddings fp32 + labels int64 + sizes
+            reduce_cls = n * dim * 4 + 5 * n * 4  # gathered-embedding gradient + (2 maxes, 3 sums) per sample
+            comm_bb = 2 * psi  # bf16 gradient reduction; the bf16 parameter all-gather moves as much again
+            a, b = passes[r]
+            traffic = a * n * s * 4 + b * rows * dim * 4
+            mm = 6 * n * s * dim
+            ring = (w - 1) / w
+            comm_s = (2 * ring * (reduce_cls + comm_bb) + ring * (gather + comm_bb)) / (link * 1e9)
+            rows_t.append(
+                f"| {w} | {r} | {gather / 1e6:.2f} | {reduce_cls / 1e6:.2f} | {comm_bb / 1e6:.0f} + {comm_bb / 1e6:.0f} | "
+                f"{comm_s * 1e3:.1f} | {mm / 1e12:.3f} | {traffic / GB:.1f} | "
+                f"{(mm / (H100['fp32'] * 1e12) + traffic / (H100['hbm_tb_s'] * 1e12)) * 1e3:.1f} | "
+                f"{(mm / (H100['tf32'] * 1e12) + traffic / (H100['hbm_tb_s'] * 1e12)) * 1e3:.1f} | "
+                f"{3 * bb['fwd_flop'] * batch / 1e12:.2f} | {3 * bb['fwd_flop'] * batch / (H100['bf16'] * 1e12) * 1e3:.1f} |"
             )
     out += [
+        "",
+        "Per GPU and step on an H100 SXM (lower bounds: peak FLOP/s, peak HBM bandwidth, link bandwidth each way; "
+        "W = 8 over NVLink, W = 64 over InfiniBand)",
+        "",
+        "| W | r | all-gather MB (emb fp32 + labels) | all-reduce MB (cls) | backbone bf16 reduce + all-gather MB | "
+        "comm ms | classifier TFLOP | classifier traffic GB | classifier ms (fp32 mm) | classifier ms (TF32 mm) | "
+        "backbone TFLOP | backbone ms at peak |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows_t,
         "",
         f"expected distinct positives per shard (uniform labels): W=8: "
         f"{expected_positive_rows(math.ceil(classes / 8), batch * 8, 8):.0f}, W=64: "

@@ -437,6 +437,7 @@ def main(argv=None) -> int:
                 args.lowres,
                 cross=args.cross or args.cross_only,
                 full=not args.cross_only,
+                progress=sys.stderr.isatty(),  # bars on a terminal only, never into a log file
             )
             for p in out:
                 print(f"wrote {p}")

@@ -235,6 +235,9 @@ class DataConfig:
     batch_size: int = 128  # per rank
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    # Corrupt or unusable samples (bad JPEG, label >= num_classes, ...) are skipped and counted; above this
+    # fraction of what was read (all ranks, checked at each log step) the run stops with a one-line error.
+    max_bad_fraction: float = 0.01
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self):
@@ -244,6 +247,8 @@ class DataConfig:
             raise Invalid("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise Invalid("num_workers", f"must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise Invalid("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclass

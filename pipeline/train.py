@@ -267,6 +267,12 @@ class Trainer:
             epoch, offset = epoch + 1, 0
         if self.writer:
             self.writer.close()
+        stats = self.loader.stats()
+        print(
+            f"[train] rank {self.rank} data: {stats['corrupt_samples']} corrupt samples and "
+            f"{stats['corrupt_shards']} corrupt shards skipped",
+            flush=True,
+        )
         if distributed.is_main():
             print(f"[train] done: checkpoint {last_ckpt}  tensorboard --logdir {self.out / 'tb'}", flush=True)
         return last_ckpt
@@ -399,7 +405,10 @@ class Trainer:
         cls_norm = getattr(self, "_cls_grad_norm", None)
         if cls_norm is not None:
             scalars["grad_norm/classifier_shard_sq"] = cls_norm.double() ** 2
+        scalars["data/corrupt_samples"] = torch.tensor(float(self.loader.stats()["corrupt_samples"]))
         means = self._mean_over_ranks(scalars)
+        means["data/corrupt_samples"] *= self.world  # the sum over ranks
+        self._check_bad_fraction(means["data/corrupt_samples"])
         if "grad_norm/classifier_shard_sq" in means:  # sum of squares over shards = full norm²
             means["grad_norm/classifier"] = math.sqrt(means.pop("grad_norm/classifier_shard_sq") * self.world)
         if self.writer is None:
@@ -424,6 +433,17 @@ class Trainer:
             f"elapsed {_hms(elapsed)} eta {_hms(eta)}",
             flush=True,
         )
+
+    def _check_bad_fraction(self, corrupt: float) -> None:
+        """Stop (every rank alike: the count is all-reduced) when too much of what was read was unusable."""
+        used = (self.step - self._start_step) * self.global_batch
+        frac = corrupt / max(1.0, used + corrupt)
+        if corrupt and frac > self.cfg.data.max_bad_fraction:
+            raise DataError(
+                f"data.train: {int(corrupt)} of the {int(used + corrupt)} samples read so far were skipped as corrupt "
+                f"({frac:.1%} > data.max_bad_fraction={self.cfg.data.max_bad_fraction}); the log names them "
+                "(a manifest whose num_classes is too small, bad shards?)"
+            )
 
     def _log_histograms(self) -> None:
         if self.writer is None:

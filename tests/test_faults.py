@@ -393,3 +393,28 @@ def test_a_bad_val_bin_fails_at_start_up(lfw_shards, tmp_path):
     line = last_line(proc.stderr)
     assert line.startswith("error: data.val:") and "bad.bin" in line, line
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_too_many_bad_samples_stop_the_run_in_one_line(lfw_shards, tmp_path):
+    """A manifest claiming 60 classes for 111: ~half the samples carry a label the classifier cannot have."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(lfw_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["num_classes"] = 60
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    proc = run(
+        train_cmd(f"data.train={shards}", f"output.dir={tmp_path / 'r'}", "schedule.max_steps=8", "output.log_every=2")
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = last_line(proc.stderr)
+    assert line.startswith("error: data.train:") and "data.max_bad_fraction=0.01" in line, line
+    # and a tolerant setting lets it run, with the counts printed at the end
+    proc = run(
+        train_cmd(
+            f"data.train={shards}", f"output.dir={tmp_path / 'r2'}", "schedule.max_steps=4", "data.max_bad_fraction=0.9"
+        )
+    )
+    assert proc.returncode == 0 and "corrupt samples and 0 corrupt shards skipped" in proc.stdout
