@@ -21,8 +21,13 @@ embedding 512, the ArcFace margin in ``ShardedMarginClassifier``, the backbone u
 the CPU) with the same buffer count, and its step times with a two-term model t = a·N·S + c·C/W calibrated on
 the W = 1 rows, printing measured / predicted.
 
-    .venv/bin/python benchmarks/scale_on_paper.py
-    .venv/bin/python benchmarks/scale_on_paper.py --check benchmarks/results/scale_*.txt
+``--trace``: the live-tensor peak of one step (``bench_gpu.LiveTensorPeak``) vs the buffer count, in one CPU
+process; ``--comm``: the bytes through ``dist.all_gather`` / ``dist.all_reduce`` in a 2-rank gloo step vs the
+formulas; ``--verify-meta``: the meta-device activation count equals a real CPU forward.
+
+    .venv/bin/python benchmarks/scale_on_paper.py                       # the tables (~20 s)
+    .venv/bin/python benchmarks/scale_on_paper.py --trace --comm --verify-meta
+    .venv/bin/python benchmarks/scale_on_paper.py --check benchmarks/results/scale_classifier_*.txt
 """
 
 from __future__ import annotations
@@ -307,6 +312,94 @@ def check(paths: list[Path], dim: int, cores: int) -> str:
     return "\n".join(out)
 
 
+def trace_check(configs, dim: int = 512) -> str:
+    """Live-tensor peak of one step (bench_gpu.LiveTensorPeak) vs the buffer count, one process."""
+    from bench_gpu import LiveTensorPeak
+
+    from pipeline.losses.margin import CombinedMargin
+    from pipeline.losses.sharded_classifier import ShardedMarginClassifier
+
+    out = [
+        "| C | N | r | S used (pred.) | live-tensor peak MiB | predicted MiB (at) | measured / predicted |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for classes, batch, rate in configs:
+        torch.manual_seed(0)
+        clf = ShardedMarginClassifier(classes, dim, CombinedMargin(64.0, 1.0, 0.5, 0.0), sample_rate=rate)
+        opt = torch.optim.SGD(clf.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        emb, y = torch.randn(batch, dim, requires_grad=True), torch.randint(0, classes, (batch,))
+
+        def step(clf=clf, opt=opt, emb=emb, y=y):
+            clf(emb, y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            emb.grad = None
+
+        step()
+        tracer = LiveTensorPeak()
+        tracer.track(clf.weight, emb, y, *(v for st in opt.state.values() for v in st.values()))
+        peak = tracer.run(step)
+        p = predicted_classifier_peak(classes, dim, batch, rate)
+        used = clf.num_local if clf.last_sampled_index is None else clf.last_sampled_index.numel()
+        out.append(
+            f"| {classes:,} | {batch} | {rate} | {used:,} ({p['num_sample']:,}) | {peak / MiB:.1f} | "
+            f"{p['peak_bytes'] / MiB:.1f} ({p['peak_at']}) | {peak / p['peak_bytes']:.3f} |"
+        )
+    return "\n".join(out)
+
+
+def _comm_worker(rank: int, world: int, port: int, classes: int, batch: int, out_dir: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from pipeline.losses.margin import CombinedMargin
+    from pipeline.losses.sharded_classifier import ShardedMarginClassifier
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    counts = {"all_gather": 0, "all_reduce": 0}
+    real_gather, real_reduce = dist.all_gather, dist.all_reduce
+
+    def all_gather(tensors, t, *a, **k):  # bytes this rank receives (the whole gathered list)
+        counts["all_gather"] += sum(x.numel() * x.element_size() for x in tensors)
+        return real_gather(tensors, t, *a, **k)
+
+    def all_reduce(t, *a, **k):  # the payload reduced
+        counts["all_reduce"] += t.numel() * t.element_size()
+        return real_reduce(t, *a, **k)
+
+    dist.all_gather, dist.all_reduce = all_gather, all_reduce
+    torch.manual_seed(rank)
+    clf = ShardedMarginClassifier(classes, 512, CombinedMargin(64.0, 1.0, 0.5, 0.0))
+    emb, y = torch.randn(batch, 512, requires_grad=True), torch.randint(0, classes, (batch,))
+    clf(emb, y).backward()
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(counts))
+    dist.destroy_process_group()
+
+
+def comm_check(world: int = 2, classes: int = 1000, batch: int = 64) -> str:
+    """Bytes through dist.all_gather / dist.all_reduce in one classifier step of ``world`` gloo ranks vs the
+    formulas of the table (all-gather: N·D fp32 + N int64 + W int64; all-reduce: N·D fp32 + 5·N fp32)."""
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from pipeline.distributed import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_comm_worker, args=(world, free_port(), classes, batch, tmp), nprocs=world, join=True)
+        got = json.loads(Path(tmp, "0.json").read_text())
+    n = batch * world
+    pred = {"all_gather": n * 512 * 4 + n * 8 + world * 8, "all_reduce": n * 512 * 4 + 5 * n * 4}
+    return "\n".join(
+        [f"| collective (W={world}, N={n}, D=512) | measured bytes | predicted bytes | ratio |", "|---|---:|---:|---:|"]
+        + [f"| {k} | {got[k]:,} | {pred[k]:,} | {got[k] / pred[k]:.3f} |" for k in pred]
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -320,11 +413,20 @@ def main(argv=None) -> int:
     ap.add_argument("--check", type=Path, nargs="*", help="bench_sharded_classifier.py outputs to compare")
     ap.add_argument("--cores", type=int, default=2, help="CPU cores the --check runs shared (time model)")
     ap.add_argument("--verify-meta", action="store_true", help="meta-device activation count == a real CPU forward")
+    ap.add_argument("--trace", action="store_true", help="live-tensor peak of one step vs the buffer count (CPU)")
+    ap.add_argument("--comm", action="store_true", help="collective bytes of a 2-rank gloo step vs the formulas")
     args = ap.parse_args(argv)
     if args.verify_meta:
         real = saved_activation_bytes(18, 4, device="cpu", width=0.25)
         meta = saved_activation_bytes(18, 4, width=0.25)
         print(f"iresnet18 x0.25 batch 4 bf16 saved bytes: CPU {real / MiB:.2f} MiB, meta {meta / MiB:.2f} MiB")
+    if args.trace:
+        cfgs = [(20_000, 64, 1.0), (20_000, 4096, 1.0), (20_000, 64, 0.1), (20_000, 8192, 0.1), (100_000, 128, 0.1)]
+        print(trace_check(cfgs))
+    if args.comm:
+        print(comm_check())
+    if args.trace or args.comm or args.verify_meta:
+        return 0
     if args.check:
         print(check(args.check, 512, args.cores))
         return 0

@@ -90,16 +90,21 @@ def test_bicubic_down_up_is_pils_within_1e6(lfw_train, size):
     """Both steps equal PIL's Image.resize(BICUBIC) in float mode ("F", no rounding) on real faces,
     within 1e-6 on a [0, 1] scale, after the same clamp to the input's range. (PyTorch's plain
     bicubic up-sampling, a = -0.75, was off by 0.0045 mean / 0.031 max here.)"""
-    faces = sorted(p for p in lfw_train.rglob("*.jpg"))[:: 300][:6]
+    faces = sorted(p for p in lfw_train.rglob("*.jpg"))[::300][:6]
     worst = 0.0
     for path in faces:
         x = decode(path.read_bytes(), 112)  # (3, 112, 112) in [0, 1]
         got = bicubic_down_up(x, size)
-        ref = np.stack([
-            np.asarray(Image.fromarray(x[c].numpy(), mode="F").resize((size, size), Image.BICUBIC)
-                       .resize((112, 112), Image.BICUBIC))
-            for c in range(3)
-        ])
+        ref = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(x[c].numpy(), mode="F")
+                    .resize((size, size), Image.BICUBIC)
+                    .resize((112, 112), Image.BICUBIC)
+                )
+                for c in range(3)
+            ]
+        )
         ref = np.clip(ref, float(x.min()), float(x.max()))
         worst = max(worst, float(np.abs(got.numpy() - ref).max()))
     assert worst <= 1e-6, worst

@@ -30,7 +30,8 @@ def test_auto_is_the_default_of_every_recipe_and_the_smoke_layer_pins_torch():
 
 
 def test_build_reports_engine(lfw_shards):
-    cfg = load_config([REPO / "configs" / "base.yaml"], [f"data.train={lfw_shards}", "data.batch_size=8",
-                                                          "data.num_workers=0"])
+    cfg = load_config(
+        [REPO / "configs" / "base.yaml"], [f"data.train={lfw_shards}", "data.batch_size=8", "data.num_workers=0"]
+    )
     loader = build_train_loader(cfg.data, 0, 1, seed=0, device="cpu")
     assert loader.engine == "torch" and "auto on cpu" in loader.why

@@ -102,7 +102,15 @@ def test_resume_on_other_world_size_and_errors(lfw_shards, tmp_path):
     another architecture is a one-line error."""
     first = tmp_path / "w2"
     run(torchrun(2, *COMMON, "schedule.max_steps=4", f"data.train={lfw_shards}", f"output.dir={first}"))
-    one = [sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={lfw_shards}", f"output.dir={first}", "--resume"]
+    one = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        *COMMON,
+        f"data.train={lfw_shards}",
+        f"output.dir={first}",
+        "--resume",
+    ]
     proc = run(one, check=False)  # 1 process × 16 is not the saved global batch of 2 × 16: refused, by name
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "global batch of 32" in last and "data.batch_size=32" in last, last

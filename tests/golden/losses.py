@@ -80,8 +80,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", required=True, help="LFW View-1 train shards (tests/conftest.py lfw_shards)")
     ap.add_argument("--work", default="/tmp/golden_losses", help="scratch directory for the runs")
-    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
-                    help="re-record only these (after a deliberate change of their numbers)")
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=list(CASES),
+        help="re-record only these (after a deliberate change of their numbers)",
+    )
     ap.add_argument("--why", default="", help="with --cases: the deliberate change, recorded beside the numbers")
     args = ap.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
