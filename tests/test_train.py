@@ -109,12 +109,11 @@ def test_resume_on_other_world_size_and_errors(lfw_shards, tmp_path):
         *COMMON,
         f"data.train={lfw_shards}",
         f"output.dir={first}",
-        "--resume",
     ]
-    proc = run(one, check=False)  # 1 process × 16 is not the saved global batch of 2 × 16: refused, by name
+    proc = run([*one, "--resume"], check=False)  # 1 process × 16 is not the saved global batch 2 × 16: refused
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "global batch of 32" in last and "data.batch_size=32" in last, last
-    proc = run([*one, "data.batch_size=32"])
+    proc = run([*one, "data.batch_size=32", "--resume"])
     assert "at step 4" in proc.stdout
     assert (first / "checkpoints" / "step_0000008").is_dir()
 

@@ -64,7 +64,7 @@ def main() -> int:
             "model.head.dropout=0.0",
             f"data.batch_size={b}",
             f"data.train={args.shards}",
-            f"output.dir={Path(args.out).parent / f'run_w{world}'}",
+            f"output.dir={Path(args.out).with_suffix('')}_run",
             "optim.lr=0.1",
             "optim.momentum=0.9",
             "optim.weight_decay=5e-4",
