@@ -366,10 +366,13 @@ class Trainer:
                 p.grad.div_(scale)
             if not self.engine.was_step_applied():
                 self.skipped_steps += 1  # fp16 overflow: DeepSpeed skipped the backbone's step
-                self._consecutive_bad += 1
                 self.cls_optimizer.zero_grad(set_to_none=True)
-                if self._consecutive_bad >= self.cfg.optim.max_nonfinite_steps:  # the loss scale collapsed
-                    self._note_bad_step(f"fp16 gradient overflow, loss scale {self._loss_scale():g}", {})
+                # Overflow skips while the dynamic scale is still coming down are how fp16 scaling works; only a
+                # collapsed scale (at DeepSpeed's minimum, 1) that keeps overflowing counts toward divergence.
+                if self._loss_scale() <= 1.0:
+                    self._consecutive_bad += 1
+                    if self._consecutive_bad >= self.cfg.optim.max_nonfinite_steps:
+                        self._note_bad_step(f"fp16 gradient overflow at loss scale {self._loss_scale():g}", {})
                 return
         self._consecutive_bad = 0
         if self.cfg.optim.grad_clip > 0:
