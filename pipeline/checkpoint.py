@@ -18,14 +18,13 @@ backbone optimizer moments (partitioned by ZeRO) are re-initialised and a warnin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import warnings
 from pathlib import Path
 
-from data_prep.manifest import atomic_write_text
+from data_prep.manifest import atomic_write_text, sha256_file
 from pipeline.config import ConfigError
 
 LATEST = "latest"
@@ -47,10 +46,15 @@ def step_of(path: Path) -> int | None:
     return None
 
 
+def holds_network(path: Path) -> bool:
+    """The two files every network loader reads: ``config.yaml`` and ``model.pt``."""
+    return all((Path(path) / f).is_file() for f in ("model.pt", "config.yaml"))
+
+
 def complete(path: Path) -> bool:
     """A finished checkpoint directory: final name and the files every loader reads (resuming also verifies
     the rest against checksums.json)."""
-    return step_of(path) is not None and all((path / f).is_file() for f in ("model.pt", "config.yaml"))
+    return step_of(path) is not None and holds_network(path)
 
 
 def checkpoints(root: Path) -> list[Path]:
@@ -111,21 +115,13 @@ def resolve(path_or_root: str | Path) -> Path:
 CHECKSUMS = "checksums.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_checksums(ckpt_dir: Path) -> None:
     """Record sha256 and size of every file of a checkpoint (rank 0, after every rank wrote its part)."""
     ckpt_dir = Path(ckpt_dir)
     files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
     save_json(
         ckpt_dir / CHECKSUMS,
-        {str(p.relative_to(ckpt_dir)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
+        {str(p.relative_to(ckpt_dir)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
     )
 
 
@@ -146,7 +142,7 @@ def verify(ckpt_dir: Path) -> str | None:
             return f"{p} is missing"
         if p.stat().st_size != rec["bytes"]:
             return f"{p} has {p.stat().st_size} bytes, {rec['bytes']} were written (truncated?)"
-        if _sha256(p) != rec["sha256"]:
+        if sha256_file(p) != rec["sha256"]:
             return f"{p} does not match the sha256 recorded when it was written (corrupt)"
     return None
 
@@ -201,13 +197,13 @@ def load_json(path: Path) -> dict:
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory (config.yaml + model.pt), or a run dir / checkpoint root → its latest."""
     p = Path(path)
-    if (p / "model.pt").is_file() and (p / "config.yaml").is_file():
+    if holds_network(p):
         return p
     try:
         found = resolve(p)
     except FileNotFoundError:
         found = None
-    if found is None or not (found / "model.pt").is_file() or not (found / "config.yaml").is_file():
+    if found is None or not holds_network(found):
         raise ConfigError(f"{p}: not a checkpoint (expected config.yaml and model.pt, or a 'latest' file)")
     return found
 

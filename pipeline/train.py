@@ -168,7 +168,7 @@ class Trainer:
         self._window_bad = False  # a micro step of the current accumulation window was non-finite
         self._buffers = [b for b in self.model.buffers()]
         self._float_buffers = [b for b in self._buffers if b.is_floating_point()]
-        self._buffers_before: list[torch.Tensor] = []
+        self._buffers_before = [b.detach().clone() for b in self._buffers]
         self.writer = None
         if resume:
             self._resume(resume)
@@ -282,8 +282,8 @@ class Trainer:
         torch.manual_seed((self.cfg.seed * 1_000_003 + self.step * self.gas + micro) * 1009 + self.rank)
         lr = self._set_lr()
         batch = {k: self._to_device(v) for k, v in batch.items()}
-        if micro % self.gas == 0:  # the buffers (BatchNorm statistics) as the window starts, for a skip
-            self._buffers_before = [b.detach().clone() for b in self._buffers]
+        if micro % self.gas == 0 and self._buffers:  # the BatchNorm statistics as the window starts, for a skip
+            torch._foreach_copy_(self._buffers_before, self._buffers)  # one fused copy into kept storage
         outputs = self.engine(batch)
         terms: dict[str, torch.Tensor] = {}
         total = 0.0
@@ -329,9 +329,9 @@ class Trainer:
     def _skip_step(self, why: str, terms: dict) -> None:
         """Drop this optimizer step's gradients (backbone and classifier); count it; stop after too many."""
         self._window_bad = False
-        with torch.no_grad():  # a skipped step leaves no trace: the forward's BatchNorm statistics too
-            for b, saved in zip(self._buffers, self._buffers_before):
-                b.copy_(saved)
+        if self._buffers:  # a skipped step leaves no trace: the forward's BatchNorm statistics too
+            with torch.no_grad():
+                torch._foreach_copy_(self._buffers, self._buffers_before)
         self.engine.optimizer.zero_grad()
         self.cls_optimizer.zero_grad(set_to_none=True)
         self.nonfinite_steps += 1
