@@ -73,6 +73,25 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     }
 
 
+def fp16_loss_needs_scaling_here(engine, optimizer) -> bool:
+    """True where DeepSpeed's fp16 optimizer unscales gradients at step() but engine.backward() never scaled
+    the loss: DeepSpeed 0.19's engine.backward() (and engine.scale()) apply the dynamic loss scale only for its
+    ZeRO optimizers (stage >= 1) or torch-autocast's GradScaler, while its stage-0 FP16_UnfusedOptimizer /
+    FP16_Optimizer divide every gradient by the scale all the same. Left alone, fp16 at stage 0 (every
+    one-GPU run: see deepspeed_config) trains with gradients 2^16 times too small and never sees an overflow;
+    the GPU check of 2026-11-27 on an H100 caught it (the loss scale never moved from 2^30). The trainer
+    then multiplies the loss by the optimizer's current scale itself; tests/test_fp16_scaling.py pins the
+    resulting update to the fp32 one, so a DeepSpeed that starts scaling here (twice) fails that test."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    config = getattr(optimizer, "loss_scale_config", None)
+    if config is None or not config.use_grad_scaling:  # fp32 / bf16: no loss scale at all
+        return False
+    if isinstance(optimizer, ZeROOptimizer) or getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        return False
+    return True
+
+
 def make_optimizer(cfg: Config, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
@@ -146,6 +165,7 @@ class Trainer:
         )
         if self.world == 1:
             self.engine.enable_backward_allreduce = False  # nothing to average over one rank
+        self._scale_loss_here = fp16_loss_needs_scaling_here(self.engine, self.optimizer)
         if self.dtype != torch.float32:
             # DeepSpeed casts parameters to fp16/bf16 but not buffers; BatchNorm needs its running
             # statistics in the same dtype as its input and weight.
@@ -301,7 +321,7 @@ class Trainer:
             self._window_bad = True
         boundary = self.engine.is_gradient_accumulation_boundary()
         if not self._window_bad:
-            self.engine.backward(total)
+            self.engine.backward(total * self._loss_scale() if self._scale_loss_here else total)
             self.engine.step()
         else:
             self.engine.micro_steps += 1  # keep DeepSpeed's accumulation counter in step with this loop
