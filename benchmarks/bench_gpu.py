@@ -261,6 +261,13 @@ def count_flops(depth: int, width: float, input_size: int = 112, scan: bool = Fa
 # --------------------------------------------------------------------------- shards
 
 
+def default_shared() -> Path:
+    """Where the LFW faces are: $LOWQ_SHARED/data (as tests/conftest.py reads it; gpu_check.sh points it at the
+    copy carried to the GPU machine), else ../shared/data beside the checkout."""
+    env = os.environ.get("LOWQ_SHARED")
+    return Path(env) / "data" if env else REPO.parent / "shared" / "data"
+
+
 def make_shards(
     root: Path, shared: Path, repeat: int = 1, num_classes: int | None = None, per_shard: int = 512
 ) -> Path:
@@ -274,6 +281,8 @@ def make_shards(
     from data_prep.manifest import Manifest, ShardInfo, sha256_file, write_manifest
 
     lfw = shared / "lfw_view1_112" / "train_112"
+    if not lfw.is_dir():
+        raise SystemExit(f"bench_gpu: no LFW faces at {lfw}: pass --shared DIR (the folder holding lfw_view1_112/)")
     people = sorted(p for p in lfw.iterdir() if p.is_dir())
     files = [(f, c) for c, p in enumerate(people) for f in sorted(p.glob("*.jpg"))]
     samples = [(f, c, r) for r in range(repeat) for f, c in files]
@@ -916,7 +925,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="run every part at tiny sizes on the CPU")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--shards", type=Path, help="WebDataset shard directory (default: shard the LFW faces)")
-    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    ap.add_argument(
+        "--shared",
+        type=Path,
+        default=default_shared(),
+        help="the shared data folder holding lfw_view1_112/ (default: $LOWQ_SHARED/data, else ../shared/data)",
+    )
     ap.add_argument("--warmup", type=int, help="untimed steps per variant (default 5; smoke 1)")
     ap.add_argument("--steps", type=int, help="timed steps per block (default 10; smoke 2)")
     ap.add_argument("--repeats", type=int, help="timed blocks per variant, median reported (default 5; smoke 1)")

@@ -56,14 +56,32 @@ def check_inputs(cfg: Config) -> None:
             raise DataError(f"data.val: {exc}") from None
 
 
+def zero_stage(cfg: Config, world_size: int) -> int:
+    """The ZeRO stage DeepSpeed runs. fp32 on one rank: 0 (ZeRO only adds flat-buffer copies there). bf16/fp16:
+    at least 1, on one rank too, because DeepSpeed 0.19's stage-0 wrapper of a bf16/fp16 model,
+    FP16_UnfusedOptimizer, is wrong twice over (both found by the GPU check of 2026-11-27 on an H100):
+    - fp16: engine.backward() scales the loss only for ZeRO optimizers, yet this wrapper divides every gradient
+      by the loss scale at step(): updates 2^16 times too small, and no overflow is ever seen (the H100 run kept
+      its loss scale at 2^30 for 40 steps); tests/test_mixed_precision.py pins the fp16 update to the fp32 one;
+    - bf16 and fp16: it reads every gradient's overflow flag back to the host, one parameter at a time (243 host
+      reads per step for iresnet50; tests/test_mixed_precision.py), and the trainer ran at 0.45-0.64 of a bare
+      PyTorch loop, the gap growing with depth, not batch (BENCHMARKS.md).
+    Stage 1 runs BF16_Optimizer (bf16 with fp32 gradient accumulation) or the ZeRO optimizer (fp16), which scale
+    correctly and keep the checks on the device."""
+    stage = cfg.deepspeed.zero_stage if world_size > 1 else 0
+    return max(stage, 1) if cfg.deepspeed.precision in ("bf16", "fp16") else stage
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     prec = cfg.deepspeed.precision
-    # ZeRO partitions over ranks: with one rank it only adds flat-buffer copies, so use stage 0.
-    stage = cfg.deepspeed.zero_stage if world_size > 1 else 0
+    stage = zero_stage(cfg, world_size)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.deepspeed.grad_accum,
         "zero_optimization": {"stage": stage},
+        # bf16 gradients accumulate in fp32 (micro steps, ranks): DeepSpeed then picks its BF16_Optimizer at
+        # stage 1, which keeps fp32 master weights; bf16 accumulation would round away small gradients
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if prec == "bf16" else {}),
         "zero_allow_untested_optimizer": True,  # our client SGD/AdamW (FACTS.md)
         "gradient_clipping": cfg.optim.grad_clip,
         "fp16": {"enabled": prec == "fp16", "initial_scale_power": cfg.deepspeed.initial_scale_power},
@@ -71,25 +89,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def fp16_loss_needs_scaling_here(engine, optimizer) -> bool:
-    """True where DeepSpeed's fp16 optimizer unscales gradients at step() but engine.backward() never scaled
-    the loss: DeepSpeed 0.19's engine.backward() (and engine.scale()) apply the dynamic loss scale only for its
-    ZeRO optimizers (stage >= 1) or torch-autocast's GradScaler, while its stage-0 FP16_UnfusedOptimizer /
-    FP16_Optimizer divide every gradient by the scale all the same. Left alone, fp16 at stage 0 (every
-    one-GPU run: see deepspeed_config) trains with gradients 2^16 times too small and never sees an overflow;
-    the GPU check of 2026-11-27 on an H100 caught it (the loss scale never moved from 2^30). The trainer
-    then multiplies the loss by the optimizer's current scale itself; tests/test_fp16_scaling.py pins the
-    resulting update to the fp32 one, so a DeepSpeed that starts scaling here (twice) fails that test."""
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
-    config = getattr(optimizer, "loss_scale_config", None)
-    if config is None or not config.use_grad_scaling:  # fp32 / bf16: no loss scale at all
-        return False
-    if isinstance(optimizer, ZeROOptimizer) or getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
-        return False
-    return True
 
 
 def make_optimizer(cfg: Config, groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -163,9 +162,9 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, self.world), dist_init_required=False
         )
-        if self.world == 1:
-            self.engine.enable_backward_allreduce = False  # nothing to average over one rank
-        self._scale_loss_here = fp16_loss_needs_scaling_here(self.engine, self.optimizer)
+        if self.world == 1 and zero_stage(cfg, 1) == 0:
+            # nothing to average over one rank (ZeRO's optimizers fill their gradient partitions in that step)
+            self.engine.enable_backward_allreduce = False
         if self.dtype != torch.float32:
             # DeepSpeed casts parameters to fp16/bf16 but not buffers; BatchNorm needs its running
             # statistics in the same dtype as its input and weight.
@@ -186,6 +185,7 @@ class Trainer:
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss (train/nonfinite_steps)
         self._consecutive_bad = 0
         self._window_bad = False  # a micro step of the current accumulation window was non-finite
+        self._backward_scale = 1.0  # the fp16 loss scale of the last backward
         self._buffers = [b for b in self.model.buffers()]
         self._float_buffers = [b for b in self._buffers if b.is_floating_point()]
         self._buffers_before = [b.detach().clone() for b in self._buffers]
@@ -321,7 +321,8 @@ class Trainer:
             self._window_bad = True
         boundary = self.engine.is_gradient_accumulation_boundary()
         if not self._window_bad:
-            self.engine.backward(total * self._loss_scale() if self._scale_loss_here else total)
+            self._backward_scale = self._loss_scale()  # the scale this backward uses (step() may change it)
+            self.engine.backward(total)
             self.engine.step()
         else:
             self.engine.micro_steps += 1  # keep DeepSpeed's accumulation counter in step with this loop
@@ -381,7 +382,7 @@ class Trainer:
         if self.cfg.deepspeed.precision == "fp16":
             # engine.backward multiplied the loss by the dynamic loss scale: undo it for the
             # classifier, and skip its step whenever DeepSpeed skipped the backbone's (overflow).
-            scale = self._loss_scale()
+            scale = self._backward_scale
             for p in params:
                 p.grad.div_(scale)
             if not self.engine.was_step_applied():

@@ -142,8 +142,11 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("recipe", list(RECIPES))
+# fp16's loss-scale path does not depend on the recipe: fp16 once (margin), bf16 for each recipe. The six
+# combinations took ~35 s each on an H100 (2026-11-27) and overran the check's 240 s for the tests.
+@pytest.mark.parametrize(
+    ("recipe", "precision"), [("margin", "bf16"), ("margin", "fp16"), ("scan", "bf16"), ("lrfr", "bf16")]
+)
 def test_one_rank_nccl_training(recipe, precision, lfw_shards, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
     out = tmp_path / "run"
