@@ -33,8 +33,8 @@ peak from a live-tensor tracer). Its timings mean nothing; it checks that every 
 Results: printed, and written to ``--out DIR`` as ``bench_gpu.json`` and ``bench_gpu.md`` after every part, so a
 run stopped at a time limit keeps the parts it finished (``machine.complete`` says whether it ran to the end).
 
-Time: estimated 5-6 min on an H100 at the defaults (not yet measured: no GPU was lent when this was written);
-the two ``torch.compile`` builds of the lever part are the largest share (``--no-compile`` drops them);
+Time: 300 s on an H100 with ``--repeats 3 --warmup 3`` (2026-11-27), 145 s of it the two ``torch.compile``
+builds of the lever part (``--no-compile`` drops them);
 ``--parts``, ``--repeats``, ``--steps`` shorten it further.
 
     .venv/bin/python benchmarks/bench_gpu.py --out benchmarks/results/gpu       # on a CUDA machine
@@ -222,6 +222,57 @@ def round_robin(clock: Clock, variants: dict, sz: Sizes, label: str) -> dict[str
     for res in out.values():
         res["median_s"] = statistics.median(res["blocks_s"])
     return out
+
+
+def profile_steps(variants: dict, label: str, out: Path | None, steps: int = 3) -> dict[str, dict]:
+    """Where a step's time goes, per variant: ``steps`` steps under torch.profiler (CPU and, on a GPU, CUDA).
+
+    Per step: wall ms; GPU kernel ms (the sum of the CUDA kernels' self time: wall well above it means the GPU
+    waits for the host); host ops dispatched; device→host reads (``aten::_local_scalar_dense``, what .item(),
+    bool(t), float(t) end in: each drains the queue). The top operators by device (else CPU) time are appended
+    to ``bench_gpu_profile.txt`` in ``out``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    res = {}
+    for name, (fn, setup) in variants.items():
+        if setup:
+            setup()
+        fn()  # warm: allocator, cuDNN's algorithm choice
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync()
+            wall = time.perf_counter() - t
+        events = prof.key_averages()
+        count = {e.key: e.count for e in events}
+        dev_us = sum(
+            getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+            for e in events
+            if e.device_type == DeviceType.CUDA
+        )
+        res[name] = {
+            "wall_ms": 1e3 * wall / steps,
+            "gpu_kernel_ms": dev_us / 1e3 / steps if torch.cuda.is_available() else None,
+            "host_ops": sum(e.count for e in events if e.device_type == DeviceType.CPU) / steps,
+            "host_reads": count.get("aten::_local_scalar_dense", 0) / steps,
+        }
+        r = res[name]
+        log(
+            f"  profile {label} / {name}: {r['wall_ms']:.1f} ms/step"
+            + (f", GPU kernels {r['gpu_kernel_ms']:.1f} ms" if r["gpu_kernel_ms"] is not None else "")
+            + f", {r['host_ops']:.0f} host ops, {r['host_reads']:.0f} host reads"
+        )
+        if out is not None:
+            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            with open(out / "bench_gpu_profile.txt", "a") as f:
+                f.write(f"\n==== {label} / {name} ({steps} steps) ====\n")
+                f.write(events.table(sort_by=key, row_limit=25, max_name_column_width=60) + "\n")
+    return res
 
 
 def free() -> None:
@@ -472,6 +523,8 @@ def part_train(
 
                 variants["trainer"] = (trainer_step, None)
             t = round_robin(clock, variants, sz, label)
+            if not res.get("profile"):  # the first network and batch only: the why, not another timing
+                res["profile"] = {"label": label, **profile_steps(variants, label, args.out)}
             fwd = flops[depth]["fwd_flop"]
             row = {"depth": depth, "batch": batch, "classes": classes}
             for name, r in t.items():
@@ -595,6 +648,9 @@ def part_scan(args, sz: Sizes, device: torch.device, clock: Clock) -> dict:
         "train_peak_step_mib": {k: v["peak_step_mib"] for k, v in t.items()},
     }
     res["train_goal_met"] = res["train_scan_over_plain"] <= 1.3
+    res["profile"] = profile_steps(
+        {"plain": (plain.step, None), "scan": (scan.step, None)}, f"scan iresnet{depth} batch {batch}", args.out
+    )
     log(f"scan: training SCAN/plain = {res['train_scan_over_plain']:.3f} (goal <= 1.3)")
 
     scan_net = scan.net.eval()
@@ -795,6 +851,18 @@ def fmt(v, spec=".3f", none="—") -> str:
     return none if v is None else format(v, spec)
 
 
+def profile_table(prof: dict, title: str) -> list[str]:
+    L = [f"### {title}", "", "| variant | wall ms/step | GPU kernels ms/step | host ops/step | host reads/step |"]
+    L += ["|---|---:|---:|---:|---:|"]
+    for name, r in prof.items():
+        if isinstance(r, dict):
+            L.append(
+                f"| {name} | {r['wall_ms']:.1f} | {fmt(r['gpu_kernel_ms'], '.1f')} | {r['host_ops']:.0f} | "
+                f"{r['host_reads']:.0f} |"
+            )
+    return L + ["", "(top operators of each: bench_gpu_profile.txt)", ""]
+
+
 def markdown(R: dict) -> str:
     m = R["machine"]
     L = [
@@ -846,6 +914,8 @@ def markdown(R: dict) -> str:
             )
         notes = {r["trainer_note"] for r in tr["runs"] if r["trainer_note"]}
         L += [""] + [f"note: {n}" for n in notes] + ([""] if notes else [])
+        if tr.get("profile"):
+            L += profile_table(tr["profile"], f"Where a step goes ({tr['profile']['label']})")
     elif tr:
         L += ["## Training step", "", f"skipped: {tr.get('skipped')}", ""]
     lv = R.get("levers", {})
@@ -872,6 +942,8 @@ def markdown(R: dict) -> str:
             f"parameters plain / folded: {sc['params_plain']:,} / {sc['params_folded']:,} ({'equal' if sc['params_equal'] else 'DIFFERENT'})",
             "",
         ]
+        if sc.get("profile"):
+            L += profile_table(sc["profile"], f"Where a training step goes (iresnet{sc['depth']} vs SCAN)")
     cl = R.get("classifier", {})
     if "runs" in cl:
         L += [f"## Sharded classifier ({cl['classes']:,} classes, D {cl['dim']}, batch {cl['batch']}, one device)", ""]
