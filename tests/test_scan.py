@@ -400,3 +400,67 @@ def test_recipe_configs_load_and_match_the_paper(name):
     out = recipe({"image": torch.rand(2, 3, 16, 16) * 2 - 1, "label": torch.zeros(2, dtype=torch.long)})
     assert out.heads["main"].embeddings.shape == (2, small.model.head.embedding_size)
     assert ("rmo" in out.aux_losses) == name.startswith("scan")
+
+
+def test_t1_operator_conditioning():
+    """k ↦ k_s at t = 1, γm = 1 is linear: (1/2π)·G k Gᵀ (the t factor cancels eq. 2's prefactor). Its matrix,
+    built by applying the module to the 9 basis kernels, has the singular values of kron(G, G)/2π and condition
+    number cond(G)² = 86.56 (numpy), its top singular vector all-positive (the DC/low-pass direction)."""
+    conv = ScaleAttentionConv(1, 1, sac=True, lsc=False, rmo=False).double()
+    cols = []
+    with torch.no_grad():
+        for i in range(9):
+            conv.weight.zero_()
+            conv.weight.view(-1)[i] = 1.0
+            cols.append(conv.scaled_kernel().flatten().clone())
+    M = torch.stack(cols, dim=1).numpy()
+    t = float(conv.t.detach())
+    G = np.exp(-(np.subtract.outer(np.arange(3), np.arange(3)) ** 2) / (2 * t))
+    ref = np.kron(G, G) / (2 * math.pi)
+    assert np.abs(M - ref).max() < 1e-12, np.abs(M - ref).max()
+    u, sv, _ = np.linalg.svd(M)
+    assert abs(sv[0] / sv[-1] - np.linalg.cond(G) ** 2) < 1e-6 * sv[0] / sv[-1]
+    assert abs(sv[0] / sv[-1] - 86.56) < 0.01  # at t = 1 - 0 (t_min + softplus(ρ₀) = 1 to float precision)
+    assert (np.sign(u[:, 0]) == np.sign(u[0, 0])).all()
+
+
+@pytest.mark.parametrize("t_init", [0.25, 1.0, 3.0])
+def test_t_init_switch(t_init):
+    conv = ScaleAttentionConv(4, 6, t_init=t_init)
+    assert torch.allclose(conv.t, torch.full((6,), t_init), rtol=1e-6)
+    cfg = load_config(["configs/scan_r18_casia.yaml"], [f"model.conv.t_init={t_init}"])
+    net = registry.build_network(cfg.model)
+    assert torch.allclose(sac_layers(net)[0][1].t, torch.full_like(sac_layers(net)[0][1].t, t_init), rtol=1e-6)
+    with pytest.raises(ConfigError, match="t_init"):
+        load_config(["configs/scan_r18_casia.yaml"], ["model.conv.t_init=0.0001"])
+
+
+@pytest.mark.parametrize("efficient", [True, False])
+def test_rmo_on_ks_branch(efficient):
+    """rmo_on=ks: eq. 6 on conv(x, k_s) alone (reference: an independent F.conv2d + the eq. 6 formula), the
+    recognition output still conv(x, k_u); k_i gets no RMO gradient, k does; efficient: none reaches x."""
+    torch.manual_seed(0)
+    ks_conv = ScaleAttentionConv(3, 5, rmo_on="ks", efficient_rmo=efficient, rmo_weight=0.5).double()
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    trace = Trace()
+    y = ks_conv(x, trace)
+    with torch.no_grad():
+        ks = ks_conv.scaled_kernel()
+        y_ref = F.conv2d(x, ks + ks_conv.weight_i, padding=1)
+        ys = F.conv2d(x, ks, padding=1)
+        loss_ref = 0.5 * torch.exp(-ys.flatten(1).norm(dim=1) / (9 * 9)).mean()
+    assert torch.allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    loss = trace.aux_losses()["rmo"]
+    assert torch.allclose(loss, loss_ref, rtol=1e-12)
+    loss.backward()
+    assert ks_conv.weight_i.grad is None or float(ks_conv.weight_i.grad.abs().max()) == 0.0
+    assert float(ks_conv.weight.grad.abs().max()) > 0 and float(ks_conv.scale_raw.grad.abs().max()) > 0
+    assert (x.grad is None or float(x.grad.abs().max()) == 0.0) == efficient
+    # as written (ku): k_i does get the RMO gradient
+    ku_conv = copy.deepcopy(ks_conv)
+    ku_conv.rmo_on = "ku"
+    ku_conv.zero_grad()
+    trace = Trace()
+    ku_conv(x.detach(), trace)
+    trace.aux_losses()["rmo"].backward()
+    assert float(ku_conv.weight_i.grad.abs().max()) > 0
