@@ -230,3 +230,17 @@ def test_reduction_none_gives_per_sample_values(name):
     assert per.mean().item() == pytest.approx(feature_distance(name, x, y, p=1.0).item(), rel=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         feature_distance(name, x, y, reduction="sum")
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_released_form_matches_float64_and_relates_to_eq5(p):
+    from pipeline.losses.logexp import logexp_distance_released
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
+    a = np.abs(x.double().numpy() - y.double().numpy()) ** p
+    ref = math.log(1 + np.expm1(a).sum()) / (p * 6)
+    assert abs(float(logexp_distance_released(x, y, p)) - ref) <= 1e-6 * ref
+    # one sample: the batch log is eq. 5's log, without eq. 5's 1/D
+    one = float(logexp_distance_released(x[:1], y[:1], p))
+    assert one == pytest.approx(float(logexp_distance(x[:1], y[:1], p)) * 32, rel=1e-6)

@@ -371,3 +371,25 @@ def test_lowres_is_a_subcommand_of_pipeline_eval(small_bin, tiny_checkpoint, tmp
         == 0
     )
     assert "14 px" in capsys.readouterr().out and out.is_file()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_released_form_is_one_log_over_the_batch(normalize):
+    """method.form=released: L = log(1 + Σ_n Σ_i (exp|x−y| − 1)) / (p·B) (the authors' ExpDist), on raw or
+    normalised embeddings; reference in float64 from the formula."""
+    torch.manual_seed(0)
+    model = registry.build_recipe(tiny_cfg("method.form=released", f"method.normalize={str(normalize).lower()}"))
+    model.eval()
+    batch = make_batch()
+    out = model(batch)
+    with torch.no_grad():
+        h, low = model.net.embed(batch["image"]).double(), model.net.embed(batch["image_lr"]).double()
+        if normalize:
+            h, low = F.normalize(h, dim=1), F.normalize(low, dim=1)
+    d = (h - low).abs()
+    ref = torch.log(1 + (torch.exp(d) - 1).sum()) / (1.0 * d.shape[0])
+    assert out.aux_losses["dist"].item() == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="form"):
+        registry.build_recipe(tiny_cfg("method.form=released", "method.distance=l2"))
+    with pytest.raises(ConfigError, match="form"):
+        registry.build_recipe(tiny_cfg("method.form=authors"))

@@ -5,6 +5,7 @@ Metrics in Low Resolution Face Recognition"), Sec. 3.2 and eq. 7.
 * :func:`l2_distance`      eq. 2:  L2  = 1/(2D) · Σ_i (x_i − y_i)²
 * :func:`logexp_distance`  eq. 5:  L   = 1/(p·D) · log(1 + Σ_i (exp(|x_i − y_i|^p) − 1))
   (eq. 3 is the p = 1 case; its gradient is eq. 4 / eq. 6)
+* :func:`logexp_distance_released` the authors' released form (batch inside the log, ÷ p·B, raw features)
 * :func:`feature_distance` eq. 7:  the selected distance between the L2-normalised embeddings
   f_HR/‖f_HR‖₂ and f_LR/‖f_LR‖₂.
 
@@ -104,6 +105,22 @@ def logexp_distance(x: torch.Tensor, y: torch.Tensor, p: float = 1.0, reduction:
     d = (_upcast(x) - _upcast(y)).abs()
     a = d if p == 1.0 else d.pow(p)
     return _reduce(log_one_plus_sum_expm1(a) / (p * x.shape[1]), reduction)
+
+
+def logexp_distance_released(x: torch.Tensor, y: torch.Tensor, p: float = 1.0) -> torch.Tensor:
+    """The LogExp loss as the authors' released code computes it (``ExpDist`` in hurricanelx/LRFR, read for its
+    formula): one log over the whole batch, divided by p and the batch size B, with no 1/D,
+
+        L = 1/(p·B) · log(1 + Σ_n Σ_i (exp(|x_ni − y_ni|^p) − 1)),
+
+    applied there to the raw (un-normalised) embeddings. Compared with eq. 5 on normalised features this is a
+    different loss, not a rescaling: the sum over the batch sits inside the log. Returns a scalar."""
+    _check(x, y)
+    if not p >= 1.0:
+        raise ValueError(f"logexp_distance_released: p must be >= 1, got {p}")
+    d = (_upcast(x) - _upcast(y)).abs()
+    a = d if p == 1.0 else d.pow(p)
+    return log_one_plus_sum_expm1(a.reshape(1, -1))[0] / (p * x.shape[0])
 
 
 def feature_distance(

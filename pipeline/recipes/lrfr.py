@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from pipeline import registry
 from pipeline.config import ConfigError, Invalid
-from pipeline.losses.logexp import DISTANCES, feature_distance
+from pipeline.losses.logexp import DISTANCES, feature_distance, logexp_distance_released
 from pipeline.recipes.base import ClassifierInput, RecipeModel, StepOutput
 
 
@@ -56,12 +56,19 @@ class LRFRConfig:
     cls_weight_hr: float = 0.5  # weight of L_cls(f_HR) in eq. 7
     cls_weight_lr: float = 0.5  # weight of L_cls(f_LR) in eq. 7
     normalize: bool = True  # eq. 7: distance between L2-normalised embeddings
+    # "paper": eq. 5/7 per sample, batch mean. "released": the authors' code (logexp only): one log over the
+    # whole batch, ÷ p·B, on the raw embeddings (set normalize: false for their exact form).
+    form: str = "paper"
 
     def validate(self):
         if self.distance not in DISTANCES:
             raise Invalid("distance", f"unknown distance '{self.distance}' (known: {', '.join(DISTANCES)})")
         if self.distance == "logexp" and not self.p >= 1.0:
             raise Invalid("p", f"LogExp exponent must be >= 1, got {self.p}")
+        if self.form not in ("paper", "released"):
+            raise Invalid("form", f"must be 'paper' or 'released', got '{self.form}'")
+        if self.form == "released" and self.distance != "logexp":
+            raise Invalid("form", f"'released' is the authors' LogExp; distance is '{self.distance}'")
         for key in ("lambda_dist", "cls_weight_hr", "cls_weight_lr"):
             if getattr(self, key) < 0:
                 raise Invalid(key, f"must be >= 0, got {getattr(self, key)}")
@@ -85,6 +92,7 @@ class LRFRRecipe(RecipeModel):
         self.cls_weight_hr = m.cls_weight_hr
         self.cls_weight_lr = m.cls_weight_lr
         self.normalize = m.normalize
+        self.form = m.form
         aug = cfg.data.augment
         self.buckets = sorted({int(s) for s in aug.multires_sizes}) + ([0] if aug.multires_p < 1.0 else [])
         self._last_dim_error: torch.Tensor | None = None
@@ -101,7 +109,13 @@ class LRFRRecipe(RecipeModel):
         lr = self.net(batch["image_lr"])
         f_hr, f_lr = hr.embedding, lr.embedding
         per_sample = feature_distance(self.distance, f_hr, f_lr, p=self.p, normalize=self.normalize, reduction="none")
-        l_dist = per_sample.mean()  # eq. 7's L_dist (batch mean of the per-sample distance)
+        if self.form == "released":  # the authors' code: one log over the batch (per_sample stays for monitors)
+            fx, fy = (
+                (F.normalize(f_hr.float(), dim=1), F.normalize(f_lr.float(), dim=1)) if self.normalize else (f_hr, f_lr)
+            )
+            l_dist = logexp_distance_released(fx, fy, p=self.p)
+        else:
+            l_dist = per_sample.mean()  # eq. 7's L_dist (batch mean of the per-sample distance)
 
         scalars: dict[str, torch.Tensor] = _mean_of_views(hr.monitors, lr.monitors)
         scalars["dist"] = l_dist.detach()
