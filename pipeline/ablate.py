@@ -753,6 +753,32 @@ def embedding_norm(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]
     return {"embedding_norm": float(np.linalg.norm(emb, axis=1).mean())}
 
 
+@register_diagnostic("conv_monitors")
+def conv_monitors(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
+    """The conv kind's own end-of-training monitors (SCAN: ``t_mean``, ``t_min``, ``t_max``, ``t_std``,
+    ``t_frac_below_0.1`` of the scales t over every filter); nothing for plain convs."""
+    return {name.rsplit("/", 1)[-1]: float(v) for name, v in net.conv_kind.monitors(net).items()}
+
+
+def dc_share(weight) -> float:
+    """Share of a K×K conv weight's energy in its DC part: Σ_(o,i) (Σ_taps k)² / K² over Σ k² — the squared
+    projection onto the constant kernel. 1: every kernel a (scaled) box blur; a zero-sum kernel: 0; i.i.d. random
+    taps: 1/K² on average."""
+    k = weight.detach().double().flatten(2)
+    return float((k.sum(dim=2) ** 2 / k.shape[2]).sum() / (k**2).sum())
+
+
+@register_diagnostic("kernel_dc_share")
+def kernel_dc_share(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
+    """Mean over the 3×3 convolutions of the folded network (what inference applies: SCAN's k_u) of
+    :func:`dc_share`: a network that froze as "blur + 1×1" (SAC without LSC, issue 11) is near 1."""
+    from torch import nn
+
+    folded, _ = net.folded()
+    shares = [dc_share(m.weight) for m in folded.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    return {"dc_share": sum(shares) / len(shares)} if shares else {}
+
+
 # --------------------------------------------------------------------------- running the grid
 
 

@@ -420,3 +420,35 @@ def test_a_plugin_module_registers_a_diagnostic(bad_spec, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     # the diagnostic is known; the next check (data.train holds no shards) is what stops it
     assert proc.returncode == 2 and "manifest" in proc.stderr and "param_count" not in proc.stderr, describe(proc)
+
+
+def test_kernel_dc_share_against_hand_computation():
+    """dc_share: box kernels 1, zero-sum kernels 0, a random weight equal to an explicit loop over filters."""
+    import numpy as np
+    import torch
+
+    from pipeline.ablate import dc_share
+
+    assert dc_share(torch.ones(4, 3, 3, 3) * 0.7) == pytest.approx(1.0, abs=1e-12)
+    lap = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).expand(4, 3, 3, 3)
+    assert dc_share(lap) == pytest.approx(0.0, abs=1e-12)
+    w = torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(0)).double().numpy()
+    dc = sum(w[o, i].sum() ** 2 / 9 for o in range(5) for i in range(4))
+    assert dc_share(torch.from_numpy(w)) == pytest.approx(dc / (w**2).sum(), rel=1e-12)
+    assert 0.02 < dc_share(torch.from_numpy(w)) < 0.3  # i.i.d. taps: 1/9 on average
+
+
+def test_scan_diagnostics_on_a_network():
+    """conv_monitors reports SCAN's t statistics (t = 1 at init); kernel_dc_share reads the folded k_u."""
+    from pipeline import registry
+    from pipeline.ablate import conv_monitors, kernel_dc_share
+    from pipeline.config import load_config
+
+    cfg = load_config([REPO / "configs/scan_r18_casia.yaml"], ["model.width=0.0625", "model.conv.t_init=0.5"])
+    net = registry.build_network(cfg.model).eval()
+    mon = conv_monitors(net, cfg, None)
+    assert mon["t_mean"] == pytest.approx(0.5, rel=1e-5) and mon["t_std"] == pytest.approx(0.0, abs=1e-5)
+    share = kernel_dc_share(net, cfg, None)["dc_share"]
+    assert 0.0 < share < 1.0
+    plain = registry.build_network(load_config([], ["model.backbone=iresnet18", "model.width=0.0625"]).model)
+    assert conv_monitors(plain, cfg, None) == {}
