@@ -1,7 +1,9 @@
-"""``python -m pipeline.eval verify|lowres``: verification accuracy of a checkpoint (insightface protocol).
+"""``python -m pipeline.eval verify|lowres|identify|tarfar``: evaluation of a checkpoint.
 
 ``verify`` runs the 10-fold protocol on .bin sets or an LFW pairs file; ``lowres`` runs it on
-low-resolution (7/14/20 px) and cross-resolution copies of a set and prints one table.
+low-resolution (7/14/20 px) and cross-resolution copies of a set and prints one table;
+``identify`` gives closed-set rank-k accuracy and the CMC (lists, TinyFace, SCface); ``tarfar``
+gives TAR at FAR 1e-1 … 1e-6 over all pairs of a labelled image set, for one or more checkpoints.
 
 Examples::
 
@@ -12,6 +14,11 @@ Examples::
         --pairs ../shared/data/lfw_view1_112/pairsDevTest.txt --root ../shared/data/lfw_view1_112/devtest_112
     # an insightface arcface_torch backbone.pth
     python -m pipeline.eval verify --checkpoint ms1mv3_r50/backbone.pth --backbone iresnet50 --bin lfw.bin
+    # identification: gallery / probe (/ distractor) lists or identity folders, or --tinyface / --scface ROOT
+    python -m pipeline.eval identify --checkpoint runs/demo --gallery gallery.txt --probe probe.txt --cmc cmc.png
+    # TAR@FAR over all pairs of the LFW dev-test images, two checkpoints on one ROC
+    python -m pipeline.eval tarfar --checkpoint runs/a --checkpoint runs/b \\
+        --images ../shared/data/lfw_view1_112/devtest_112 --roc roc.png
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import torch
 
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
+from pipeline.eval.identify import add_identify_parser, run_identify
 from pipeline.eval.lowres import add_lowres_parser, run_lowres
+from pipeline.eval.tarfar import add_tarfar_parser, run_tarfar
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--roc", help="write the ROC curves to this PNG (default: beside --json)")
     v.add_argument("--no-progress", action="store_true")
     add_lowres_parser(sub)
+    add_identify_parser(sub)
+    add_tarfar_parser(sub)
     return ap
 
 
@@ -110,8 +121,9 @@ def verify(args) -> list[dict]:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"verify": verify, "lowres": run_lowres, "identify": run_identify, "tarfar": run_tarfar}
     try:
-        verify(args) if args.cmd == "verify" else run_lowres(args)
+        commands[args.cmd](args)
     except (ConfigError, DataError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
         return 2

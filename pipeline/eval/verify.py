@@ -46,7 +46,7 @@ _CACHE_MAX = 8
 # --------------------------------------------------------------------------- loading
 
 
-def _stack(images: list[np.ndarray], where: str, image_size: int | None) -> torch.Tensor:
+def stack_images(images: list[np.ndarray], where: str, image_size: int | None) -> torch.Tensor:
     from PIL import Image
 
     size = image_size or images[0].shape[0]
@@ -74,7 +74,7 @@ def load_bin(path: str | Path, image_size: int | None = 112) -> tuple[torch.Tens
         decoded = [decode_image(b, f"{path} image {i}") for i, b in enumerate(bins)]
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = (_stack(decoded, str(path), image_size), np.asarray(issame, dtype=bool))
+        _CACHE[key] = (stack_images(decoded, str(path), image_size), np.asarray(issame, dtype=bool))
     return _CACHE[key]
 
 
@@ -86,7 +86,7 @@ def load_pairs(
     decoded = []
     for a, b in pairs:
         decoded += [decode_image(a.read_bytes(), str(a)), decode_image(b.read_bytes(), str(b))]
-    return _stack(decoded, str(pairs_path), image_size), np.asarray(issame, dtype=bool)
+    return stack_images(decoded, str(pairs_path), image_size), np.asarray(issame, dtype=bool)
 
 
 # --------------------------------------------------------------------------- embedding

@@ -1,0 +1,217 @@
+"""1:1 verification over all pairs of a labelled image set: TAR at FAR = 1e-1 … 1e-6, ROC.
+
+Every unordered pair of distinct images is scored (cosine similarity of the L2-normalised
+flip-summed embeddings of :mod:`pipeline.eval.verify`): a pair of one identity is genuine, a pair
+of two identities an impostor. The LFW View-1 dev-test images (1,549 images of 963 people) give
+983 genuine and 1,197,943 impostor pairs.
+
+TAR at FAR f, exactly: with N impostor pairs, at most k = the largest integer with k / N ≤ f
+impostors may be accepted, so the threshold t is the (k+1)-th highest impostor score and a pair is
+accepted when its score is > t (every impostor tied with t is rejected with it); TAR = the
+fraction of genuine scores > t. This is the highest TAR of any threshold whose FAR is ≤ f (the
+ROC point ``max(tpr[fpr <= f])`` of scikit-learn's ``roc_curve``). A FAR needs f · N ≥ 1
+(at least ~1/f impostor pairs); below that the table says ``n/a (only N impostor pairs)``.
+
+The score matrix is walked in blocks of rows over its upper triangle only, so memory is
+block × images scores plus the impostor scores themselves (4 bytes each: 4.8 MB for LFW dev-test).
+
+Example::
+
+    python -m pipeline.eval tarfar --checkpoint runs/a --checkpoint runs/b --images devtest_112/ --roc roc.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.manifest import DataError
+from pipeline.config import ConfigError
+
+FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+DEFAULT_BLOCK = 1024
+ROC_POINTS = 200
+
+
+@dataclass
+class TarAtFar:
+    far: float  # the FAR asked for
+    tar: float | None  # None: fewer than 1/far impostor pairs
+    threshold: float | None  # a pair is accepted when its score > threshold
+    achieved_far: float | None  # impostors accepted at that threshold / impostor pairs (≤ far)
+
+
+def count_pairs(labels: np.ndarray) -> tuple[int, int]:
+    """(genuine, impostor) unordered pairs of distinct images with these labels."""
+    _, per_identity = np.unique(np.asarray(labels), return_counts=True)
+    n = int(per_identity.sum())
+    genuine = int((per_identity * (per_identity - 1) // 2).sum())
+    return genuine, n * (n - 1) // 2 - genuine
+
+
+def pair_scores(
+    feats: np.ndarray | torch.Tensor,
+    labels: np.ndarray,
+    block: int = DEFAULT_BLOCK,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(genuine scores, impostor scores) of every pair i < j: inner products of the rows of
+    ``feats`` (normalise them for cosine), ``block`` rows against the rows after them at a time."""
+    if block < 1:
+        raise ConfigError(f"block must be ≥ 1, got {block}")
+    x = torch.as_tensor(feats).to(device)
+    y = torch.as_tensor(np.unique(np.asarray(labels), return_inverse=True)[1]).to(x.device)
+    genuine, impostor = [], []
+    for start in range(0, len(x), block):
+        rows = slice(start, start + block)
+        scores = x[rows] @ x[start:].T  # the columns before `start` were rows of earlier blocks
+        upper = torch.ones_like(scores, dtype=torch.bool).triu(1)
+        same = y[rows, None] == y[None, start:]
+        genuine.append(scores[upper & same].cpu().numpy())
+        impostor.append(scores[upper & ~same].cpu().numpy())
+    empty = np.empty(0, dtype=np.float32)
+    genuine, impostor = np.concatenate([empty, *genuine]), np.concatenate([empty, *impostor])
+    return genuine, impostor
+
+
+def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, fars=FARS) -> list[TarAtFar]:
+    """TAR at each FAR (definition in the module docstring), thresholds from the impostor scores."""
+    n = len(impostor)
+    fars = np.asarray(fars, dtype=np.float64)
+    if not len(genuine) or not n:
+        raise DataError(f"need genuine and impostor pairs, got {len(genuine)} and {n}")
+    impostor_up = np.sort(impostor)
+    genuine_up = np.sort(genuine)
+    # k = the most impostors allowed: largest k with k / n ≤ far, the same division as the ROC's fpr
+    allowed = np.searchsorted(np.arange(n + 1) / n, fars, side="right") - 1
+    out = []
+    for far, k in zip(fars.tolist(), allowed.tolist()):
+        if far * n < 1:
+            out.append(TarAtFar(far, None, None, None))
+            continue
+        threshold = float(impostor_up[n - 1 - k]) if k < n else -np.inf  # the (k+1)-th highest
+        accepted_genuine = len(genuine_up) - np.searchsorted(genuine_up, threshold, side="right")
+        accepted_impostor = n - np.searchsorted(impostor_up, threshold, side="right")
+        out.append(TarAtFar(far, accepted_genuine / len(genuine_up), threshold, accepted_impostor / n))
+    return out
+
+
+def roc_points(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FAR grid, TAR): TAR at ``ROC_POINTS`` FARs spaced on a log scale from 1/impostors to 1."""
+    grid = np.logspace(-np.log10(len(impostor)), 0, ROC_POINTS)
+    tar = [np.nan if p.tar is None else p.tar for p in tar_at_far(genuine, impostor, grid)]  # nan: far · n < 1
+    return grid, np.array(tar)
+
+
+def plot_roc(curves: list[tuple[str, np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> None:
+    """ROC (TAR vs FAR, log x) of each (name, genuine, impostor) into one PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for name, genuine, impostor in curves:
+        far, tar = roc_points(genuine, impostor)
+        ax.step(far, tar, where="post", label=name)
+    ax.set_xscale("log")
+    ax.set_xlim(min(1.0 / len(imp) for _, _, imp in curves), 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("FAR")
+    ax.set_ylabel("TAR")
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def format_table(names: list[str], results: list[list[TarAtFar]], n_impostor: int) -> str:
+    """Rows = FARs, columns = checkpoints ([1], [2], … named below the table)."""
+    w = 8
+    lines = [f"{'FAR':<7}" + "".join(f"  {f'[{i + 1}]':>{w}}" for i in range(len(names)))]
+    for row, far in enumerate(p.far for p in results[0]):
+        if results[0][row].tar is None:  # the same image set for every checkpoint: n/a for all
+            lines.append(f"{far:<7.0e}  n/a (only {n_impostor} impostor pairs)")
+        else:
+            lines.append(f"{far:<7.0e}" + "".join(f"  {r[row].tar:>{w}.4f}" for r in results))
+    lines += [f"[{i + 1}] {name}" for i, name in enumerate(names)]
+    return "\n".join(lines)
+
+
+def add_tarfar_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``tarfar`` on the ``python -m pipeline.eval`` sub-parsers; returns the parser."""
+    from pipeline.eval.identify import add_model_arguments
+
+    p = subparsers.add_parser(
+        "tarfar",
+        help="TAR at FAR 1e-1…1e-6 over all genuine/impostor pairs of a labelled image set; ROC PNG",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(p, several=True)
+    p.add_argument(
+        "--images",
+        required=True,
+        help="labelled images: a list of '<image path> <label>' lines or an <identity>/ folder",
+    )
+    p.add_argument("--fars", type=float, nargs="+", default=list(FARS), help="default: 1e-1 … 1e-6")
+    p.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="rows of the score matrix at a time (memory)")
+    p.add_argument("--roc", help="write the ROC curves of all checkpoints to this PNG (default: beside --json)")
+    p.add_argument("--json", help="write TAR, threshold and achieved FAR per checkpoint and FAR to this JSON file")
+    return p
+
+
+def run_tarfar(args) -> list[dict]:
+    """Run the ``tarfar`` subcommand; prints the table, returns one result per checkpoint."""
+    from pipeline.eval.checkpoint import load_model
+    from pipeline.eval.identify import embed_paths, read_image_set, resolve_device
+
+    if any(not 0 < f < 1 for f in args.fars):
+        raise ConfigError(f"--fars must lie in (0, 1), got {args.fars}")
+    if args.block < 1:
+        raise ConfigError(f"--block must be ≥ 1, got {args.block}")
+    images = read_image_set(args.images)
+    labels = np.asarray(images.labels)
+    n_genuine, n_impostor = count_pairs(labels)
+    if not n_genuine or not n_impostor:
+        raise DataError(
+            f"{images.source}: {n_genuine} genuine and {n_impostor} impostor pairs; "
+            "TAR@FAR needs both (≥ 2 images of some identity and ≥ 2 identities)"
+        )
+    print(
+        f"{images.source}: {len(images)} images, {len(set(images.labels))} identities: "
+        f"{n_genuine} genuine, {n_impostor} impostor pairs",
+        flush=True,
+    )
+    device = resolve_device(args.device)
+    results, curves = [], []
+    for checkpoint in args.checkpoint:
+        net, info = load_model(
+            checkpoint, args.backbone, args.width, args.embedding_size, args.input_size, device=device
+        )
+        feats = embed_paths(net, images.paths, info["input_size"], args.batch_size, device, not args.no_progress)
+        genuine, impostor = pair_scores(feats, labels, args.block, device)
+        points = tar_at_far(genuine, impostor, args.fars)
+        results.append({**info, "points": [asdict(p) for p in points]})
+        curves.append((f"[{len(curves) + 1}] {info['checkpoint']}", genuine, impostor))
+    names = [r["checkpoint"] for r in results]
+    print(format_table(names, [[TarAtFar(**p) for p in r["points"]] for r in results], n_impostor), flush=True)
+    roc = args.roc or (str(Path(args.json).with_suffix("")) + "_roc.png" if args.json else None)
+    if roc:
+        plot_roc(curves, roc, Path(images.source).name)
+        print(f"ROC: {roc}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        summary = {"images": images.source, "genuine_pairs": n_genuine, "impostor_pairs": n_impostor}
+        Path(args.json).write_text(json.dumps({**summary, "results": results}, indent=1) + "\n")
+        print(f"JSON: {args.json}")
+    return results
