@@ -424,7 +424,6 @@ def test_a_plugin_module_registers_a_diagnostic(bad_spec, tmp_path):
 
 def test_kernel_dc_share_against_hand_computation():
     """dc_share: box kernels 1, zero-sum kernels 0, a random weight equal to an explicit loop over filters."""
-    import numpy as np
     import torch
 
     from pipeline.ablate import dc_share

@@ -1,9 +1,12 @@
-"""``python -m pipeline.eval verify|lowres|identify|tarfar``: evaluation of a checkpoint.
+"""``python -m pipeline.eval verify|lowres|identify|tarfar|ijb``: evaluation of a checkpoint.
 
 ``verify`` runs the 10-fold protocol on .bin sets or an LFW pairs file; ``lowres`` runs it on
 low-resolution (7/14/20 px) and cross-resolution copies of a set and prints one table;
 ``identify`` gives closed-set rank-k accuracy and the CMC (lists, TinyFace, SCface); ``tarfar``
-gives TAR at FAR 1e-1 … 1e-6 over all pairs of a labelled image set, for one or more checkpoints.
+gives TAR at FAR 1e-1 … 1e-6 over all pairs of a labelled image set, for one or more checkpoints;
+``ijb`` runs the IJB-B / IJB-C 1:1 template protocol (TAR at FAR 1e-6 … 1e-1), distributed under
+torchrun. Every subcommand takes ``--onnx MODEL.onnx`` (an exported model, run by onnxruntime)
+instead of ``--checkpoint``.
 
 Examples::
 
@@ -19,6 +22,10 @@ Examples::
     # TAR@FAR over all pairs of the LFW dev-test images, two checkpoints on one ROC
     python -m pipeline.eval tarfar --checkpoint runs/a --checkpoint runs/b \\
         --images ../shared/data/lfw_view1_112/devtest_112 --roc roc.png
+    # IJB-C 1:1 (meta/ + loose_crop/ of insightface's IJB release), 8 GPUs, resumable feature caches in --out
+    torchrun --nproc_per_node 8 -m pipeline.eval ijb --checkpoint runs/r50 --root /data/IJBC --out ijbc_r50
+    # an exported ONNX model instead of a checkpoint (any subcommand)
+    python -m pipeline.eval verify --onnx r50.onnx --bin ../shared/data/lfw_view1_112/lfw_devtest_112.bin
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ import torch
 
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
-from pipeline.eval.identify import add_identify_parser, run_identify
+from pipeline.eval.identify import add_identify_parser, add_model_arguments, run_identify
+from pipeline.eval.ijb import add_ijb_parser, run_ijb
 from pipeline.eval.lowres import add_lowres_parser, run_lowres
 from pipeline.eval.tarfar import add_tarfar_parser, run_tarfar
 
@@ -48,41 +56,29 @@ def _parser() -> argparse.ArgumentParser:
         help="10-fold verification accuracy on .bin sets or an LFW pairs file",
         description="Prints 'NAME: accuracy MEAN ± STD' per set (insightface 10-fold protocol).",
     )
-    v.add_argument(
-        "--checkpoint",
-        required=True,
-        help="trainer checkpoint dir (config.yaml + model.pt), a run dir, or a state-dict .pth",
-    )
-    v.add_argument("--backbone", help="registry backbone name for a state-dict file (e.g. iresnet50)")
-    v.add_argument("--width", type=float, default=1.0, help="width multiplier for --backbone (default 1.0)")
-    v.add_argument("--embedding-size", type=int, default=512)
-    v.add_argument("--input-size", type=int, default=112)
+    add_model_arguments(v)
     src = v.add_mutually_exclusive_group(required=True)
     src.add_argument("--bin", nargs="+", help="insightface .bin file(s)")
     src.add_argument("--pairs", help="LFW pairs file ('N' or 'FOLDS N' header); needs --root")
     v.add_argument("--root", help="image folder for --pairs (ROOT/name/name_%%04d.jpg)")
     v.add_argument("--ext", default="jpg", help="image extension for --pairs (default jpg)")
-    v.add_argument("--batch-size", type=int, default=64)
-    v.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     v.add_argument("--json", help="write all results to this JSON file")
     v.add_argument("--roc", help="write the ROC curves to this PNG (default: beside --json)")
-    v.add_argument("--no-progress", action="store_true")
     add_lowres_parser(sub)
     add_identify_parser(sub)
     add_tarfar_parser(sub)
+    add_ijb_parser(sub)
     return ap
 
 
 def verify(args) -> list[dict]:
-    from pipeline.eval.checkpoint import load_model
+    from pipeline.eval.checkpoint import embedder_from_args
     from pipeline.eval.verify import evaluate_images, load_bin, load_pairs, plot_roc
 
     if args.pairs and not args.root:
         raise ConfigError("--pairs needs --root (the image folder)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    net, info = load_model(
-        args.checkpoint, args.backbone, args.width, args.embedding_size, args.input_size, device=device
-    )
+    net, info = embedder_from_args(args, device)
     size = info["input_size"]
     sets = (
         [(Path(b).stem, lambda b=b: load_bin(b, size)) for b in args.bin]
@@ -121,7 +117,7 @@ def verify(args) -> list[dict]:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"verify": verify, "lowres": run_lowres, "identify": run_identify, "tarfar": run_tarfar}
+    commands = {"verify": verify, "lowres": run_lowres, "identify": run_identify, "tarfar": run_tarfar, "ijb": run_ijb}
     try:
         commands[args.cmd](args)
     except (ConfigError, DataError) as exc:

@@ -419,13 +419,23 @@ def plot_cmc(rows: list[dict], path: str | Path, title: str = "") -> None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser, several: bool = False) -> None:
-    """``--checkpoint`` (once, or repeatable) and the options of a state-dict file, as ``verify``."""
-    p.add_argument(
+    """The model to evaluate — ``--checkpoint`` or ``--onnx`` (exactly one; with ``several``, each
+    repeatable and combinable: checkpoints first, then ONNX models) — the options of a state-dict
+    file, and ``--batch-size``, ``--device``, ``--no-progress``, as every subcommand takes them."""
+    group = p if several else p.add_mutually_exclusive_group(required=True)
+    group.add_argument(
         "--checkpoint",
-        required=True,
         action="append" if several else "store",
         help="trainer checkpoint dir (config.yaml + model.pt), a run dir (its latest checkpoint), or a state-dict .pth"
         + (" (repeat to compare several)" if several else ""),
+    )
+    group.add_argument(
+        "--onnx",
+        action="append" if several else "store",
+        metavar="MODEL.onnx",
+        help="an exported ONNX model (python -m pipeline.export), run by onnxruntime (CUDA provider when the "
+        "device is CUDA and the provider is installed, else CPU); input size read from the model"
+        + (" (repeatable)" if several else ""),
     )
     p.add_argument("--backbone", help="registry backbone name for a state-dict file (e.g. iresnet50)")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier for --backbone (default 1.0)")
@@ -470,7 +480,7 @@ def add_identify_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_identify(args) -> list[dict]:
     """Run the ``identify`` subcommand; prints the rank-k table, returns its rows."""
-    from pipeline.eval.checkpoint import load_model
+    from pipeline.eval.checkpoint import embedder_from_args
 
     if args.gallery and not args.probe:
         raise ConfigError("--gallery needs --probe (the probe list or folder)")
@@ -487,9 +497,7 @@ def run_identify(args) -> list[dict]:
     else:
         protocol = read_lists(args.gallery, args.probe, args.distractors)
     device = resolve_device(args.device)
-    net, info = load_model(
-        args.checkpoint, args.backbone, args.width, args.embedding_size, args.input_size, device=device
-    )
+    net, info = embedder_from_args(args, device)
     rows = evaluate_identification(
         net,
         protocol,

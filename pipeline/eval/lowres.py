@@ -16,6 +16,7 @@ image with the degraded second image (each image is embedded independently in ev
 equals embedding a half-degraded copy).
 
     python -m pipeline.eval lowres --checkpoint runs/lrfr --bin lfw.bin [--sizes 7 14 20] [--json out.json]
+    python -m pipeline.eval lowres --onnx lrfr.onnx --bin lfw.bin    (an exported model, through onnxruntime)
     python -m pipeline.eval.lowres ...   (the same, without the subcommand)
 
 Prints a markdown table (accuracy ± std of the 10 folds, %) and writes all metrics to ``--json``.
@@ -165,15 +166,9 @@ def add_lowres_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="trainer checkpoint dir (config.yaml + model.pt), a run dir (its latest checkpoint), or a state-dict .pth",
-    )
-    p.add_argument("--backbone", help="registry backbone name for a state-dict file (e.g. iresnet50)")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier for --backbone (default 1.0)")
-    p.add_argument("--embedding-size", type=int, default=512, help="embedding size for --backbone (default 512)")
-    p.add_argument("--input-size", type=int, default=112, help="input size for --backbone (default 112)")
+    from pipeline.eval.identify import add_model_arguments
+
+    add_model_arguments(p)  # --checkpoint | --onnx, state-dict options, --batch-size, --device, --no-progress
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bin", nargs="+", help="insightface .bin file(s), e.g. lfw.bin")
     src.add_argument("--pairs", help="LFW pairs file ('N' or 'FOLDS N' header); needs --root")
@@ -182,15 +177,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="LR resolutions in px (default: 7 14 20)"
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--json", help="write the table's numbers (and AUC, TAR@FAR, thresholds) to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run_lowres(args) -> list[dict]:
     """Run the ``lowres`` subcommand; prints the markdown table, returns the rows."""
-    from pipeline.eval.checkpoint import load_model
+    from pipeline.eval.checkpoint import embedder_from_args
     from pipeline.eval.verify import load_bin, load_pairs
 
     if args.pairs and not args.root:
@@ -198,9 +190,7 @@ def run_lowres(args) -> list[dict]:
     if any(s < 1 for s in args.sizes):
         raise ConfigError(f"--sizes: resolutions must be positive px, got {args.sizes}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    net, info = load_model(
-        args.checkpoint, args.backbone, args.width, args.embedding_size, args.input_size, device=device
-    )
+    net, info = embedder_from_args(args, device)
     size = info["input_size"]
     sets = (
         [(Path(b).stem, lambda b=b: load_bin(b, size)) for b in args.bin]

@@ -18,6 +18,7 @@ block × images scores plus the impostor scores themselves (4 bytes each: 4.8 MB
 Example::
 
     python -m pipeline.eval tarfar --checkpoint runs/a --checkpoint runs/b --images devtest_112/ --roc roc.png
+    python -m pipeline.eval tarfar --checkpoint runs/a --onnx a.onnx --images devtest_112/   # PyTorch vs ONNX
 """
 
 from __future__ import annotations
@@ -172,9 +173,12 @@ def add_tarfar_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_tarfar(args) -> list[dict]:
     """Run the ``tarfar`` subcommand; prints the table, returns one result per checkpoint."""
-    from pipeline.eval.checkpoint import load_model
+    from pipeline.eval.checkpoint import embedder_from_args
     from pipeline.eval.identify import embed_paths, read_image_set, resolve_device
 
+    models = [(c, None) for c in args.checkpoint or []] + [(None, o) for o in getattr(args, "onnx", None) or []]
+    if not models:
+        raise ConfigError("give at least one --checkpoint or --onnx model")
     if any(not 0 < f < 1 for f in args.fars):
         raise ConfigError(f"--fars must lie in (0, 1), got {args.fars}")
     if args.block < 1:
@@ -194,10 +198,8 @@ def run_tarfar(args) -> list[dict]:
     )
     device = resolve_device(args.device)
     results, curves = [], []
-    for checkpoint in args.checkpoint:
-        net, info = load_model(
-            checkpoint, args.backbone, args.width, args.embedding_size, args.input_size, device=device
-        )
+    for checkpoint, onnx in models:
+        net, info = embedder_from_args(args, device, checkpoint, onnx)
         feats = embed_paths(net, images.paths, info["input_size"], args.batch_size, device, not args.no_progress)
         genuine, impostor = pair_scores(feats, labels, args.block, device)
         points = tar_at_far(genuine, impostor, args.fars)
