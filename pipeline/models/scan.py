@@ -42,8 +42,9 @@ map k ↦ k_s is linear with singular values ``σ_i(G) σ_j(G) / 2π``; at the i
 "DC" pattern (top singular vector ∝ [0.27 0.35 0.27; 0.35 0.46 0.35; 0.27 0.35 0.27]). Gradient steps on k
 therefore grow the DC share of the effective kernel ~87× faster than its zero-sum (edge) part: SAC *without* LSC
 reparametrises every 3×3 conv as an ill-conditioned low-pass, and in short runs the network settles as
-"blur + 1×1" (measured in issue 11: effective kernels 95–96 % DC vs 37 % for plain). LSC's independent k_i
-restores a well-conditioned path. ``tests/test_scan.py::test_t1_operator_conditioning`` checks the number
+"blur + 1×1": in ``configs/ablations/scan_table1.yaml`` (RESULTS.md) 90 % of the folded 3×3 kernels' energy is
+DC for SAC and 94 % for SAC + RMO, against 29 % for plain, and both lose ~23 points; LSC's independent k_i
+restores a well-conditioned path (SAC + LSC: 38 %, within a point of plain). ``tests/test_scan.py::test_t1_operator_conditioning`` checks the number
 against ``numpy.kron(G, G)``. Two switches for readers of the paper: ``t_init`` (the paper: 1) and ``rmo_on``
 (``ku``: eq. 6 on the layer's output ``k_u ⊛ f_in``, as written; ``ks``: on the scale-attended branch
 ``k_s ⊛ f_in`` alone, Fig. 8's reading, at the price of one more convolution per layer in training).
