@@ -273,6 +273,24 @@ def test_same_seed_same_batches_in_every_arm(grid):
     assert first[("plain", 0)] != first[("plain", 1)]
 
 
+def test_two_arms_with_the_same_config_and_seed_give_identical_numbers(lfw_shards, shared_data, tmp_path):
+    """Determinism: an arm that restates a default (rmo_weight 1.0) trains to the same numbers, bit for bit."""
+
+    def edit(raw):
+        raw["arms"] = ["scan", {"name": "scan_again", "overrides": ["model.conv.rmo_weight=1.0"]}]
+        raw["seeds"] = [0]
+        raw["eval"] = raw["eval"][:1]
+        raw["reference"] = "scan"
+
+    spec = write_spec(tmp_path / "same.yaml", shared_data, edit)
+    out = tmp_path / "out"
+    proc = ablate(spec, f"data.train={lfw_shards}", "--output", out, "--jobs", "2")
+    assert proc.returncode == 0, describe(proc)
+    cells = cell_records(out)
+    a, b = cells[("scan", 0)], cells[("scan_again", 0)]
+    assert a["metrics"] == b["metrics"] and a["diagnostics"] == b["diagnostics"], (a, b)
+
+
 # --------------------------------------------------------------------------- 5. bad specs
 
 
