@@ -15,6 +15,11 @@ Examples::
     # LFW pairs.txt + image folder
     python -m pipeline.eval verify --checkpoint runs/demo \\
         --pairs ../shared/data/lfw_view1_112/pairsDevTest.txt --root ../shared/data/lfw_view1_112/devtest_112
+    # clean, blurred, low-resolution and cross-resolution benchmarks in one call (one table)
+    python -m pipeline.eval verify --checkpoint runs/demo --bin lfw.bin cfp_fp.bin \\
+        --degrade clean blur:1 blur:2 lr:7 lr:14 lr:20 cross:7 cross:14 cross:20
+    # real low-resolution pairs: XQLFW ships an LFW-format pairs file and an image folder
+    python -m pipeline.eval verify --checkpoint runs/demo --pairs xqlfw_pairs.txt --root xqlfw_aligned_112
     # an insightface arcface_torch backbone.pth
     python -m pipeline.eval verify --checkpoint ms1mv3_r50/backbone.pth --backbone iresnet50 --bin lfw.bin
     # identification: gallery / probe (/ distractor) lists or identity folders, or --tinyface / --scface ROOT
@@ -44,6 +49,7 @@ from pipeline.eval.identify import add_identify_parser, add_model_arguments, run
 from pipeline.eval.ijb import add_ijb_parser, run_ijb
 from pipeline.eval.lowres import add_lowres_parser, run_lowres
 from pipeline.eval.tarfar import add_tarfar_parser, run_tarfar
+from pipeline.eval.verify import DEGRADE_HELP, parse_degradations
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--ext", default="jpg", help="image extension for --pairs (default jpg)")
     v.add_argument("--json", help="write all results to this JSON file")
     v.add_argument("--roc", help="write the ROC curves to this PNG (default: beside --json)")
+    v.add_argument(
+        "--degrade",
+        nargs="+",
+        metavar="SPEC",
+        help="evaluate every set under each of these degradations, applied on the fly, each distinct image "
+        f"embedded once per degradation; one table sets × degradations. SPEC: {DEGRADE_HELP}. "
+        "Real low-resolution pair sets need no --degrade: XQLFW ships an LFW-format pairs file and an image "
+        "folder, so it runs as 'verify --checkpoint RUN --pairs xqlfw_pairs.txt --root xqlfw_aligned_112'",
+    )
+    v.add_argument(
+        "--norms", action="store_true", help="with --degrade: also the embedding L2 norm per degradation level"
+    )
     add_lowres_parser(sub)
     add_identify_parser(sub)
     add_tarfar_parser(sub)
@@ -77,9 +95,14 @@ def verify(args) -> list[dict]:
 
     if args.pairs and not args.root:
         raise ConfigError("--pairs needs --root (the image folder)")
+    if args.norms and not args.degrade:
+        raise ConfigError("--norms needs --degrade (the degradation levels)")
+    degradations = parse_degradations(args.degrade) if args.degrade else None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     net, info = embedder_from_args(args, device)
     size = info["input_size"]
+    if degradations is not None:
+        return verify_degraded(args, net, info, degradations, device)
     sets = (
         [(Path(b).stem, lambda b=b: load_bin(b, size)) for b in args.bin]
         if args.bin
@@ -113,6 +136,49 @@ def verify(args) -> list[dict]:
         Path(args.json).write_text(json.dumps({**info, "results": slim}, indent=1) + "\n")
         print(f"JSON: {args.json}")
     return results
+
+
+def verify_degraded(args, net, info: dict, degradations, device) -> dict:
+    """``verify --degrade``: every set under every degradation, one table (and the norms with --norms)."""
+    from pipeline.eval.verify import (
+        bin_source,
+        degraded_table,
+        evaluate_degraded,
+        norms_table,
+        pairs_source,
+        plot_roc,
+    )
+
+    sources = [bin_source(b) for b in args.bin] if args.bin else [pairs_source(args.pairs, args.root, args.ext)]
+    out = evaluate_degraded(
+        net,
+        sources,
+        degradations,
+        info["input_size"],
+        args.batch_size,
+        device,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        norms=args.norms,
+        keep_distances=True,
+    )
+    dists = [np.asarray(r.pop("distances")) for r in out["results"]]
+    print(degraded_table(out["results"]), flush=True)
+    if args.norms:
+        print("\nembedding L2 norm (mean ± sd over the distinct images, no flip):")
+        print(norms_table(out["norms"]), flush=True)
+    roc = args.roc or (str(Path(args.json).with_suffix("")) + "_roc.png" if args.json else None)
+    if roc:
+        Path(roc).parent.mkdir(parents=True, exist_ok=True)
+        named = [{**r, "name": f"{r['set']} [{r['degradation']}]"} for r in out["results"]]
+        issames = [src[2] for src in sources for _ in degradations]
+        plot_roc(named, issames, dists, roc)
+        print(f"ROC: {roc}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        payload = {**info, "degradations": [d.label for d in degradations], **out}
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"JSON: {args.json}")
+    return out
 
 
 def main(argv=None) -> int:

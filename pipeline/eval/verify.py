@@ -32,6 +32,7 @@ from sklearn.preprocessing import normalize
 
 from data_prep.bin import decode_image, read_bin, read_pairs
 from data_prep.manifest import DataError
+from pipeline.config import ConfigError
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # insightface: np.arange(0, 4, 0.01)
 NUM_FOLDS = 10
@@ -263,3 +264,222 @@ def plot_roc(results: list[dict], issames: list[np.ndarray], dists: list[np.ndar
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- degraded benchmarks in one call
+
+#: ``--degrade`` grammar: exactly the degradations ``data_prep.bin degrade`` writes as copies
+#: (:func:`data_prep.bin.degrade_image`: Gaussian blur σ, bicubic down-up to S px; ``*_cross``: only
+#: the second image of each pair degraded).
+DEGRADE_HELP = (
+    "clean | blur:SIGMA | lr:PX | cross:PX (first image clean, second at PX) | blur-cross:SIGMA "
+    "(first image clean, second blurred); the degradations of 'python -m data_prep.bin degrade'"
+)
+
+
+class Degradation(tuple):
+    """``(kind, level, cross)``: kind ``clean`` | ``blur`` | ``lr``; ``cross``: only image 2 of a pair."""
+
+    __slots__ = ()
+
+    def __new__(cls, kind: str, level: float | None = None, cross: bool = False):
+        return super().__new__(cls, (kind, level, cross))
+
+    kind = property(lambda self: self[0])
+    level = property(lambda self: self[1])
+    cross = property(lambda self: self[2])
+
+    @property
+    def image_key(self) -> tuple:
+        """What is done to a degraded image (the same for the full and the cross setting)."""
+        return (self.kind, self.level)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "clean":
+            return "clean"
+        lvl = f"{self.level:g}"
+        if self.cross:
+            return f"cross:{lvl}" if self.kind == "lr" else f"{self.kind}-cross:{lvl}"
+        return f"{self.kind}:{lvl}"
+
+
+def parse_degradation(spec: str) -> Degradation:
+    """``clean``, ``blur:σ``, ``lr:S``, ``cross:S`` (= ``lr-cross:S``), ``blur-cross:σ``; ConfigError otherwise."""
+    s = spec.strip().lower()
+    if s == "clean":
+        return Degradation("clean")
+    head, sep, value = s.partition(":")
+    kinds = {
+        "blur": ("blur", False),
+        "lr": ("lr", False),
+        "cross": ("lr", True),
+        "lr-cross": ("lr", True),
+        "blur-cross": ("blur", True),
+    }
+    if not sep or head not in kinds:
+        raise ConfigError(f"--degrade {spec!r}: expected {DEGRADE_HELP}")
+    kind, cross = kinds[head]
+    try:
+        level = float(value)
+    except ValueError:
+        raise ConfigError(f"--degrade {spec!r}: level {value!r} is not a number") from None
+    if kind == "blur" and not (level > 0 and np.isfinite(level)):
+        raise ConfigError(f"--degrade {spec!r}: blur σ must be > 0")
+    if kind == "lr" and (level != int(level) or level < 1):
+        raise ConfigError(f"--degrade {spec!r}: resolution must be a positive whole number of px")
+    return Degradation(kind, int(level) if kind == "lr" else level, cross)
+
+
+def parse_degradations(specs: list[str]) -> list[Degradation]:
+    out = list(dict.fromkeys(parse_degradation(s) for s in specs))  # duplicates once, order kept
+    if not out:
+        raise ConfigError("--degrade: give at least one degradation")
+    return out
+
+
+def bin_source(path: str | Path) -> tuple[str, list[bytes], np.ndarray]:
+    """(name = file stem, encoded images, issame) of a ``.bin``, for :func:`evaluate_degraded`."""
+    bins, issame = read_bin(path)
+    return Path(path).stem, bins, np.asarray(issame, dtype=bool)
+
+
+def pairs_source(pairs_path, root, ext: str = "jpg") -> tuple[str, list[bytes], np.ndarray]:
+    """The same from an LFW pairs file + image folder (the files' bytes, fold order)."""
+    pairs, issame = read_pairs(pairs_path, root, ext)
+    return Path(pairs_path).stem, [p.read_bytes() for ab in pairs for p in ab], np.asarray(issame, dtype=bool)
+
+
+def evaluate_degraded(
+    embed_fn: EmbedFn,
+    sources: list[tuple[str, list[bytes], np.ndarray]],
+    degradations: list[Degradation],
+    image_size: int = 112,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    norms: bool = False,
+    keep_distances: bool = False,
+) -> dict:
+    """10-fold verification of every set under every degradation, each distinct image embedded once
+    per degradation.
+
+    ``sources``: ``(name, encoded images, issame)`` (:func:`bin_source`, :func:`pairs_source`).
+    Images are degraded at their stored size with :func:`data_prep.bin.degrade_image` (what
+    ``data_prep.bin degrade`` writes, losslessly, into its copies), then resized to ``image_size``
+    as :func:`load_bin` resizes, so a row equals ``verify`` on the written copy. Images are keyed by
+    the sha1 of their bytes: one that recurs (in a set or across sets) is embedded once; a cross set
+    (clean image 1, degraded image 2) reuses the clean and degraded embeddings.
+
+    Returns ``{"results": [row per (set, degradation)], "norms": [row per (set, image degradation)]}``;
+    a row holds ``set``, ``degradation`` (its label), the verify metrics; a norm row holds the mean and
+    (population) sd of the un-normalised embedding's L2 norm over the set's distinct images (no flip),
+    cross settings counted under their degradation (``norms=True`` only).
+    """
+    import hashlib
+
+    from tqdm import tqdm
+
+    from data_prep.bin import degrade_image
+
+    keep = ("accuracy", "std", "accuracy_noflip", "std_noflip", "threshold", "auc", "tar_at_far", "xnorm")
+    decoded: dict[str, np.ndarray] = {}  # sha1 → decoded image at its stored size
+    sets = []
+    for name, bins, issame in sources:
+        issame = np.asarray(issame, dtype=bool)
+        if len(bins) != 2 * len(issame):
+            raise DataError(f"{name}: {len(bins)} images for {len(issame)} pairs")
+        keys = []
+        for i, b in enumerate(bins):
+            h = hashlib.sha1(b).hexdigest()
+            if h not in decoded:
+                decoded[h] = decode_image(b, f"{name} image {i}")
+            keys.append(h)
+        sets.append((name, keys, issame))
+
+    # which (image, degradation) embeddings are needed
+    needed: dict[tuple, dict[str, None]] = {}
+    for _, keys, _ in sets:
+        for d in degradations:
+            needed.setdefault(("clean", None), {})
+            if d.cross:
+                needed[("clean", None)].update(dict.fromkeys(keys[0::2]))
+                needed.setdefault(d.image_key, {}).update(dict.fromkeys(keys[1::2]))
+            else:
+                needed.setdefault(d.image_key, {}).update(dict.fromkeys(keys))
+            if norms:
+                needed.setdefault(d.image_key, {}).update(dict.fromkeys(keys))
+    emb: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # (kind, level, sha1) → (plain, flipped)
+    threads = torch.get_num_threads()
+    for (kind, level), shas in tqdm(
+        [(k, list(v)) for k, v in needed.items() if v], desc="degradations", disable=not progress, leave=False
+    ):
+        if kind == "clean":
+            imgs = [decoded[h] for h in shas]
+        else:
+            torch.set_num_threads(1)  # one small image at a time, as data_prep.bin degrade runs
+            try:
+                imgs = [degrade_image(decoded[h], kind, level) for h in shas]
+            finally:
+                torch.set_num_threads(threads)
+        plain, flipped = embed_images(
+            embed_fn, stack_images(imgs, f"{kind}:{level}", image_size), batch_size, device, progress
+        )
+        for j, h in enumerate(shas):
+            emb[(kind, level, h)] = (plain[j], flipped[j])
+
+    results, norm_rows = [], []
+    for name, keys, issame in sets:
+        for d in degradations:
+            per_image = [
+                (("clean", None) if d.cross and i % 2 == 0 else d.image_key) + (h,) for i, h in enumerate(keys)
+            ]
+            e = np.stack([emb[k][0] for k in per_image])
+            ef = np.stack([emb[k][1] for k in per_image])
+            res = verification_metrics(e, ef, issame, f"{name} [{d.label}]")
+            row = {"set": name, "degradation": d.label, "kind": d.kind, "level": d.level, "cross": d.cross}
+            row.update({k: res[k] for k in keep if k in res})
+            row["num_pairs"] = res["num_pairs"]
+            if keep_distances:
+                row["distances"] = res["distances"].tolist()
+            results.append(row)
+        if norms:
+            for key in dict.fromkeys(d.image_key for d in degradations):
+                n = np.linalg.norm(np.stack([emb[key + (h,)][0] for h in dict.fromkeys(keys)]), axis=1)
+                label = Degradation(*key).label
+                norm_rows.append(
+                    {
+                        "set": name,
+                        "degradation": label,
+                        "kind": key[0],
+                        "level": key[1],
+                        "mean": float(n.mean()),
+                        "sd": float(n.std()),
+                        "images": int(n.size),
+                    }
+                )
+    return {"results": results, "norms": norm_rows}
+
+
+def degraded_table(rows: list[dict], key: str = "set") -> str:
+    """Markdown: one line per ``key`` value (set), one column per degradation; accuracy mean ± std."""
+    cols = list(dict.fromkeys(r["degradation"] for r in rows))
+    by = {(r[key], r["degradation"]): r for r in rows}
+    lines = ["| " + " | ".join([key, *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name in dict.fromkeys(r[key] for r in rows):
+        cells = [
+            f"{by[(name, c)]['accuracy']:.4f} ± {by[(name, c)]['std']:.4f}" if (name, c) in by else "—" for c in cols
+        ]
+        lines.append("| " + " | ".join([str(name), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def norms_table(rows: list[dict], key: str = "set") -> str:
+    """Markdown: embedding L2 norm (mean ± sd over the distinct images) per degradation level."""
+    cols = list(dict.fromkeys(r["degradation"] for r in rows))
+    by = {(r[key], r["degradation"]): r for r in rows}
+    lines = ["| " + " | ".join([key, *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name in dict.fromkeys(r[key] for r in rows):
+        cells = [f"{by[(name, c)]['mean']:.3f} ± {by[(name, c)]['sd']:.3f}" if (name, c) in by else "—" for c in cols]
+        lines.append("| " + " | ".join([str(name), *cells]) + " |")
+    return "\n".join(lines)
