@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ CACHE_VERSION = 1
 
 def run_name(run: str | Path, taken: set[str]) -> str:
     """A file-safe name for a run directory (its last path part), unique among ``taken``."""
-    p = Path(run).resolve()
+    p = Path(os.path.abspath(run))  # not resolve(): a symlink's own name is how a user names a run
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", p.name) or "run"
     if base.startswith("step_") and p.parent.name == "checkpoints":  # a checkpoint dir: name the run
         base = f"{p.parent.parent.name}_{base}"
