@@ -85,7 +85,7 @@ import yaml
 
 from data_prep.manifest import DataError, read_manifest
 from pipeline.checkpoint import latest_or_none, load_json, save_json
-from pipeline.config import Config, ConfigError, dump_config, load_config, parse_override, to_dict
+from pipeline.config import Config, ConfigError, dump_config, load_config, parse_override, read_yaml_mapping, to_dict
 
 METRICS = ("accuracy", "accuracy_noflip", "auc")  # what the table may report; all are fractions, shown in %
 KEPT_METRICS = ("accuracy", "std", "accuracy_noflip", "std_noflip", "auc", "tar_at_far", "threshold", "xnorm")
@@ -330,26 +330,10 @@ class Spec:
         return [*self.overrides, *self.extra]
 
 
-def _read_spec_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise SpecError(f"{path}: spec file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SpecError(f"{path}: not a YAML text file ({type(exc).__name__})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: the top level must be a mapping of spec keys")
-    return data
-
-
 def load_spec(path: str | Path, extra_overrides: list[str] = (), output: str | None = None) -> Spec:
     """Read and validate a spec; ``extra_overrides`` (the command line's key=value) apply to every arm."""
     path = Path(path)
-    spec = _from_mapping(Spec, _read_spec_yaml(path), str(path))
+    spec = _from_mapping(Spec, read_yaml_mapping(path, "spec", SpecError, empty_ok=False), str(path))
     spec.path = path
     _check_not_held(list(extra_overrides), spec.budget, "command line")
     spec.extra = list(extra_overrides)

@@ -323,19 +323,24 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: Path, kind: str = "config", error: type[Exception] = ConfigError, empty_ok: bool = True):
+    """A YAML file whose top level is a mapping (a config layer, an ablation spec, ...). Every failure is one
+    ``error`` naming the file: missing, binary junk, invalid YAML (with its line), another top level. An empty
+    file is an empty mapping where ``empty_ok``."""
     if not path.is_file():
-        raise ConfigError(f"{path}: config file does not exist")
+        raise error(f"{path}: {kind} file does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except (UnicodeDecodeError, ValueError) as exc:  # binary junk, NUL bytes
-        raise ConfigError(f"{path}: not a YAML text file ({type(exc).__name__})") from None
+        raise error(f"{path}: not a YAML text file ({type(exc).__name__})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise error(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None and empty_ok:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        raise error(f"{path}: top level must be a mapping of {kind} keys, got {type(data).__name__}")
     return data
 
 
@@ -369,7 +374,7 @@ def _load_layers(path: Path, merged: dict, origin: dict, seen: tuple = ()) -> No
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'base:' chain")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     bases = data.pop("base", None) or []
     for base in [bases] if isinstance(bases, str) else bases:
         _load_layers((path.parent / base), merged, origin, seen + (path,))
