@@ -304,6 +304,8 @@ class Trainer:
         batch = {k: self._to_device(v) for k, v in batch.items()}
         if micro % self.gas == 0 and self._buffers:  # the BatchNorm statistics as the window starts, for a skip
             torch._foreach_copy_(self._buffers_before, self._buffers)  # one fused copy into kept storage
+        if not hasattr(self, "_first_batch_faces"):  # a fallback for the attention-map figure (no data.val)
+            self._first_batch_faces = batch["image"][:8].detach().clone()
         outputs = self.engine(batch)
         terms: dict[str, torch.Tensor] = {}
         total = 0.0
@@ -334,6 +336,7 @@ class Trainer:
         terms = {k: v.detach() for k, v in terms.items()}
         terms["_lr"] = torch.tensor(lr)
         self._scalars = outputs.scalars
+        self._step_histograms = outputs.histograms
         return terms
 
     def _nonfinite_anywhere(self, total: torch.Tensor) -> bool:
@@ -472,7 +475,7 @@ class Trainer:
     def _log_histograms(self) -> None:
         if self.writer is None:
             return
-        for name, values in self.model.histograms().items():
+        for name, values in {**self.model.histograms(), **getattr(self, "_step_histograms", {})}.items():
             self.writer.add_histogram(f"hist/{name}", values.detach().float().cpu(), self.step)
         self.writer.flush()
 
@@ -561,7 +564,7 @@ class Trainer:
                     "num_classes": self.loader.num_classes,
                 },
             )
-            self.model.on_checkpoint(tmp, self.step)
+            self.model.on_checkpoint(tmp, self.step, self._probe_faces())
         distributed.barrier()
         if distributed.is_main():
             ckpt.write_checksums(tmp)  # after every rank's DeepSpeed files are in place
@@ -571,6 +574,22 @@ class Trainer:
             print(f"[train] checkpoint {final}", flush=True)
         distributed.barrier()
         return final
+
+    def _probe_faces(self) -> torch.Tensor | None:
+        """8 fixed faces for the network's attention-map figure: the first images of the first ``data.val``
+        set (8 distinct faces: the first image of pairs 0…7), else the start of the first training batch."""
+        if getattr(self, "_faces", None) is None and self.cfg.data.val:
+            from pipeline.eval.verify import load_bin, to_model_input
+
+            try:
+                images, _ = load_bin(self.cfg.data.val[0], self.cfg.model.input_size)
+                self._faces = to_model_input(images[0:16:2])
+            except DataError as exc:
+                print(f"[train] attention maps: no faces from {self.cfg.data.val[0]}: {exc}", flush=True)
+        faces = getattr(self, "_faces", None)
+        if faces is None:
+            faces = getattr(self, "_first_batch_faces", None)
+        return None if faces is None else faces.to(self.device, self.dtype)
 
     def _classifier_moments(self) -> dict[str, torch.Tensor]:
         """Per-row optimizer state of the classifier shard (momentum / Adam moments)."""

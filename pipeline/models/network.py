@@ -35,18 +35,37 @@ class Trace:
     """Aux losses and monitors reported by the modules of one forward call.
 
     ``add_loss(name, value)``: already weighted; several reports under one name are summed (e.g. RMO's
-    L_scale of every SAC layer, eq. 7). ``monitor(name, value)``: logged as ``monitor/<name>``.
+    L_scale of every SAC layer, eq. 7). ``monitor(name, value)``: logged as ``monitor/<name>`` (its mean).
+    ``histogram(name, values)``: the trainer writes the last step's values as ``hist/<name>`` every
+    ``output.histogram_every`` steps. ``spatial_map(name, maps)`` / ``sample_value(name, values)``: kept only
+    on a *probe* trace (:meth:`FaceNetwork.probe`), which draws the maps over a few fixed faces at every
+    checkpoint (``attention_maps.png``, each face titled with its sample values).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, probe: bool = False) -> None:
         self._losses: dict[str, list[torch.Tensor]] = {}
         self.monitors: dict[str, torch.Tensor] = {}
+        self.histograms: dict[str, torch.Tensor] = {}
+        self.probing = probe
+        self.maps: dict[str, torch.Tensor] = {}  # name → (N, 1, h, w), probe traces only
+        self.sample_values: dict[str, torch.Tensor] = {}  # name → (N,), probe traces only
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         self._losses.setdefault(name, []).append(value)
 
     def monitor(self, name: str, value) -> None:
         self.monitors[name] = value
+
+    def histogram(self, name: str, values: torch.Tensor) -> None:
+        self.histograms[name] = values.detach()
+
+    def spatial_map(self, name: str, maps: torch.Tensor) -> None:
+        if self.probing:
+            self.maps[name] = maps.detach()
+
+    def sample_value(self, name: str, values: torch.Tensor) -> None:
+        if self.probing:
+            self.sample_values[name] = values.detach()
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         # summed in at least float32 (a half-precision term is accumulated in float32)
@@ -61,6 +80,7 @@ class NetOutput:
     embedding: torch.Tensor  # (N, D), not normalised
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted; the trainer sums them
     monitors: dict[str, torch.Tensor] = field(default_factory=dict)  # logged as monitor/<name>
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # logged as hist/<name>
 
 
 class Reporter(nn.Module):
@@ -176,7 +196,20 @@ class FaceNetwork(nn.Module):
         if trace is None:
             return NetOutput(emb)
         monitors = {**self.conv_kind.monitors(self), **trace.monitors}
-        return NetOutput(emb, trace.aux_losses(), monitors)
+        return NetOutput(emb, trace.aux_losses(), monitors, trace.histograms)
+
+    @torch.no_grad()
+    def probe(self, images: torch.Tensor) -> Trace:
+        """An eval-mode forward over ``images`` that keeps what the modules report for drawing (their
+        spatial maps and per-sample values; losses and monitors computed on the way are discarded)."""
+        was_training = self.training
+        self.eval()
+        try:
+            trace = Trace(probe=True)
+            self.head(self.trunk(images, trace, self._keep), trace)
+        finally:
+            self.train(was_training)
+        return trace
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self(images).embedding
@@ -199,10 +232,18 @@ class FaceNetwork(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set(self.conv_kind.no_weight_decay(self))
 
-    def on_checkpoint(self, out_dir: Path, step: int) -> None:
+    def on_checkpoint(self, out_dir: Path, step: int, faces: torch.Tensor | None = None) -> None:
+        """Each part's checkpoint hook; with ``faces`` ((N,3,H,W) in [-1, 1], a few fixed faces), also
+        ``attention_maps.png``: every spatial map the modules report, over those faces."""
         self.conv_kind.on_checkpoint(self, out_dir, step)
         for part in self.parts():
             part.on_checkpoint(out_dir, step)
+        if faces is not None:
+            trace = self.probe(faces)
+            if trace.maps:
+                from pipeline.models.attention_png import plot_attention_maps
+
+                plot_attention_maps(faces, trace.maps, trace.sample_values, Path(out_dir) / "attention_maps.png", step)
 
     # ------------------------------------------------------------------ inference form
     def folded(self) -> tuple[FaceNetwork, int]:

@@ -32,6 +32,7 @@ class StepOutput:
     heads: dict[str, ClassifierInput]  # each is a 'loss/cls_<name>' term
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted, summed into the loss
     scalars: dict[str, float | torch.Tensor] = field(default_factory=dict)  # logged as 'monitor/<name>'
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # last step's, logged as 'hist/<name>'
 
 
 class RecipeModel(nn.Module):
@@ -66,6 +67,7 @@ class RecipeModel(nn.Module):
         """Tensors written as TensorBoard histograms every ``output.histogram_every`` steps."""
         return self.net.histograms()
 
-    def on_checkpoint(self, out_dir: Path, step: int) -> None:
-        """Called on rank 0 after each checkpoint (e.g. to write PNG plots)."""
-        self.net.on_checkpoint(out_dir, step)
+    def on_checkpoint(self, out_dir: Path, step: int, faces: torch.Tensor | None = None) -> None:
+        """Called on rank 0 after each checkpoint (e.g. to write PNG plots); ``faces``: a few fixed faces
+        for the network's attention-map figure."""
+        self.net.on_checkpoint(out_dir, step, faces)

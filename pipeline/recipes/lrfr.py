@@ -95,7 +95,6 @@ class LRFRRecipe(RecipeModel):
         self.form = m.form
         aug = cfg.data.augment
         self.buckets = sorted({int(s) for s in aug.multires_sizes}) + ([0] if aug.multires_p < 1.0 else [])
-        self._last_dim_error: torch.Tensor | None = None
 
     def forward(self, batch: dict) -> StepOutput:
         if "image_lr" not in batch:
@@ -134,7 +133,9 @@ class LRFRRecipe(RecipeModel):
             n_hr = F.normalize(f_hr.detach().float(), dim=1)
             n_lr = F.normalize(f_lr.detach().float(), dim=1)
             scalars["cos_hr_lr"] = (n_hr * n_lr).sum(dim=1).mean()
-            self._last_dim_error = (n_hr - n_lr).abs().mean(dim=0)  # to the host only when histograms are written
+            # to the host only when histograms are written; the network's own per view
+            hists = {f"hr/{k}": v for k, v in hr.histograms.items()} | {f"lr/{k}": v for k, v in lr.histograms.items()}
+            hists["lrfr/dim_abs_error"] = (n_hr - n_lr).abs().mean(dim=0)
 
         aux = _mean_of_views(hr.aux_losses, lr.aux_losses)
         aux["dist"] = self.lambda_dist * l_dist
@@ -145,13 +146,8 @@ class LRFRRecipe(RecipeModel):
             },
             aux_losses=aux,
             scalars=scalars,
+            histograms=hists,
         )
-
-    def histograms(self) -> dict[str, torch.Tensor]:
-        out = super().histograms()
-        if self._last_dim_error is not None:
-            out["lrfr/dim_abs_error"] = self._last_dim_error
-        return out
 
 
 @registry.register_recipe("lrfr", LRFRConfig)

@@ -17,6 +17,7 @@ class MarginRecipe(RecipeModel):
             heads={"main": ClassifierInput(out.embedding, batch["label"])},
             aux_losses=out.aux_losses,
             scalars=out.monitors,
+            histograms=out.histograms,
         )
 
 
