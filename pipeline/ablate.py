@@ -744,6 +744,28 @@ def conv_monitors(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
     return {name.rsplit("/", 1)[-1]: float(v) for name, v in net.conv_kind.monitors(net).items()}
 
 
+@register_diagnostic("sample_values")
+def sample_values(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
+    """Mean over each evaluation set's images of every per-sample value the network's modules report on a probe
+    forward (``trace.sample_value``): ``<value>/<set>``, e.g. LGAF's ``gamma_l/clean`` vs ``gamma_l/occ_eyes``
+    (does the local branch gain weight on degraded faces?) or CQA-Face's ``q0/…`` … ``q3/…`` (do the quality
+    scores fall on occluded faces?); nothing for a network without such values (the fc head)."""
+    import torch
+
+    from pipeline.eval.verify import to_model_input
+
+    out: dict[str, float] = {}
+    for eval_set in ctx.eval_sets:
+        images, _ = eval_set.load(ctx.input_size)
+        sums: dict[str, float] = {}
+        for start in range(0, len(images), EVAL_BATCH):
+            batch = to_model_input(images[start : start + EVAL_BATCH]).to(ctx.device)
+            for name, values in net.probe(batch).sample_values.items():
+                sums[name] = sums.get(name, 0.0) + float(values.double().sum())
+        out.update({f"{name}/{eval_set.name}": total / len(images) for name, total in sums.items()})
+    return out
+
+
 def dc_share(weight) -> float:
     """Share of a K×K conv weight's energy in its DC part: Σ_(o,i) (Σ_taps k)² / K² over Σ k² — the squared
     projection onto the constant kernel. 1: every kernel a (scaled) box blur; a zero-sum kernel: 0; i.i.d. random

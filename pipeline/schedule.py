@@ -1,7 +1,8 @@
 """Learning-rate schedules stated in epochs, as the papers state them.
 
 ``lr_factor(cfg, epoch)`` is the multiplier of the base lr at a (fractional) epoch: a linear
-warm-up over ``warmup_epochs``, then ``step`` (× gamma at each milestone epoch), ``poly``
+warm-up over ``warmup_epochs``, then ``step`` (× gamma at each milestone epoch, or × ``factors[i]`` at
+milestone i), ``poly``
 ((1 - progress)^power, arcface_torch's default) or ``cosine`` decay to 0 at ``epochs``.
 """
 
@@ -17,7 +18,10 @@ def lr_factor(cfg: ScheduleConfig, epoch: float) -> float:
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
         return (epoch + 1e-12) / cfg.warmup_epochs if epoch > 0 else 1.0 / max(1.0, 1000.0 * cfg.warmup_epochs)
     if cfg.kind == "step":
-        return cfg.gamma ** bisect.bisect_right(list(cfg.milestones), epoch)
+        passed = bisect.bisect_right(list(cfg.milestones), epoch)
+        if cfg.factors:
+            return math.prod(cfg.factors[:passed])
+        return cfg.gamma**passed
     span = cfg.epochs - cfg.warmup_epochs
     progress = min(1.0, max(0.0, (epoch - cfg.warmup_epochs) / span))
     if cfg.kind == "poly":

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import schedule
-from pipeline.config import ConfigError, ScheduleConfig, load_config
+from pipeline.config import ConfigError, ScheduleConfig, check, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,6 +89,18 @@ def test_step_schedule_in_epochs():
     assert schedule.lr_factor(cfg, 16.0) == pytest.approx(0.1)
     assert schedule.lr_factor(cfg, 25.0) == pytest.approx(0.01)
     assert schedule.lr_factor(cfg, 29.0) == pytest.approx(0.001)
+
+
+def test_step_schedule_with_per_milestone_factors_cqa_ms1mv2():
+    """CQA-Face on MS1MV2 (spec B.5): 0.03, ÷10 at epoch 12 and 18 (0-based), then 3e-4 → 1e-4 at 22."""
+    cfg = ScheduleConfig(kind="step", epochs=24, warmup_epochs=2, milestones=[12, 18, 22], factors=[0.1, 0.1, 1 / 3])
+    lrs = {e: 0.03 * schedule.lr_factor(cfg, e) for e in (1.0, 2.0, 11.9, 12.0, 18.0, 22.0, 23.9)}
+    assert lrs[1.0] == pytest.approx(0.015)  # half-way through the 2 warm-up epochs
+    assert (lrs[2.0], lrs[11.9]) == (pytest.approx(0.03), pytest.approx(0.03))
+    assert (lrs[12.0], lrs[18.0]) == (pytest.approx(3e-3), pytest.approx(3e-4))
+    assert lrs[22.0] == pytest.approx(1e-4) and lrs[23.9] == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="schedule.factors: needs one factor per milestone"):
+        check(ScheduleConfig(milestones=[1, 2], factors=[0.1]), "schedule.")
 
 
 def test_warmup_poly_cosine():

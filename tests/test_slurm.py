@@ -3,7 +3,8 @@
 * job machinery, with a stand-in trainer (a gloo all_reduce): MASTER_ADDR/PORT, ranks, nodes,
   argument and environment pass-through, for 1 node × 2 tasks and 2 nodes × 1 task;
 * the real trainer, smoke layer, shards of real LFW training faces: jobs/scan_r101.sh on both
-  shapes (exit code, checkpoint, TensorBoard t histograms) and jobs/lrfr_r50.sh;
+  shapes (exit code, checkpoint, TensorBoard t histograms), jobs/lrfr_r50.sh, and jobs/lgaf_r100.sh /
+  jobs/cqa_r100.sh (their monitors, histograms and the attention-map PNG of the checkpoint);
 * preemption: SIGUSR1 to a running job → checkpoint → requeue → resume → finish.
 
 Needs root (installs Debian's slurm-wlm + munge if missing, starts the daemons) and FAILS, never
@@ -119,7 +120,7 @@ def recipe_of(script: Path) -> str:
 
 
 def test_job_scripts_present():
-    assert {p.stem for p in JOBS} >= {"scan_r101", "iresnet_r100", "lrfr_r50"}
+    assert {p.stem for p in JOBS} >= {"scan_r101", "iresnet_r100", "lrfr_r50", "lgaf_r100", "cqa_r100"}
 
 
 @pytest.mark.parametrize("script", JOBS, ids=lambda p: p.stem)
@@ -307,6 +308,36 @@ def test_lrfr_r50_smoke(slurm, lfw_shards, tmp_path):
     job, run = run_smoke(slurm, "lrfr_r50", "2x1", tmp_path, lfw_shards)
     ckpts = checkpoints(run)
     assert ckpts and (ckpts[-1] / "model.pt").is_file(), job_log(tmp_path / "logs", job)
+
+
+def tb_scalar_tags(run: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc.Tags()["scalars"]
+
+
+@pytest.mark.parametrize(
+    "script, shape, scalars, hists",
+    [
+        # LGAF: the LGF weights and statistics (EMA all-reduced over the 2 ranks), the γ_l histogram
+        ("lgaf_r100", "2x1", {"monitor/lgaf/gamma_l_mean", "monitor/lgaf/ema_mu_l", "monitor/lgaf/share_l"}, {"hist/lgaf/gamma_l"}),
+        # CQA-Face: CAL as its own loss term, the quality scores
+        ("cqa_r100", "1x2", {"loss/cal", "monitor/cqa/q_spread", "monitor/cqa/cal_active_frac"}, {"hist/cqa/q0"}),
+    ],
+)
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_attention_head_smoke(slurm, lfw_shards, tmp_path, script, shape, scalars, hists):
+    job, run = run_smoke(slurm, script, shape, tmp_path, lfw_shards)
+    ckpts = checkpoints(run)
+    log = job_log(tmp_path / "logs", job)
+    assert ckpts and (ckpts[-1] / "model.pt").is_file(), f"no checkpoint under {run}/checkpoints\n{log}"
+    assert (ckpts[-1] / "attention_maps.png").stat().st_size > 5000, log  # the maps over 8 fixed faces
+    assert scalars <= set(tb_scalar_tags(run)), f"{sorted(tb_scalar_tags(run))}\n{log}"
+    assert hists <= set(histogram_tags(run)), log
+    assert "world=2" in log, log
 
 
 @pytest.mark.slurm
