@@ -26,20 +26,51 @@ image is exactly the degradation of the decoded original rounded to uint8, and t
 measures blur / low resolution alone, without JPEG artefacts added on top. In the cross-resolution
 variants the first image of every pair keeps its original bytes.
 
+Occluded copies (``degrade --occlude KIND ...``; ``<stem>_occ-KIND.bin``) are a *synthetic proxy*
+for occlusion: the LCD paper evaluates on real occlusion (face masks, sunglasses), which a flat
+band or rectangle only imitates. Kinds, for insightface-aligned faces (ArcFace 5-point template
+at 112 px: eyes y≈51.6, nose tip y≈71.7, mouth corners y≈92.3, x 38–74; every geometry option
+is in template px at 112 and scaled to the image's size):
+
+- ``black`` / ``noise`` / ``face``: one random rectangle per image, filled with zeros, uniform
+  random pixels, or the same rectangle of *another* image of the set (a donor whose bytes differ,
+  drawn by the RNG). Area fraction ~ U(``--occ-area``), width/height ratio log-uniform in
+  ``--occ-aspect``, position uniform inside the image. The three kinds use the same rectangle for
+  the same image, so they differ only in the fill;
+- ``eyes`` (sunglasses proxy): a black band over both eyes, rows eye-y ± ``--eye-half-height``,
+  columns ``--eye-x``;
+- ``mask`` (face-mask proxy): a flat ``--mask-color`` band from ``--mask-top`` (just below the
+  nose tip) to the bottom of the image (the chin), full width.
+
+Randomness is a function of (``--seed``, image index in the set) only (numpy
+``default_rng([seed, index, stream])``), so an image's occlusion does not depend on which other
+images are processed or in which order. ``degrade-images`` writes the same degradations for a
+folder of ``<identity>/<image>`` files (the index is the image's position in the order
+``pipeline.eval tarfar --images`` reads the folder), as PNG in the same layout, one sub-folder per
+degradation, so that ``tarfar --images OUT/occ-eyes`` runs unchanged. The parameters of every
+occluded copy are written beside it (``<copy>.json`` / ``OUT/occ-KIND/occlusion.json``).
+
 CLI::
 
     python -m data_prep.bin info F.bin
     python -m data_prep.bin from-pairs --pairs pairsDevTest.txt --root devtest_112 --out lfw.bin
     python -m data_prep.bin degrade --bin lfw.bin --out-dir D --blur 1 2 3 --lowres 7 14 20 --cross
+    python -m data_prep.bin degrade --bin lfw.bin --out-dir D --occlude black noise face eyes mask --seed 0 --cross
+    python -m data_prep.bin degrade-images --images devtest_112 --out-dir D --occlude eyes mask black
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
+import math
 import pickle
+import shutil
 import sys
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -297,8 +328,16 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def degrade_image(img: np.ndarray, kind: str, level: float) -> np.ndarray:
-    """uint8 (H,W,3) → degraded uint8 via pipeline.data.degrade, on values 0..255, rounded."""
+def degrade_image(img: np.ndarray, kind: str, level: float | None) -> np.ndarray:
+    """uint8 (H,W,3) → degraded uint8 via pipeline.data.degrade, on values 0..255, rounded.
+
+    ``occ-eyes`` / ``occ-mask`` (``level`` unused) are the default-geometry bands of
+    :func:`occlude_image`; they depend on the image alone. The random occlusions need the image's
+    index and its set: :func:`degrade_in_set`."""
+    if kind in ("occ-eyes", "occ-mask"):
+        return occlude_image(img, kind[4:], OcclusionParams())
+    if kind.startswith("occ-"):
+        raise ValueError(f"{kind} depends on the image's index and set: use degrade_in_set")
     import torch
 
     from pipeline.data.degrade import bicubic_down_up, gaussian_blur
@@ -313,58 +352,337 @@ def degrade_image(img: np.ndarray, kind: str, level: float) -> np.ndarray:
     return y.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def degraded_name(stem: str, kind: str, level: float, cross: bool) -> str:
-    return f"{stem}_{kind}{_fmt(level)}{'_cross' if cross else ''}.bin"
+def degradation_tag(kind: str, level: float | None) -> str:
+    """``blur2``, ``lr14``, ``occ-eyes``: the suffix of a degraded copy's name."""
+    return kind if level is None else f"{kind}{_fmt(level)}"
+
+
+def degraded_name(stem: str, kind: str, level: float | None, cross: bool) -> str:
+    return f"{stem}_{degradation_tag(kind, level)}{'_cross' if cross else ''}.bin"
+
+
+def degradation_jobs(blur=(), lowres=(), occlude=(), where: str = "degrade") -> list[tuple[str, float | None]]:
+    """``(kind, level)`` per requested degradation; DataError (one line) on a bad level or kind."""
+    jobs = [("blur", s) for s in blur] + [("lr", s) for s in lowres]
+    for kind, level in jobs:
+        if (kind == "blur" and level <= 0) or (kind == "lr" and (int(level) != level or level < 1)):
+            raise DataError(f"{where}: bad degradation level {kind} {level}")
+    for kind in occlude:
+        if kind not in OCCLUSION_KINDS:
+            raise DataError(
+                f"--occlude {kind!r}: unknown occlusion kind (expected one of {', '.join(OCCLUSION_KINDS)})"
+            )
+    return jobs + [(f"occ-{k}", None) for k in dict.fromkeys(occlude)]
 
 
 def degrade_bin(
-    bin_path, out_dir, blur=(), lowres=(), cross: bool = False, full: bool = True, progress: bool = True
+    bin_path,
+    out_dir,
+    blur=(),
+    lowres=(),
+    cross: bool = False,
+    full: bool = True,
+    progress: bool = True,
+    occlude=(),
+    occlusion: OcclusionParams | None = None,
 ) -> list[Path]:
     """Write degraded copies of ``bin_path`` into ``out_dir``; returns the written paths.
 
-    For each σ in ``blur`` and each size in ``lowres``: ``<stem>_blurσ.bin`` / ``<stem>_lrS.bin``
-    (both images of every pair degraded) when ``full``, and ``..._cross.bin`` (only the second
-    image of each pair degraded, the first kept byte-identical) when ``cross``.
+    For each σ in ``blur``, each size in ``lowres`` and each kind in ``occlude``:
+    ``<stem>_blurσ.bin`` / ``<stem>_lrS.bin`` / ``<stem>_occ-KIND.bin`` (both images of every pair
+    degraded) when ``full``, and ``..._cross.bin`` (only the second image of each pair degraded,
+    the first kept byte-identical) when ``cross``. ``occlusion``: the occlusion geometry and seed
+    (defaults: :class:`OcclusionParams`), also written to ``<copy>.json``.
     """
     import torch
 
     bin_path, out_dir = Path(bin_path), Path(out_dir)
+    occlusion = occlusion or OcclusionParams()
+    occlusion.validate()
+    jobs = degradation_jobs(blur, lowres, occlude, str(bin_path))
     bins, issame = read_bin(bin_path)
     images = [decode_image(b, f"{bin_path} image {i}") for i, b in enumerate(bins)]
-    jobs = [("blur", s) for s in blur] + [("lr", s) for s in lowres]
-    for kind, level in jobs:
-        if (kind == "blur" and level <= 0) or (kind == "lr" and (int(level) != level or level < 1)):
-            raise DataError(f"{bin_path}: bad degradation level {kind} {level}")
+    donors = DonorPool([hashlib.sha1(b).hexdigest() for b in bins])
     written = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one small image at a time: intra-op threads only add overhead
     try:
         for kind, level in jobs:
-            written += _degrade_one(bin_path, out_dir, bins, issame, images, kind, level, cross, full, progress)
+            written += _degrade_one(
+                bin_path, out_dir, bins, issame, images, kind, level, cross, full, progress, donors, occlusion
+            )
     finally:
         torch.set_num_threads(threads)
     return written
 
 
-def _degrade_one(bin_path, out_dir, bins, issame, images, kind, level, cross, full, progress) -> list[Path]:
+def _degrade_one(
+    bin_path, out_dir, bins, issame, images, kind, level, cross, full, progress, donors, occlusion
+) -> list[Path]:
     """One degradation level: the full copy and/or the cross-resolution copy."""
     from tqdm import tqdm
 
     written = []
     todo = range(len(bins)) if full else range(1, len(bins), 2)
     degraded = {
-        i: encode_png(degrade_image(images[i], kind, level))
-        for i in tqdm(todo, desc=f"{bin_path.stem} {kind}{_fmt(level)}", unit="img", disable=not progress, leave=False)
+        i: encode_png(degrade_in_set(images, donors, i, kind, level, occlusion))
+        for i in tqdm(
+            todo, desc=f"{bin_path.stem} {degradation_tag(kind, level)}", unit="img", disable=not progress, leave=False
+        )
     }
+    outs = []
     if full:
-        out = out_dir / degraded_name(bin_path.stem, kind, level, False)
-        write_bin(out, [degraded[i] for i in range(len(bins))], issame)
-        written.append(out)
+        outs.append(out_dir / degraded_name(bin_path.stem, kind, level, False))
+        write_bin(outs[-1], [degraded[i] for i in range(len(bins))], issame)
     if cross:
-        out = out_dir / degraded_name(bin_path.stem, kind, level, True)
-        write_bin(out, [bins[i] if i % 2 == 0 else degraded[i] for i in range(len(bins))], issame)
+        outs.append(out_dir / degraded_name(bin_path.stem, kind, level, True))
+        write_bin(outs[-1], [bins[i] if i % 2 == 0 else degraded[i] for i in range(len(bins))], issame)
+    for out in outs:
         written.append(out)
+        if kind.startswith("occ-"):  # the file name holds the kind only: seed and geometry go beside it
+            write_occlusion_record(
+                out.with_suffix(".json"), kind, occlusion, source=bin_path, cross=out.stem.endswith("_cross")
+            )
     return written
+
+
+# --------------------------------------------------------------------------- occlusion (synthetic proxy)
+
+#: insightface's ArcFace 5-point template at 112×112 (x, y): left eye, right eye, nose tip, mouth corners.
+ARCFACE_TEMPLATE_112 = (
+    (38.2946, 51.6963),
+    (73.5318, 51.5014),
+    (56.0252, 71.7366),
+    (41.5493, 92.3655),
+    (70.7299, 92.2041),
+)
+TEMPLATE_SIZE = 112
+OCCLUSION_KINDS = ("black", "noise", "face", "eyes", "mask")
+MASK_COLORS = {"blue": (173, 216, 230), "white": (240, 240, 240), "black": (0, 0, 0)}  # blue: a surgical mask
+# independent random streams per image: the rectangle must not shift when the fill changes kind
+_RECT_STREAM, _FILL_STREAM, _DONOR_STREAM = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class OcclusionParams:
+    """Seed and geometry of the occlusions; lengths in template px at 112 (scaled to the image)."""
+
+    seed: int = 0
+    area: tuple[float, float] = (0.1, 0.3)  # random rectangle: fraction of the image area
+    aspect: tuple[float, float] = (0.5, 2.0)  # random rectangle: width / height, log-uniform
+    eye_half_height: float = 11.0  # eye band: rows eye-y ± this (≈ eyebrows to cheekbones)
+    eye_x: tuple[float, float] = (24.0, 88.0)  # eye band: columns (both eyes, x 38–74, and the frames)
+    mask_top: float = 76.0  # mask band: first row (the nose tip is at y 71.7); down to the chin
+    mask_color: tuple[int, int, int] = MASK_COLORS["blue"]
+
+    def validate(self) -> OcclusionParams:
+        """self, or DataError (one line) naming the CLI option that is out of range."""
+        (a0, a1), (r0, r1), (x0, x1) = self.area, self.aspect, self.eye_x
+        checks = (
+            (isinstance(self.seed, int) and self.seed >= 0, "--seed", self.seed, "must be an integer ≥ 0"),
+            (0 < a0 <= a1 <= 1, "--occ-area", f"{a0:g} {a1:g}", "must satisfy 0 < MIN ≤ MAX ≤ 1"),
+            (0 < r0 <= r1 < math.inf, "--occ-aspect", f"{r0:g} {r1:g}", "must satisfy 0 < MIN ≤ MAX"),
+            (0 < self.eye_half_height < math.inf, "--eye-half-height", f"{self.eye_half_height:g}", "must be > 0"),
+            (0 <= x0 < x1 <= TEMPLATE_SIZE, "--eye-x", f"{x0:g} {x1:g}", f"must satisfy 0 ≤ X0 < X1 ≤ {TEMPLATE_SIZE}"),
+            (
+                0 <= self.mask_top < TEMPLATE_SIZE,
+                "--mask-top",
+                f"{self.mask_top:g}",
+                f"must lie in [0, {TEMPLATE_SIZE})",
+            ),
+            (
+                len(self.mask_color) == 3 and all(0 <= c <= 255 for c in self.mask_color),
+                "--mask-color",
+                ",".join(map(str, self.mask_color)),
+                "must be 3 values in 0..255",
+            ),
+        )
+        for ok, option, value, rule in checks:
+            if not ok:
+                raise DataError(f"{option} {value}: {rule}")
+        return self
+
+
+def parse_mask_color(text: str) -> tuple[int, int, int]:
+    """``blue`` | ``white`` | ``black`` | ``R,G,B``; DataError naming ``--mask-color`` otherwise."""
+    if text.lower() in MASK_COLORS:
+        return MASK_COLORS[text.lower()]
+    try:
+        rgb = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+        raise DataError(f"--mask-color {text}: expected {' | '.join(MASK_COLORS)} or R,G,B with values in 0..255")
+    return rgb
+
+
+def _px(value: float, size: int) -> int:
+    """Template px at 112 → pixel edge at ``size``, rounded half up (Python's round() would go to even)."""
+    return int(math.floor(value * size / TEMPLATE_SIZE + 0.5))
+
+
+def _rng(params: OcclusionParams, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([params.seed, index, stream])
+
+
+def occlusion_box(shape, kind: str, params: OcclusionParams, index: int = 0) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` (bottom/right exclusive) that ``kind`` fills in image ``index``."""
+    h, w = shape[:2]
+    if kind == "eyes":
+        eye_y = (ARCFACE_TEMPLATE_112[0][1] + ARCFACE_TEMPLATE_112[1][1]) / 2
+        top, bottom = _px(eye_y - params.eye_half_height, h), _px(eye_y + params.eye_half_height, h)
+        return max(top, 0), min(bottom, h), _px(params.eye_x[0], w), _px(params.eye_x[1], w)
+    if kind == "mask":
+        return _px(params.mask_top, h), h, 0, w
+    if kind in ("black", "noise", "face"):
+        return _random_box(h, w, params, index)
+    raise DataError(f"--occlude {kind!r}: unknown occlusion kind (expected one of {', '.join(OCCLUSION_KINDS)})")
+
+
+def _random_box(h: int, w: int, params: OcclusionParams, index: int) -> tuple[int, int, int, int]:
+    """Area fraction ~ U(area), width/height log-uniform in aspect, position uniform (RandomErasing-like)."""
+    rng = _rng(params, index, _RECT_STREAM)
+    area = rng.uniform(*params.area) * h * w
+    ratio = math.exp(rng.uniform(math.log(params.aspect[0]), math.log(params.aspect[1])))
+    box_h = min(max(int(round(math.sqrt(area / ratio))), 1), h)  # clipped: a tall, large box can exceed the image
+    box_w = min(max(int(round(math.sqrt(area * ratio))), 1), w)
+    top = int(rng.integers(0, h - box_h + 1))
+    left = int(rng.integers(0, w - box_w + 1))
+    return top, top + box_h, left, left + box_w
+
+
+class DonorPool:
+    """Which image lends its patch to image i for ``face``: any image of the set whose bytes differ
+    from image i's (an identical copy elsewhere in the set would be no occlusion at all)."""
+
+    def __init__(self, keys):
+        self.keys = list(keys)
+        self.copies: dict[str, list[int]] = {}  # content key → sorted indices holding it
+        for i, key in enumerate(self.keys):
+            self.copies.setdefault(key, []).append(i)
+
+    def pick(self, index: int, seed: int) -> int:
+        own = self.copies[self.keys[index]]
+        others = len(self.keys) - len(own)
+        if others < 1:
+            raise DataError("--occlude face: the set needs at least two different images (a donor)")
+        j = int(np.random.default_rng([seed, index, _DONOR_STREAM]).integers(others))
+        for k in own:  # the j-th image not in `own`: step over own's indices (sorted) at or before it
+            if k <= j:
+                j += 1
+        return j
+
+
+def occlude_image(
+    img: np.ndarray, kind: str, params: OcclusionParams, index: int = 0, donor: np.ndarray | None = None
+) -> np.ndarray:
+    """A copy of uint8 ``img`` (H,W,3) with ``kind`` filled in (see the module docstring); pixels
+    outside :func:`occlusion_box` are untouched. ``face`` takes the ``donor`` image's same region."""
+    top, bottom, left, right = occlusion_box(img.shape, kind, params, index)
+    out = np.array(img, dtype=np.uint8, copy=True)
+    region = (slice(top, bottom), slice(left, right))
+    if kind in ("black", "eyes"):
+        out[region] = 0
+    elif kind == "mask":
+        out[region] = params.mask_color
+    elif kind == "noise":
+        out[region] = _rng(params, index, _FILL_STREAM).integers(0, 256, (bottom - top, right - left, 3), np.uint8)
+    else:  # face
+        if donor is None or donor.shape != img.shape:
+            got = "none" if donor is None else "x".join(map(str, donor.shape))
+            raise DataError(f"--occlude face: image {index} needs a donor of shape {img.shape} (got {got})")
+        out[region] = donor[region]
+    return out
+
+
+def degrade_in_set(images, donors: DonorPool, index: int, kind: str, level, params: OcclusionParams) -> np.ndarray:
+    """Image ``index`` of a set under one degradation: blur / lr / bands depend on the image alone;
+    the random occlusions on (seed, index) too, and ``occ-face`` on a donor image of the set."""
+    if not kind.startswith("occ-"):
+        return degrade_image(images[index], kind, level)
+    occ = kind[4:]
+    donor = images[donors.pick(index, params.seed)] if occ == "face" else None
+    return occlude_image(images[index], occ, params, index, donor)
+
+
+def write_occlusion_record(path: Path, kind: str, params: OcclusionParams, **extra) -> None:
+    """The seed and geometry an occluded copy was made with (its name holds the kind only)."""
+    record = {"kind": kind, **{k: str(v) if isinstance(v, Path) else v for k, v in extra.items()}, **asdict(params)}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+class _FolderImages:
+    """Images of a folder decoded on access: a donor may be any image, and a large folder need not
+    sit decoded in memory."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return decode_image(self.paths[i].read_bytes(), str(self.paths[i]))
+
+
+def degrade_folder(
+    images_dir, out_dir, blur=(), lowres=(), occlude=(), occlusion: OcclusionParams | None = None, progress=True
+) -> list[Path]:
+    """Degraded PNG copies of an ``<identity>/<image>`` folder: ``out_dir/<tag>/<identity>/<name>.png``
+    per degradation (tag ``blur2``, ``lr14``, ``occ-eyes``, …); returns the written folders.
+
+    Image i is the i-th file in the order ``pipeline.eval tarfar --images`` reads the folder, so
+    an occlusion is a function of (seed, that index). A folder is built under a temporary name and
+    renamed when complete; an existing one is an error (stale files would survive an overwrite).
+    """
+    import torch
+
+    from pipeline.eval.identify import read_identity_folder
+
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    occlusion = (occlusion or OcclusionParams()).validate()
+    jobs = degradation_jobs(blur, lowres, occlude, "degrade-images")
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: --images folder does not exist")
+    paths = read_identity_folder(images_dir).paths
+    targets = [p.relative_to(images_dir).with_suffix(".png") for p in paths]
+    clash = next((t for t, n in Counter(targets).items() if n > 1), None)
+    if clash is not None:
+        raise DataError(f"{images_dir}: two images would both be written as {clash} (same name, other extension)")
+    for kind, level in jobs:
+        if (out_dir / degradation_tag(kind, level)).exists():
+            raise DataError(
+                f"{out_dir / degradation_tag(kind, level)}: already exists (remove it or pick another --out-dir)"
+            )
+    images = _FolderImages(paths)
+    donors = DonorPool([hashlib.sha1(p.read_bytes()).hexdigest() for p in paths])
+    written = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one small image at a time: intra-op threads only add overhead
+    try:
+        for kind, level in jobs:
+            written.append(
+                _degrade_folder_one(images_dir, out_dir, images, targets, donors, kind, level, occlusion, progress)
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return written
+
+
+def _degrade_folder_one(images_dir, out_dir, images, targets, donors, kind, level, occlusion, progress) -> Path:
+    from tqdm import tqdm
+
+    tag = degradation_tag(kind, level)
+    final, tmp = out_dir / tag, out_dir / f".{tag}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover of an interrupted run
+    for i in tqdm(range(len(targets)), desc=f"{images_dir.name} {tag}", unit="img", disable=not progress, leave=False):
+        dest = tmp / targets[i]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(encode_png(degrade_in_set(images, donors, i, kind, level, occlusion)))
+    if kind.startswith("occ-"):  # a top-level file: tarfar reads <identity>/ sub-folders only
+        write_occlusion_record(tmp / "occlusion.json", kind, occlusion, source=images_dir)
+    tmp.replace(final)
+    return final
 
 
 # --------------------------------------------------------------------------- CLI
@@ -390,6 +708,48 @@ def info(path) -> dict:
     }
 
 
+def _add_degradation_arguments(p: argparse.ArgumentParser) -> None:
+    """--blur / --lowres / --occlude and the occlusion geometry, shared by degrade and degrade-images."""
+    d = OcclusionParams()
+    p.add_argument("--blur", type=float, nargs="*", default=[], help="Gaussian σ values, e.g. 1 2 3")
+    p.add_argument("--lowres", type=int, nargs="*", default=[], help="bicubic down-up sizes in px, e.g. 7 14 20")
+    p.add_argument(
+        "--occlude",
+        nargs="*",
+        default=[],
+        metavar="KIND",
+        help=f"occlusion proxies ({', '.join(OCCLUSION_KINDS)}): random rectangle black / noise / patch of another "
+        "face; black eye band (sunglasses); lower-face band (mask). Geometry in template px at 112, scaled",
+    )
+    g = p.add_argument_group("occlusion (see the module docstring; lengths in ArcFace-template px at 112)")
+    g.add_argument("--seed", type=int, default=d.seed, help="occlusion = f(seed, image index) (default %(default)s)")
+    g.add_argument("--occ-area", type=float, nargs=2, default=list(d.area), metavar=("MIN", "MAX"),
+                   help="random rectangle: area fraction range, in (0, 1] (default %(default)s)")  # fmt: skip
+    g.add_argument("--occ-aspect", type=float, nargs=2, default=list(d.aspect), metavar=("MIN", "MAX"),
+                   help="random rectangle: width/height range, log-uniform (default %(default)s)")  # fmt: skip
+    g.add_argument("--eye-half-height", type=float, default=d.eye_half_height,
+                   help="eye band: rows eye-y (51.6) ± this (default %(default)s)")  # fmt: skip
+    g.add_argument("--eye-x", type=float, nargs=2, default=list(d.eye_x), metavar=("X0", "X1"),
+                   help="eye band: columns X0..X1 (default %(default)s; the eyes are at x 38 and 74)")  # fmt: skip
+    g.add_argument("--mask-top", type=float, default=d.mask_top,
+                   help="mask band: first row, down to the chin (default %(default)s; nose tip y 71.7)")  # fmt: skip
+    g.add_argument("--mask-color", default="blue",
+                   help=f"mask band: {' | '.join(MASK_COLORS)} | R,G,B (default %(default)s)")  # fmt: skip
+
+
+def occlusion_from_args(args) -> OcclusionParams:
+    """The CLI's occlusion options, validated (DataError naming the option)."""
+    return OcclusionParams(
+        seed=args.seed,
+        area=tuple(args.occ_area),
+        aspect=tuple(args.occ_aspect),
+        eye_half_height=args.eye_half_height,
+        eye_x=tuple(args.eye_x),
+        mask_top=args.mask_top,
+        mask_color=parse_mask_color(args.mask_color),
+    ).validate()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m data_prep.bin",
@@ -399,7 +759,11 @@ def main(argv=None) -> int:
         "  python -m data_prep.bin from-pairs --pairs ../shared/data/lfw_view1_112/pairsDevTest.txt \\\n"
         "      --root ../shared/data/lfw_view1_112/devtest_112 --out /tmp/lfw.bin\n"
         "  python -m data_prep.bin degrade --bin /tmp/lfw.bin --out-dir /tmp/deg --blur 1 2 3 "
-        "--lowres 7 14 20 --cross",
+        "--lowres 7 14 20 --cross\n"
+        "  python -m data_prep.bin degrade --bin /tmp/lfw.bin --out-dir /tmp/deg --occlude black noise face eyes mask "
+        "--cross\n"
+        "  python -m data_prep.bin degrade-images --images ../shared/data/lfw_view1_112/devtest_112 \\\n"
+        "      --out-dir /tmp/occ --occlude eyes mask black   # then: pipeline.eval tarfar --images /tmp/occ/occ-eyes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -410,15 +774,21 @@ def main(argv=None) -> int:
     p.add_argument("--root", required=True, help="folder holding NAME/NAME_%%04d.EXT")
     p.add_argument("--out", required=True, help="output .bin")
     p.add_argument("--ext", default="jpg", help="image extension (default jpg)")
-    p = sub.add_parser("degrade", help="write blurred / low-resolution / cross-resolution copies (PNG)")
+    p = sub.add_parser("degrade", help="write blurred / low-resolution / occluded / cross-resolution copies (PNG)")
     p.add_argument("--bin", required=True)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--blur", type=float, nargs="*", default=[], help="Gaussian σ values, e.g. 1 2 3")
-    p.add_argument("--lowres", type=int, nargs="*", default=[], help="bicubic down-up sizes in px, e.g. 7 14 20")
+    _add_degradation_arguments(p)
     p.add_argument(
         "--cross", action="store_true", help="also write *_cross.bin: only the 2nd image of each pair degraded"
     )
     p.add_argument("--cross-only", action="store_true", help="write only the *_cross.bin variants")
+    p = sub.add_parser(
+        "degrade-images",
+        help="the same degradations for an <identity>/<image> folder: OUT/<tag>/<identity>/<name>.png (tarfar input)",
+    )
+    p.add_argument("--images", required=True, help="folder of <identity>/<image> files (as tarfar --images reads)")
+    p.add_argument("--out-dir", required=True, help="one sub-folder per degradation: blur2, lr14, occ-eyes, ...")
+    _add_degradation_arguments(p)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "info":
@@ -428,17 +798,15 @@ def main(argv=None) -> int:
             n = bin_from_pairs(args.pairs, args.root, args.out, args.ext)
             print(f"wrote {args.out}: {n} pairs")
         else:
-            if not args.blur and not args.lowres:
-                raise DataError("degrade: give --blur and/or --lowres levels")
-            out = degrade_bin(
-                args.bin,
-                args.out_dir,
-                args.blur,
-                args.lowres,
-                cross=args.cross or args.cross_only,
-                full=not args.cross_only,
-                progress=sys.stderr.isatty(),  # bars on a terminal only, never into a log file
-            )
+            if not args.blur and not args.lowres and not args.occlude:
+                raise DataError(f"{args.cmd}: give --blur, --lowres and/or --occlude")
+            progress = sys.stderr.isatty()  # bars on a terminal only, never into a log file
+            levels = dict(blur=args.blur, lowres=args.lowres, occlude=args.occlude, occlusion=occlusion_from_args(args))
+            if args.cmd == "degrade":
+                cross = dict(cross=args.cross or args.cross_only, full=not args.cross_only)
+                out = degrade_bin(args.bin, args.out_dir, progress=progress, **cross, **levels)
+            else:
+                out = degrade_folder(args.images, args.out_dir, progress=progress, **levels)
             for p in out:
                 print(f"wrote {p}")
     except DataError as exc:

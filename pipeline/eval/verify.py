@@ -273,12 +273,18 @@ def plot_roc(results: list[dict], issames: list[np.ndarray], dists: list[np.ndar
 #: the second image of each pair degraded).
 DEGRADE_HELP = (
     "clean | blur:SIGMA | lr:PX | cross:PX (first image clean, second at PX) | blur-cross:SIGMA "
-    "(first image clean, second blurred); the degradations of 'python -m data_prep.bin degrade'"
+    "(first image clean, second blurred) | occ-eyes | occ-mask (sunglasses / face-mask proxy bands, default "
+    "geometry) | occ-eyes-cross | occ-mask-cross; the degradations of 'python -m data_prep.bin degrade'"
 )
+#: occlusions that depend on the image alone (``data_prep.bin`` default geometry), so ``--degrade`` can
+#: apply them on the fly; the random ones depend on the image's index and set (written copies only)
+OCCLUSION_BANDS = ("occ-eyes", "occ-mask")
+RANDOM_OCCLUSIONS = ("occ-black", "occ-noise", "occ-face")
 
 
 class Degradation(tuple):
-    """``(kind, level, cross)``: kind ``clean`` | ``blur`` | ``lr``; ``cross``: only image 2 of a pair."""
+    """``(kind, level, cross)``: kind ``clean`` | ``blur`` | ``lr`` | ``occ-eyes`` | ``occ-mask`` (level None);
+    ``cross``: only image 2 of a pair."""
 
     __slots__ = ()
 
@@ -298,6 +304,8 @@ class Degradation(tuple):
     def label(self) -> str:
         if self.kind == "clean":
             return "clean"
+        if self.level is None:  # an occlusion band: no level
+            return f"{self.kind}-cross" if self.cross else self.kind
         lvl = f"{self.level:g}"
         if self.cross:
             return f"cross:{lvl}" if self.kind == "lr" else f"{self.kind}-cross:{lvl}"
@@ -305,10 +313,19 @@ class Degradation(tuple):
 
 
 def parse_degradation(spec: str) -> Degradation:
-    """``clean``, ``blur:σ``, ``lr:S``, ``cross:S`` (= ``lr-cross:S``), ``blur-cross:σ``; ConfigError otherwise."""
+    """``clean``, ``blur:σ``, ``lr:S``, ``cross:S`` (= ``lr-cross:S``), ``blur-cross:σ``, ``occ-eyes``,
+    ``occ-mask`` (``-cross``: second image only); ConfigError otherwise."""
     s = spec.strip().lower()
     if s == "clean":
         return Degradation("clean")
+    band = s.removesuffix("-cross")
+    if band in OCCLUSION_BANDS:
+        return Degradation(band, None, s != band)
+    if band.partition(":")[0] in RANDOM_OCCLUSIONS:
+        raise ConfigError(
+            f"--degrade {spec!r}: random occlusions depend on the image's index and set; write copies with "
+            f"'python -m data_prep.bin degrade --occlude {band.partition(':')[0][4:]}' and pass them with --bin"
+        )
     head, sep, value = s.partition(":")
     kinds = {
         "blur": ("blur", False),
