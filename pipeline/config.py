@@ -151,6 +151,9 @@ class OptimConfig:
     weight_decay: float = 5e-4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 0.0  # 0 disables
+    # false: no weight decay on normalisation layers' weights and biases (BatchNorm, GroupNorm, LayerNorm), as
+    # AdaFace's split_parameters does (the LGAF recipe); true: arcface_torch's decay on every parameter
+    norm_weight_decay: bool = True
     # A step whose loss is NaN/inf on any rank is skipped (no update; counted in TensorBoard and on the
     # console); after this many consecutive skipped steps (fp16 overflow skips included) the run stops with a
     # one-line error and exit code 3, keeping its last (finite) checkpoint.
@@ -172,6 +175,9 @@ class ScheduleConfig:
     kind: str = "step"  # step | poly | cosine
     milestones: list = field(default_factory=list)  # epochs at which lr *= gamma (step)
     gamma: float = 0.1
+    # step: one factor per milestone instead of gamma, e.g. CQA-Face's MS1MV2 schedule [0.1, 0.1, 0.3333]
+    # (÷10, ÷10, then 3e-4 → 1e-4); empty = gamma at every milestone
+    factors: list = field(default_factory=list)
     power: float = 2.0  # poly
     max_steps: int = 0  # >0: stop after this many optimizer steps (smoke runs)
 
@@ -184,6 +190,12 @@ class ScheduleConfig:
             raise Invalid("warmup_epochs", f"must be in [0, epochs), got {self.warmup_epochs}")
         if list(self.milestones) != sorted(self.milestones):
             raise Invalid("milestones", f"must be increasing, got {self.milestones}")
+        if self.factors and len(self.factors) != len(self.milestones):
+            raise Invalid(
+                "factors", f"needs one factor per milestone ({len(self.milestones)}), got {len(self.factors)}"
+            )
+        if any(not f > 0 for f in self.factors):
+            raise Invalid("factors", f"factors must be > 0, got {self.factors}")
 
 
 @dataclass

@@ -109,6 +109,29 @@ def param_groups(model: torch.nn.Module, no_decay: set[str], weight_decay: float
     return groups
 
 
+def norm_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of every normalisation layer's parameters (BatchNorm*, GroupNorm, LayerNorm)."""
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    return {
+        f"{mod_name}.{p_name}" if mod_name else p_name
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, norms)
+        for p_name, _ in mod.named_parameters(recurse=False)
+    }
+
+
+def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating buffers to ``dtype``: DeepSpeed casts parameters to fp16/bf16 but not buffers, and BatchNorm needs
+    its running statistics in the dtype of its input and weight. A module lists the buffers it keeps in float32
+    (running statistics it computes in float32, e.g. LGAF's EMA: an α = 0.01 update rounds away in bf16) in
+    ``fp32_buffers`` (put back to float32 should anything have cast them)."""
+    for buf_owner in model.modules():
+        keep = getattr(buf_owner, "fp32_buffers", ())
+        for name, buf in buf_owner.named_buffers(recurse=False):
+            if buf.is_floating_point():
+                setattr(buf_owner, name, buf.to(torch.float32 if name in keep else dtype))
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None):
         _announce_deepspeed_build()
@@ -157,7 +180,10 @@ class Trainer:
             uniform_batch=True,  # every rank's loader yields full batches of data.batch_size
         ).to(self.device)
 
-        groups = param_groups(self.model, self.model.no_weight_decay(), cfg.optim.weight_decay)
+        no_decay = self.model.no_weight_decay()
+        if not cfg.optim.norm_weight_decay:
+            no_decay |= norm_parameter_names(self.model)
+        groups = param_groups(self.model, no_decay, cfg.optim.weight_decay)
         optimizer = make_optimizer(cfg, groups, cfg.optim.lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, self.world), dist_init_required=False
@@ -166,12 +192,7 @@ class Trainer:
             # nothing to average over one rank (ZeRO's optimizers fill their gradient partitions in that step)
             self.engine.enable_backward_allreduce = False
         if self.dtype != torch.float32:
-            # DeepSpeed casts parameters to fp16/bf16 but not buffers; BatchNorm needs its running
-            # statistics in the same dtype as its input and weight.
-            for buf_owner in self.model.modules():
-                for name, buf in buf_owner.named_buffers(recurse=False):
-                    if buf.is_floating_point():
-                        setattr(buf_owner, name, buf.to(self.dtype))
+            cast_buffers(self.model, self.dtype)
         self.cls_optimizer = make_optimizer(
             cfg,
             [{"params": list(self.classifier.parameters()), "weight_decay": cfg.optim.weight_decay}],

@@ -412,3 +412,20 @@ def test_norm_weight_decay_false_excludes_every_normalisation_parameter():
     no_decay = {id(p) for p in groups[1]["params"]}
     assert groups[1]["weight_decay"] == 0.0
     assert all((id(p) in no_decay) == (n in names) for n, p in net.named_parameters() if p.requires_grad)
+
+
+def test_lgf_statistics_stay_float32_in_a_bf16_network():
+    """Under bf16 the trainer casts buffers (BatchNorm needs them in its dtype) but not LGAF's EMA: a bf16 μ near
+    20 has a step of 0.125, so the α = 0.01 update of eq. 7 (≈ 0.1 here) would round away."""
+    from pipeline.train import cast_buffers
+
+    net = net_for({"kind": "lgaf", "embedding_size": 16, "heads": 2}).to(torch.bfloat16)
+    cast_buffers(net, torch.bfloat16)
+    assert net.trunk.bn1.running_mean.dtype == torch.bfloat16
+    assert net.head.lgf.ema_mean.dtype == torch.float32 and net.head.lgf.ema_std.dtype == torch.float32
+    before = net.head.lgf.ema_mean.clone()
+    out = net.train()(images().to(torch.bfloat16))
+    assert out.embedding.dtype == torch.bfloat16
+    after = net.head.lgf.ema_mean
+    assert float((after - before).abs().min()) > 0
+    assert not torch.equal(after, after.to(torch.bfloat16).float())  # values a bf16 buffer could not hold
