@@ -757,12 +757,8 @@ def sample_values(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
     out: dict[str, float] = {}
     for eval_set in ctx.eval_sets:
         images, _ = eval_set.load(ctx.input_size)
-        sums: dict[str, float] = {}
-        for start in range(0, len(images), EVAL_BATCH):
-            batch = to_model_input(images[start : start + EVAL_BATCH]).to(ctx.device)
-            for name, values in net.probe(batch).sample_values.items():
-                sums[name] = sums.get(name, 0.0) + float(values.double().sum())
-        out.update({f"{name}/{eval_set.name}": total / len(images) for name, total in sums.items()})
+        means = net.sample_value_means(to_model_input(images), EVAL_BATCH)
+        out.update({f"{name}/{eval_set.name}": v for name, v in means.items()})
     return out
 
 

@@ -506,7 +506,7 @@ class Trainer:
     def evaluate(self) -> dict:
         results = {}
         if self.cfg.data.val and distributed.is_main():
-            from pipeline.eval.verify import evaluate_bin
+            from pipeline.eval.verify import evaluate_bin, load_bin, to_model_input
 
             self.model.eval()
 
@@ -521,8 +521,14 @@ class Trainer:
                     print(f"[eval] step {self.step} {name}: skipped: {exc}", flush=True)
                     continue
                 results[name] = {k: v for k, v in res.items() if not k.startswith("roc_")}
+                # the network's own per-sample values on this set (LGAF's γ_l, CQA's quality scores), if any
+                images, _ = load_bin(path, self.cfg.model.input_size)
+                values = self.model.net.sample_value_means(to_model_input(images), self.cfg.data.batch_size)
+                results[name].update({f"mean_{k}": v for k, v in values.items()})
                 if self.writer:
                     self.writer.add_scalar(f"val/{name}/accuracy", res["accuracy"], self.step)
+                    for k, v in values.items():
+                        self.writer.add_scalar(f"val/{name}/{k}", v, self.step)
                 print(f"[eval] step {self.step} {name}: accuracy {res['accuracy']:.4f} ± {res['std']:.4f}", flush=True)
             self.model.train()
             if self.writer:

@@ -349,6 +349,7 @@ def test_cqa_config_errors_name_the_key(override, key):
     "config, terms",
     [
         ("compose/scan_lgaf.yaml", {"rmo"}),  # SCAN's RMO survives next to the LGAF head
+        ("compose/scan_cqa.yaml", {"rmo", "cal"}),
         ("compose/lrfr_cqa.yaml", {"cal", "dist"}),  # CQA's CAL under LRFR's paired views
         ("compose/lrfr_lgaf.yaml", {"dist"}),
     ],

@@ -150,7 +150,15 @@ class Head(nn.Module):
 
 
 class Insert(Reporter):
-    """A module placed at a named trunk point by ``model.inserts``; shape-preserving ``forward(x, trace)``."""
+    """A module placed at a named trunk point by ``model.inserts``; shape-preserving ``forward(x, trace)``.
+
+    Optional ``bind(trunk, at)``: if an insert defines it, :func:`build_network` calls it once, after the trunk
+    is built, with the trunk and the insert's point name, so that the insert can reach the modules around its
+    point (e.g. LCD's filter-orthogonality loss reads the weight of the 3×3 conv before it). Keep any such
+    reference *unregistered* (``object.__setattr__(self, "_block", block)``), so the trunk's parameters are not
+    listed twice in ``state_dict`` / ``parameters()``; raise :class:`~pipeline.config.ConfigError` if the point
+    does not offer what the insert needs.
+    """
 
     def histograms(self) -> dict[str, torch.Tensor]:
         return {}
@@ -232,6 +240,20 @@ class FaceNetwork(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set(self.conv_kind.no_weight_decay(self))
 
+    def sample_value_means(self, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
+        """Mean over ``images`` ((N,3,H,W) in [-1, 1], moved batch by batch to the network's device and dtype) of
+        every per-sample value the modules report on a probe forward (LGAF's ``gamma_l``, CQA's ``q0``…); {} for a
+        network that reports none."""
+        p = next(self.parameters())
+        sums: dict[str, float] = {}
+        for start in range(0, len(images), batch_size):
+            trace = self.probe(images[start : start + batch_size].to(p.device, p.dtype))
+            if not trace.sample_values:
+                return {}
+            for name, values in trace.sample_values.items():
+                sums[name] = sums.get(name, 0.0) + float(values.double().sum())
+        return {name: total / len(images) for name, total in sums.items()}
+
     def on_checkpoint(self, out_dir: Path, step: int, faces: torch.Tensor | None = None) -> None:
         """Each part's checkpoint hook; with ``faces`` ((N,3,H,W) in [-1, 1], a few fixed faces), also
         ``attention_maps.png``: every spatial map the modules report, over those faces."""
@@ -297,6 +319,11 @@ def build_network(model_cfg) -> FaceNetwork:
         module = registry.lookup("insert", ins.kind, f"model.inserts[{i}].kind").build(ins, points[ins.at])
         inserts.setdefault(ins.at, []).append(module)
     trunk = trunk_entry.build(model_cfg, conv_kind, {k: InsertPoint(v) for k, v in inserts.items()})
+    for at, modules in inserts.items():  # inserts that read modules around their point (Insert.bind)
+        for module in modules:
+            bind = getattr(module, "bind", None)
+            if callable(bind):
+                bind(trunk, at)
     head_entry = registry.lookup("head", model_cfg.head.kind, "model.head.kind")
     head = head_entry.build(model_cfg.head, points, model_cfg)
     for need in head.needs:
