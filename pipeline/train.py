@@ -120,6 +120,24 @@ def norm_parameter_names(model: torch.nn.Module) -> set[str]:
     }
 
 
+def term_gradient_norms(watched: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For each watched graph tensor w and each loss term L (``terms``, "cls" = the weighted classification loss):
+    ``grad_norm/<w>/<L>`` = ‖∂L/∂w‖ and, for L ≠ cls, ``grad_ratio/<w>/<L>`` = ‖∂L/∂w‖ / ‖∂cls/∂w‖ (e.g. LCD's SR
+    terms against ArcFace on the regularised conv). ``torch.autograd.grad`` with the graph retained: nothing is
+    accumulated into ``.grad``, so the step's own backward is unchanged."""
+    out: dict[str, torch.Tensor] = {}
+    for wname, w in watched.items():
+        norms = {}
+        for tname, term in terms.items():
+            grad = torch.autograd.grad(term, w, retain_graph=True, allow_unused=True)[0] if term.requires_grad else None
+            norms[tname] = grad.detach().float().norm() if grad is not None else torch.zeros((), device=w.device)
+        for tname, norm in norms.items():
+            out[f"grad_norm/{wname}/{tname}"] = norm
+            if tname != "cls" and "cls" in norms:
+                out[f"grad_ratio/{wname}/{tname}"] = norm / norms["cls"].clamp_min(1e-30)
+    return out
+
+
 def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Floating buffers to ``dtype``: DeepSpeed casts parameters to fp16/bf16 but not buffers, and BatchNorm needs
     its running statistics in the dtype of its input and weight. A module lists the buffers it keeps in float32
@@ -288,7 +306,7 @@ class Trainer:
                     continue
                 self.step += 1
                 collectives.publish_step(self.step)
-                if self.step % out.log_every == 0 or self.step == self.total_steps:
+                if self._log_due(self.step):
                     now = time.perf_counter()
                     rate = (self.step - tick_step) * self.gas * cfg.data.batch_size * self.world / max(now - tick, 1e-9)
                     self._log(terms, rate)
@@ -334,10 +352,14 @@ class Trainer:
             loss = self.classifier(head.embeddings.float(), head.labels)
             terms[f"cls_{name}"] = loss
             total = total + head.weight * loss
+        cls_total = total
         for name, loss in outputs.aux_losses.items():
             terms[name] = loss.float()
             total = total + loss.float()
         terms["total"] = total
+        if outputs.watched and (micro + 1) % self.gas == 0 and self._log_due(self.step + 1):
+            # every rank (the classifier's backward holds collectives), on the window's last micro step
+            self._grad_probe = term_gradient_norms(outputs.watched, {"cls": cls_total, **outputs.aux_losses})
         # NaN/inf guard: every rank learns whether any rank's loss is non-finite (one device→host read per
         # micro step, the price of never applying a poisoned update); such a step is skipped whole.
         if self._nonfinite_anywhere(total):
@@ -359,6 +381,9 @@ class Trainer:
         self._scalars = outputs.scalars
         self._step_histograms = outputs.histograms
         return terms
+
+    def _log_due(self, step: int) -> bool:
+        return step % self.cfg.output.log_every == 0 or step == self.total_steps
 
     def _nonfinite_anywhere(self, total: torch.Tensor) -> bool:
         """The loss, or a BatchNorm statistic this forward updated, is NaN/inf on some rank."""
@@ -450,6 +475,8 @@ class Trainer:
     def _log(self, terms: dict, samples_per_s: float) -> None:
         scalars = {f"loss/{k}": v for k, v in terms.items() if not k.startswith("_")}
         scalars.update({f"monitor/{k}": torch.as_tensor(v).detach().float().mean() for k, v in self._scalars.items()})
+        scalars.update(getattr(self, "_grad_probe", {}))
+        self._grad_probe = {}
         cls_norm = getattr(self, "_cls_grad_norm", None)
         if cls_norm is not None:
             scalars["grad_norm/classifier_shard_sq"] = cls_norm.double() ** 2

@@ -514,3 +514,40 @@ def test_configs_load_and_build():
     scan = load_config([REPO / "configs" / "compose" / "lcd_scan.yaml"], ["model.width=0.0625"])
     assert scan.model.conv.kind == "scan" and [i.kind for i in scan.model.inserts] == ["lcd"]
     registry.build_network(scan.model)
+
+
+def test_gradient_norms_of_each_term_on_the_watched_conv_match_separate_backwards():
+    """The trainer's ``grad_norm/lcd_conv/<term>`` and ``grad_ratio``: ‖∂L/∂W‖ of each term on the conv LCD
+    regularises, equal to separate backward passes, and the step's own backward unchanged by the measurement."""
+    from pipeline.train import term_gradient_norms
+
+    torch.manual_seed(0)
+    net = registry.build_network(tiny_cfg().model).train()
+    x = images(n=4, seed=1)
+    conv = lcd_of(net)._block.conv2.weight
+
+    def run(seed):
+        torch.manual_seed(seed)  # the same dropout masks in every pass
+        out = net(x)
+        return out, out.embedding.pow(2).mean()  # a stand-in for the classification loss
+
+    out, cls = run(5)
+    assert set(out.watched) == {"lcd_conv"} and out.watched["lcd_conv"] is conv
+    got = term_gradient_norms(out.watched, {"cls": cls, **out.aux_losses})
+    expected = {}
+    for name in ("cls", "sr_filter", "sr_response"):
+        net.zero_grad()
+        o, c = run(5)
+        (c if name == "cls" else o.aux_losses[name]).backward()
+        expected[name] = float(conv.grad.norm())
+    for name, value in expected.items():
+        assert float(got[f"grad_norm/lcd_conv/{name}"]) == pytest.approx(value, rel=1e-5)
+    assert float(got["grad_ratio/lcd_conv/sr_filter"]) == pytest.approx(expected["sr_filter"] / expected["cls"], rel=1e-5)
+    # nothing was accumulated: a backward after the measurement gives the plain total gradient
+    net.zero_grad()
+    (cls + sum(out.aux_losses.values())).backward()
+    total = conv.grad.clone()
+    net.zero_grad()
+    o, c = run(5)
+    (c + sum(o.aux_losses.values())).backward()
+    torch.testing.assert_close(total, conv.grad)

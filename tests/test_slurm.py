@@ -4,7 +4,7 @@
   argument and environment pass-through, for 1 node × 2 tasks and 2 nodes × 1 task;
 * the real trainer, smoke layer, shards of real LFW training faces: jobs/scan_r101.sh on both
   shapes (exit code, checkpoint, TensorBoard t histograms), jobs/lrfr_r50.sh, and jobs/lgaf_r100.sh /
-  jobs/cqa_r100.sh (their monitors, histograms and the attention-map PNG of the checkpoint);
+  jobs/cqa_r100.sh / jobs/lcd_r50.sh (their monitors, histograms and the attention-map PNG of the checkpoint);
 * preemption: SIGUSR1 to a running job → checkpoint → requeue → resume → finish.
 
 Needs root (installs Debian's slurm-wlm + munge if missing, starts the daemons) and FAILS, never
@@ -120,7 +120,7 @@ def recipe_of(script: Path) -> str:
 
 
 def test_job_scripts_present():
-    assert {p.stem for p in JOBS} >= {"scan_r101", "iresnet_r100", "lrfr_r50", "lgaf_r100", "cqa_r100"}
+    assert {p.stem for p in JOBS} >= {"scan_r101", "iresnet_r100", "lrfr_r50", "lgaf_r100", "cqa_r100", "lcd_r50"}
 
 
 @pytest.mark.parametrize("script", JOBS, ids=lambda p: p.stem)
@@ -325,11 +325,18 @@ def tb_scalar_tags(run: Path) -> list[str]:
         ("lgaf_r100", "2x1", {"monitor/lgaf/gamma_l_mean", "monitor/lgaf/ema_mu_l", "monitor/lgaf/share_l"}, {"hist/lgaf/gamma_l"}),
         # CQA-Face: CAL as its own loss term, the quality scores
         ("cqa_r100", "1x2", {"loss/cal", "monitor/cqa/q_spread", "monitor/cqa/cal_active_frac"}, {"hist/cqa/q0"}),
+        # LCD: both SR terms, their gradient share on the regularised conv, SAM's θ, the dropped fraction
+        (
+            "lcd_r50",
+            "2x1",
+            {"loss/sr_filter", "loss/sr_response", "grad_ratio/lcd_conv/sr_filter", "monitor/sam/theta_var_over_samples"},
+            {"hist/lcd/gamma_frac", "hist/sam/theta"},
+        ),
     ],
 )
 @pytest.mark.slurm
 @pytest.mark.timeout(600)
-def test_attention_head_smoke(slurm, lfw_shards, tmp_path, script, shape, scalars, hists):
+def test_method_smoke(slurm, lfw_shards, tmp_path, script, shape, scalars, hists):
     job, run = run_smoke(slurm, script, shape, tmp_path, lfw_shards)
     ckpts = checkpoints(run)
     log = job_log(tmp_path / "logs", job)

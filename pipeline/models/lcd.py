@@ -70,8 +70,9 @@ Histograms: ``lcd/gamma_frac`` (γ_t/c), ``lcd/channel_drop_freq`` (per channel,
 (off-diagonal cosines of the batch's first sample). Probe traces (``attention_maps.png``): relu(F) of ``maps``
 evenly spaced channels (Fig. 1 style). Monitor names carry no point: one LCD insert per network is assumed.
 
-Not here: the gradient-norm ratio of each SR term to ArcFace's on the LCD conv (spec §8) needs the classifier's
-loss, i.e. the trainer; the occlusion-concentration and clean-vs-occluded θ monitors need occluded validation
+The conv's kernel is watched (``trace.watch("lcd_conv", …)``): at every log step the trainer writes each loss
+term's gradient norm on it and its ratio to the classification term's, ``grad_norm/lcd_conv/<term>`` and
+``grad_ratio/lcd_conv/<term>`` (spec §8: SR's share of the conv's gradient). Not here: the occlusion-concentration and clean-vs-occluded θ monitors need occluded validation
 images (the evaluation side).
 """
 
@@ -408,6 +409,7 @@ class LCD(Insert):
         with torch.set_grad_enabled(self.sr and torch.is_grad_enabled()):
             kernel = self.conv_kernel()
             if kernel is not None:
+                trace.watch("lcd_conv", kernel)  # the trainer logs each loss term's gradient norm on it (spec §8)
                 l_filter, s = filter_orthogonality(kernel, self.sr_eps, self.sr_reduction)
                 if self.sr:
                     trace.add_loss("sr_filter", self.alpha * l_filter)

@@ -37,7 +37,9 @@ class Trace:
     ``add_loss(name, value)``: already weighted; several reports under one name are summed (e.g. RMO's
     L_scale of every SAC layer, eq. 7). ``monitor(name, value)``: logged as ``monitor/<name>`` (its mean).
     ``histogram(name, values)``: the trainer writes the last step's values as ``hist/<name>`` every
-    ``output.histogram_every`` steps. ``spatial_map(name, maps)`` / ``sample_value(name, values)``: kept only
+    ``output.histogram_every`` steps. ``watch(name, tensor)``: a tensor of the graph (a weight, an effective
+    kernel) on which the trainer measures, at log steps, each loss term's gradient norm
+    (``grad_norm/<name>/<term>``) and its ratio to the classification loss's (``grad_ratio/<name>/<term>``). ``spatial_map(name, maps)`` / ``sample_value(name, values)``: kept only
     on a *probe* trace (:meth:`FaceNetwork.probe`), which draws the maps over a few fixed faces at every
     checkpoint (``attention_maps.png``, each face titled with its sample values).
     """
@@ -46,6 +48,7 @@ class Trace:
         self._losses: dict[str, list[torch.Tensor]] = {}
         self.monitors: dict[str, torch.Tensor] = {}
         self.histograms: dict[str, torch.Tensor] = {}
+        self.watched: dict[str, torch.Tensor] = {}
         self.probing = probe
         self.maps: dict[str, torch.Tensor] = {}  # name → (N, 1, h, w), probe traces only
         self.sample_values: dict[str, torch.Tensor] = {}  # name → (N,), probe traces only
@@ -58,6 +61,10 @@ class Trace:
 
     def histogram(self, name: str, values: torch.Tensor) -> None:
         self.histograms[name] = values.detach()
+
+    def watch(self, name: str, tensor: torch.Tensor) -> None:
+        if not self.probing and tensor.requires_grad:
+            self.watched[name] = tensor
 
     def spatial_map(self, name: str, maps: torch.Tensor) -> None:
         if self.probing:
@@ -81,6 +88,7 @@ class NetOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted; the trainer sums them
     monitors: dict[str, torch.Tensor] = field(default_factory=dict)  # logged as monitor/<name>
     histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # logged as hist/<name>
+    watched: dict[str, torch.Tensor] = field(default_factory=dict)  # per-term gradient norms at log steps
 
 
 class Reporter(nn.Module):
@@ -204,7 +212,7 @@ class FaceNetwork(nn.Module):
         if trace is None:
             return NetOutput(emb)
         monitors = {**self.conv_kind.monitors(self), **trace.monitors}
-        return NetOutput(emb, trace.aux_losses(), monitors, trace.histograms)
+        return NetOutput(emb, trace.aux_losses(), monitors, trace.histograms, trace.watched)
 
     @torch.no_grad()
     def probe(self, images: torch.Tensor) -> Trace:

@@ -33,6 +33,7 @@ class StepOutput:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted, summed into the loss
     scalars: dict[str, float | torch.Tensor] = field(default_factory=dict)  # logged as 'monitor/<name>'
     histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # last step's, logged as 'hist/<name>'
+    watched: dict[str, torch.Tensor] = field(default_factory=dict)  # graph tensors: per-term gradient norms
 
 
 class RecipeModel(nn.Module):

@@ -147,6 +147,7 @@ class LRFRRecipe(RecipeModel):
             aux_losses=aux,
             scalars=scalars,
             histograms=hists,
+            watched={f"hr/{k}": v for k, v in hr.watched.items()} | {f"lr/{k}": v for k, v in lr.watched.items()},
         )
 
 

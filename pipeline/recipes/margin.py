@@ -18,6 +18,7 @@ class MarginRecipe(RecipeModel):
             aux_losses=out.aux_losses,
             scalars=out.monitors,
             histograms=out.histograms,
+            watched=out.watched,
         )
 
 
