@@ -762,6 +762,30 @@ def sample_values(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
     return out
 
 
+EQ8_FRACTIONS = (0.1, 0.3, 0.5)  # of the channels dropped at test time (the paper's Fig. 3/4 sweep)
+EQ8_IMAGES = 256  # the first images of the first evaluation set
+
+
+@register_diagnostic("eq8_mse")
+def eq8_mse_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
+    """LCD's eq. 8 (Sec. V-C): mean squared difference between the L2-normalised embeddings of the first
+    evaluation set's first 256 images without and with 10 / 30 / 50 % of the channels dropped at test time at
+    ``layer3.branch`` (the same seeded masks for every network of one width): ``eq8_mse@0.1`` … — low = the
+    network tolerates losing channels there, the paper's claim for LCD. Any iresnet network (the baseline too)."""
+    import torch
+
+    from pipeline.eval.verify import to_model_input
+    from pipeline.models.lcd import eq8_mse
+
+    images, _ = ctx.eval_sets[0].load(ctx.input_size)
+    batch = to_model_input(images[:EQ8_IMAGES]).to(ctx.device)
+    out = {}
+    for frac in EQ8_FRACTIONS:
+        res = eq8_mse(net, batch, frac, "layer3.branch", torch.Generator(device=ctx.device).manual_seed(0))
+        out[f"eq8_mse@{frac}"] = float(res["mse_unit"])
+    return out
+
+
 def dc_share(weight) -> float:
     """Share of a K×K conv weight's energy in its DC part: Σ_(o,i) (Σ_taps k)² / K² over Σ k² — the squared
     projection onto the constant kernel. 1: every kernel a (scaled) box blur; a zero-sum kernel: 0; i.i.d. random

@@ -551,3 +551,23 @@ def test_gradient_norms_of_each_term_on_the_watched_conv_match_separate_backward
     o, c = run(5)
     (c + sum(o.aux_losses.values())).backward()
     torch.testing.assert_close(total, conv.grad)
+
+
+def test_eq8_diagnostic_of_the_ablation_runner(tmp_path):
+    """``eq8_mse@f`` columns: eq. 8 on the normalised embeddings, growing with the dropped fraction, the same
+    seeded masks on every call (a rerun gives the same numbers)."""
+    import numpy as np
+
+    from data_prep.bin import encode_png, write_bin
+    from pipeline.ablate import DiagnosticContext, EvalSet, eq8_mse_diagnostic
+
+    rng = np.random.default_rng(0)
+    write_bin(tmp_path / "t.bin", [encode_png(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)) for _ in range(8)], [True] * 4)
+    eval_set = EvalSet(name="t", bin=str(tmp_path / "t.bin"))
+    eval_set.validate("test")
+    net = registry.build_network(tiny_cfg().model)
+    ctx = DiagnosticContext(tmp_path, [eval_set], torch.device("cpu"), 112, {})
+    got = eq8_mse_diagnostic(net, None, ctx)
+    assert list(got) == ["eq8_mse@0.1", "eq8_mse@0.3", "eq8_mse@0.5"]
+    assert 0 < got["eq8_mse@0.1"] < got["eq8_mse@0.3"] < got["eq8_mse@0.5"]
+    assert eq8_mse_diagnostic(net, None, ctx) == got

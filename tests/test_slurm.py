@@ -265,7 +265,7 @@ def histogram_tags(run: Path) -> list[str]:
     return acc.Tags()["histograms"]
 
 
-def run_smoke(slurm, script: str, shape: str, tmp_path: Path, shards: Path) -> tuple[int, Path]:
+def run_smoke(slurm, script: str, shape: str, tmp_path: Path, shards: Path, extra=()) -> tuple[int, Path]:
     run = tmp_path / "run"
     # The smoke layer, cut to 4 steps (histograms at 2 and 4, checkpoint at 4) to keep CI quick.
     job = submit(
@@ -281,6 +281,7 @@ def run_smoke(slurm, script: str, shape: str, tmp_path: Path, shards: Path) -> t
             "schedule.max_steps=4",
             "output.histogram_every=2",
             "output.log_every=2",
+            *extra,
         ],
     )
     finish(slurm, job, tmp_path / "logs")
@@ -336,8 +337,12 @@ def tb_scalar_tags(run: Path) -> list[str]:
 )
 @pytest.mark.slurm
 @pytest.mark.timeout(600)
-def test_method_smoke(slurm, lfw_shards, tmp_path, script, shape, scalars, hists):
-    job, run = run_smoke(slurm, script, shape, tmp_path, lfw_shards)
+def test_method_smoke(slurm, lfw_shards, lfw_bin, tmp_path, script, shape, scalars, hists):
+    from data_prep.bin import read_bin, write_bin
+
+    bins, issame = read_bin(lfw_bin)  # 20 pairs of real faces: the final evaluation and the PNG's faces
+    write_bin(tmp_path / "val20.bin", bins[:40], issame[:20])
+    job, run = run_smoke(slurm, script, shape, tmp_path, lfw_shards, [f"data.val=[{tmp_path / 'val20.bin'}]"])
     ckpts = checkpoints(run)
     log = job_log(tmp_path / "logs", job)
     assert ckpts and (ckpts[-1] / "model.pt").is_file(), f"no checkpoint under {run}/checkpoints\n{log}"
@@ -345,6 +350,11 @@ def test_method_smoke(slurm, lfw_shards, tmp_path, script, shape, scalars, hists
     assert scalars <= set(tb_scalar_tags(run)), f"{sorted(tb_scalar_tags(run))}\n{log}"
     assert hists <= set(histogram_tags(run)), log
     assert "world=2" in log, log
+    evaluated = json.loads((run / "eval_latest.json").read_text())["results"]["val20"]
+    if script == "lgaf_r100":  # the head's own per-sample value on the validation faces, in TensorBoard too
+        assert 0.0 < evaluated["mean_gamma_l"] < 1.0 and "val/val20/gamma_l" in tb_scalar_tags(run), evaluated
+    if script == "cqa_r100":
+        assert all(0.0 < evaluated[f"mean_q{i}"] < 1.0 for i in range(4)), evaluated
 
 
 @pytest.mark.slurm
