@@ -750,7 +750,6 @@ def sample_values(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
     forward (``trace.sample_value``): ``<value>/<set>``, e.g. LGAF's ``gamma_l/clean`` vs ``gamma_l/occ_eyes``
     (does the local branch gain weight on degraded faces?) or CQA-Face's ``q0/…`` … ``q3/…`` (do the quality
     scores fall on occluded faces?); nothing for a network without such values (the fc head)."""
-    import torch
 
     from pipeline.eval.verify import to_model_input
 

@@ -542,7 +542,9 @@ def test_gradient_norms_of_each_term_on_the_watched_conv_match_separate_backward
         expected[name] = float(conv.grad.norm())
     for name, value in expected.items():
         assert float(got[f"grad_norm/lcd_conv/{name}"]) == pytest.approx(value, rel=1e-5)
-    assert float(got["grad_ratio/lcd_conv/sr_filter"]) == pytest.approx(expected["sr_filter"] / expected["cls"], rel=1e-5)
+    assert float(got["grad_ratio/lcd_conv/sr_filter"]) == pytest.approx(
+        expected["sr_filter"] / expected["cls"], rel=1e-5
+    )
     # nothing was accumulated: a backward after the measurement gives the plain total gradient
     net.zero_grad()
     (cls + sum(out.aux_losses.values())).backward()
@@ -562,7 +564,11 @@ def test_eq8_diagnostic_of_the_ablation_runner(tmp_path):
     from pipeline.ablate import DiagnosticContext, EvalSet, eq8_mse_diagnostic
 
     rng = np.random.default_rng(0)
-    write_bin(tmp_path / "t.bin", [encode_png(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)) for _ in range(8)], [True] * 4)
+    write_bin(
+        tmp_path / "t.bin",
+        [encode_png(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)) for _ in range(8)],
+        [True] * 4,
+    )
     eval_set = EvalSet(name="t", bin=str(tmp_path / "t.bin"))
     eval_set.validate("test")
     net = registry.build_network(tiny_cfg().model)

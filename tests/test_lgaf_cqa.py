@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pipeline import registry
 from pipeline.config import ConfigError, ModelConfig, _resolve_model, load_config
 from pipeline.models.cqa import cal_loss, ld_loss, quality_scores, relation_vectors
-from pipeline.models.lgaf import LGAFOptions, LocalGlobalFusion, MSNetHead, quality_score
+from pipeline.models.lgaf import LocalGlobalFusion, MSNetHead, quality_score
 from pipeline.models.network import Trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,7 +224,9 @@ def test_cal_on_hand_made_maps_b3_values():
         expected = max(0.0, math.exp(-(delta**2) / 0.01) - 0.2)
         assert float(cal_loss(maps)) == pytest.approx(expected, abs=1e-6)
         # 'sum' = σ/hw: the pair must be far closer to fire; 'elementwise' = the same here (constant δ)
-        assert float(cal_loss(maps, distance="sum")) == pytest.approx(max(0.0, math.exp(-49 * delta**2 / 0.01) - 0.2), abs=1e-6)
+        assert float(cal_loss(maps, distance="sum")) == pytest.approx(
+            max(0.0, math.exp(-49 * delta**2 / 0.01) - 0.2), abs=1e-6
+        )
         assert float(cal_loss(maps, distance="elementwise")) == pytest.approx(expected, abs=1e-6)
     assert float(cal_loss(torch.stack([torch.full((7, 7), 0.2), torch.full((7, 7), 0.33)])[None])) == 0.0
     # b = 3, one pair identical, two far apart: mean over the 3 pairs
@@ -357,7 +359,12 @@ def test_cqa_config_errors_name_the_key(override, key):
 def test_heads_compose_with_scan_and_lrfr_by_yaml_alone(config, terms):
     cfg = load_config([REPO / "configs" / config, SMOKE], ["model.input_size=32", "model.head.embedding_size=16"])
     recipe = registry.build_recipe(cfg).train()
-    batch = {"image": images(4), "label": torch.arange(4), "image_lr": images(4, seed=1), "lr_size": torch.tensor([7, 14, 20, 20])}
+    batch = {
+        "image": images(4),
+        "label": torch.arange(4),
+        "image_lr": images(4, seed=1),
+        "lr_size": torch.tensor([7, 14, 20, 20]),
+    }
     out = recipe(batch)
     assert terms <= set(out.aux_losses)
     assert any(k.startswith(("lgaf/", "cqa/")) for k in out.scalars)
@@ -407,7 +414,12 @@ def test_norm_weight_decay_false_excludes_every_normalisation_parameter():
 
     net = net_for({"kind": "lgaf", "embedding_size": 16, "heads": 2})
     names = norm_parameter_names(net)
-    bn_params = {f"{m}.{p}" for m, mod in net.named_modules() if isinstance(mod, torch.nn.modules.batchnorm._NormBase) for p, _ in mod.named_parameters(recurse=False)}
+    bn_params = {
+        f"{m}.{p}"
+        for m, mod in net.named_modules()
+        if isinstance(mod, torch.nn.modules.batchnorm._NormBase)
+        for p, _ in mod.named_parameters(recurse=False)
+    }
     assert names == bn_params and "trunk.bn1.weight" in names and "head.msnet.0.bn.bias" in names
     groups = param_groups(net, names, 5e-4)
     no_decay = {id(p) for p in groups[1]["params"]}

@@ -323,14 +323,24 @@ def tb_scalar_tags(run: Path) -> list[str]:
     "script, shape, scalars, hists",
     [
         # LGAF: the LGF weights and statistics (EMA all-reduced over the 2 ranks), the γ_l histogram
-        ("lgaf_r100", "2x1", {"monitor/lgaf/gamma_l_mean", "monitor/lgaf/ema_mu_l", "monitor/lgaf/share_l"}, {"hist/lgaf/gamma_l"}),
+        (
+            "lgaf_r100",
+            "2x1",
+            {"monitor/lgaf/gamma_l_mean", "monitor/lgaf/ema_mu_l", "monitor/lgaf/share_l"},
+            {"hist/lgaf/gamma_l"},
+        ),
         # CQA-Face: CAL as its own loss term, the quality scores
         ("cqa_r100", "1x2", {"loss/cal", "monitor/cqa/q_spread", "monitor/cqa/cal_active_frac"}, {"hist/cqa/q0"}),
         # LCD: both SR terms, their gradient share on the regularised conv, SAM's θ, the dropped fraction
         (
             "lcd_r50",
             "2x1",
-            {"loss/sr_filter", "loss/sr_response", "grad_ratio/lcd_conv/sr_filter", "monitor/sam/theta_var_over_samples"},
+            {
+                "loss/sr_filter",
+                "loss/sr_response",
+                "grad_ratio/lcd_conv/sr_filter",
+                "monitor/sam/theta_var_over_samples",
+            },
             {"hist/lcd/gamma_frac", "hist/sam/theta"},
         ),
     ],

@@ -248,4 +248,3 @@ def quality_scores(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if not keys:
         raise ValueError("the network has no CQA quality scores (model.head.kind is not cqa, or qan: false)")
     return torch.stack([trace.sample_values[k] for k in keys], dim=1)
-

@@ -136,7 +136,9 @@ def scale_conv(in_ch: int, out_ch: int, kernel: int, factorize: bool) -> nn.Modu
     """Φ_j (eq. 12): a j×j conv (pad j//2, no bias), or (j−1)/2 stacked 3×3 convs with ``factorize``."""
     if not factorize or kernel <= 3:
         return nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False)
-    layers = [nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1, bias=False) for i in range((kernel - 1) // 2)]
+    layers = [
+        nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1, bias=False) for i in range((kernel - 1) // 2)
+    ]
     return nn.Sequential(*layers)
 
 
@@ -152,13 +154,19 @@ class MSNetHead(nn.Module):
         super().__init__()
         self.kernels = tuple(kernels)
         self.scales = nn.ModuleList(
-            nn.Sequential(scale_conv(channels, scale_channels, k, factorize), nn.BatchNorm2d(scale_channels), nn.PReLU(scale_channels))
+            nn.Sequential(
+                scale_conv(channels, scale_channels, k, factorize),
+                nn.BatchNorm2d(scale_channels),
+                nn.PReLU(scale_channels),
+            )
             for k in self.kernels
         )
         self.lanets = nn.ModuleList(LANet(scale_channels, lanet_reduction, lanet_bn) for _ in self.kernels)
         cat = scale_channels * len(self.kernels)
         hidden = max(1, cat // se_reduction)
-        self.se = nn.Sequential(nn.Linear(cat, hidden, bias=False), nn.ReLU(inplace=True), nn.Linear(hidden, cat, bias=False))
+        self.se = nn.Sequential(
+            nn.Linear(cat, hidden, bias=False), nn.ReLU(inplace=True), nn.Linear(hidden, cat, bias=False)
+        )
         self.proj = nn.Linear(cat, out_dim, bias=False)
         self.bn = nn.BatchNorm1d(out_dim)
 
@@ -180,7 +188,13 @@ class MSCAM(nn.Module):
     def __init__(self, dim: int, reduction: int):
         super().__init__()
         hidden = max(1, dim // reduction)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim), nn.BatchNorm1d(dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, dim),
+            nn.BatchNorm1d(dim),
+        )
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(v))
@@ -259,8 +273,14 @@ class LGAFHead(FCHead):
             c_s = opts.scale_channels or max(1, point.channels // opts.heads)
             self.msnet = nn.ModuleList(
                 MSNetHead(
-                    point.channels, c_s, opts.kernels, d // opts.heads,
-                    opts.lanet_reduction, opts.lanet_bn, opts.se_reduction, opts.factorize,
+                    point.channels,
+                    c_s,
+                    opts.kernels,
+                    d // opts.heads,
+                    opts.lanet_reduction,
+                    opts.lanet_bn,
+                    opts.se_reduction,
+                    opts.factorize,
                 )
                 for _ in range(opts.heads)
             )
