@@ -215,9 +215,17 @@ class AugmentConfig:
     contrast: float = 0.5
     saturation: float = 0.5
     paired: bool = False  # also emit image_lr: the multi-resolution copy of the same augmented HR
+    lowres_p: float = 0.0  # AdaFace low-resolution rescale: down to int(r·S) px and back up (AdaFace/LGAF: 0.2)
+    lowres_ratio: list = field(default_factory=lambda: [0.2, 1.0])  # r ~ U(low, high), AdaFace's range
+    # interpolation of each resize, drawn uniformly and independently for down and up (no "area": not in DALI)
+    lowres_interp: list = field(default_factory=lambda: ["nearest", "linear", "cubic", "lanczos"])
+    cutout_p: float = 0.0  # Cutout (DeVries & Taylor 2017): one black square, centre uniform, clipped at borders
+    cutout_size: int = 56  # side in px at the input size; 0.5·S, DeVries' CIFAR-10 ratio (16 of 32 px)
+
+    _LOWRES_INTERPS = ("nearest", "linear", "cubic", "lanczos")  # not a field (no annotation)
 
     def validate(self):
-        for name in ("flip", "multires_p", "crop_p", "blur_p", "photometric_p"):
+        for name in ("flip", "multires_p", "crop_p", "blur_p", "photometric_p", "lowres_p", "cutout_p"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise Invalid(name, f"a probability must lie in [0, 1], got {v}")
@@ -237,6 +245,19 @@ class AugmentConfig:
                 raise Invalid(name, f"expects [low, high] with 0 < low <= high, got {rng}")
         if self.crop_scale[1] > 1.0:
             raise Invalid("crop_scale", f"the area fraction cannot exceed 1, got {self.crop_scale}")
+        r = self.lowres_ratio
+        if not isinstance(r, (list, tuple)) or len(r) != 2 or not (0.0 < r[0] <= r[1] <= 1.0):
+            raise Invalid("lowres_ratio", f"expects [low, high] with 0 < low <= high <= 1 (side ratio), got {r}")
+        names = self.lowres_interp
+        if not isinstance(names, (list, tuple)) or not names:
+            raise Invalid("lowres_interp", f"expects a non-empty list of {list(self._LOWRES_INTERPS)}, got {names}")
+        for n in names:
+            if n not in self._LOWRES_INTERPS:
+                why = " (OpenCV's INTER_AREA has no DALI equivalent)" if n == "area" else ""
+                raise Invalid("lowres_interp", f"unknown interpolation {n!r}{why}; known: {list(self._LOWRES_INTERPS)}")
+        c = self.cutout_size
+        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+            raise Invalid("cutout_size", f"must be a positive integer (px at the input size), got {c}")
 
 
 @dataclass

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -54,6 +53,9 @@ def check_inputs(cfg: Config) -> None:
             read_bin(path)
         except DataError as exc:
             raise DataError(f"data.val: {exc}") from None
+
+
+OPTIMIZER_FULL = "optimizer_full.pt"  # the backbone's optimizer state by parameter name (any world size)
 
 
 def zero_stage(cfg: Config, world_size: int) -> int:
@@ -590,11 +592,13 @@ class Trainer:
         self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
         weight = self.classifier.gather_full(self.classifier.weight.detach())
         moments = {k: self.classifier.gather_full(v) for k, v in self._classifier_moments().items()}
+        backbone_state = self._backbone_optimizer_state()  # every rank: ZeRO assembles partitions collectively
         if distributed.is_main():
             tmp.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, tmp / "config.yaml")
             torch.save(self.model.net.state_dict(), tmp / "model.pt")
             torch.save(self.model.state_dict(), tmp / "recipe.pt")
+            torch.save(backbone_state, tmp / OPTIMIZER_FULL)
             torch.save(
                 {
                     "weight": weight.cpu(),
@@ -644,6 +648,83 @@ class Trainer:
         if faces is None:
             faces = getattr(self, "_first_batch_faces", None)
         return None if faces is None else faces.to(self.device, self.dtype)
+
+    def _base_optimizer(self):
+        """The torch optimizer under DeepSpeed's wrapper (ZeRO / BF16_Optimizer), or the optimizer itself (stage 0)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _backbone_optimizer_state(self) -> dict:
+        """The backbone's optimizer state by parameter name, whole and world-size independent (written as
+        ``optimizer_full.pt`` beside DeepSpeed's per-rank partitions, which only a run of the same world size can
+        read): per parameter the fp32 master weight and each moment of its shape (SGD momentum, Adam's two), and
+        the step count. ZeRO 1/2 and BF16_Optimizer assemble them from the ranks' partitions (a collective: every
+        rank calls this); at stage 0 they are the torch optimizer's own tensors."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        base = self._base_optimizer()
+        keys = sorted({k for st in base.state.values() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0})
+        steps = [float(st["step"]) for st in base.state.values() if "step" in st]
+        out = {"step": steps[0] if steps else None, "params": {}}
+        linked = getattr(self.optimizer, "_hp_optimizer_states_linked", True)  # ZeRO links its state at step 1
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
+                master = safe_get_full_fp32_param(p)
+                moments = {k: safe_get_full_optimizer_state(p, k) for k in keys} if linked else {}
+            else:
+                master = p.detach().float()
+                moments = {k: v for k, v in base.state.get(p, {}).items() if k in keys}
+            entry = {"fp32": master.detach().cpu().clone()}
+            entry.update({k: v.detach().float().cpu().clone() for k, v in moments.items() if v is not None})
+            out["params"][name] = entry
+        return out
+
+    def _load_backbone_optimizer_state(self, path: Path) -> bool:
+        """Put ``optimizer_full.pt`` into this run's optimizer, whatever its world size: every parameter's fp32
+        master weight and moments (ZeRO: each rank writes its own partition of them). False if the file is absent."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if not path.is_file():
+            return False
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        base = self._base_optimizer()
+        params = dict(self.model.named_parameters())
+        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved["params"])
+        if missing:
+            raise ConfigError(f"--resume: {path} has no optimizer state for parameter '{missing[0]}'")
+        if any(hasattr(p, "_hp_mapping") for p in params.values()):
+            # ZeRO / BF16_Optimizer create and link their flat state at the first step(): create it now (zeros, to
+            # be overwritten below) and link it, so that each parameter's slice of it can be written
+            moment_keys = {k for entry in saved["params"].values() for k in entry if k != "fp32"}
+            for group in base.param_groups:
+                for flat in group["params"]:
+                    state = base.state[flat]
+                    for k in moment_keys:
+                        state.setdefault(k, torch.zeros_like(flat))
+                    if saved["step"] is not None:
+                        state.setdefault("step", torch.tensor(0.0))
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+        for name, entry in saved["params"].items():
+            p = params[name]
+            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
+                safe_set_full_fp32_param(p, entry["fp32"].to(self.device))
+                for k, v in entry.items():
+                    if k != "fp32":
+                        safe_set_full_optimizer_state(p, v.to(self.device), k)
+            else:
+                with torch.no_grad():
+                    p.copy_(entry["fp32"].to(p.device, p.dtype))
+                state = base.state[p]
+                for k, v in entry.items():
+                    if k != "fp32":
+                        state[k] = v.to(p.device)
+        if saved["step"] is not None:  # Adam's bias correction counts steps
+            for st in base.state.values():
+                if "step" in st:
+                    st["step"] = torch.tensor(saved["step"]) if torch.is_tensor(st["step"]) else saved["step"]
+        return True
 
     def _classifier_moments(self) -> dict[str, torch.Tensor]:
         """Per-row optimizer state of the classifier shard (momentum / Adam moments)."""
@@ -699,11 +780,18 @@ class Trainer:
                 ckpt.load_state_strict(
                     self.model, ckpt.read_state_dict(path / "recipe.pt"), path / "recipe.pt", network
                 )
-                warnings.warn(
-                    f"resuming {path} (world size {meta['world_size']}) on world size {self.world}: "
-                    "backbone optimizer moments are re-initialised; classifier state is re-sharded exactly",
-                    stacklevel=2,
-                )
+                kept = self._load_backbone_optimizer_state(path / OPTIMIZER_FULL)
+                if distributed.is_main():
+                    print(
+                        f"[train] resuming {path} (world size {meta['world_size']}) on world size {self.world}: "
+                        + (
+                            "backbone weights and optimizer state re-partitioned exactly"
+                            if kept
+                            else f"no {OPTIMIZER_FULL} (an older checkpoint): backbone optimizer moments re-initialised"
+                        )
+                        + "; classifier state re-sharded exactly",
+                        flush=True,
+                    )
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0][:300]
             raise ConfigError(f"--resume: checkpoint {path} does not fit this model ({first})") from None

@@ -69,3 +69,51 @@ def test_two_processes_equal_one_process_with_twice_the_batch(lfw_shards, lfw_tr
     bad_rel, _ = _worst_rel(one["net"], bad["net"])
     print(f"without the ×world scale: network worst rel {bad_rel:.2f}")
     assert bad_rel > 0.2
+
+
+@pytest.mark.slow
+def test_resume_across_world_sizes_keeps_weights_and_momentum(lfw_shards, lfw_train, tmp_path):
+    """Issue 10 item 5: 2 steps on 2 processes → resume on 3 → resume on 1, against 6 uninterrupted steps on 1
+    process with the same global batch of 6 faces: the network, the class centres and the backbone's SGD momentum
+    must agree (``optimizer_full.pt``: the optimizer state by parameter name, re-partitioned for the new world).
+    Negative control: the same chain without that file (momentum re-initialised at the last resume) disagrees.
+    Measured (2-core CPU): network 3.9e-4, momentum 2.5e-3 (a PReLU slope's, float32 reordering over 6 steps),
+    centres 4.2e-5 relative; the negative control's momentum 1.15. Bounds 1e-2 / 1e-2 / 1e-3."""
+    list_file = lfw_train.parent / "train_list.txt"
+    common = ["--global-batch", "6", "--steps", "2"]
+    ref = _run(1, lfw_shards, list_file, tmp_path / "ref.pt", "--global-batch", "6", "--steps", "6")
+    a = _run(2, lfw_shards, list_file, tmp_path / "a.pt", *common, "--save")
+    b = _run(
+        3,
+        lfw_shards,
+        list_file,
+        tmp_path / "b.pt",
+        *common,
+        "--first-batch",
+        "2",
+        "--resume",
+        a["checkpoint"],
+        "--save",
+    )
+    c = _run(1, lfw_shards, list_file, tmp_path / "c.pt", *common, "--first-batch", "4", "--resume", b["checkpoint"])
+    net_rel, worst = _worst_rel(ref["net"], c["net"])
+    mom_rel, worst_mom = _worst_rel(ref["moments"], c["moments"])
+    cen_rel = float((ref["centres"] - c["centres"]).norm() / ref["centres"].norm())
+    # without the world-independent state: the third leg resumes with momentum re-initialised
+    (Path(b["checkpoint"]) / "optimizer_full.pt").unlink()
+    ckpt_sums = Path(b["checkpoint"]) / "checksums.json"
+    import json
+
+    sums = json.loads(ckpt_sums.read_text())
+    sums.pop("optimizer_full.pt")
+    ckpt_sums.write_text(json.dumps(sums))
+    d = _run(1, lfw_shards, list_file, tmp_path / "d.pt", *common, "--first-batch", "4", "--resume", b["checkpoint"])
+    neg_rel, _ = _worst_rel(ref["moments"], d["moments"])
+    print(
+        f"chain vs uninterrupted: network {net_rel:.2e} ({worst}), momentum {mom_rel:.2e} ({worst_mom}), "
+        f"centres {cen_rel:.2e}; without optimizer_full.pt: momentum {neg_rel:.2e}"
+    )
+    assert c["losses"] == pytest.approx(ref["losses"][4:], rel=1e-3)
+    assert net_rel < 1e-2 and cen_rel < 1e-3, (net_rel, worst, cen_rel)
+    assert mom_rel < 1e-2, (mom_rel, worst_mom)
+    assert neg_rel > 10 * max(mom_rel, 1e-3), neg_rel

@@ -28,6 +28,8 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.losses.sharded_classifier import take_shard  # noqa: E402
 from pipeline.train import Trainer  # noqa: E402
 
+CHAIN_STEPS = 6  # the batches are a spread over the list fixed for runs of up to this many steps (resumed legs)
+
 
 def global_batches(list_file: Path, per_rank: int, world_max: int, steps: int):
     """`steps` batches of per_rank·world_max faces: a fixed spread over the list (several identities)."""
@@ -53,10 +55,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-grad-scale", action="store_true")
+    ap.add_argument("--global-batch", type=int, default=0, help="G (default 2B): any world size dividing it")
+    ap.add_argument("--first-batch", type=int, default=0, help="first global batch (a resumed leg of a chain)")
+    ap.add_argument("--resume", default="", help="a checkpoint to resume (the trainer's --resume)")
+    ap.add_argument("--save", action="store_true", help="write a checkpoint after the steps (trainer.save)")
     args = ap.parse_args()
     info = distributed.init("cpu")
     world, rank = info.world_size, info.rank
-    b = args.per_rank * 2 // world  # this rank's share of the 2B global batch
+    g = args.global_batch or args.per_rank * 2
+    b = g // world  # this rank's share of the global batch
     cfg = load_config(
         [REPO / "configs" / "arcface_r50.yaml", REPO / "configs" / "smoke.yaml"],
         [
@@ -75,7 +82,7 @@ def main() -> int:
             "margin.s=32",
         ],
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, resume=args.resume or None)
     # The same initial class centres for any world size (the trainer initialises each rank's shard
     # from its own seed, which is reproducible but depends on the world size).
     full = (
@@ -84,23 +91,29 @@ def main() -> int:
         )
         * 0.01
     )
-    with torch.no_grad():
-        trainer.classifier.weight.copy_(take_shard(full, rank, world))
+    if not args.resume:
+        with torch.no_grad():
+            trainer.classifier.weight.copy_(take_shard(full, rank, world))
     if args.no_grad_scale:
         trainer.classifier.embedding_grad_scale = 1.0
     for m in trainer.model.modules():  # BatchNorm frozen: per-rank batch statistics would differ
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.eval()
     losses = []
-    for images, labels in global_batches(Path(args.list), args.per_rank, 2, args.steps):
+    batches = global_batches(Path(args.list), g, 1, max(args.first_batch + args.steps, CHAIN_STEPS))
+    for images, labels in batches[args.first_batch : args.first_batch + args.steps]:
         batch = {"image": images[rank * b : (rank + 1) * b], "label": labels[rank * b : (rank + 1) * b]}
         terms = trainer._micro_step(batch, 0)
         trainer.step += 1
         losses.append(float(terms["total"]))
     net = {k: v.detach().clone() for k, v in trainer.model.net.state_dict().items()}
     centres = trainer.classifier.gather_full(trainer.classifier.weight.detach())
+    optimizer = trainer._backbone_optimizer_state()  # every rank (ZeRO assembles the partitions)
+    saved = str(trainer.save()) if args.save else ""
     if rank == 0:
-        torch.save({"losses": losses, "net": net, "centres": centres}, args.out)
+        moments = {k: v["momentum_buffer"] for k, v in optimizer["params"].items() if "momentum_buffer" in v}
+        out = {"losses": losses, "net": net, "centres": centres, "moments": moments, "checkpoint": saved}
+        torch.save(out, args.out)
     distributed.cleanup()
     return 0
 

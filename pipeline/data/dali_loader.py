@@ -7,12 +7,19 @@ is a DALI operator on that device:
 * crop: four ``fn.random.uniform`` draws → the box of :func:`pipeline.data.augment.crop_box`
   in DALI arithmetic; ``fn.slice`` cuts the rectangle, a second ``fn.slice`` with negative
   anchor and ``out_of_bounds_policy="pad"`` puts it back in place on a black canvas;
+* low-resolution rescale: ``fn.random.uniform(lowres_ratio)`` → the small side of
+  :func:`pipeline.data.augment.lowres_side`; two ``fn.random.choice`` over the DALI interpolation
+  codes of ``lowres_interp`` (down, up); two ``fn.resize(antialias=False)`` with a per-sample
+  ``interp_type`` (:func:`dali_low_res`), nearest with its source origin shifted by
+  :data:`pipeline.data.degrade.NN_ROI_SHIFT` through ``roi_start``/``roi_end``;
 * flip: the ``mirror`` of the final ``fn.crop_mirror_normalize`` (the spec's later steps are
-  mirror-symmetric, see the augment module doc);
+  mirror-symmetric but cutout, whose square is mirrored instead, see the augment module doc);
 * photometric: DALI arithmetic ``b·(m + c·(x − m))`` with ``m`` the mean grey level from
   ``fn.reductions.mean`` (exactly ``fn.brightness_contrast`` with ``contrast_center=m``, but
   valid with a GPU-computed ``m``), then ``fn.saturation``; clamps with ``dali.math.clamp``;
 * blur: ``fn.gaussian_blur(sigma=fn.random.uniform(blur_sigma))``;
+* cutout: two ``fn.random.uniform`` draws → the square of :func:`pipeline.data.augment.cutout_box` in
+  DALI arithmetic, mirrored when the sample will be mirrored, then ``fn.erase`` (:func:`dali_cutout`);
 * multi-resolution: ``fn.random.choice(sizes, p)`` then two cubic ``fn.resize`` with float sizes;
 * every probability with ``fn.random.coin_flip`` and DALI conditionals (``enable_conditionals``).
 
@@ -51,6 +58,7 @@ from data_prep.manifest import DataError, atomic_write_text
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.augment import CROP_LOG_RATIO, GRAY_WEIGHTS, photometric_ranges, resolution_probs, validate
 from pipeline.data.base import TrainLoaderBase
+from pipeline.data.degrade import NN_ROI_SHIFT
 from pipeline.data.torch_loader import _hash_seed
 
 log = logging.getLogger("pipeline.data")
@@ -193,6 +201,73 @@ def dali_draw_resolution(sizes, weights):
     return fn.random.choice(np.asarray(sizes, np.float32), p=[float(p) for p in resolution_probs(sizes, weights)])
 
 
+# lowres_interp names → DALI interpolation types (the filters of pipeline.data.degrade.resize_square)
+DALI_INTERP = {"nearest": "INTERP_NN", "linear": "INTERP_LINEAR", "cubic": "INTERP_CUBIC", "lanczos": "INTERP_LANCZOS3"}
+
+
+def dali_interp_codes(names) -> np.ndarray:
+    """int32 DALI interpolation codes of ``lowres_interp`` names, for ``fn.random.choice``."""
+    from nvidia.dali import types
+
+    return np.array([int(getattr(types, DALI_INTERP[n])) for n in names], np.int32)
+
+
+def dali_low_res(img, small, down, up, size: int):
+    """DALI op of :func:`pipeline.data.degrade.low_res`: HWC float ``img`` (S×S) resized to ``small``×``small``
+    (float) with interpolation code ``down`` (int32), back to S×S with ``up``, each clamped to [0, 1].
+
+    ``antialias=False`` keeps every kernel at its width (OpenCV's resize). Nearest neighbour gets its source
+    origin shifted by ``NN_ROI_SHIFT`` px (``roi_start``/``roi_end``): DALI computes ``floor((i + ½)·scale)``
+    in float32, which can fall on either side of an exact tie; the shift makes it the exact value.
+    """
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    nn = int(types.INTERP_NN)
+
+    def resize(x, out, code, n_in):
+        shift = fn.cast(code == nn, dtype=types.FLOAT) * NN_ROI_SHIFT
+        start = fn.stack(shift, shift)
+        y = fn.resize(
+            x,
+            resize_x=out,
+            resize_y=out,
+            interp_type=fn.cast(code, dtype=types.INTERP_TYPE),
+            antialias=False,
+            roi_start=start,
+            roi_end=start + n_in,
+            roi_relative=False,
+        )
+        return dmath.clamp(y, 0.0, 1.0)
+
+    return resize(resize(img, small, down, float(size)), float(size), up, small)
+
+
+def dali_cutout(img, y0, x0, h, w, mirror, size: int):
+    """DALI op of :func:`pipeline.data.augment.cutout` for a box drawn in the *mirrored* frame: the DALI loader
+    mirrors at the very end, so when ``mirror`` is 1 the columns ``[x0, x0+w)`` become ``[S-x0-w, S-x0)``."""
+    from nvidia.dali import fn
+
+    if not (isinstance(mirror, (int, float)) and mirror == 0):
+        x0 = x0 + mirror * (float(size) - 2.0 * x0 - w)
+    return fn.erase(img, anchor=fn.stack(y0, x0), shape=fn.stack(h, w), axis_names="HW", fill_value=0.0)
+
+
+def dali_cutout_box(side: int, size: int):
+    """(y0, x0, h, w) float DataNodes of :func:`pipeline.data.augment.cutout_box` from two ``fn.random.uniform``."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn
+
+    S, half = float(size), float(side // 2)
+    out = []
+    for _ in range(2):
+        c = dmath.min(S - 1.0, dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * S))
+        lo, hi = dmath.max(0.0, c - half), dmath.min(S, c - half + float(side))
+        out.append((lo, hi - lo))
+    (y0, h), (x0, w) = out
+    return y0, x0, h, w
+
+
 def _coin(p: float):
     """Python ``True`` for p >= 1 (no op), else a per-sample DALI coin (a conditional's predicate)."""
     from nvidia.dali import fn, types
@@ -280,6 +355,15 @@ def build_pipeline(
             if apply:
                 img = fn.slice(img, box0, box1, axis_names="HW")
                 img = fn.slice(img, back, canvas, axis_names="HW", out_of_bounds_policy="pad", fill_values=0.0)
+        # 1b. AdaFace low-resolution rescale: down to max(1, int(r·S)) and back up, interpolations drawn
+        if aug.lowres_p > 0:
+            r = _uniform(*aug.lowres_ratio)
+            small = dmath.max(1.0, dmath.floor(r * S)) if not isinstance(r, float) else float(max(1, int(r * S)))
+            codes = dali_interp_codes(aug.lowres_interp)
+            down, up = fn.random.choice(codes), fn.random.choice(codes)
+            apply = _coin(aug.lowres_p)
+            if apply:
+                img = dali_low_res(img, small, down, up, size)
         # 2. flip: applied by crop_mirror_normalize below (later steps are mirror-symmetric)
         mirror = fn.random.coin_flip(probability=float(aug.flip)) if aug.flip > 0 else 0
         # 3. photometric: brightness+contrast about the mean grey level, then saturation
@@ -297,6 +381,12 @@ def build_pipeline(
             apply = _coin(aug.blur_p)
             if apply:
                 img = fn.gaussian_blur(img, sigma=sigma)
+        # 4b. Cutout: a black square (its columns mirrored when the sample is, see dali_cutout)
+        if aug.cutout_p > 0:
+            y0, x0, h, w = dali_cutout_box(aug.cutout_size, size)
+            apply = _coin(aug.cutout_p)
+            if apply:
+                img = dali_cutout(img, y0, x0, h, w, mirror, size)
         # 5. multi-resolution: bicubic down to the drawn size, back up to S, clamped to the image range
         lr = img
         if aug.multires_p > 0:
@@ -439,4 +529,14 @@ class DaliTrainLoader(TrainLoaderBase):
             del it, pipe
 
 
-__all__ = ["DaliTrainLoader", "build_pipeline", "dali_draw_resolution", "scan_shard", "write_index"]
+__all__ = [
+    "DaliTrainLoader",
+    "build_pipeline",
+    "dali_cutout",
+    "dali_cutout_box",
+    "dali_draw_resolution",
+    "dali_interp_codes",
+    "dali_low_res",
+    "scan_shard",
+    "write_index",
+]
