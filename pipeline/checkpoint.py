@@ -7,13 +7,15 @@ A checkpoint is one directory ``<output.dir>/checkpoints/step_0000100/`` holding
 - ``recipe.pt``     state_dict of the whole training procedure (the network + any procedure parameters)
 - ``classifier.pt`` the FULL class-centre matrix and its optimizer state, gathered from all ranks,
                     so that any world size can re-shard it
+- ``optimizer_full.pt`` the backbone's optimizer state by parameter name (fp32 master weights, moments,
+                    step), assembled from ZeRO's per-rank partitions, so that any world size can re-partition it
 - ``trainer.json``  step counters, world size, the data position
 - ``deepspeed/``    DeepSpeed's own engine checkpoint (backbone optimizer states, per rank)
 
 All ranks write into ``.tmp_step_0000100`` and rank 0 renames it to the final name after a
 barrier, then rewrites ``latest`` (also via rename): a directory with a final name is complete.
-Resuming with the same world size restores everything exactly; with another world size the
-backbone optimizer moments (partitioned by ZeRO) are re-initialised and a warning says so.
+Resuming with the same world size restores everything from DeepSpeed's own files; with another world size the
+backbone comes from ``recipe.pt`` + ``optimizer_full.pt`` and the classifier from ``classifier.pt``, exactly.
 """
 
 from __future__ import annotations
