@@ -388,11 +388,39 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _non_default(obj: Any) -> Any:
+    """A config object as a dict of the values that differ from their field's default (nested, recursively):
+    a release that adds an option (with a default that keeps the old behaviour) leaves the hash unchanged."""
+    if isinstance(obj, (list, tuple)):
+        return [_non_default(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _non_default(v) for k, v in obj.items()}
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if dataclasses.is_dataclass(value):
+            sub = _non_default(value)
+            if sub:
+                out[f.name] = sub
+        elif value != default:
+            out[f.name] = _non_default(value)
+    return out
+
+
 def train_hash(cfg: Config, nproc: int) -> str:
-    """What a cell's weights depend on: the resolved config less its output paths, and the world size."""
-    resolved = to_dict(cfg)
+    """What a cell's weights depend on: the resolved config less its output paths and less every value equal to
+    its default, and the world size."""
+    resolved = _non_default(cfg)
     for runner_managed in ("dir", "overwrite"):
-        resolved["output"].pop(runner_managed)
+        resolved.get("output", {}).pop(runner_managed, None)
     return _digest({"config": resolved, "nproc": nproc})
 
 

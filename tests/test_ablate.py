@@ -469,3 +469,29 @@ def test_scan_diagnostics_on_a_network():
     assert 0.0 < share < 1.0
     plain = registry.build_network(load_config([], ["model.backbone=iresnet18", "model.width=0.0625"]).model)
     assert conv_monitors(plain, cfg, None) == {}
+
+
+def test_train_hash_ignores_options_at_their_defaults():
+    """A release that adds an option (default = the old behaviour) keeps every cached cell valid; a changed value
+    of any option, old or new, retrains."""
+    import copy
+    from dataclasses import asdict
+
+    from pipeline.ablate import train_hash
+    from pipeline.config import AugmentConfig
+
+    cfg = load_config([REPO / "configs" / "arcface_r50.yaml", REPO / "configs" / "smoke.yaml"], ["data.train=x"])
+    base = train_hash(cfg, 1)
+
+    @dataclass
+    class AugmentWithANewOption(AugmentConfig):
+        new_option_p: float = 0.0
+
+    extended = copy.deepcopy(cfg)
+    extended.data.augment = AugmentWithANewOption(**asdict(cfg.data.augment))
+    assert train_hash(extended, 1) == base
+    extended.data.augment.new_option_p = 0.5
+    assert train_hash(extended, 1) != base
+    changed = copy.deepcopy(cfg)
+    changed.optim.lr = 0.05
+    assert train_hash(changed, 1) != base and train_hash(cfg, 2) != base

@@ -304,3 +304,90 @@ def test_dali_shard_scan_is_cached_and_invalidated(lfw_train, tmp_path):
     assert again == first == scan_shard(shard, 200)
     shard.write_bytes(shard.read_bytes()[:20_000])  # changed file → new scan, not the cached one
     assert scan_shard_cached(shard, 200).error is not None
+
+
+# --------------------------------------------------------------------------- AdaFace low-res rescale, Cutout
+
+
+def _by_key(loader, root, aug, **kw) -> dict:
+    bs = _run(build_train_loader(_cfg(root, loader, aug, **kw), 0, 1, seed=0, with_keys=True))
+    return {k: img for b in bs for k, img in zip(b["key"], b["image"])}
+
+
+@pytest.fixture(scope="module")
+def plain_images(shards4):
+    """Both engines' un-augmented images of the 128 faces, by key (the reference of the tests below)."""
+    return {loader: _by_key(loader, shards4[0], NO_RANDOM) for loader in ("torch", "dali")}
+
+
+def test_both_loaders_agree_on_deterministic_low_res(shards4):
+    """lowres_p = 1 with a fixed side (int(0.33·112) = 36 px) and one filter, Lanczos-3 (the least exact of
+    the four in tests/test_augment.py's per-filter measurement, 5.1e-4 on [0, 1] with identical input).
+    Measured here through both loaders (DALI's CPU operators), on [-1, 1]: max |Δ| 9.9e-4 over the 128
+    faces, largest per-image mean 6.7e-5. Bounds 1.5×."""
+    root, _ = shards4
+    aug = AugmentConfig(flip=0.0, lowres_p=1.0, lowres_ratio=[0.33, 0.33], lowres_interp=["lanczos"])
+    out = {loader: _by_key(loader, root, aug, batch_size=32) for loader in ("torch", "dali")}
+    assert set(out["torch"]) == set(out["dali"]) and len(out["torch"]) == 128
+    deltas = [np.abs(out["torch"][k].numpy() - out["dali"][k].numpy()) for k in out["torch"]]
+    worst, mean = max(float(d.max()) for d in deltas), max(float(d.mean()) for d in deltas)
+    print(f"low-res lanczos 36 px: max |torch - DALI| {worst:.1e}, max per-image mean {mean:.1e}")
+    assert worst < 1.5e-3 and mean < 1e-4, (worst, mean)
+
+
+def _cutout_region(out: torch.Tensor, ref: torch.Tensor):
+    """(y0, x0, h, w) of the black (-1) rectangle that explains every pixel where ``out`` differs from ``ref``
+    (the bounding box of those pixels, all black in ``out``); None when there is no such rectangle."""
+    out, ref = out.numpy(), ref.numpy()
+    diff = (np.abs(out - ref) > 1e-6).any(0)
+    if not diff.any():
+        return None
+    ys, xs = np.nonzero(diff)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    if not np.all(out[:, y0:y1, x0:x1] == -1.0):
+        return None
+    return y0, x0, y1 - y0, x1 - x0
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_cutout_in_the_loaders_is_a_clipped_black_square_under_flip(shards4, plain_images, loader):
+    """cutout_p = 1, side 40, flip 0.5: each image is its plain or mirrored self with one black square whose
+    sides are 40 px unless clipped at a border (then 20..40 px, touching that border)."""
+    root, _ = shards4
+    aug = AugmentConfig(flip=0.5, cutout_p=1.0, cutout_size=40)
+    out, plain = _by_key(loader, root, aug), plain_images[loader]
+    flips = 0
+    for key, img in out.items():
+        base = plain[key]
+        # the right orientation differs from the image only inside one black rectangle
+        plain_box, mirrored_box = _cutout_region(img, base), _cutout_region(img, base.flip(-1))
+        assert (plain_box is None) != (mirrored_box is None), key
+        flips += mirrored_box is not None
+        y0, x0, h, w = plain_box or mirrored_box
+        # the black pixels seen can be fewer than the square where the face was black already: allow 2 px
+        for lo, n in ((y0, h), (x0, w)):
+            assert 20 <= n <= 40 and (n >= 38 or lo == 0 or lo + n == 112), (key, y0, x0, h, w)
+    assert 20 < flips < 108  # both orientations occur (p = 0.5 over 128)
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_low_res_and_cutout_probabilities_in_the_loaders(shards4, plain_images, loader):
+    """lowres_p = cutout_p = 0.5 on 128 faces through the real loader graphs. Cutout of side 2·S blacks out the
+    whole image (independent of its centre); low-res at 22-27 px (nearest) is told apart from the plain image on
+    the samples that kept theirs. Counts within 4.5 binomial standard deviations."""
+    root, _ = shards4
+    aug = AugmentConfig(
+        flip=0.0, lowres_p=0.5, lowres_ratio=[0.2, 0.25], lowres_interp=["nearest"], cutout_p=0.5, cutout_size=224
+    )
+    out, plain = _by_key(loader, root, aug), plain_images[loader]
+    delta = {k: np.abs(img.numpy() - plain[k].numpy()) for k, img in out.items()}
+    cut = [k for k, img in out.items() if np.all(img.numpy() == -1.0)]
+    kept = [k for k in out if k not in cut]
+    low = [k for k in kept if delta[k].mean() > 0.01]
+    unchanged = [k for k in kept if k not in low and delta[k].max() < 1e-6]
+    assert len(low) + len(unchanged) == len(kept)  # nothing in between: each sample has the op or not
+
+    def ok(k, n, p=0.5):
+        return abs(k - n * p) <= 4.5 * (n * p * (1 - p)) ** 0.5
+
+    assert ok(len(cut), 128) and ok(len(low), len(kept)), (len(cut), len(low), len(kept))

@@ -24,12 +24,12 @@ the DALI loader with DALI operators (:mod:`pipeline.data.dali_loader`). Images a
    need it. Filters (:mod:`pipeline.data.degrade`), all *without* antialiasing on the way down
    (OpenCV's ``resize`` does not antialias these either), pixel centres aligned, edge pixels
    replicated beyond the border (OpenCV's and DALI's border): ``nearest`` = centre-aligned nearest
-   neighbour ``floor((i + ½)·n_in/n_out)``; ``linear`` = OpenCV's ``INTER_LINEAR`` formula (PyTorch's
-   ``bilinear``, align_corners=False, equals it to 2e-6; OpenCV itself is not installed here);
+   neighbour ``floor((i + ½)·n_in/n_out)``; ``linear`` = OpenCV's ``INTER_LINEAR`` formula (equal to PyTorch's
+   ``bilinear``, align_corners=False, within 1e-9; OpenCV itself is not installed here);
    ``cubic`` = Keys cubic with a = −0.5 (PIL's and DALI's); ``lanczos`` = Lanczos-3. DALI:
    ``fn.resize(antialias=False)`` with ``INTERP_NN/LINEAR/CUBIC/LANCZOS3``. Measured DALI (CPU)
-   vs torch, max |Δ| on [0, 1] over down+up on LFW faces: nearest 0, linear 3e-6, cubic and
-   lanczos ≤ 5.1e-4 (DALI tabulates these two kernels at 1/32 px and interpolates linearly).
+   vs torch, max |Δ| on [0, 1] over down+up on LFW faces: nearest 0, linear 3.5e-6, cubic 5.2e-4,
+   lanczos 5.1e-4 (DALI tabulates these two kernels at 1/32 px and interpolates linearly).
    **Deviations from AdaFace** (OpenCV): no ``area`` (``INTER_AREA``, the one antialiased
    filter of the five: DALI has no box filter), so the default draws from 4 filters, not 5;
    ``cubic`` uses a = −0.5, not OpenCV's −0.75; ``lanczos`` is Lanczos-3, not OpenCV's

@@ -253,15 +253,17 @@ def dali_cutout(img, y0, x0, h, w, mirror, size: int):
     return fn.erase(img, anchor=fn.stack(y0, x0), shape=fn.stack(h, w), axis_names="HW", fill_value=0.0)
 
 
-def dali_cutout_box(side: int, size: int):
-    """(y0, x0, h, w) float DataNodes of :func:`pipeline.data.augment.cutout_box` from two ``fn.random.uniform``."""
+def dali_cutout_box(side: int, size: int, u_y=None, u_x=None):
+    """(y0, x0, h, w) float DataNodes of :func:`pipeline.data.augment.cutout_box` from two U(0,1) draws
+    (``fn.random.uniform`` unless given)."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn
 
     S, half = float(size), float(side // 2)
     out = []
-    for _ in range(2):
-        c = dmath.min(S - 1.0, dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * S))
+    for u in (u_y, u_x):
+        u = fn.random.uniform(range=[0.0, 1.0]) if u is None else u
+        c = dmath.min(S - 1.0, dmath.floor(u * S))
         lo, hi = dmath.max(0.0, c - half), dmath.min(S, c - half + float(side))
         out.append((lo, hi - lo))
     (y0, h), (x0, w) = out
@@ -364,7 +366,7 @@ def build_pipeline(
             apply = _coin(aug.lowres_p)
             if apply:
                 img = dali_low_res(img, small, down, up, size)
-        # 2. flip: applied by crop_mirror_normalize below (later steps are mirror-symmetric)
+        # 2. flip: applied by crop_mirror_normalize below (later steps are mirror-symmetric; cutout mirrors its box)
         mirror = fn.random.coin_flip(probability=float(aug.flip)) if aug.flip > 0 else 0
         # 3. photometric: brightness+contrast about the mean grey level, then saturation
         if aug.photometric_p > 0:

@@ -35,7 +35,7 @@ def bicubic_down_up(img: torch.Tensor, size: int, out_size: int | None = None) -
 
 # --------------------------------------------------------------------------- AdaFace low-resolution rescale
 
-LOWRES_HALF_WIDTH = {"linear": 1, "cubic": 2, "lanczos": 3}  # kernel radius in (output or input) pixels
+LOWRES_HALF_WIDTH = {"linear": 1, "cubic": 2, "lanczos": 3}  # kernel radius in source px (never widened)
 NN_ROI_SHIFT = 1.0 / 512  # DALI nearest: source origin shifted by this (see resample_nearest_index)
 
 
@@ -82,7 +82,10 @@ def resample_nearest_index(n_in: int, n_out: int) -> torch.Tensor:
 
 
 def resize_square(img: torch.Tensor, size: int, name: str) -> torch.Tensor:
-    """(…, H, W) → (…, size, size) with one of :data:`LOWRES_HALF_WIDTH`'s filters or ``"nearest"``."""
+    """(…, H, W) → (…, size, size) with one of :data:`LOWRES_HALF_WIDTH`'s filters or ``"nearest"``
+    (the same size is a copy, as in OpenCV; every filter is the identity there up to rounding)."""
+    if img.shape[-2:] == (size, size):
+        return img.clone()
     if name == "nearest":
         iy = resample_nearest_index(img.shape[-2], size)
         ix = resample_nearest_index(img.shape[-1], size)
