@@ -85,7 +85,7 @@ import yaml
 
 from data_prep.manifest import DataError, read_manifest
 from pipeline.checkpoint import latest_or_none, load_json, save_json
-from pipeline.config import Config, ConfigError, dump_config, load_config, parse_override, read_yaml_mapping, to_dict
+from pipeline.config import Config, ConfigError, dump_config, load_config, parse_override, read_yaml_mapping
 
 METRICS = ("accuracy", "accuracy_noflip", "auc")  # what the table may report; all are fractions, shown in %
 KEPT_METRICS = ("accuracy", "std", "accuracy_noflip", "std_noflip", "auc", "tar_at_far", "threshold", "xnorm")
