@@ -29,6 +29,7 @@ from data_prep.manifest import DataError, read_manifest
 from pipeline import checkpoint as ckpt
 from pipeline import collectives, distributed, registry, schedule
 from pipeline.config import Config, ConfigError, dump_config, load_config
+from pipeline.grad_probe import TermGradients
 
 # Exit codes of `python -m pipeline.train` (README "Reliability"): 0 the run reached its last step; 2 a
 # configuration or data error (one line); 3 diverged (optim.max_nonfinite_steps); 4 stopped by a signal
@@ -120,24 +121,6 @@ def norm_parameter_names(model: torch.nn.Module) -> set[str]:
         if isinstance(mod, norms)
         for p_name, _ in mod.named_parameters(recurse=False)
     }
-
-
-def term_gradient_norms(watched: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """For each watched graph tensor w and each loss term L (``terms``, "cls" = the weighted classification loss):
-    ``grad_norm/<w>/<L>`` = ‖∂L/∂w‖ and, for L ≠ cls, ``grad_ratio/<w>/<L>`` = ‖∂L/∂w‖ / ‖∂cls/∂w‖ (e.g. LCD's SR
-    terms against ArcFace on the regularised conv). ``torch.autograd.grad`` with the graph retained: nothing is
-    accumulated into ``.grad``, so the step's own backward is unchanged."""
-    out: dict[str, torch.Tensor] = {}
-    for wname, w in watched.items():
-        norms = {}
-        for tname, term in terms.items():
-            grad = torch.autograd.grad(term, w, retain_graph=True, allow_unused=True)[0] if term.requires_grad else None
-            norms[tname] = grad.detach().float().norm() if grad is not None else torch.zeros((), device=w.device)
-        for tname, norm in norms.items():
-            out[f"grad_norm/{wname}/{tname}"] = norm
-            if tname != "cls" and "cls" in norms:
-                out[f"grad_ratio/{wname}/{tname}"] = norm / norms["cls"].clamp_min(1e-30)
-    return out
 
 
 def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -354,14 +337,10 @@ class Trainer:
             loss = self.classifier(head.embeddings.float(), head.labels)
             terms[f"cls_{name}"] = loss
             total = total + head.weight * loss
-        cls_total = total
         for name, loss in outputs.aux_losses.items():
             terms[name] = loss.float()
             total = total + loss.float()
         terms["total"] = total
-        if outputs.watched and (micro + 1) % self.gas == 0 and self._log_due(self.step + 1):
-            # every rank (the classifier's backward holds collectives), on the window's last micro step
-            self._grad_probe = term_gradient_norms(outputs.watched, {"cls": cls_total, **outputs.aux_losses})
         # NaN/inf guard: every rank learns whether any rank's loss is non-finite (one device→host read per
         # micro step, the price of never applying a poisoned update); such a step is skipped whole.
         if self._nonfinite_anywhere(total):
@@ -369,7 +348,13 @@ class Trainer:
         boundary = self.engine.is_gradient_accumulation_boundary()
         if not self._window_bad:
             self._backward_scale = self._loss_scale()  # the scale this backward uses (step() may change it)
-            self.engine.backward(total)
+            if outputs.watched and (micro + 1) % self.gas == 0 and self._log_due(self.step + 1):
+                # each loss term's gradient on the watched tensors (every rank: the keys are averaged at the log)
+                with TermGradients(outputs.watched, outputs.aux_losses, total) as probe:
+                    self.engine.backward(total)
+                self._grad_probe = probe.result()
+            else:
+                self.engine.backward(total)
             self.engine.step()
         else:
             self.engine.micro_steps += 1  # keep DeepSpeed's accumulation counter in step with this loop
@@ -666,6 +651,12 @@ class Trainer:
         steps = [float(st["step"]) for st in base.state.values() if "step" in st]
         out = {"step": steps[0] if steps else None, "params": {}}
         linked = getattr(self.optimizer, "_hp_optimizer_states_linked", True)  # ZeRO links its state at step 1
+        if linked and hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            # DeepSpeed 0.19 links every group's state right after the FIRST group's first step(), when the other
+            # groups (e.g. the no-weight-decay group) have no state yet: their parameters would never see their
+            # moments. Link again now that every group has stepped.
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue

@@ -361,10 +361,13 @@ def test_method_smoke(slurm, lfw_shards, lfw_bin, tmp_path, script, shape, scala
     assert hists <= set(histogram_tags(run)), log
     assert "world=2" in log, log
     evaluated = json.loads((run / "eval_latest.json").read_text())["results"]["val20"]
-    if script == "lgaf_r100":  # the head's own per-sample value on the validation faces, in TensorBoard too
-        assert 0.0 < evaluated["mean_gamma_l"] < 1.0 and "val/val20/gamma_l" in tb_scalar_tags(run), evaluated
+    # the head's own per-sample values on the validation faces, in TensorBoard too (after 4 steps the eval-mode
+    # BatchNorm statistics of a 100-layer trunk are far from settled, so only their range is checked)
+    if script == "lgaf_r100":
+        assert 0.0 <= evaluated["mean_gamma_l"] <= 1.0 and "val/val20/gamma_l" in tb_scalar_tags(run), evaluated
     if script == "cqa_r100":
-        assert all(0.0 < evaluated[f"mean_q{i}"] < 1.0 for i in range(4)), evaluated
+        assert all(0.0 <= evaluated[f"mean_q{i}"] <= 1.0 for i in range(4)), evaluated
+        assert "val/val20/q0" in tb_scalar_tags(run), evaluated
 
 
 @pytest.mark.slurm

@@ -75,6 +75,7 @@ def main() -> int:
             "optim.lr=0.1",
             "optim.momentum=0.9",
             "optim.weight_decay=5e-4",
+            "optim.norm_weight_decay=false",  # two parameter groups (ZeRO links their states separately)
             "schedule.kind=step",
             "schedule.milestones=[]",
             "classifier.sample_rate=1.0",
