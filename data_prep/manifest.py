@@ -6,7 +6,8 @@ Layout of a shard directory::
     OUT/shard-000000.tar ...   # WebDataset tars; per sample: <key>.<ext> (original image bytes,
                                # ext in IMAGE_EXTENSIONS after the bytes' real format: jpg|png in
                                # practice), <key>.cls (ASCII integer label), <key>.src (source
-                               # path, or "<file>.rec:<key>"), and only for RecordIO records with
+                               # path, or "<file>.rec:<key>"), <key>.crc (CRC-32 of the image
+                               # bytes, hex; loaders skip a sample that fails it), and only for RecordIO records with
                                # several float labels <key>.labels (JSON list, the first = class)
     OUT/.journal.jsonl         # the writers' resume journal (not for loaders)
     OUT/corrupt.json           # only when a run failed its --max-bad-fraction gate (no manifest then)

@@ -19,8 +19,10 @@ listings live in numpy arrays, ~24 bytes per record), and reads one sample on de
 
 Per sample the tar holds ``<key>.<ext>`` (the original image bytes, ``ext`` from the bytes' real
 format, see :data:`IMAGE_EXTS`), ``<key>.cls`` (ASCII integer label), ``<key>.src`` (source path or
-``file:key``) and, when a RecordIO record carries several float labels, ``<key>.labels`` (JSON list
-of all of them, the first being the class label).
+``file:key``), ``<key>.crc`` (the CRC-32 of the image bytes, 8 lowercase hex digits: both loaders check it,
+so an image whose bytes were damaged after sharding — a flipped bit in the JPEG body, which decoders decode
+into a wrong picture without an error — is skipped and counted instead of trained on) and, when a RecordIO
+record carries several float labels, ``<key>.labels`` (JSON list of all of them, the first being the class label).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import sys
 import tarfile
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +121,19 @@ class Source:
 
 
 # --------------------------------------------------------------------------- images
+
+
+def image_crc(data: bytes) -> str:
+    """The ``<key>.crc`` member of a sample: CRC-32 of its image bytes as 8 lowercase hex digits."""
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def check_crc(data: bytes, stored: bytes) -> None:
+    """Raise DataError unless ``data`` has the CRC-32 recorded in a ``<key>.crc`` member."""
+    want = stored.decode("ascii", "replace").strip().lower()
+    got = image_crc(data)
+    if got != want:
+        raise DataError(f"image bytes fail their checksum (crc32 {got}, recorded {want}): damaged after sharding")
 
 
 def image_ext(data: bytes, verify: str = "decode") -> str:
@@ -293,7 +309,13 @@ def _write_shard(task) -> dict:
                 )
                 continue
             key = f"{index:09d}"
-            members = {"cls": str(s.label).encode(), ext: s.image, "src": s.src.encode(), **s.extra}
+            members = {
+                "cls": str(s.label).encode(),
+                ext: s.image,
+                "src": s.src.encode(),
+                "crc": image_crc(s.image).encode(),
+                **s.extra,
+            }
             for e in sorted(members):
                 tw.add(f"{key}.{e}", members[e])
             formats[ext] += 1

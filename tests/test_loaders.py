@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_prep.manifest import DataError, Manifest, ShardInfo, sha256_file, write_manifest
+from data_prep.shards import image_crc
 from pipeline.config import AugmentConfig, ConfigError, DataConfig
 from pipeline.data.loader import build_train_loader
 
@@ -21,8 +23,17 @@ B = 16
 NO_RANDOM = AugmentConfig(flip=0.0)  # every p is 0 by default; flip off too
 
 
-def make_shards(lfw_train: Path, out: Path, n_images: int, per_shard: list[int] | int, bad_image_at: int | None = None):
-    """WebDataset shards of the first ``n_images`` LFW training faces (label = person index)."""
+def make_shards(
+    lfw_train: Path,
+    out: Path,
+    n_images: int,
+    per_shard: list[int] | int,
+    bad_image_at: int | None = None,
+    damaged_body_at: int | None = None,
+):
+    """WebDataset shards of the first ``n_images`` LFW training faces (label = person index). With
+    ``damaged_body_at``, every sample carries its ``.crc`` (as data_prep writes) and that sample's JPEG body has
+    bytes flipped *after* the checksum was taken (the header stays valid; libjpeg decodes it without an error)."""
     out.mkdir(parents=True, exist_ok=True)
     people = sorted(p for p in lfw_train.iterdir() if p.is_dir())
     files = [(f, label) for label, p in enumerate(people) for f in sorted(p.glob("*.jpg"))][:n_images]
@@ -36,14 +47,21 @@ def make_shards(lfw_train: Path, out: Path, n_images: int, per_shard: list[int] 
                 data = f.read_bytes()
                 if bad_image_at is not None and start + j == bad_image_at:
                     data = b"this is not an image" * 10
-                w.write(
-                    {
-                        "__key__": f"s{start + j:05d}",
-                        "jpg": data,
-                        "cls": str(label).encode(),
-                        "src": f"{f.parent.name}/{f.name}".encode(),
-                    }
-                )
+                sample = {
+                    "__key__": f"s{start + j:05d}",
+                    "jpg": data,
+                    "cls": str(label).encode(),
+                    "src": f"{f.parent.name}/{f.name}".encode(),
+                }
+                if damaged_body_at is not None:
+                    sample["crc"] = image_crc(data).encode()
+                    if start + j == damaged_body_at:
+                        body = bytearray(data)
+                        sos = data.find(b"\xff\xda")
+                        for k in range(sos + 40, sos + 240, 7):
+                            body[k] ^= 0x5A
+                        sample["jpg"] = bytes(body)
+                w.write(sample)
         shards.append(ShardInfo(name, n, sha256_file(out / name)))
         start += n
     write_manifest(out, Manifest(num_classes=files[-1][1] + 1, num_images=len(files), shards=shards))
@@ -391,3 +409,21 @@ def test_low_res_and_cutout_probabilities_in_the_loaders(shards4, plain_images, 
         return abs(k - n * p) <= 4.5 * (n * p * (1 - p)) ** 0.5
 
     assert ok(len(cut), 128) and ok(len(low), len(kept)), (len(cut), len(low), len(kept))
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_an_image_body_damaged_after_sharding_is_skipped_and_counted(lfw_train, tmp_path, loader):
+    """Issue 10 item 8: flipped bytes in a JPEG's entropy-coded body decode without an error (libjpeg only prints
+    "Corrupt JPEG data") into a wrong picture; the ``.crc`` member data_prep writes catches it in both loaders."""
+    from PIL import Image
+
+    root, keys = make_shards(lfw_train, tmp_path / "wds", 32, 32, damaged_body_at=5)
+    with tarfile.open(root / "shard-000000.tar") as tf:
+        damaged = tf.extractfile("s00005.jpg").read()
+    original = (lfw_train / keys[5]).read_bytes()
+    decoded = np.asarray(Image.open(io.BytesIO(damaged)).convert("RGB"), dtype=float)  # no error raised…
+    assert np.abs(decoded - np.asarray(Image.open(io.BytesIO(original)).convert("RGB"))).mean() > 5  # …wrong pixels
+    L = build_train_loader(_cfg(root, loader, batch_size=8, num_workers=1), 0, 1, seed=0, with_keys=True)
+    seen = _keys(_run(L))
+    assert keys[5] not in seen and set(keys) - {keys[5]} <= set(seen), seen
+    assert L.stats()["corrupt_samples"] == 1

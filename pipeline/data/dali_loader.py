@@ -37,7 +37,9 @@ start-up (tar headers; each sample's image magic bytes and its ``.cls`` label; t
 cached per shard path/size/mtime under ``LOWQ_CACHE`` or ~/.cache/lowq-face) and the DALI index
 files are written for the good samples only; a truncated shard keeps its complete samples, a
 garbage shard is dropped. Skipped shards/samples are warned about and counted (``stats()``).
-An image whose header is valid but whose body is corrupt is left to the decoder.
+A sample with a ``.crc`` member (every shard data_prep writes) has its image bytes checked against it in the
+same scan, so an image whose body was damaged after sharding (which libjpeg decodes into a wrong picture, only
+printing "Corrupt JPEG data") is skipped and counted; the scan then reads the whole shard once (cached).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import numpy as np
 import torch
 
 from data_prep.manifest import DataError, atomic_write_text
+from data_prep.shards import check_crc
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.augment import CROP_LOG_RATIO, GRAY_WEIGHTS, photometric_ranges, resolution_probs, validate
 from pipeline.data.base import TrainLoaderBase
@@ -101,6 +104,9 @@ def _split_name(name: str) -> tuple[str, str]:
     return prefix + stem, ext.lower()
 
 
+SCAN_VERSION = 2  # in the scan cache's key: 2 = image bytes checked against their .crc member
+
+
 def scan_shard(path: str | Path, num_classes: int) -> ShardScan:
     """Check a tar's structure and each sample's image header and label (reads headers only)."""
     scan = ShardScan(str(path))
@@ -133,6 +139,15 @@ def scan_shard(path: str | Path, num_classes: int) -> ShardScan:
                 continue
             f.seek(img.offset_data)
             head = f.read(8)
+            if "crc" in comps:
+                f.seek(img.offset_data)
+                body = f.read(img.size)
+                f.seek(comps["crc"].offset_data)
+                try:
+                    check_crc(body, f.read(comps["crc"].size))
+                except DataError as exc:
+                    scan.bad_samples.append((key, f"{img.name}: {exc}"))
+                    continue
             if not any(head.startswith(mg) for mg in _MAGIC):
                 what = "GIF (DALI cannot decode it; use data.loader=torch)" if head.startswith(b"GIF8") else "an image"
                 scan.bad_samples.append((key, f"{img.name}: not {what} (starts {head[:4]!r})"))
@@ -160,7 +175,8 @@ def scan_shard_cached(path: str | Path, num_classes: int) -> ShardScan:
     """:func:`scan_shard`, remembered per (absolute path, size, mtime, num_classes): reruns and the
     other ranks of a node skip the scan of a multi-million-image dataset."""
     st = os.stat(path)
-    key = hashlib.sha1(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{num_classes}".encode()).hexdigest()
+    what = f"{SCAN_VERSION}|{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{num_classes}"
+    key = hashlib.sha1(what.encode()).hexdigest()
     cached = cache_dir() / f"{key}.json"
     try:
         data = json.loads(cached.read_text())

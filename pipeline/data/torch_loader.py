@@ -34,6 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.manifest import DataError
+from data_prep.shards import check_crc
 from pipeline.config import DataConfig
 from pipeline.data.augment import Augmenter, decode, sample_generator, validate
 from pipeline.data.base import TrainLoaderBase
@@ -125,6 +126,8 @@ class _ShardStream(IterableDataset):
                 raise DataError("no image member (.jpg/.png/...)")
             if "cls" not in sample:
                 raise DataError("no .cls member")
+            if "crc" in sample:  # written by data_prep (older shards have none)
+                check_crc(data, sample["crc"])
             label = int(sample["cls"].decode("ascii").strip())
             if not 0 <= label < self.num_classes:
                 raise DataError(f"label {label} outside [0, {self.num_classes})")
