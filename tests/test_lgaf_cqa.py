@@ -352,6 +352,8 @@ def test_cqa_config_errors_name_the_key(override, key):
     [
         ("compose/scan_lgaf.yaml", {"rmo"}),  # SCAN's RMO survives next to the LGAF head
         ("compose/scan_cqa.yaml", {"rmo", "cal"}),
+        ("compose/lcd_lgaf.yaml", {"sr_filter", "sr_response"}),  # LCD inside the trunk, LGAF on top
+        ("compose/lcd_cqa.yaml", {"sr_filter", "sr_response", "cal"}),
         ("compose/lrfr_cqa.yaml", {"cal", "dist"}),  # CQA's CAL under LRFR's paired views
         ("compose/lrfr_lgaf.yaml", {"dist"}),
     ],
