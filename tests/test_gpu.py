@@ -139,13 +139,18 @@ RECIPES = {
     "margin": ["--config", "configs/arcface_r50.yaml", "model.backbone=iresnet18"],
     "scan": ["--config", "configs/scan_r18_casia.yaml"],
     "lrfr": ["--config", "configs/lrfr_r34_casia.yaml", "model.backbone=iresnet18"],
+    # LCD in the trunk + the LGAF head: the LGF's float32 statistics under bf16, the SR terms' gradient probe,
+    # DALI's low-res op (the LGAF recipe's augmentation) on the GPU
+    "lcd_lgaf": ["--config", "configs/compose/lcd_lgaf.yaml", "model.backbone=iresnet18"],
 }
 
 
 # fp16's loss-scale path does not depend on the recipe: fp16 once (margin), bf16 for each recipe. The six
-# combinations took ~35 s each on an H100 (2026-11-27) and overran the check's 240 s for the tests.
+# combinations took ~35 s each on an H100 (2026-11-27) and overran the check's 240 s for the tests; five runs
+# (~175 s) plus the other GPU tests (~30 s) fit.
 @pytest.mark.parametrize(
-    ("recipe", "precision"), [("margin", "bf16"), ("margin", "fp16"), ("scan", "bf16"), ("lrfr", "bf16")]
+    ("recipe", "precision"),
+    [("margin", "bf16"), ("margin", "fp16"), ("scan", "bf16"), ("lrfr", "bf16"), ("lcd_lgaf", "bf16")],
 )
 def test_one_rank_nccl_training(recipe, precision, lfw_shards, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
@@ -186,6 +191,10 @@ def test_one_rank_nccl_training(recipe, precision, lfw_shards, tmp_path):
     total = np.array(tags["loss/total"])
     assert np.isfinite(total).all(), total
     assert total[-8:].mean() < total[:8].mean(), total
+    if recipe == "lcd_lgaf":
+        mu = np.array(tags["monitor/lgaf/ema_mu_l"])
+        assert len(set(mu.round(6).tolist())) > 5, mu  # float32 statistics keep moving (a bf16 buffer would stall)
+        assert np.isfinite(tags["grad_ratio/lcd_conv/sr_filter"]).all(), tags.keys()
     if precision == "fp16":
         skipped = tags["train/skipped_steps"]
         assert skipped[-1] >= 1 and tags["train/loss_scale"][-1] < 2.0**30, (skipped, tags["train/loss_scale"])
