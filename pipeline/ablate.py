@@ -784,7 +784,7 @@ def sample_values(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
     out: dict[str, float] = {}
     for eval_set in ctx.eval_sets:
         images, _ = eval_set.load(ctx.input_size)
-        means = net.sample_value_means(to_model_input(images), EVAL_BATCH)
+        means = net.sample_value_means(images, EVAL_BATCH, to_model_input)
         out.update({f"{name}/{eval_set.name}": v for name, v in means.items()})
     return out
 

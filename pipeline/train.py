@@ -123,6 +123,18 @@ def norm_parameter_names(model: torch.nn.Module) -> set[str]:
     }
 
 
+def _close(batches) -> None:
+    """Close an epoch's batch iterator, so that its DataLoader workers exit now. Left to interpreter exit, a
+    worker that ignores SIGTERM (they must: a signal to the process group is the trainer's to handle) makes
+    multiprocessing's exit handler wait for it forever."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+    shutdown = getattr(batches, "_shutdown_workers", None)  # a bare DataLoader iterator
+    if shutdown is not None:
+        shutdown()
+
+
 def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Floating buffers to ``dtype``: DeepSpeed casts parameters to fp16/bf16 but not buffers, and BatchNorm needs
     its running statistics in the dtype of its input and weight. A module lists the buffers it keeps in float32
@@ -299,6 +311,7 @@ class Trainer:
                 if out.histogram_every and self.step % out.histogram_every == 0:
                     self._log_histograms()
                 if self._should_stop():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, leave
+                    _close(batches)
                     last_ckpt = self.save()
                     self._requeue()
                     return last_ckpt
@@ -308,6 +321,7 @@ class Trainer:
                     self.evaluate()
                 if self.step >= self.total_steps:
                     break
+            _close(batches)  # shut the epoch's loader workers down now, not at interpreter exit
             epoch, offset = epoch + 1, 0
         if self.writer:
             self.writer.close()
@@ -537,7 +551,7 @@ class Trainer:
                 results[name] = {k: v for k, v in res.items() if not k.startswith("roc_")}
                 # the network's own per-sample values on this set (LGAF's γ_l, CQA's quality scores), if any
                 images, _ = load_bin(path, self.cfg.model.input_size)
-                values = self.model.net.sample_value_means(to_model_input(images), self.cfg.data.batch_size)
+                values = self.model.net.sample_value_means(images, self.cfg.data.batch_size, to_model_input)
                 results[name].update({f"mean_{k}": v for k, v in values.items()})
                 if self.writer:
                     self.writer.add_scalar(f"val/{name}/accuracy", res["accuracy"], self.step)

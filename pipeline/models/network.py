@@ -248,14 +248,16 @@ class FaceNetwork(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set(self.conv_kind.no_weight_decay(self))
 
-    def sample_value_means(self, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
-        """Mean over ``images`` ((N,3,H,W) in [-1, 1], moved batch by batch to the network's device and dtype) of
-        every per-sample value the modules report on a probe forward (LGAF's ``gamma_l``, CQA's ``q0``…); {} for a
-        network that reports none."""
+    def sample_value_means(self, images: torch.Tensor, batch_size: int = 64, transform=None) -> dict[str, float]:
+        """Mean over ``images`` of every per-sample value the modules report on a probe forward (LGAF's
+        ``gamma_l``, CQA's ``q0``…); {} for a network that reports none (known after the first batch). ``images``:
+        (N,3,H,W) in [-1, 1], or anything ``transform`` turns into that batch by batch (e.g. uint8 faces through
+        ``pipeline.eval.verify.to_model_input``, so a whole set is never converted at once)."""
         p = next(self.parameters())
         sums: dict[str, float] = {}
         for start in range(0, len(images), batch_size):
-            trace = self.probe(images[start : start + batch_size].to(p.device, p.dtype))
+            batch = images[start : start + batch_size]
+            trace = self.probe((transform(batch) if transform else batch).to(p.device, p.dtype))
             if not trace.sample_values:
                 return {}
             for name, values in trace.sample_values.items():
