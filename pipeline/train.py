@@ -657,7 +657,7 @@ class Trainer:
         ``optimizer_full.pt`` beside DeepSpeed's per-rank partitions, which only a run of the same world size can
         read): per parameter the fp32 master weight and each moment of its shape (SGD momentum, Adam's two), and
         the step count. ZeRO 1/2 and BF16_Optimizer assemble them from the ranks' partitions (a collective: every
-        rank calls this); at stage 0 they are the torch optimizer's own tensors."""
+        rank calls this; only rank 0 keeps the result); at stage 0 they are the torch optimizer's own tensors."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         base = self._base_optimizer()
@@ -680,9 +680,10 @@ class Trainer:
             else:
                 master = p.detach().float()
                 moments = {k: v for k, v in base.state.get(p, {}).items() if k in keys}
-            entry = {"fp32": master.detach().cpu().clone()}
-            entry.update({k: v.detach().float().cpu().clone() for k, v in moments.items() if v is not None})
-            out["params"][name] = entry
+            if distributed.is_main():  # the others only take part in the assembly
+                entry = {"fp32": master.detach().cpu().clone()}
+                entry.update({k: v.detach().float().cpu().clone() for k, v in moments.items() if v is not None})
+                out["params"][name] = entry
         return out
 
     def _load_backbone_optimizer_state(self, path: Path) -> bool:
