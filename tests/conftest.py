@@ -61,3 +61,15 @@ def lfw_shards(shared_data, tmp_path_factory) -> Path:
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
     return out
+
+
+@pytest.fixture(scope="module")
+def small_bin(tmp_path_factory, lfw_bin):
+    """The first 10 matched and 10 mismatched pairs of the real LFW dev-test .bin (40 images)."""
+    from data_prep import bin as B
+
+    bins, issame = B.read_bin(lfw_bin)
+    idx = list(range(0, 10)) + list(range(50, 60))
+    path = tmp_path_factory.mktemp("small_bin") / "lfw_small.bin"
+    B.write_bin(path, [bins[j] for i in idx for j in (2 * i, 2 * i + 1)], [issame[i] for i in idx])
+    return path

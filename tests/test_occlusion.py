@@ -34,16 +34,6 @@ EYE_Y = (51.6963 + 51.5014) / 2  # the template's two eye centres
 
 
 @pytest.fixture(scope="module")
-def small_bin(tmp_path_factory, lfw_bin):
-    """The first 10 matched and 10 mismatched pairs of the real LFW dev-test .bin (40 images)."""
-    bins, issame = B.read_bin(lfw_bin)
-    idx = list(range(0, 10)) + list(range(50, 60))
-    path = tmp_path_factory.mktemp("occ_bins") / "lfw_small.bin"
-    B.write_bin(path, [bins[j] for i in idx for j in (2 * i, 2 * i + 1)], [issame[i] for i in idx])
-    return path
-
-
-@pytest.fixture(scope="module")
 def small_images(small_bin) -> list[np.ndarray]:
     return [B.decode_image(b) for b in B.read_bin(small_bin)[0]]
 

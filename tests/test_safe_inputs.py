@@ -77,16 +77,6 @@ def _copy_ckpt(ck: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def small_bin(tmp_path_factory, lfw_bin):
-    """The first 20 pairs of the real LFW .bin (10 same, 10 different)."""
-    bins, issame = B.read_bin(lfw_bin)
-    idx = list(range(0, 10)) + list(range(50, 60))
-    path = tmp_path_factory.mktemp("safe_bins") / "lfw_small.bin"
-    B.write_bin(path, [bins[j] for i in idx for j in (2 * i, 2 * i + 1)], [issame[i] for i in idx])
-    return path
-
-
 # --------------------------------------------------------------------------- .bin: what loads
 
 
