@@ -364,6 +364,11 @@ class Cell:
     def label(self) -> str:
         return f"{self.arm} seed {self.seed} (#{self.index})"
 
+    @property
+    def key(self) -> str:
+        """``ARM@SEED``: names the cell whatever its index (arm names cannot hold '@')."""
+        return f"{self.arm}@{self.seed}"
+
 
 def _kv(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"  # JSON is YAML: strings stay strings, lists stay lists
@@ -933,7 +938,7 @@ def _cell_command(spec: Spec, cell: Cell) -> list[str]:
         "pipeline.ablate",
         str(spec.path.resolve()),
         "--cell",
-        str(cell.index),
+        cell.key,  # by arm and seed, not index: an arm or seed added to the spec meanwhile shifts the indices
         "--output",
         str(spec.out_dir),
         *spec.extra,
@@ -1005,6 +1010,16 @@ class GridRunner:
         record = _read_json(cell.dir / CELL_JSON)
         if _matches(record, cell):
             return record
+        if record is not None and record.get("status") == "ok" and exit_code == 0:
+            # the spec (or a config layer) was edited while the cell ran, and the cell ran the edited one: keep
+            # its cell.json (valid for the new spec, a rerun finds it cached); this run's report leaves it out
+            return {
+                **_base_record(cell),
+                "status": "failed",
+                "exit_code": exit_code,
+                "log": str(log_path),
+                "error": "the spec or a config it names changed while the cell ran; rerun the runner to use it",
+            }
         record = {
             **_base_record(cell),
             "status": "interrupted" if self.stopping.is_set() else "failed",
@@ -1285,10 +1300,25 @@ def _threads_here(spec: Spec) -> int:
     return max(1, cores // spec.nproc)
 
 
-def run_one(spec: Spec, cells: list[Cell], index: int) -> int:
+def find_cell(cells: list[Cell], which: str | int) -> Cell:
+    """``--cell``'s cell: an index into the grid, or ``ARM@SEED`` (what the runner passes its subprocesses)."""
+    text = str(which).strip()
+    if "@" in text:
+        arm, _, seed = text.rpartition("@")
+        for cell in cells:
+            if cell.arm == arm and str(cell.seed) == seed:
+                return cell
+        raise SpecError(f"--cell {text}: no arm '{arm}' with seed {seed} in the spec (the spec changed?); see --list")
+    if not text.lstrip("-").isdigit():
+        raise SpecError(f"--cell {text}: give a cell index or ARM@SEED")
+    index = int(text)
     if not 0 <= index < len(cells):
         raise SpecError(f"--cell {index}: the grid has {len(cells)} cells (0-{len(cells) - 1}); see --list")
-    cell = cells[index]
+    return cells[index]
+
+
+def run_one(spec: Spec, cells: list[Cell], which: str | int) -> int:
+    cell = find_cell(cells, which)
     record = run_cell(spec, cell, _threads_here(spec))
     print(f"[ablate] {cell.label}: {describe_record(record)}", flush=True)
     return 0 if record["status"] == "ok" else EXIT_INCOMPLETE
@@ -1315,9 +1345,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     mode.add_argument(
         "--cell",
-        type=int,
-        metavar="INDEX",
-        help="run only cell INDEX (a Slurm array task: --cell $SLURM_ARRAY_TASK_ID)",
+        metavar="INDEX|ARM@SEED",
+        help="run only that cell: its index (a Slurm array task: --cell $SLURM_ARRAY_TASK_ID) or arm@seed",
     )
     mode.add_argument(
         "--report-only", action="store_true", help="write results.json / results.md from the cells on disk"

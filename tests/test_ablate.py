@@ -19,7 +19,8 @@ import pytest
 import yaml
 from scipy.stats import t as student_t
 
-from pipeline.ablate import SpecError, build_grid, build_report, load_spec, render_markdown, summarize
+from pipeline import ablate as ablate_module
+from pipeline.ablate import SpecError, build_grid, build_report, find_cell, load_spec, render_markdown, summarize
 from pipeline.checkpoint import load_json
 from pipeline.config import load_config, to_dict
 
@@ -353,6 +354,28 @@ def test_bad_specs_are_one_line_errors_naming_the_key_or_file(bad_spec, tmp_path
     proc = ablate(bad_spec(arms=["a", {"name": "b", "overrides": ["model.conv.sac=true"]}]), "--list")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "model.conv.sac" in lines[0], describe(proc)
+
+
+def test_runner_names_cells_by_arm_and_seed_so_spec_edits_cannot_swap_them(bad_spec, lfw_shards):
+    """The runner's subprocesses re-read the spec: an arm or seed added meanwhile shifts every index after it.
+    Addressed as ARM@SEED, each subprocess still trains the cell it was started for."""
+    data = {"overrides": [f"data.train={lfw_shards}"]}
+    before = build_grid(load_spec(bad_spec(**data)))
+    commands = {c.key: ablate_module._cell_command(load_spec(bad_spec(**data)), c) for c in before}
+    after = build_grid(
+        load_spec(bad_spec(arms=["a", "z", {"name": "b", "overrides": ["optim.lr=0.05"]}], seeds=[0, 1, 2], **data))
+    )
+    assert [c.key for c in before] == ["a@0", "a@1", "b@0", "b@1"]
+    for cell in before:
+        which = commands[cell.key][commands[cell.key].index("--cell") + 1]
+        found = find_cell(after, which)
+        assert (found.arm, found.seed, found.train_hash) == (cell.arm, cell.seed, cell.train_hash)
+    assert [after[c.index].key for c in before] == ["a@0", "a@1", "a@2", "z@0"]  # what the indices would have run
+    assert find_cell(after, "3").key == "z@0"  # Slurm array tasks still address by index
+    _one_line_error(find_cell, after, "c@0", match=r"--cell c@0: no arm 'c' with seed 0")
+    _one_line_error(find_cell, after, "b@7", match=r"no arm 'b' with seed 7")
+    _one_line_error(find_cell, after, "9", match=r"the grid has 9 cells \(0-8\)")
+    _one_line_error(find_cell, after, "b", match=r"give a cell index or ARM@SEED")
 
 
 # --------------------------------------------------------------------------- 6. --cell, --report-only, failures
