@@ -73,3 +73,21 @@ def small_bin(tmp_path_factory, lfw_bin):
     path = tmp_path_factory.mktemp("small_bin") / "lfw_small.bin"
     B.write_bin(path, [bins[j] for i in idx for j in (2 * i, 2 * i + 1)], [issame[i] for i in idx])
     return path
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Path:
+    """A random-init checkpoint directory (config.yaml + model.pt) of a tiny iresnet18 at 56 px."""
+    import torch
+
+    from pipeline import registry
+    from pipeline.config import dump_config, load_config
+
+    overrides = ["model.backbone=iresnet18", "model.width=0.0625", "model.head.embedding_size=32"]
+    cfg = load_config([], overrides + ["model.input_size=56"])
+    ck = tmp_path_factory.mktemp("random_ckpt") / "ckpt"
+    ck.mkdir()
+    dump_config(cfg, ck / "config.yaml")
+    torch.manual_seed(1)
+    torch.save(registry.build_recipe(cfg).net.state_dict(), ck / "model.pt")
+    return ck

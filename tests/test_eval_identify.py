@@ -19,8 +19,6 @@ import torch
 from sklearn.metrics import roc_curve
 
 from data_prep.manifest import DataError
-from pipeline import registry
-from pipeline.config import dump_config, load_config
 from pipeline.eval import identify as I
 from pipeline.eval import tarfar as T
 from pipeline.eval.__main__ import main as eval_main
@@ -60,19 +58,6 @@ def train_distractors(lfw) -> I.ImageSet:
     """Every 18th LFW training image (101 images of people disjoint from dev-test)."""
     full = I.read_image_list(lfw / "train_list.txt")
     return I.ImageSet(full.paths[::18], full.labels[::18], full.source)
-
-
-@pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory):
-    """A random-init checkpoint directory (config.yaml + model.pt) of a tiny iresnet18 at 56 px."""
-    overrides = ["model.backbone=iresnet18", "model.width=0.0625", "model.head.embedding_size=32"]
-    cfg = load_config([], overrides + [f"model.input_size={SIZE}"])
-    ck = tmp_path_factory.mktemp("random_ckpt") / "ckpt"
-    ck.mkdir()
-    dump_config(cfg, ck / "config.yaml")
-    torch.manual_seed(1)
-    torch.save(registry.build_recipe(cfg).net.state_dict(), ck / "model.pt")
-    return ck
 
 
 @pytest.fixture(scope="module")

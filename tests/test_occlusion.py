@@ -20,8 +20,7 @@ from scipy import stats
 
 from data_prep import bin as B
 from data_prep.manifest import DataError
-from pipeline import registry
-from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.config import ConfigError
 from pipeline.eval import verify as V
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.tarfar import count_pairs
@@ -57,19 +56,6 @@ def tiny_folder(tmp_path_factory, shared_data) -> Path:
         for f in sorted(d.glob("*.jpg"))[: 2 if d in twice else 1]:
             shutil.copyfile(f, out / d.name / f.name)  # a tmp copy, never into the repo
     return out
-
-
-@pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory) -> Path:
-    """A random-init tiny iresnet18 checkpoint at 56 px (config.yaml + model.pt)."""
-    overrides = ["model.backbone=iresnet18", "model.width=0.0625", "model.head.embedding_size=32"]
-    cfg = load_config([], overrides + ["model.input_size=56"])
-    ck = tmp_path_factory.mktemp("occ_ckpt") / "ckpt"
-    ck.mkdir()
-    dump_config(cfg, ck / "config.yaml")
-    torch.manual_seed(0)
-    torch.save(registry.build_recipe(cfg).net.state_dict(), ck / "model.pt")
-    return ck
 
 
 def box_mask(shape, top, bottom, left, right) -> np.ndarray:
