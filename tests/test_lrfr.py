@@ -393,3 +393,15 @@ def test_released_form_is_one_log_over_the_batch(normalize):
         registry.build_recipe(tiny_cfg("method.form=released", "method.distance=l2"))
     with pytest.raises(ConfigError, match="form"):
         registry.build_recipe(tiny_cfg("method.form=authors"))
+
+
+def test_a_tensor_both_views_watch_is_reported_once():
+    """LCD watches its conv's kernel in the HR and the LR pass: one leaf, one gradient (both passes summed), so
+    one ``grad_norm/<name>/…`` entry; per-view tensors (a SCAN kernel recomputed per pass) keep hr/ and lr/."""
+    from pipeline.recipes.lrfr import _merge_watched
+
+    leaf = torch.zeros(3, requires_grad=True)
+    hr_act, lr_act = leaf * 2, leaf * 3
+    merged = _merge_watched({"lcd_conv": leaf, "scan": hr_act}, {"lcd_conv": leaf, "scan": lr_act})
+    assert list(merged) == ["lcd_conv", "hr/scan", "lr/scan"]
+    assert merged["lcd_conv"] is leaf and merged["hr/scan"] is hr_act and merged["lr/scan"] is lr_act

@@ -147,8 +147,18 @@ class LRFRRecipe(RecipeModel):
             aux_losses=aux,
             scalars=scalars,
             histograms=hists,
-            watched={f"hr/{k}": v for k, v in hr.watched.items()} | {f"lr/{k}": v for k, v in lr.watched.items()},
+            watched=_merge_watched(hr.watched, lr.watched),
         )
+
+
+def _merge_watched(hr: dict[str, torch.Tensor], lr: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One entry per watched tensor: a parameter both views watch (LCD's conv kernel) is one leaf whose gradient
+    sums both passes, reported once under its own name; per-view activations keep an ``hr/`` / ``lr/`` prefix."""
+    shared = {k for k in hr.keys() & lr.keys() if hr[k] is lr[k]}
+    out = {k: hr[k] for k in sorted(shared)}
+    out |= {f"hr/{k}": v for k, v in hr.items() if k not in shared}
+    out |= {f"lr/{k}": v for k, v in lr.items() if k not in shared}
+    return out
 
 
 @registry.register_recipe("lrfr", LRFRConfig)
