@@ -1118,7 +1118,7 @@ def collect_records(cells: list[Cell]) -> list[dict]:
             record = load_json(cell.dir / CELL_JSON)
         else:
             record = {**_base_record(cell), "status": "stale" if status == "changed" else "missing"}
-        records.append(record)
+        records.append({**record, "index": cell.index})  # its place in this grid (seeds or arms added since move it)
     return records
 
 

@@ -4,6 +4,7 @@ from disk; the table arithmetic against a hand computation; one-line errors for 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -356,15 +357,15 @@ def test_bad_specs_are_one_line_errors_naming_the_key_or_file(bad_spec, tmp_path
     assert proc.returncode == 2 and len(lines) == 1 and "model.conv.sac" in lines[0], describe(proc)
 
 
-def test_runner_names_cells_by_arm_and_seed_so_spec_edits_cannot_swap_them(bad_spec, lfw_shards):
+def test_runner_names_cells_by_arm_and_seed_so_spec_edits_cannot_swap_them(bad_spec, lfw_shards, tmp_path):
     """The runner's subprocesses re-read the spec: an arm or seed added meanwhile shifts every index after it.
     Addressed as ARM@SEED, each subprocess still trains the cell it was started for."""
     data = {"overrides": [f"data.train={lfw_shards}"]}
-    before = build_grid(load_spec(bad_spec(**data)))
-    commands = {c.key: ablate_module._cell_command(load_spec(bad_spec(**data)), c) for c in before}
-    after = build_grid(
-        load_spec(bad_spec(arms=["a", "z", {"name": "b", "overrides": ["optim.lr=0.05"]}], seeds=[0, 1, 2], **data))
-    )
+    out = str(tmp_path / "out")
+    before = build_grid(load_spec(bad_spec(**data), output=out))
+    commands = {c.key: ablate_module._cell_command(load_spec(bad_spec(**data), output=out), c) for c in before}
+    arms = ["a", "z", {"name": "b", "overrides": ["optim.lr=0.05"]}]
+    after = build_grid(load_spec(bad_spec(arms=arms, seeds=[0, 1, 2], **data), output=out))
     assert [c.key for c in before] == ["a@0", "a@1", "b@0", "b@1"]
     for cell in before:
         which = commands[cell.key][commands[cell.key].index("--cell") + 1]
@@ -376,6 +377,13 @@ def test_runner_names_cells_by_arm_and_seed_so_spec_edits_cannot_swap_them(bad_s
     _one_line_error(find_cell, after, "b@7", match=r"no arm 'b' with seed 7")
     _one_line_error(find_cell, after, "9", match=r"the grid has 9 cells \(0-8\)")
     _one_line_error(find_cell, after, "b", match=r"give a cell index or ARM@SEED")
+    # a cell finished under the old grid is reported at its place in the new one (the report's "#" column)
+    b0 = next(c for c in before if c.key == "b@0")
+    b0.dir.mkdir(parents=True)
+    record = {"index": b0.index, "arm": "b", "seed": 0, "status": "ok", "metrics": {}}
+    (b0.dir / "cell.json").write_text(json.dumps({**record, "train_hash": b0.train_hash, "eval_hash": b0.eval_hash}))
+    got = [r for r in ablate_module.collect_records(after) if r["status"] == "ok"]
+    assert [(r["arm"], r["seed"], r["index"]) for r in got] == [("b", 0, 6)] and b0.index == 2
 
 
 # --------------------------------------------------------------------------- 6. --cell, --report-only, failures
