@@ -384,6 +384,13 @@ def test_runner_names_cells_by_arm_and_seed_so_spec_edits_cannot_swap_them(bad_s
     (b0.dir / "cell.json").write_text(json.dumps({**record, "train_hash": b0.train_hash, "eval_hash": b0.eval_hash}))
     got = [r for r in ablate_module.collect_records(after) if r["status"] == "ok"]
     assert [(r["arm"], r["seed"], r["index"]) for r in got] == [("b", 0, 6)] and b0.index == 2
+    # a subprocess that ran an edited config: the runner says so and keeps that cell.json (valid for the new spec)
+    stale = {**record, "train_hash": "0" * 16, "eval_hash": b0.eval_hash}
+    (b0.dir / "cell.json").write_text(json.dumps(stale))
+    runner = ablate_module.GridRunner(load_spec(bad_spec(**data), output=out), before, ablate_module.Plan(1, 1))
+    said = runner._record_of(b0, 0, b0.dir / "cell.log")
+    assert said["status"] == "failed" and "changed while the cell ran" in said["error"]
+    assert json.loads((b0.dir / "cell.json").read_text()) == stale
 
 
 # --------------------------------------------------------------------------- 6. --cell, --report-only, failures
