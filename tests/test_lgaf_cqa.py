@@ -191,7 +191,7 @@ def test_lanet_map_is_spatial_and_gap_se_equals_se_gap():
     x = torch.randn(3, 32, 7, 7)
     out, maps, gates = head(x)
     assert all(m.shape == (3, 1, 7, 7) for m in maps)  # eq. 11 as a *spatial* map
-    assert all(float(m.std(dim=(2, 3)).min()) > 0 for m in maps)  # not constant over positions
+    assert all(float(m.detach().std(dim=(2, 3)).min()) > 0 for m in maps)  # not constant over positions
     # reference: SE on the concatenated (N, |K|·c_s, H, W) map, then GAP, then the projection (the order of Fig. 2)
     l_maps = torch.cat([conv(x) * lanet(conv(x)) for conv, lanet in zip(head.scales, head.lanets)], dim=1)
     squeeze = l_maps.mean(dim=(2, 3))
