@@ -1010,24 +1010,20 @@ class GridRunner:
         record = _read_json(cell.dir / CELL_JSON)
         if _matches(record, cell):
             return record
-        if record is not None and record.get("status") == "ok" and exit_code == 0:
-            # the spec (or a config layer) was edited while the cell ran, and the cell ran the edited one: keep
-            # its cell.json (valid for the new spec, a rerun finds it cached); this run's report leaves it out
-            return {
-                **_base_record(cell),
-                "status": "failed",
-                "exit_code": exit_code,
-                "log": str(log_path),
-                "error": "the spec or a config it names changed while the cell ran; rerun the runner to use it",
-            }
+        # the spec (or a config layer) was edited while the cell ran, and the cell ran the edited one: its
+        # cell.json is valid for the new spec (a rerun finds it cached) and is kept; this run's report leaves it out
+        edited = record is not None and record.get("status") == "ok" and exit_code == 0
         record = {
             **_base_record(cell),
-            "status": "interrupted" if self.stopping.is_set() else "failed",
+            "status": "interrupted" if self.stopping.is_set() and not edited else "failed",
             "exit_code": exit_code,
             "log": str(log_path),
-            "error": _log_tail(log_path),
+            "error": "the spec or a config it names changed while the cell ran; rerun the runner to use it"
+            if edited
+            else _log_tail(log_path),
         }
-        save_json(cell.dir / CELL_JSON, record)
+        if not edited:
+            save_json(cell.dir / CELL_JSON, record)
         return record
 
 
