@@ -7,12 +7,15 @@ median of ``--repeats`` rounds, as images/s (each image embedded twice: plain + 
 pipeline / plain. Also times decoding the ``.bin`` (JPEG → uint8 tensor), which both share.
 
     .venv/bin/python benchmarks/bench_eval.py                      # LFW dev-test .bin, iresnet18 ×0.25, 112 px, CPU
-    .venv/bin/python benchmarks/bench_eval.py --depth 50 --width 1 --device cuda
+    .venv/bin/python benchmarks/bench_eval.py --depth 50 --width 1 --device cuda --json bench_eval.json
+
+``make gpu-check`` runs the second form on a lent GPU (its ``bench_eval`` step, docs/gpu-check.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -41,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=512, help="images timed per round (default 512)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
     from pipeline.eval.verify import embed_images, load_bin, to_model_input
@@ -95,6 +99,25 @@ def main(argv=None) -> int:
     for k in ("pipeline", "plain"):
         print(f"{k:9s}: {n / med[k]:8.1f} img/s ({med[k]:.2f} s)")
     print(f"pipeline / plain: {med['plain'] / med['pipeline']:.3f} (speed ratio; 1.0 = no overhead)")
+    if args.json:
+        figures = {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "model": f"iresnet{args.depth} x{args.width}",
+            "input_size": args.input_size,
+            "batch": args.batch,
+            "images": n,
+            "repeats": args.repeats,
+            "decode_img_per_s": decoded / decode_s,
+            "pipeline_img_per_s": n / med["pipeline"],
+            "plain_img_per_s": n / med["plain"],
+            "pipeline_over_plain": med["plain"] / med["pipeline"],
+            "seconds": times,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
     return 0
 
 

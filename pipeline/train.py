@@ -56,6 +56,7 @@ def check_inputs(cfg: Config) -> None:
             raise DataError(f"data.val: {exc}") from None
 
 
+MONITOR_FACES = 64  # fixed validation faces for the networks' validation monitors (the first 8: attention maps)
 OPTIMIZER_FULL = "optimizer_full.pt"  # the backbone's optimizer state by parameter name (any world size)
 
 
@@ -342,8 +343,8 @@ class Trainer:
         batch = {k: self._to_device(v) for k, v in batch.items()}
         if micro % self.gas == 0 and self._buffers:  # the BatchNorm statistics as the window starts, for a skip
             torch._foreach_copy_(self._buffers_before, self._buffers)  # one fused copy into kept storage
-        if not hasattr(self, "_first_batch_faces"):  # a fallback for the attention-map figure (no data.val)
-            self._first_batch_faces = batch["image"][:8].detach().clone()
+        if not hasattr(self, "_first_batch_faces") and distributed.is_main():  # fallback faces when no data.val
+            self._first_batch_faces = batch["image"][:MONITOR_FACES].detach().clone()
         outputs = self.engine(batch)
         terms: dict[str, torch.Tensor] = {}
         total = 0.0
@@ -558,10 +559,19 @@ class Trainer:
                     for k, v in values.items():
                         self.writer.add_scalar(f"val/{name}/{k}", v, self.step)
                 print(f"[eval] step {self.step} {name}: accuracy {res['accuracy']:.4f} ± {res['std']:.4f}", flush=True)
+            # what the network's modules measure on fixed clean faces (LCD's occlusion concentration, …; spec §8)
+            faces = self._probe_faces()
+            monitors = {} if faces is None else self.model.net.validation_monitors(faces)
+            if self.writer:
+                for k, v in monitors.items():
+                    self.writer.add_scalar(f"monitor/{k}", v, self.step)
             self.model.train()
             if self.writer:
                 self.writer.flush()
-            ckpt.save_json(self.out / "eval_latest.json", {"step": self.step, "results": results})
+            record = {"step": self.step, "results": results}
+            if monitors:
+                record["monitors"] = monitors
+            ckpt.save_json(self.out / "eval_latest.json", record)
         distributed.barrier()
         return results
 
@@ -621,7 +631,8 @@ class Trainer:
                     "num_classes": self.loader.num_classes,
                 },
             )
-            self.model.on_checkpoint(tmp, self.step, self._probe_faces())
+            faces = self._probe_faces()
+            self.model.on_checkpoint(tmp, self.step, None if faces is None else faces[:8])
         distributed.barrier()
         if distributed.is_main():
             ckpt.write_checksums(tmp)  # after every rank's DeepSpeed files are in place
@@ -633,14 +644,15 @@ class Trainer:
         return final
 
     def _probe_faces(self) -> torch.Tensor | None:
-        """8 fixed faces for the network's attention-map figure: the first images of the first ``data.val``
-        set (8 distinct faces: the first image of pairs 0…7), else the start of the first training batch."""
+        """Up to MONITOR_FACES fixed faces (rank 0): the first image of each of the first pairs of the first
+        ``data.val`` set, else the start of the first training batch. The attention-map figure draws the first 8;
+        the networks' validation monitors (:meth:`FaceNetwork.validation_monitors`) read them all."""
         if getattr(self, "_faces", None) is None and self.cfg.data.val:
             from pipeline.eval.verify import load_bin, to_model_input
 
             try:
                 images, _ = load_bin(self.cfg.data.val[0], self.cfg.model.input_size)
-                self._faces = to_model_input(images[0:16:2])
+                self._faces = to_model_input(images[0 : 2 * MONITOR_FACES : 2])
             except DataError as exc:
                 print(f"[train] attention maps: no faces from {self.cfg.data.val[0]}: {exc}", flush=True)
         faces = getattr(self, "_faces", None)

@@ -312,6 +312,11 @@ def test_gpu_check_orchestration_rehearsed_on_cpu(staged, image_site, tmp_path):
         "time.sleep(float(__import__('os').environ.get('FAKE_BENCH_SLEEP', '0')))\n"
         "(out / 'bench_gpu.json').write_text(json.dumps({'argv': sys.argv[1:]}))\nprint('bench done')\n"
     )
+    bench_eval = tmp_path / "bench_eval_fake.py"
+    bench_eval.write_text(
+        "import sys, json, pathlib\npathlib.Path(sys.argv[sys.argv.index('--json') + 1]).write_text("
+        "json.dumps({'argv': sys.argv[1:]}))\nprint('bench_eval done')\n"
+    )
     env = {
         **os.environ,
         "GPU_CHECK_ALLOW_CPU": "1",
@@ -324,22 +329,26 @@ def test_gpu_check_orchestration_rehearsed_on_cpu(staged, image_site, tmp_path):
         "GPU_CHECK_PYTEST_ARGS": f"-m gpu -q -p no:cacheprovider -c {tdir / 'pytest.ini'} {tdir}",
         "GPU_CHECK_BENCH": str(bench),
         "GPU_CHECK_BENCH_ARGS": "--parts train,scan",
+        "GPU_CHECK_BENCH_EVAL": str(bench_eval),
+        "GPU_CHECK_BENCH_EVAL_ARGS": "--images 64",
     }
     r = subprocess.run(["bash", str(GC / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=240)
     print(r.stdout, r.stderr)  # shown when the test fails
     assert r.returncode == 0, r.stdout + r.stderr
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu-check: PASS") and "install:rc=0" in last and "tests:rc=0" in last
-    assert "bench:rc=0" in last
+    assert "bench:rc=0" in last and "bench_eval:rc=0" in last
     summary = json.loads((out / "summary.json").read_text())
     assert summary["result"] == "PASS" and [s["step"] for s in summary["steps"]] == [
         "install",
         "probe",
         "tests",
+        "bench_eval",
         "bench",
     ]
     assert summary["env"]["imports"]["tinya"].startswith("ok")
     assert sorted(p.name for p in out.iterdir()) == [
+        "bench_eval.json",
         "bench_gpu.json",
         "bench_gpu.log",
         "gpu_check.log",
@@ -349,6 +358,13 @@ def test_gpu_check_orchestration_rehearsed_on_cpu(staged, image_site, tmp_path):
     assert "1 passed" in (out / "pytest_gpu.log").read_text()
     assert json.loads((out / "bench_gpu.json").read_text())["argv"] == ["--out", str(out), "--parts", "train,scan"]
     assert "bench done" in (out / "bench_gpu.log").read_text()
+    assert json.loads((out / "bench_eval.json").read_text())["argv"] == [
+        "--json",
+        str(out / "bench_eval.json"),
+        "--images",
+        "64",
+    ]
+    assert "bench_eval done" in (out / "gpu_check.log").read_text()
     assert "WARNING" not in r.stdout  # everything in $OUT comes back
 
     # second run on the "warm machine": install is skipped, the bench overruns its 3 s and is killed

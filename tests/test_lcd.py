@@ -35,6 +35,9 @@ from pipeline.models.lcd import (
     channel_keep_mask,
     eq8_mse,
     filter_orthogonality,
+    locality_stats,
+    occlude_faces,
+    occlusion_concentration,
     response_orthogonality,
 )
 from pipeline.models.network import Trace
@@ -584,3 +587,115 @@ def test_eq8_diagnostic_of_the_ablation_runner(tmp_path):
     assert list(got) == ["eq8_mse@0.1", "eq8_mse@0.3", "eq8_mse@0.5"]
     assert 0 < got["eq8_mse@0.1"] < got["eq8_mse@0.3"] < got["eq8_mse@0.5"]
     assert eq8_mse_diagnostic(net, None, ctx) == got
+
+
+# --------------------------------------------------------------------------- spec §8 on fixed validation faces
+
+
+def test_occlusion_concentration_of_hand_made_changes():
+    torch.manual_seed(11)
+    clean = torch.randn(3, 20, 4, 4)
+    occluded = clean.clone()
+    occluded[0, 5] += 3.0  # sample 0: one channel changes → all of the change in the top 10 % (2 of 20)
+    occluded[1] *= 1.5  # sample 1: every channel changes by the same relative 0.5 → spread evenly: 2/20
+    occluded[2, :, 0, 0] = 0.0  # sample 2: one position of every channel blanked → against an explicit loop
+    share, changed = occlusion_concentration(clean, occluded)
+    assert share[0].item() == pytest.approx(1.0, abs=1e-7) and changed[0].nonzero().flatten().tolist()[0] == 5
+    assert share[1].item() == pytest.approx(0.1, rel=1e-6) and int(changed.sum(1)[1]) == 2
+    r = [
+        math.sqrt(sum((float(occluded[2, i].flatten()[p]) - float(clean[2, i].flatten()[p])) ** 2 for p in range(16)))
+        / math.sqrt(sum(float(v) ** 2 for v in clean[2, i].flatten()))
+        for i in range(20)
+    ]
+    order = sorted(range(20), key=lambda i: -r[i])
+    assert share[2].item() == pytest.approx(sum(r[i] for i in order[:2]) / sum(r), rel=1e-5)
+    assert set(changed[2].nonzero().flatten().tolist()) == set(order[:2])
+
+
+def test_occlude_faces_fills_the_bands_data_prep_draws():
+    """The tensor version equals ``data_prep.bin.occlude_image`` on the uint8 faces, read as model input."""
+    import numpy as np
+
+    from data_prep.bin import OcclusionParams, occlude_image
+    from pipeline.eval.verify import to_model_input
+
+    u8 = torch.randint(0, 256, (2, 112, 112, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    faces = to_model_input(u8)
+    for kind in ("eyes", "mask"):
+        ref = to_model_input(
+            torch.from_numpy(np.stack([occlude_image(im, kind, OcclusionParams()) for im in u8.numpy()]))
+        )
+        got = occlude_faces(faces, kind)
+        assert torch.equal(got, ref), kind
+        assert 0.05 < (got != faces).any(1).float().mean() < 0.5  # a band, not the whole face
+    with pytest.raises(ValueError, match="kind"):
+        occlude_faces(faces, "black")
+
+
+def test_validation_monitors_of_lcd_against_hooks_and_loops():
+    """Each value of ``LCD.validation_monitors`` recomputed from features the test captures with its own hooks,
+    occlusions drawn by ``data_prep.bin.occlude_image`` and per-sample loops in float64."""
+    import numpy as np
+
+    from data_prep.bin import OcclusionParams, occlude_image
+    from pipeline.eval.verify import to_model_input
+
+    torch.manual_seed(12)
+    net = registry.build_network(tiny_cfg().model).train()
+    with torch.no_grad():  # move the BatchNorm running statistics off their initial values
+        for seed in range(3):
+            net(images(8, seed=seed))
+    u8 = torch.randint(0, 256, (6, 112, 112, 3), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    faces = to_model_input(u8)
+    lcd = lcd_of(net)
+    got = net.validation_monitors(faces)
+    assert net.training  # left as it was
+
+    net.eval()
+    feats, bn_in = [], []
+    h1 = lcd.register_forward_pre_hook(lambda m, a: feats.append(a[0].detach().double()))
+    h2 = net.trunk.layer4[0].bn1.register_forward_pre_hook(lambda m, a: bn_in.append(a[0].detach().double()))
+    with torch.no_grad():
+        net.embed(faces)
+        for kind in ("eyes", "mask"):
+            occ = np.stack([occlude_image(im, kind, OcclusionParams()) for im in u8.numpy()])
+            net.embed(to_model_input(torch.from_numpy(occ)))
+        h1.remove()
+        h2.remove()
+        theta = [lcd.sam(f.float()).double() for f in feats]
+    clean = feats[0]
+    c, k = clean.shape[1], math.ceil(0.1 * clean.shape[1])
+    for j, kind in enumerate(("eyes", "mask"), start=1):
+        shares, vs_rest, shifts = [], [], []
+        for n in range(len(faces)):
+            r = [float((feats[j][n, i] - clean[n, i]).norm() / clean[n, i].norm()) for i in range(c)]
+            top = sorted(range(c), key=lambda i: -r[i])[:k]
+            rest = [i for i in range(c) if i not in top]
+            shares.append(sum(r[i] for i in top) / sum(r))
+            vs_rest.append(float(theta[j][n, top].mean() - theta[j][n, rest].mean()))
+            shifts.append(float((theta[j][n, top] - theta[0][n, top]).mean()))
+        # float32 features/reductions vs float64 loops: measured ≤ 9e-8 relative (θ: ≤ 2e-8 absolute); ~100× allowed
+        assert got[f"lcd/occlusion_concentration/{kind}"] == pytest.approx(sum(shares) / len(shares), rel=1e-5)
+        assert got[f"sam/theta_clean_vs_occluded/{kind}"] == pytest.approx(sum(vs_rest) / len(vs_rest), abs=1e-6)
+        assert got[f"sam/theta_shift_on_changed/{kind}"] == pytest.approx(sum(shifts) / len(shifts), abs=1e-6)
+    assert got["lcd/occlusion_concentration"] == pytest.approx(
+        (got["lcd/occlusion_concentration/eyes"] + got["lcd/occlusion_concentration/mask"]) / 2, rel=1e-12
+    )
+    bn = net.trunk.layer4[0].bn1  # the first BatchNorm after LCD at layer3.branch: the next stage's first block
+    x = bn_in[0]
+    mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+    run_mean, run_var = bn.running_mean.double(), bn.running_var.double()
+    gap = ((mean - run_mean).abs() / (run_var + bn.eps).sqrt()).mean()
+    loggap = ((var + bn.eps) / (run_var + bn.eps)).log().abs().mean()
+    assert got["lcd/next_bn_mean_gap"] == pytest.approx(float(gap), rel=1e-5)
+    assert got["lcd/next_bn_logvar_gap"] == pytest.approx(float(loggap), rel=1e-5)
+    entropy, top10 = locality_stats(clean.float())
+    assert got["lcd/spatial_entropy_val"] == pytest.approx(float(entropy.nanmean()), rel=1e-6)
+    assert got["lcd/top10_energy_val"] == pytest.approx(float(top10.mean()), rel=1e-6)
+    eq8 = eq8_mse(net, faces, 0.3, "layer3.branch", torch.Generator().manual_seed(0))["mse_unit"]
+    assert got["lcd/eq8_mse@0.3"] == pytest.approx(float(eq8), rel=1e-6)
+
+
+def test_networks_without_validation_monitors_report_none():
+    net = registry.build_network(tiny_cfg("model.inserts=[]").model)
+    assert net.validation_monitors(images(2)) == {}

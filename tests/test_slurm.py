@@ -340,6 +340,11 @@ def tb_scalar_tags(run: Path) -> list[str]:
                 "loss/sr_response",
                 "grad_ratio/lcd_conv/sr_filter",
                 "monitor/sam/theta_var_over_samples",
+                # measured on the fixed validation faces at each evaluation (spec §8)
+                "monitor/lcd/occlusion_concentration",
+                "monitor/sam/theta_clean_vs_occluded",
+                "monitor/lcd/next_bn_mean_gap",
+                "monitor/lcd/eq8_mse@0.3",
             },
             {"hist/lcd/gamma_frac", "hist/sam/theta"},
         ),
@@ -368,6 +373,10 @@ def test_method_smoke(slurm, lfw_shards, lfw_bin, tmp_path, script, shape, scala
     if script == "cqa_r100":
         assert all(0.0 <= evaluated[f"mean_q{i}"] <= 1.0 for i in range(4)), evaluated
         assert "val/val20/q0" in tb_scalar_tags(run), evaluated
+    if script == "lcd_r50":
+        monitors = json.loads((run / "eval_latest.json").read_text())["monitors"]
+        assert 0.1 <= monitors["lcd/occlusion_concentration/eyes"] <= 1.0, monitors  # ⌈0.1·c⌉ of c channels
+        assert 0.0 <= monitors["lcd/spatial_entropy_val"] <= 1.0, monitors
 
 
 @pytest.mark.slurm

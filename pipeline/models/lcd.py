@@ -72,8 +72,21 @@ evenly spaced channels (Fig. 1 style). Monitor names carry no point: one LCD ins
 
 The conv's kernel is watched (``trace.watch("lcd_conv", …)``): at every log step the trainer writes each loss
 term's gradient norm on it and its ratio to the classification term's, ``grad_norm/lcd_conv/<term>`` and
-``grad_ratio/lcd_conv/<term>`` (spec §8: SR's share of the conv's gradient). Not here: the occlusion-concentration and clean-vs-occluded θ monitors need occluded validation
-images (the evaluation side).
+``grad_ratio/lcd_conv/<term>`` (spec §8: SR's share of the conv's gradient).
+
+**On a fixed batch of clean validation faces, at every evaluation** (:meth:`LCD.validation_monitors`, logged as
+``monitor/<name>``; spec §8's locality, occlusion and shift measurements): ``lcd/spatial_entropy_val`` and
+``lcd/top10_energy_val`` (the locality above, on those faces); ``lcd/occlusion_concentration`` (and ``/eyes``,
+``/mask``): each face's eye band and lower face (:func:`occlude_faces`, the geometry of ``data_prep.bin degrade
+--occlude eyes mask``) are occluded, each channel's relative change ‖F_i(occluded) − F_i‖ / ‖F_i‖ of the feature LCD
+reads is measured, and the share of the summed change carried by the top 10 % of channels is reported (0.1 = spread
+evenly; the paper's claim is that SR raises it, :func:`occlusion_concentration`); with SAM,
+``sam/theta_clean_vs_occluded`` (and per band): mean θ of the occluded face on its 10 % most-changed channels minus
+mean θ on the rest (< 0: SAM turns down what the occlusion corrupted) and ``sam/theta_shift_on_changed``: θ(occluded)
+− θ(clean) on those channels; ``lcd/next_bn_mean_gap`` / ``lcd/next_bn_logvar_gap``: for the first BatchNorm that
+runs after LCD, mean over channels of |μ_batch − μ_running| / σ_running and |log(σ²_batch / σ²_running)| on those
+faces (the train/eval shift LCD's dropping may cause, spec §8 "escape and shift"); ``lcd/eq8_mse@0.3``: eq. 8 on
+the final unit-norm embeddings with 30 % of the channels dropped at LCD's point (:func:`eq8_mse`, seed 0).
 """
 
 from __future__ import annotations
@@ -100,6 +113,8 @@ __all__ = [
     "locality_stats",
     "eq8_mse",
     "drop_count",
+    "occlude_faces",
+    "occlusion_concentration",
 ]
 
 REDUCTIONS = ("pair_mean", "sum")
@@ -454,6 +469,104 @@ class LCD(Insert):
                 over_samples = t.var(dim=0, correction=0)
                 trace.monitor("sam/theta_std_over_samples", over_samples.sqrt().mean())
                 trace.monitor("sam/theta_var_over_samples", over_samples.mean())
+
+    # ------------------------------------------------------------------ at every evaluation (spec §8)
+    @torch.no_grad()
+    def validation_monitors(self, net: nn.Module, faces: torch.Tensor) -> dict[str, float]:
+        """Spec §8's locality, occlusion-concentration, θ and BN-shift values on ``faces`` ((N,3,H,W) in [-1, 1],
+        a fixed batch of clean validation faces), the network in eval mode (see the module docstring)."""
+        seen: list[torch.Tensor] = []
+        bn_inputs: list[tuple[nn.Module, torch.Tensor]] = []
+        after = []  # [index into bn_inputs at which LCD ran]
+        own = {id(m) for m in self.modules()}
+
+        def read_input(module, args):
+            seen.append(args[0].detach())  # the network's dtype (SAM runs on it below)
+
+        def mark(module, args, output):
+            after.append(len(bn_inputs))
+
+        def record_bn(module, args):
+            bn_inputs.append((module, args[0].detach().float()))
+
+        handles = [self.register_forward_pre_hook(read_input), self.register_forward_hook(mark)]
+        handles += [
+            m.register_forward_pre_hook(record_bn)
+            for m in net.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in own
+        ]
+        try:
+            net.embed(faces)
+            for h in handles[2:]:
+                h.remove()
+            del handles[2:]
+            occluded = {kind: net.embed(occlude_faces(faces, kind)) for kind in ("eyes", "mask")}
+        finally:
+            for h in handles:
+                h.remove()
+        clean, by_kind = seen[0], dict(zip(occluded, seen[1:]))
+        entropy, top = locality_stats(clean)
+        out = {"lcd/spatial_entropy_val": float(entropy.nanmean()), "lcd/top10_energy_val": float(top.mean())}
+        theta_clean = self.sam(clean).float() if self.sam is not None else None
+        for kind, feat in by_kind.items():
+            share, changed = occlusion_concentration(clean, feat)
+            out[f"lcd/occlusion_concentration/{kind}"] = float(share.mean())
+            if theta_clean is not None:
+                theta = self.sam(feat).float()
+                on = (theta * changed).sum(1) / changed.sum(1)
+                rest = (theta * ~changed).sum(1) / (~changed).sum(1).clamp_min(1)
+                out[f"sam/theta_clean_vs_occluded/{kind}"] = float((on - rest).mean())
+                shift = ((theta - theta_clean) * changed).sum(1) / changed.sum(1)
+                out[f"sam/theta_shift_on_changed/{kind}"] = float(shift.mean())
+        for name in ("lcd/occlusion_concentration", "sam/theta_clean_vs_occluded", "sam/theta_shift_on_changed"):
+            per_kind = [v for k, v in out.items() if k.startswith(name + "/")]
+            if per_kind:
+                out[name] = sum(per_kind) / len(per_kind)
+        if after and after[0] < len(bn_inputs):
+            bn, x = bn_inputs[after[0]]
+            if bn.running_mean is not None and bn.running_var is not None:
+                dims = [0] + list(range(2, x.dim()))
+                mean, var = x.mean(dim=dims), x.var(dim=dims, correction=0)
+                run_mean, run_var = bn.running_mean.float(), bn.running_var.float()
+                out["lcd/next_bn_mean_gap"] = float(((mean - run_mean).abs() / (run_var + bn.eps).sqrt()).mean())
+                out["lcd/next_bn_logvar_gap"] = float(((var + bn.eps) / (run_var + bn.eps)).log().abs().mean())
+        if _STAGE_POINT.match(self.at):
+            gen = torch.Generator(device=faces.device).manual_seed(0)
+            out["lcd/eq8_mse@0.3"] = float(eq8_mse(net, faces, 0.3, self.at, gen)["mse_unit"])
+        return out
+
+
+def occlude_faces(faces: torch.Tensor, kind: str) -> torch.Tensor:
+    """A copy of ``faces`` ((N,3,H,W) in [-1, 1], insightface-aligned) with ``kind``'s band filled as
+    ``data_prep.bin degrade --occlude`` fills it: ``eyes`` black over both eyes, ``mask`` a flat surgical-mask
+    blue from just below the nose tip to the chin (default :class:`~data_prep.bin.OcclusionParams`)."""
+    from data_prep.bin import OcclusionParams, occlusion_box
+
+    if kind not in ("eyes", "mask"):
+        raise ValueError(f"occlude_faces: kind must be 'eyes' or 'mask', got {kind!r}")
+    params = OcclusionParams()
+    top, bottom, left, right = occlusion_box(tuple(faces.shape[-2:]), kind, params)
+    rgb = (0, 0, 0) if kind == "eyes" else params.mask_color
+    fill = torch.tensor(rgb, dtype=faces.dtype, device=faces.device) / 127.5 - 1.0
+    out = faces.clone()
+    out[:, :, top:bottom, left:right] = fill[:, None, None]
+    return out
+
+
+def occlusion_concentration(
+    clean: torch.Tensor, occluded: torch.Tensor, top_fraction: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec §8: per sample, the share of the summed relative channel change r_i = ‖F_i(occluded) − F_i‖ / ‖F_i‖
+    (norms over h×w) carried by the ⌈top_fraction·c⌉ most-changed channels (top_fraction = spread evenly, 1 = all
+    the change in those channels), and the (N, c) bool mask of those channels. Float32, no gradient."""
+    with torch.no_grad():
+        c, o = clean.detach().float().flatten(2), occluded.detach().float().flatten(2)
+        change = (o - c).norm(dim=-1) / c.norm(dim=-1).clamp_min(1e-12)  # (N, c)
+        k = max(1, math.ceil(top_fraction * change.shape[1]))
+        top = change.topk(k, dim=1)
+        share = top.values.sum(1) / change.sum(1).clamp_min(1e-30)
+        changed = torch.zeros_like(change, dtype=torch.bool).scatter_(1, top.indices, True)
+    return share, changed
 
 
 def _kernel_reader(conv: nn.Module):

@@ -156,6 +156,11 @@ class Head(nn.Module):
     def on_checkpoint(self, out_dir: Path, step: int) -> None:
         pass
 
+    def validation_monitors(self, net: nn.Module, faces: torch.Tensor) -> dict[str, float]:
+        """Values measured on a fixed batch of clean validation faces at every evaluation (``faces``: (N,3,H,W)
+        in [-1, 1]; ``net``: the whole network, in eval mode, under no_grad), logged as ``monitor/<name>``."""
+        return {}
+
 
 class Insert(Reporter):
     """A module placed at a named trunk point by ``model.inserts``; shape-preserving ``forward(x, trace)``.
@@ -173,6 +178,11 @@ class Insert(Reporter):
 
     def on_checkpoint(self, out_dir: Path, step: int) -> None:
         pass
+
+    def validation_monitors(self, net: nn.Module, faces: torch.Tensor) -> dict[str, float]:
+        """Values measured on a fixed batch of clean validation faces at every evaluation (``faces``: (N,3,H,W)
+        in [-1, 1]; ``net``: the whole network, in eval mode, under no_grad), logged as ``monitor/<name>``."""
+        return {}
 
 
 class InsertPoint(Reporter):
@@ -263,6 +273,20 @@ class FaceNetwork(nn.Module):
             for name, values in trace.sample_values.items():
                 sums[name] = sums.get(name, 0.0) + float(values.double().sum())
         return {name: total / len(images) for name, total in sums.items()}
+
+    @torch.no_grad()
+    def validation_monitors(self, faces: torch.Tensor) -> dict[str, float]:
+        """Every part's :meth:`Insert.validation_monitors` on ``faces`` (a fixed batch of clean validation faces,
+        (N,3,H,W) in [-1, 1]), in eval mode; {} for a network whose parts measure nothing there."""
+        was_training = self.training
+        self.eval()
+        try:
+            out: dict[str, float] = {}
+            for part in self.parts():
+                out.update(part.validation_monitors(self, faces))
+        finally:
+            self.train(was_training)
+        return out
 
     def on_checkpoint(self, out_dir: Path, step: int, faces: torch.Tensor | None = None) -> None:
         """Each part's checkpoint hook; with ``faces`` ((N,3,H,W) in [-1, 1], a few fixed faces), also

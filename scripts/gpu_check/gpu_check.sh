@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # `make gpu-check`: the last step on the lent GPU machine, after receive.sh got every part
 # (docs/gpu-check.md). Reassembles and verifies the wheels, installs them with --target, prints the
-# versions and the device, runs `pytest -m gpu` and benchmarks/bench_gpu.py, each under `timeout`,
-# the whole within GPU_CHECK_BUDGET_S (480 s). Logs and results go to $OUT (else runs/gpu_check):
-# gpu_check.log, pytest_gpu.log, bench_gpu.log, summary.json, plus what bench_gpu.py writes there.
+# versions and the device, runs `pytest -m gpu`, benchmarks/bench_eval.py and benchmarks/bench_gpu.py, each
+# under `timeout`, the whole within GPU_CHECK_BUDGET_S (480 s). Logs and results go to $OUT (else runs/gpu_check):
+# gpu_check.log, pytest_gpu.log, bench_eval.json, bench_gpu.log, summary.json, plus what bench_gpu.py writes (8 files).
 #
 # Knobs (environment): GPU_CHECK_WITHOUT=dali (skip a wheel group), GPU_CHECK_NO_WHEELS=1 (use what
 # is installed), GPU_CHECK_BUDGET_S, GPU_CHECK_{INSTALL,PROBE,TEST,BENCH}_S, GPU_CHECK_PYTEST_ARGS,
-# GPU_CHECK_BENCH, GPU_CHECK_BENCH_ARGS, GPU_CHECK_IMPORTS, GPU_CHECK_PYTHON, LOWQ_GPU_STAGE, LOWQ_GPU_SITE.
+# GPU_CHECK_BENCH, GPU_CHECK_BENCH_ARGS, GPU_CHECK_BENCH_EVAL, GPU_CHECK_BENCH_EVAL_ARGS, GPU_CHECK_BENCH_EVAL_S,
+# GPU_CHECK_IMPORTS, GPU_CHECK_PYTHON, LOWQ_GPU_STAGE, LOWQ_GPU_SITE.
 # GPU_CHECK_ALLOW_CPU=1 only for the CPU rehearsal in tests/test_gpu_check.py.
 set -uo pipefail
 
@@ -25,6 +26,7 @@ BUDGET=${GPU_CHECK_BUDGET_S:-480}
 RESERVE=10    # seconds kept for the summary
 KILL_GRACE=10 # a step still running KILL_GRACE s after its TERM is killed
 BENCH=${GPU_CHECK_BENCH:-benchmarks/bench_gpu.py}
+BENCH_EVAL=${GPU_CHECK_BENCH_EVAL:-benchmarks/bench_eval.py}
 export PYTHONUNBUFFERED=1
 # the shared LFW faces carried by the last call (tests/conftest.py reads $LOWQ_SHARED/data)
 [ -d .gpu_stage/shared/data ] && export LOWQ_SHARED=${LOWQ_SHARED:-$PWD/.gpu_stage/shared}
@@ -78,6 +80,15 @@ main() {
   # shellcheck disable=SC2086  # word splitting of the pytest arguments is wanted
   step tests "${GPU_CHECK_TEST_S:-240}" "$OUTDIR/pytest_gpu.log" -- "$PY" -m pytest \
     ${GPU_CHECK_PYTEST_ARGS:--m gpu -q --continue-on-collection-errors}
+  if [ -f "$BENCH_EVAL" ]; then
+    # Issue 12 item 8: the evaluation path's images/s against a plain loop, iresnet50 at 112 px (~30 s).
+    # Its printout goes to gpu_check.log only: $OUT brings back 8 files, and bench_gpu.py writes 3 of them.
+    # shellcheck disable=SC2086
+    step bench_eval "${GPU_CHECK_BENCH_EVAL_S:-90}" -- "$PY" "$BENCH_EVAL" \
+      --json "$OUTDIR/bench_eval.json" ${GPU_CHECK_BENCH_EVAL_ARGS:---depth 50 --width 1 --batch 256 --images 2000 --repeats 3}
+  else
+    echo "== bench_eval: $BENCH_EVAL not found, skipped"
+  fi
   if [ -f "$BENCH" ]; then
     # The bench gets what the budget has left (at most GPU_CHECK_BENCH_S); GPU_CHECK_BENCH_ARGS trims it.
     # Default: 3 blocks, no torch.compile lever (its two builds took 145 of 300 s on the H100, 2026-11-27,
