@@ -818,6 +818,25 @@ def eq8_mse_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, fl
     return out
 
 
+OCCLUSION_LOCALITY_IMAGES = 256  # distinct faces: the first image of each of the first pairs of the first set
+
+
+@register_diagnostic("occlusion_locality")
+def occlusion_locality_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
+    """LCD's spec §8 locality at ``layer3.branch`` (the feature an LCD insert there reads), on the first evaluation
+    set's first 256 distinct faces, clean: ``spatial_entropy`` / ``top10_energy`` of the channels, and
+    ``occlusion_concentration`` (``/eyes``, ``/mask``): with the eye band or the lower face occluded
+    (:func:`pipeline.models.lcd.occlude_faces`), the share of the summed relative channel change carried by the
+    10 % most-changed channels (⌈0.1·c⌉/c = spread evenly; the paper: SR raises it). Any iresnet network."""
+    from pipeline.eval.verify import to_model_input
+    from pipeline.models.lcd import OCCLUSION_BANDS, occlude_faces, occlusion_locality, point_features
+
+    images, _ = ctx.eval_sets[0].load(ctx.input_size)
+    faces = to_model_input(images[0 : 2 * OCCLUSION_LOCALITY_IMAGES : 2]).to(ctx.device)
+    feats = point_features(net, [faces] + [occlude_faces(faces, kind) for kind in OCCLUSION_BANDS], "layer3.branch")
+    return occlusion_locality(feats[0], dict(zip(OCCLUSION_BANDS, feats[1:])))
+
+
 def dc_share(weight) -> float:
     """Share of a K×K conv weight's energy in its DC part: Σ_(o,i) (Σ_taps k)² / K² over Σ k² — the squared
     projection onto the constant kernel. 1: every kernel a (scaled) box blur; a zero-sum kernel: 0; i.i.d. random

@@ -115,6 +115,8 @@ __all__ = [
     "drop_count",
     "occlude_faces",
     "occlusion_concentration",
+    "occlusion_locality",
+    "point_features",
 ]
 
 REDUCTIONS = ("pair_mean", "sum")
@@ -500,28 +502,30 @@ class LCD(Insert):
             for h in handles[2:]:
                 h.remove()
             del handles[2:]
-            occluded = {kind: net.embed(occlude_faces(faces, kind)) for kind in ("eyes", "mask")}
+            for kind in OCCLUSION_BANDS:
+                net.embed(occlude_faces(faces, kind))
         finally:
             for h in handles:
                 h.remove()
-        clean, by_kind = seen[0], dict(zip(occluded, seen[1:]))
-        entropy, top = locality_stats(clean)
-        out = {"lcd/spatial_entropy_val": float(entropy.nanmean()), "lcd/top10_energy_val": float(top.mean())}
-        theta_clean = self.sam(clean).float() if self.sam is not None else None
-        for kind, feat in by_kind.items():
-            share, changed = occlusion_concentration(clean, feat)
-            out[f"lcd/occlusion_concentration/{kind}"] = float(share.mean())
-            if theta_clean is not None:
+        clean, by_kind = seen[0], dict(zip(OCCLUSION_BANDS, seen[1:]))
+        locality = occlusion_locality(clean, by_kind)
+        out = {f"lcd/{k}": v for k, v in locality.items() if k.startswith("occlusion_concentration")}
+        out["lcd/spatial_entropy_val"], out["lcd/top10_energy_val"] = (
+            locality["spatial_entropy"],
+            locality["top10_energy"],
+        )
+        if self.sam is not None:
+            theta_clean = self.sam(clean).float()
+            for kind, feat in by_kind.items():
+                changed = occlusion_concentration(clean, feat)[1]
                 theta = self.sam(feat).float()
                 on = (theta * changed).sum(1) / changed.sum(1)
                 rest = (theta * ~changed).sum(1) / (~changed).sum(1).clamp_min(1)
                 out[f"sam/theta_clean_vs_occluded/{kind}"] = float((on - rest).mean())
                 shift = ((theta - theta_clean) * changed).sum(1) / changed.sum(1)
                 out[f"sam/theta_shift_on_changed/{kind}"] = float(shift.mean())
-        for name in ("lcd/occlusion_concentration", "sam/theta_clean_vs_occluded", "sam/theta_shift_on_changed"):
-            per_kind = [v for k, v in out.items() if k.startswith(name + "/")]
-            if per_kind:
-                out[name] = sum(per_kind) / len(per_kind)
+            for name in ("sam/theta_clean_vs_occluded", "sam/theta_shift_on_changed"):
+                out[name] = sum(out[f"{name}/{kind}"] for kind in by_kind) / len(by_kind)
         if after and after[0] < len(bn_inputs):
             bn, x = bn_inputs[after[0]]
             if bn.running_mean is not None and bn.running_var is not None:
@@ -589,6 +593,51 @@ def build_lcd(opts: LCDOptions, point: PointInfo) -> LCD:
 # --------------------------------------------------------------------------- eq. 8 on the final feature
 
 
+def _point_target(net: nn.Module, at: str, caller: str) -> nn.Module:
+    """The module whose output is the feature an LCD insert at ``at`` reads: ``layerK[-1].bn3`` for
+    ``layerK.branch`` (the branch before "+ identity"), the last block of stage K for ``layerK``."""
+    match = _STAGE_POINT.match(at)
+    if match is None:
+        raise ValueError(f"{caller}: at must be layerK or layerK.branch, got {at!r}")
+    block = getattr(net.trunk, match.group(1))[-1]
+    return block.bn3 if match.group(2) else block
+
+
+@torch.no_grad()
+def point_features(net: nn.Module, batches: list[torch.Tensor], at: str = "layer3.branch") -> list[torch.Tensor]:
+    """The feature at ``at`` (what an LCD insert there reads, :func:`_point_target`) for each image batch, the
+    network in eval mode; any iresnet FaceNetwork, with LCD or not."""
+    target = _point_target(net, at, "point_features")
+    seen: list[torch.Tensor] = []
+    handle = target.register_forward_hook(lambda module, args, output: seen.append(output.detach()))
+    was_training = net.training
+    net.eval()
+    try:
+        for images in batches:
+            net.embed(images)
+    finally:
+        handle.remove()
+        net.train(was_training)
+    return seen
+
+
+OCCLUSION_BANDS = ("eyes", "mask")  # spec §8: "occlude a band (eyes or lower face)"
+
+
+def occlusion_locality(clean: torch.Tensor, occluded: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Spec §8's locality of a feature map: ``spatial_entropy`` / ``top10_energy`` of the clean ``(N, c, h, w)``
+    feature (:func:`locality_stats`, means over samples and channels) and, for each occluded version of it,
+    ``occlusion_concentration/<kind>`` (:func:`occlusion_concentration`, mean over samples) and their mean
+    ``occlusion_concentration``."""
+    entropy, top = locality_stats(clean)
+    out = {"spatial_entropy": float(entropy.nanmean()), "top10_energy": float(top.mean())}
+    shares = {kind: float(occlusion_concentration(clean, feat)[0].mean()) for kind, feat in occluded.items()}
+    out.update({f"occlusion_concentration/{kind}": v for kind, v in shares.items()})
+    if shares:
+        out["occlusion_concentration"] = sum(shares.values()) / len(shares)
+    return out
+
+
 @torch.no_grad()
 def eq8_mse(
     net: nn.Module,
@@ -605,11 +654,7 @@ def eq8_mse(
     (its SAM included). The same ``generator`` seed gives the same masks for two models of equal width.
 
     Returns ``mse`` (raw embeddings) and ``mse_unit`` (L2-normalised embeddings, comparable across models)."""
-    match = _STAGE_POINT.match(at)
-    if match is None:
-        raise ValueError(f"eq8_mse: at must be layerK or layerK.branch, got {at!r}")
-    block = getattr(net.trunk, match.group(1))[-1]
-    target = block.bn3 if match.group(2) else block
+    target = _point_target(net, at, "eq8_mse")
 
     def drop_channels(module, args, output):
         n, c = output.shape[:2]
