@@ -556,6 +556,9 @@ class Trainer:
                 results[name].update({f"mean_{k}": v for k, v in values.items()})
                 if self.writer:
                     self.writer.add_scalar(f"val/{name}/accuracy", res["accuracy"], self.step)
+                    for far, tar in res.get("tar_at_far", {}).items():  # over the set's pairs; None: too few impostors
+                        if tar is not None:
+                            self.writer.add_scalar(f"val/{name}/tar@far={far}", tar, self.step)
                     for k, v in values.items():
                         self.writer.add_scalar(f"val/{name}/{k}", v, self.step)
                 print(f"[eval] step {self.step} {name}: accuracy {res['accuracy']:.4f} ± {res['std']:.4f}", flush=True)

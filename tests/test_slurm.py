@@ -345,6 +345,7 @@ def tb_scalar_tags(run: Path) -> list[str]:
                 "monitor/sam/theta_clean_vs_occluded",
                 "monitor/lcd/next_bn_mean_gap",
                 "monitor/lcd/eq8_mse@0.3",
+                "val/val20/tar@far=1e-01",  # 10 impostor pairs: FAR 0.1 is the lowest measurable
             },
             {"hist/lcd/gamma_frac", "hist/sam/theta"},
         ),
