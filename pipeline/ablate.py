@@ -23,13 +23,17 @@ The spec is YAML. Relative paths are relative to the directory you run from, as 
       - {name: lfw, bin: ../shared/data/lfw_view1_112/lfw_devtest_112.bin}
       - {name: lfw_pairs, pairs: ../shared/data/lfw_view1_112/pairsDevTest.txt,
          root: ../shared/data/lfw_view1_112/devtest_112}
+      - {name: lfw_all, images: ../shared/data/lfw_view1_112/devtest_112, metric: tar@far=1e-3}
+                                            # ^ a labelled image set (identity folders or a list): TAR at FAR over
+                                            #   all its pairs (pipeline.eval tarfar); 1e-2, 1e-3, 1e-4 and its
+                                            #   metric's FAR are kept, the metric (default tar@far=1e-3) is reported
     reference: plain                        # paired differences against this arm (default: the first)
     output: runs/ablations/scan             # default: runs/ablations/<spec file name>
     processes: 8                            # cores this runner may use (default: all of this machine's)
     parallel: 4                             # cells at a time (default: processes / nproc; on GPUs: GPUs / nproc)
     nproc: 1                                # trainer processes per cell (torchrun when > 1)
     diagnostics: [train_loss, embedding_norm]
-    metric: accuracy                        # what the table reports: accuracy | accuracy_noflip | auc
+    metric: accuracy                        # what the table reports for the pair sets: accuracy | accuracy_noflip | auc
 
 How a cell's config is made: the spec's layers then the arm's layers; then the spec's overrides, the command
 line's, the arm's; then the runner's: the budget, ``seed``, ``output.dir`` (the cell's folder), ``data.val=[]``
@@ -88,6 +92,8 @@ from pipeline.checkpoint import latest_or_none, load_json, save_json
 from pipeline.config import Config, ConfigError, dump_config, load_config, parse_override, read_yaml_mapping
 
 METRICS = ("accuracy", "accuracy_noflip", "auc")  # what the table may report; all are fractions, shown in %
+IMAGES_FARS = (1e-2, 1e-3, 1e-4)  # TAR kept for an ``images`` eval set (plus its metric's FAR)
+DEFAULT_IMAGES_METRIC = "tar@far=1e-3"
 KEPT_METRICS = ("accuracy", "std", "accuracy_noflip", "std_noflip", "auc", "tar_at_far", "threshold", "xnorm")
 # Keys the runner sets in every cell: an arm's override of one is an error (it would be ignored).
 RUNNER_KEYS = ("seed", "output.dir", "output.overwrite", "data.val")
@@ -218,7 +224,9 @@ class Arm:
 
 @dataclass
 class EvalSet:
-    """An evaluation set: an insightface ``.bin``, or an LFW pairs list with its image folder."""
+    """An evaluation set: an insightface ``.bin`` or an LFW pairs list with its image folder (verification of its
+    pairs, 10-fold), or a labelled image set (``images``: identity folders or a list file; TAR at FAR over all its
+    pairs, :mod:`pipeline.eval.tarfar`)."""
 
     SHORTHAND: ClassVar[str] = "bin"
     name: str = ""
@@ -226,12 +234,29 @@ class EvalSet:
     pairs: str = ""
     root: str = ""
     ext: str = "jpg"
+    images: str = ""
+    metric: str = ""  # what the table reports for this set: default the spec's metric (images: tar@far=1e-03)
 
     def validate(self, where: str) -> None:
-        if bool(self.bin) == bool(self.pairs):
+        if sum(map(bool, (self.bin, self.pairs, self.images))) != 1:
             raise SpecError(
-                f"{where}: give either 'bin' (a .bin file) or 'pairs' + 'root' (a pairs list and its images)"
+                f"{where}: give one of 'bin' (a .bin file), 'pairs' + 'root' (a pairs list and its images) or "
+                "'images' (a labelled image set: identity folders or a list file)"
             )
+        if self.images:
+            from pipeline.eval.tarfar import far_key, parse_far_key
+
+            if not Path(self.images).exists():
+                raise SpecError(f"{where}: '{self.images}' does not exist")
+            far = parse_far_key(self.metric or DEFAULT_IMAGES_METRIC)
+            if far is None:
+                raise SpecError(
+                    f"{where}: key 'metric': '{self.metric}' is not tar@far=F with 0 < F < 1 (an 'images' set "
+                    "reports TAR at a FAR over all its pairs)"
+                )
+            self.metric = far_key(far)
+        elif self.metric and self.metric not in METRICS:
+            raise SpecError(f"{where}: key 'metric': '{self.metric}' is not one of {', '.join(METRICS)}")
         if self.bin and not Path(self.bin).is_file():
             raise SpecError(f"{where}: file '{self.bin}' does not exist")
         if self.pairs and not Path(self.pairs).is_file():
@@ -240,26 +265,46 @@ class EvalSet:
             raise SpecError(f"{where}: key 'root' is missing (the image folder of '{self.pairs}')")
         if self.root and not Path(self.root).is_dir():
             raise SpecError(f"{where}: image folder '{self.root}' does not exist")
-        self.name = self.name or Path(self.bin or self.pairs).stem
+        self.name = self.name or Path(self.bin or self.pairs or self.images).stem
         if "|" in self.name or not self.name.strip():
             raise SpecError(f"{where}: key 'name': {self.name!r} cannot be empty or hold '|' (a table column)")
 
     def identity(self) -> dict:
-        """What the cached results depend on: the name and the absolute paths."""
+        """What the cached results depend on: the name and the absolute paths (images: and the FARs kept)."""
+        if self.images:
+            return {"name": self.name, "images": str(Path(self.images).resolve()), "fars": list(self.fars())}
         if self.bin:
             return {"name": self.name, "bin": str(Path(self.bin).resolve())}
         pairs, root = str(Path(self.pairs).resolve()), str(Path(self.root).resolve())
         return {"name": self.name, "pairs": pairs, "root": root, "ext": self.ext}
 
+    def reported(self, spec_metric: str) -> str:
+        """The metric this set's table column shows."""
+        return self.metric or spec_metric
+
+    def fars(self) -> tuple[float, ...]:
+        """An ``images`` set's FARs: 1e-2, 1e-3, 1e-4 and its metric's."""
+        from pipeline.eval.tarfar import parse_far_key
+
+        return tuple(sorted({*IMAGES_FARS, parse_far_key(self.metric or DEFAULT_IMAGES_METRIC)}, reverse=True))
+
     def load(self, image_size: int):
-        """(uint8 images (2P, S, S, 3), issame (P,)), decoded once per process."""
+        """Pair sets: (uint8 images (2P, S, S, 3), issame (P,)); ``images`` sets: (uint8 images (N, S, S, 3),
+        labels (N,)). Decoded once per process."""
+        import numpy as np
+
+        from pipeline.eval.identify import load_image_set, read_image_set
         from pipeline.eval.verify import load_bin, load_pairs
 
         key = (json.dumps(self.identity(), sort_keys=True), image_size)
         if key not in _LOADED:  # load_bin caches itself; the pairs' JPEGs are decoded once here
-            _LOADED[key] = (
-                load_bin(self.bin, image_size) if self.bin else load_pairs(self.pairs, self.root, image_size, self.ext)
-            )
+            if self.images:
+                image_set = read_image_set(self.images)
+                _LOADED[key] = (load_image_set(image_set, image_size), np.asarray(image_set.labels))
+            elif self.bin:
+                _LOADED[key] = load_bin(self.bin, image_size)
+            else:
+                _LOADED[key] = load_pairs(self.pairs, self.root, image_size, self.ext)
         return _LOADED[key]
 
 
@@ -682,7 +727,8 @@ def evaluate_cell(spec: Spec, cell: Cell, threads: int) -> tuple[dict, dict, Pat
     import torch
 
     from pipeline.eval.checkpoint import load_network_checked
-    from pipeline.eval.verify import embed_images, verification_metrics
+    from pipeline.eval.tarfar import all_pairs_metrics
+    from pipeline.eval.verify import check_finite, embed_images, verification_metrics
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -692,11 +738,16 @@ def evaluate_cell(spec: Spec, cell: Cell, threads: int) -> tuple[dict, dict, Pat
     embed = net.embedder().eval()
     metrics, embeddings = {}, {}
     for eval_set in spec.eval:
-        images, issame = eval_set.load(model_cfg.input_size)
-        # what pipeline.eval.verify.evaluate_images does, keeping the embeddings for the diagnostics
+        images, target = eval_set.load(model_cfg.input_size)  # target: issame per pair, or a label per image
+        # what pipeline.eval.verify.evaluate_images / pipeline.eval tarfar do, keeping the embeddings for diagnostics
         emb, emb_flip = embed_images(embed, images, EVAL_BATCH, device)
-        res = verification_metrics(emb, emb_flip, issame, eval_set.name)
-        metrics[eval_set.name] = {k: res[k] for k in KEPT_METRICS if k in res}
+        if eval_set.images:
+            check_finite(emb, emb_flip, eval_set.name)
+            feats = torch.nn.functional.normalize(torch.from_numpy(emb + emb_flip), dim=1)
+            metrics[eval_set.name] = all_pairs_metrics(feats, target, eval_set.fars(), device)
+        else:
+            res = verification_metrics(emb, emb_flip, target, eval_set.name)
+            metrics[eval_set.name] = {k: res[k] for k in KEPT_METRICS if k in res}
         embeddings[eval_set.name] = emb
     ctx = DiagnosticContext(cell.run_dir, spec.eval, device, model_cfg.input_size, embeddings)
     diagnostics = run_diagnostics(spec.diagnostics, net, cell.config, ctx)
@@ -837,6 +888,22 @@ def occlusion_locality_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> d
     return occlusion_locality(feats[0], dict(zip(OCCLUSION_BANDS, feats[1:])))
 
 
+VALIDATION_MONITOR_IMAGES = 256  # distinct faces: the first image of each of the first pairs of the first set
+
+
+@register_diagnostic("validation_monitors")
+def validation_monitors_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
+    """What the network's modules measure on fixed clean faces at every in-training evaluation
+    (:meth:`FaceNetwork.validation_monitors`; LCD: the occlusion concentration at its own point, θ on the channels
+    an occlusion changes most, the next BatchNorm's running-vs-batch gap, eq. 8 at 30 %), on the first evaluation
+    set's first 256 distinct faces; nothing for a network whose modules measure nothing there."""
+    from pipeline.eval.verify import to_model_input
+
+    images, _ = ctx.eval_sets[0].load(ctx.input_size)
+    faces = to_model_input(images[0 : 2 * VALIDATION_MONITOR_IMAGES : 2]).to(ctx.device)
+    return net.validation_monitors(faces)
+
+
 def dc_share(weight) -> float:
     """Share of a K×K conv weight's energy in its DC part: Σ_(o,i) (Σ_taps k)² / K² over Σ k² — the squared
     projection onto the constant kernel. 1: every kernel a (scaled) box blur; a zero-sum kernel: 0; i.i.d. random
@@ -943,9 +1010,14 @@ class Progress:
 
 def describe_record(record: dict) -> str:
     if record.get("status") == "ok":
-        return "ok, accuracy % " + ", ".join(
-            f"{n} {100 * m['accuracy']:.2f}" for n, m in record.get("metrics", {}).items()
-        )
+        shown = []
+        for n, m in record.get("metrics", {}).items():
+            key = "accuracy" if "accuracy" in m else next((k for k in m if k.startswith("tar@far=")), None)
+            value = m.get(key) if key else None
+            shown.append(
+                f"{n} {'–' if value is None else f'{100 * value:.2f}'}{'' if key == 'accuracy' else f' ({key})'}"
+            )
+        return "ok, accuracy % " + ", ".join(shown)
     detail = f"exit {record.get('exit_code')}, log {record.get('log')}"
     return f"{str(record.get('status')).upper()} ({detail}): {record.get('error', '')}"
 
@@ -1144,12 +1216,13 @@ def build_report(spec: Spec, records: list[dict]) -> dict:
     diag_values: dict = {}
     for r in ok:
         metric_values.setdefault(r["arm"], {})[r["seed"]] = {
-            s.name: r["metrics"][s.name].get(spec.metric) for s in spec.eval
+            s.name: r["metrics"][s.name].get(s.reported(spec.metric)) for s in spec.eval
         }
         diag_values.setdefault(r["arm"], {})[r["seed"]] = r.get("diagnostics", {})
     return {
         "spec": str(spec.path),
         "metric": spec.metric,
+        "set_metrics": {s.name: s.reported(spec.metric) for s in spec.eval},
         "reference": spec.reference,
         "arms": [dataclasses.asdict(a) for a in spec.arms],
         "seeds": spec.seeds,
@@ -1212,11 +1285,20 @@ def render_markdown(spec: Spec, report: dict) -> str:
     arms = [a.name for a in spec.arms]
     summary, diags = report["summary"], report["diagnostics"]
     budget = ", ".join(f"{k}={v}" for k, v in spec.budget.items())
+    reported = {e.name: e.reported(spec.metric) for e in spec.eval}
+    own = [e for e in spec.eval if reported[e.name] != spec.metric]
+    what = f"{spec.metric} in % (insightface 10-fold protocol on each set)"
+    if own:
+        what = f"{spec.metric} in % (insightface 10-fold protocol) on the pair sets; " + "; ".join(
+            f"`{e.name}`: {reported[e.name]}"
+            + (" in % over all pairs of its images" if e.images else " in % (10-fold protocol)")
+            for e in own
+        )
     lines = [
         f"# Ablation `{spec.path.stem}`: {spec.metric}",
         "",
         f"Spec `{spec.path}`; budget {budget}; seeds {', '.join(map(str, spec.seeds))}; {spec.nproc} process(es) per "
-        f"cell. {spec.metric} in % (insightface 10-fold protocol on each set); mean ± sd over seeds (sd with "
+        f"cell. {what}; mean ± sd over seeds (sd with "
         f"ddof = 1); paired differences vs `{spec.reference}` in points, by seed, with a 95 % t-interval over the "
         "seeds (n − 1 degrees of freedom; n/a with fewer than 2 pairs).",
         "",
@@ -1235,7 +1317,8 @@ def render_markdown(spec: Spec, report: dict) -> str:
         + [_mean_sd(summary["per_arm"][arm][s], _pct) for s in sets]
         for arm in arms
     ]
-    lines += [f"## {spec.metric} (%): mean ± sd over seeds", "", *_table(["arm", "n", *sets], rows), ""]
+    heads = [s if reported[s] == spec.metric else f"{s} ({reported[s]})" for s in sets]
+    lines += [f"## {spec.metric} (%): mean ± sd over seeds", "", *_table(["arm", "n", *heads], rows), ""]
     rows = [
         [arm] + [_diff(summary["paired"][arm][s], 100, "+.2f") for s in sets] for arm in arms if arm != spec.reference
     ]
@@ -1264,7 +1347,7 @@ def render_markdown(spec: Spec, report: dict) -> str:
     for r in report["cells"]:
         ok = r["status"] == "ok"
         row = [str(r["index"]), r["arm"], str(r["seed"]), _cell_state(r)]
-        row += [_pct(r["metrics"][s].get(spec.metric)) if ok else "–" for s in sets]
+        row += [_pct(r["metrics"][s].get(reported[s])) if ok else "–" for s in sets]
         row += [_num(r.get("diagnostics", {}).get(c)) if ok else "–" for c in dcols]
         row += [str(r.get("train_s", "–")), str(r.get("eval_s", "–"))]
         rows.append(row)

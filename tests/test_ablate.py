@@ -239,6 +239,56 @@ def test_rerun_skips_finished_cells_and_a_changed_arm_runs_again(grid, shared_da
     assert records[("plain", 0)] == load_json(grid.out / "cells/plain/seed_0/cell.json")
 
 
+def test_an_images_set_reports_tar_at_far_over_all_its_pairs(grid, shared_data, tmp_path):
+    """Adding a labelled image set to the spec evaluates the cached cells again (nothing trains); its TAR values
+    are those ``python -m pipeline.eval tarfar`` gives for the cell's checkpoint (decoding and embedding the
+    files its own way), and the table reports the set's own metric."""
+    devtest = shared_data / "lfw_view1_112" / "devtest_112"
+    faces = tmp_path / "faces"  # 60 identities of the dev-test images: ~100 images, ~5,000 pairs
+    for person in sorted(p for p in devtest.iterdir() if p.is_dir())[:60]:
+        shutil.copytree(person, faces / person.name)
+    out = tmp_path / "out"
+    shutil.copytree(grid.out, out)
+    before = train_logs(out)
+
+    def add_images_set(raw):
+        raw["eval"].append({"name": "lfw_all", "images": str(faces), "metric": "tar@far=1e-2"})
+
+    spec = write_spec(tmp_path / "images.yaml", shared_data, add_images_set)
+    proc = ablate(spec, f"data.train={grid.shards}", "--output", out)
+    assert proc.returncode == 0, describe(proc)
+    assert len(re.findall(r"\(#\d\): trained; evaluates again", proc.stdout)) == 4, proc.stdout
+    assert train_logs(out) == before  # nothing trained
+    records = cell_records(out)
+    cell = records[("scan", 1)]
+    got = cell["metrics"]["lfw_all"]
+    assert set(got) == {"tar@far=1e-02", "tar@far=1e-03", "tar@far=1e-04", "genuine_pairs", "impostor_pairs"}
+    assert got["impostor_pairs"] < 10_000 and got["tar@far=1e-04"] is None  # 1e-4 needs ≥ 10,000 impostors
+    assert cell["metrics"]["lfw"] == load_json(grid.out / "cells/scan/seed_1/cell.json")["metrics"]["lfw"]
+
+    ref_json = tmp_path / "ref.json"
+    run_dir = out / "cells" / "scan" / "seed_1" / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.eval", "tarfar", "--checkpoint", str(run_dir), "--images", str(faces),
+         "--fars", "1e-2", "1e-3", "--json", str(ref_json), "--device", "cpu", "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, describe(proc)
+    ref = json.loads(ref_json.read_text())
+    assert (ref["genuine_pairs"], ref["impostor_pairs"]) == (got["genuine_pairs"], got["impostor_pairs"])
+    for point in ref["results"][0]["points"]:
+        # the same embeddings up to float32 round-off in another batching: the same accepted pairs
+        assert got[f"tar@far={point['far']:.0e}"] == pytest.approx(point["tar"], abs=0.5 / got["genuine_pairs"])
+
+    md = (out / "results.md").read_text()
+    head, rows = markdown_table(md, "## Cells")
+    assert "lfw_all" in head
+    row = dict(zip(head, next(r for r in rows if r[1] == "scan" and r[2] == "1")))
+    assert row["lfw_all"] == f"{100 * got['tar@far=1e-02']:.2f}"
+    head = markdown_table(md, "## accuracy (%)")[0]
+    assert "lfw_all (tar@far=1e-02)" in head and "`lfw_all`: tar@far=1e-02 in % over all pairs of its images" in md
+
+
 # --------------------------------------------------------------------------- 4. identical data order per seed
 
 
@@ -350,6 +400,29 @@ def test_bad_specs_are_one_line_errors_naming_the_key_or_file(bad_spec, tmp_path
     _one_line_error(build_grid, spec, match=r"arm 'b': its config layers set schedule.max_steps to 500")
     spec = load_spec(bad_spec(arms=["a", {"name": "b", "overrides": ["data.batch_size=8"]}]))
     _one_line_error(build_grid, spec, match=r"arm 'b': data.batch_size is 8 but the reference arm 'a' has 16")
+
+    # an images set: one source per set, a FAR metric in (0, 1); a pair set takes the pair metrics only
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    _one_line_error(
+        load_spec, bad_spec(eval=[{"images": str(folder), "bin": str(tmp_path / "set.bin")}]), match="give one of"
+    )
+    _one_line_error(
+        load_spec, bad_spec(eval=[{"images": str(tmp_path / "gone")}]), match=r"eval\[0\].*'.*gone' does not exist"
+    )
+    _one_line_error(
+        load_spec,
+        bad_spec(eval=[{"images": str(folder), "metric": "tar@far=2"}]),
+        match=r"key 'metric': 'tar@far=2' is not tar@far=F with 0 < F < 1",
+    )
+    _one_line_error(
+        load_spec,
+        bad_spec(eval=[{"bin": str(tmp_path / "set.bin"), "metric": "tar@far=1e-3"}]),
+        match=r"key 'metric': 'tar@far=1e-3' is not one of accuracy",
+    )
+    spec = load_spec(bad_spec(eval=[{"images": str(folder), "metric": "tar@far=0.005"}]))
+    assert spec.eval[0].metric == "tar@far=5e-03" and spec.eval[0].fars() == (1e-2, 5e-3, 1e-3, 1e-4)
+    assert spec.eval[0].name == "faces"
 
     # the command line: exit 2, one line on stderr naming the key
     proc = ablate(bad_spec(arms=["a", {"name": "b", "overrides": ["model.conv.sac=true"]}]), "--list")

@@ -269,6 +269,16 @@ def _read_image(path: Path) -> np.ndarray:
     return decode_image(data, str(path))
 
 
+def load_image_set(images: ImageSet, image_size: int) -> torch.Tensor:
+    """uint8 (N, S, S, 3) of every image of ``images``, decoded and resized to ``image_size`` (one array: for
+    sets that fit in memory, e.g. the LFW dev-test images; :func:`embed_paths` walks a large gallery in batches)."""
+    from pipeline.eval.verify import stack_images
+
+    if not len(images):
+        raise DataError(f"{images.source}: no images")
+    return stack_images([_read_image(p) for p in images.paths], images.source, image_size)
+
+
 def embed_paths(
     embed_fn,
     paths: list[Path],

@@ -102,6 +102,37 @@ def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, fars=FARS) -> list[Tar
     return out
 
 
+def far_key(far: float) -> str:
+    """``tar@far=1e-03``: the name a TAR at this FAR goes by in tables, JSON and TensorBoard tags."""
+    return f"tar@far={far:.0e}"
+
+
+def parse_far_key(text: str) -> float | None:
+    """The FAR of ``tar@far=<f>`` with 0 < f < 1 (any float spelling: 1e-3, 0.001), else None."""
+    head, _, value = text.partition("=")
+    if head != "tar@far":
+        return None
+    try:
+        far = float(value)
+    except ValueError:
+        return None
+    return far if 0 < far < 1 else None
+
+
+def all_pairs_metrics(
+    feats: np.ndarray | torch.Tensor, labels: np.ndarray, fars=(1e-2, 1e-3, 1e-4), device: str | torch.device = "cpu"
+) -> dict:
+    """TAR at each FAR over every pair of the rows of ``feats`` (L2-normalised embeddings), as
+    ``{far_key(far): tar or None}`` (None: too few impostor pairs), plus the pair counts."""
+    genuine, impostor = pair_scores(feats, labels, device=device)
+    points = tar_at_far(genuine, impostor, fars)
+    return {
+        **{far_key(p.far): p.tar for p in points},
+        "genuine_pairs": int(len(genuine)),
+        "impostor_pairs": int(len(impostor)),
+    }
+
+
 def roc_points(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FAR grid, TAR): TAR at ``ROC_POINTS`` FARs spaced on a log scale from 1/impostors to 1."""
     grid = np.logspace(-np.log10(len(impostor)), 0, ROC_POINTS)

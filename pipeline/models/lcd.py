@@ -22,9 +22,10 @@ then still reads ``layerK[-1].conv2`` and f_i of eq. 2 is no longer a single fil
 
 **BN statistics (eqs. 5-6).** At ``layerK.branch`` the BN before LCD (``bn3``) sees every sample, i.e. eq. 5 is
 the right statistic and eq. 6 (BN over the non-dropped samples only) is not needed: the paper's own choice
-(Sec. III-B). At ``layerK`` the next BN (``layer{K+1}[0].bn1`` and the downsample BN) sees zeroed channels, the
-"LCD before BN" case eqs. 5-6 warn about; no masked BN is implemented (the spec makes eq. 6 optional), so use
-the stage-output position only as the ablation it is.
+(Sec. III-B). At ``layerK`` the next BN (``layer{K+1}[0].bn1``) sees zeroed channels, the "LCD before BN" case
+eqs. 5-6 warn about; ``masked_next_bn: true`` swaps it for :class:`MaskedBatchNorm2d`, eq. 6: its training
+statistics run over the samples whose channel was not dropped (the downsample branch's BN reads a 1×1 conv of the
+dropped tensor, whose channels mix kept and dropped ones: eq. 6 does not apply there and it is left as it is).
 
 **Choices not from the paper** (each a config value, marked [C] in :class:`LCDOptions`):
 
@@ -106,6 +107,7 @@ from pipeline.models.network import Insert, PointInfo, Trace
 __all__ = [
     "LCDOptions",
     "LCD",
+    "MaskedBatchNorm2d",
     "SpatialAttention",
     "channel_keep_mask",
     "filter_orthogonality",
@@ -296,6 +298,9 @@ class LCDOptions(InsertOptions):
     sam_hidden_ratio: float = 0.25  # SAM's hidden FC width d = round(ratio·c) [C]
     sam_gate: str = "sigmoid"  # sigmoid | 2sigmoid [C]
     maps: int = 3  # channels of relu(F) drawn in attention_maps.png (Fig. 1 style); 0 = none [C]
+    # eq. 6 [P] for the BN that reads the dropped tensor: only at a stage output ("layerK"), whose next stage's
+    # first BN (layerK+1[0].bn1) sees zeroed channels; its training statistics then skip them (MaskedBatchNorm2d)
+    masked_next_bn: bool = False
 
     def validate(self):
         if not 0.0 <= self.drop_min <= 1.0:
@@ -319,6 +324,12 @@ class LCDOptions(InsertOptions):
             raise Invalid("sam_gate", f"must be one of {', '.join(GATES)}, got {self.sam_gate!r}")
         if self.maps < 0:
             raise Invalid("maps", f"must be >= 0, got {self.maps}")
+        if self.masked_next_bn and not re.fullmatch(r"layer\d+", self.at):
+            raise Invalid(
+                "masked_next_bn",
+                f"needs a stage-output point 'layerK' (at '{self.at}' the dropped channels are added to the shortcut "
+                "before any BN reads them, so no BN sees zeroed channels)",
+            )
 
 
 class LCD(Insert):
@@ -351,6 +362,7 @@ class LCD(Insert):
         # The block holding the conv before the insert: set by bind(), deliberately NOT a registered submodule
         # (its parameters belong to the trunk; registering it would list them twice in the state dict).
         object.__setattr__(self, "_block", None)
+        self.masked_next_bn = opts.masked_next_bn
 
     def extra_repr(self) -> str:
         return (
@@ -365,6 +377,8 @@ class LCD(Insert):
         stage"); keep it as an unregistered reference and hook its output for ``lcd/branch_to_identity``."""
         match = _STAGE_POINT.match(at)
         layer = getattr(trunk, match.group(1), None) if match else None
+        if self.masked_next_bn:
+            _mask_next_bn(trunk, at)
         block = layer[-1] if isinstance(layer, nn.Sequential) and len(layer) else None
         conv = getattr(block, "conv2", None) if block is not None else None
         if conv is None or _kernel_reader(conv) is None:
@@ -571,6 +585,59 @@ def occlusion_concentration(
         share = top.values.sum(1) / change.sum(1).clamp_min(1e-30)
         changed = torch.zeros_like(change, dtype=torch.bool).scatter_(1, top.indices, True)
     return share, changed
+
+
+class MaskedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics skip dropped channels: LCD's eq. 6 (spec §1.2). For channel i the mean
+    and the variance run over the (n − η_i)·h·w values of the samples whose channel i is not all zero (η_i = the
+    samples whose channel i was dropped); the running statistics are updated from them (the variance unbiased, as
+    ``nn.BatchNorm2d``), a channel dropped in every sample is normalised with its running statistics and leaves
+    them unchanged. Every value is then normalised with those statistics (a dropped channel's zeros too: eq. 6
+    corrects the statistics only). Eval mode, parameters and buffers: ``nn.BatchNorm2d``'s (checkpoints and ONNX
+    export are unchanged). A channel that is exactly zero over a whole map without dropout is taken as dropped."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.track_running_stats:
+            return super().forward(x)
+        xf = x.float()
+        kept = xf.flatten(2).ne(0).any(dim=2)  # (n, c): channel i of sample t was not dropped
+        weight = kept.to(xf.dtype)[:, :, None, None]
+        count = kept.sum(0).to(xf.dtype) * (x.shape[2] * x.shape[3])  # (n - η_i)·h·w
+        seen = count > 0
+        mean = (xf * weight).sum((0, 2, 3)) / count.clamp_min(1)
+        var = ((xf - mean[None, :, None, None]).pow(2) * weight).sum((0, 2, 3)) / count.clamp_min(1)
+        mean = torch.where(seen, mean, self.running_mean.float())
+        var = torch.where(seen, var, self.running_var.float())
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.float()
+            unbiased = var * count / (count - 1).clamp_min(1)
+            self.running_mean.copy_(
+                torch.where(seen, torch.lerp(self.running_mean.float(), mean, factor), self.running_mean.float())
+            )
+            self.running_var.copy_(
+                torch.where(seen, torch.lerp(self.running_var.float(), unbiased, factor), self.running_var.float())
+            )
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight.float()[None, :, None, None] + self.bias.float()[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def _mask_next_bn(trunk: nn.Module, at: str) -> None:
+    """Swap the first BN of the stage after ``at`` (= "layerK") for a :class:`MaskedBatchNorm2d` holding the same
+    parameters and buffers; ConfigError when no such stage exists."""
+    k = int(re.fullmatch(r"layer(\d+)", at).group(1))
+    stage = getattr(trunk, f"layer{k + 1}", None)
+    bn = getattr(stage[0], "bn1", None) if isinstance(stage, nn.Sequential) and len(stage) else None
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise ConfigError(
+            f"model.inserts: lcd at '{at}' with masked_next_bn: there is no next stage layer{k + 1} whose first "
+            "block starts with a BatchNorm2d (bn1) to apply eq. 6 to"
+        )
+    masked = MaskedBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    masked.load_state_dict(bn.state_dict())
+    stage[0].bn1 = masked
 
 
 def _kernel_reader(conv: nn.Module):
