@@ -504,6 +504,7 @@ def test_configs_load_and_build():
         "cd_sr": [("lcd", "layer3.branch", True, False)],
         "cd_sr_sam": [("lcd", "layer3.branch", True, True)],
         "stage_output": [("lcd", "layer3", True, True)],
+        "stage_output_eq6": [("lcd", "layer3", True, True)],
         "dropblock": [("dropblock", "layer3.branch")],
         "spatial_dropout": [("spatial_dropout", "layer3.branch")],
         "wcd": [("wcd", "layer3.branch")],
@@ -514,7 +515,9 @@ def test_configs_load_and_build():
         cfg = load_config([LCD_R50, path], ["model.width=0.0625"])
         got = [(i.kind, i.at, i.sr, i.sam) if i.kind == "lcd" else (i.kind, i.at) for i in cfg.model.inserts]
         assert got == expected[path.stem], path.name
-        registry.build_network(cfg.model)
+        net = registry.build_network(cfg.model)
+        masked = [type(m) is MaskedBatchNorm2d for m in net.modules()]
+        assert any(masked) == (path.stem == "stage_output_eq6"), path.name
     scan = load_config([REPO / "configs" / "compose" / "lcd_scan.yaml"], ["model.width=0.0625"])
     assert scan.model.conv.kind == "scan" and [i.kind for i in scan.model.inserts] == ["lcd"]
     registry.build_network(scan.model)
@@ -706,7 +709,12 @@ def test_occlusion_locality_diagnostic_reads_the_point_lcd_reads_in_any_network(
     """The ablation diagnostic on real faces: for an LCD network it equals what LCD's own validation monitor
     measures on the same faces (LCD's input = bn3's output of stage 3's last block); for the baseline it is the
     same computation on bn3's output, captured here by a hook; a uniform split is ⌈0.1·c⌉/c."""
-    from pipeline.ablate import DiagnosticContext, EvalSet, occlusion_locality_diagnostic
+    from pipeline.ablate import (
+        DiagnosticContext,
+        EvalSet,
+        occlusion_locality_diagnostic,
+        validation_monitors_diagnostic,
+    )
     from pipeline.eval.verify import load_bin, to_model_input
 
     eval_set = EvalSet(name="t", bin=str(small_bin))
@@ -721,6 +729,7 @@ def test_occlusion_locality_diagnostic_reads_the_point_lcd_reads_in_any_network(
     for kind in ("", "/eyes", "/mask"):
         assert got[f"occlusion_concentration{kind}"] == pytest.approx(own[f"lcd/occlusion_concentration{kind}"])
     assert got["spatial_entropy"] == pytest.approx(own["lcd/spatial_entropy_val"])
+    assert validation_monitors_diagnostic(net, None, ctx) == own  # the same distinct faces (20 of the 40 images)
 
     base = registry.build_network(tiny_cfg("model.inserts=[]").model).eval()
     feats = []
@@ -730,6 +739,7 @@ def test_occlusion_locality_diagnostic_reads_the_point_lcd_reads_in_any_network(
             base.embed(x)
     hook.remove()
     got = occlusion_locality_diagnostic(base, None, ctx)
+    assert validation_monitors_diagnostic(base, None, ctx) == {}  # no module of the baseline measures anything
     for i, kind in enumerate(("eyes", "mask"), start=1):
         share = occlusion_concentration(feats[0], feats[i])[0].mean()
         assert got[f"occlusion_concentration/{kind}"] == pytest.approx(float(share), rel=1e-6)
