@@ -869,7 +869,16 @@ def eq8_mse_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, fl
     return out
 
 
-OCCLUSION_LOCALITY_IMAGES = 256  # distinct faces: the first image of each of the first pairs of the first set
+FIXED_FACES = 256  # occlusion_locality / validation_monitors: distinct faces of the first evaluation set
+
+
+def fixed_faces(ctx: DiagnosticContext, n: int = FIXED_FACES):
+    """(n, 3, S, S) model input on ``ctx.device``: the first image of each of the first n pairs of the first
+    evaluation set (distinct faces; for an ``images`` set every other image)."""
+    from pipeline.eval.verify import to_model_input
+
+    images, _ = ctx.eval_sets[0].load(ctx.input_size)
+    return to_model_input(images[0 : 2 * n : 2]).to(ctx.device)
 
 
 @register_diagnostic("occlusion_locality")
@@ -879,16 +888,11 @@ def occlusion_locality_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> d
     ``occlusion_concentration`` (``/eyes``, ``/mask``): with the eye band or the lower face occluded
     (:func:`pipeline.models.lcd.occlude_faces`), the share of the summed relative channel change carried by the
     10 % most-changed channels (⌈0.1·c⌉/c = spread evenly; the paper: SR raises it). Any iresnet network."""
-    from pipeline.eval.verify import to_model_input
     from pipeline.models.lcd import OCCLUSION_BANDS, occlude_faces, occlusion_locality, point_features
 
-    images, _ = ctx.eval_sets[0].load(ctx.input_size)
-    faces = to_model_input(images[0 : 2 * OCCLUSION_LOCALITY_IMAGES : 2]).to(ctx.device)
+    faces = fixed_faces(ctx)
     feats = point_features(net, [faces] + [occlude_faces(faces, kind) for kind in OCCLUSION_BANDS], "layer3.branch")
     return occlusion_locality(feats[0], dict(zip(OCCLUSION_BANDS, feats[1:])))
-
-
-VALIDATION_MONITOR_IMAGES = 256  # distinct faces: the first image of each of the first pairs of the first set
 
 
 @register_diagnostic("validation_monitors")
@@ -897,11 +901,7 @@ def validation_monitors_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> 
     (:meth:`FaceNetwork.validation_monitors`; LCD: the occlusion concentration at its own point, θ on the channels
     an occlusion changes most, the next BatchNorm's running-vs-batch gap, eq. 8 at 30 %), on the first evaluation
     set's first 256 distinct faces; nothing for a network whose modules measure nothing there."""
-    from pipeline.eval.verify import to_model_input
-
-    images, _ = ctx.eval_sets[0].load(ctx.input_size)
-    faces = to_model_input(images[0 : 2 * VALIDATION_MONITOR_IMAGES : 2]).to(ctx.device)
-    return net.validation_monitors(faces)
+    return net.validation_monitors(fixed_faces(ctx))
 
 
 def dc_share(weight) -> float:
