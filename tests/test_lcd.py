@@ -802,6 +802,7 @@ def test_masked_batchnorm_is_eq6_over_the_samples_whose_channel_was_kept():
 
 
 def test_masked_next_bn_option_swaps_the_next_stages_first_bn():
+    torch.manual_seed(16)
     plain = registry.build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer3}]").model)
     net = registry.build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer3, masked_next_bn: true}]").model)
     assert (
