@@ -152,7 +152,7 @@ RECIPES = {
     ("recipe", "precision"),
     [("margin", "bf16"), ("margin", "fp16"), ("scan", "bf16"), ("lrfr", "bf16"), ("lcd_lgaf", "bf16")],
 )
-def test_one_rank_nccl_training(recipe, precision, lfw_shards, tmp_path):
+def test_one_rank_nccl_training(recipe, precision, lfw_shards, lfw_bin, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
     out = tmp_path / "run"
     args = [
@@ -174,6 +174,8 @@ def test_one_rank_nccl_training(recipe, precision, lfw_shards, tmp_path):
     ]
     if precision == "fp16":
         args.append("deepspeed.initial_scale_power=30")  # 2^30 overflows at once: the skip path must run
+    if recipe == "lcd_lgaf":  # the final evaluation, and LCD's validation monitors on CUDA in bf16
+        args.append(f"data.val=[{lfw_bin}]")
     cmd = [
         sys.executable,
         "-m",
@@ -195,6 +197,9 @@ def test_one_rank_nccl_training(recipe, precision, lfw_shards, tmp_path):
         mu = np.array(tags["monitor/lgaf/ema_mu_l"])
         assert len(set(mu.round(6).tolist())) > 5, mu  # float32 statistics keep moving (a bf16 buffer would stall)
         assert np.isfinite(tags["grad_ratio/lcd_conv/sr_filter"]).all(), tags.keys()
+        for tag in ("monitor/lcd/occlusion_concentration", "monitor/lcd/next_bn_logvar_gap", "monitor/lcd/eq8_mse@0.3"):
+            assert np.isfinite(tags[tag]).all(), (tag, sorted(tags))
+        assert 0.4 <= tags[f"val/{lfw_bin.stem}/accuracy"][-1] <= 1.0, tags[f"val/{lfw_bin.stem}/accuracy"]
     if precision == "fp16":
         skipped = tags["train/skipped_steps"]
         assert skipped[-1] >= 1 and tags["train/loss_scale"][-1] < 2.0**30, (skipped, tags["train/loss_scale"])
