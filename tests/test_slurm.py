@@ -357,7 +357,8 @@ def test_method_smoke(slurm, lfw_shards, lfw_bin, tmp_path, script, shape, scala
     from data_prep.bin import read_bin, write_bin
 
     bins, issame = read_bin(lfw_bin)  # 20 pairs of real faces: the final evaluation and the PNG's faces
-    write_bin(tmp_path / "val20.bin", bins[:40], issame[:20])
+    pairs = list(range(10)) + list(range(50, 60))  # the .bin alternates 50 matched and 50 mismatched pairs
+    write_bin(tmp_path / "val20.bin", [bins[j] for i in pairs for j in (2 * i, 2 * i + 1)], [issame[i] for i in pairs])
     job, run = run_smoke(slurm, script, shape, tmp_path, lfw_shards, [f"data.val=[{tmp_path / 'val20.bin'}]"])
     ckpts = checkpoints(run)
     log = job_log(tmp_path / "logs", job)
