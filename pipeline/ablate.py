@@ -15,7 +15,7 @@ The spec is YAML. Relative paths are relative to the directory you run from, as 
     config: [configs/scan_r18_casia.yaml, configs/smoke.yaml]   # base config layers of every arm
     overrides: [data.train=shards/lfw_view1]                    # key=value for every arm
     arms:                                   # name + config layers and/or key=value overrides
-      - {name: plain, overrides: [model.conv.kind=plain]}
+      - {name: plain, overrides: [model.conv=plain]}
       - full                                # an arm that changes nothing: the base as it is
     seeds: [0, 1, 2]
     budget: {schedule.max_steps: 280}       # set by the runner for every arm; an arm that sets it is an error
@@ -495,10 +495,67 @@ def build_grid(spec: Spec) -> list[Cell]:
             cell_dir = spec.out_dir / "cells" / arm.name / f"seed_{seed}"
             runner = [f"seed={seed}", _kv("output.dir", str(cell_dir / "run")), "output.overwrite=true", "data.val=[]"]
             cfg = _resolve(spec, label, layers, [*spec.all_overrides(), *arm.overrides, *budget, *runner])
+            check_overrides_applied(spec, arm.name, cfg, [*spec.all_overrides(), *arm.overrides, *budget, *runner])
             cells.append(Cell(len(cells), arm.name, seed, cell_dir, cfg, train_hash(cfg, spec.nproc), evals))
     _check_data_order(spec, cells)
     _check_training_data(spec, cells)
     return cells
+
+
+def _written_matches(resolved: Any, written: Any) -> bool:
+    """Does the resolved config value hold what an override wrote? (a part block given by its kind name, a
+    mapping given for a dataclass, numbers written as YAML strings such as 5e-4 are all accepted)"""
+    if dataclasses.is_dataclass(resolved):
+        if isinstance(written, str):
+            return getattr(resolved, "kind", None) == written
+        if not isinstance(written, dict):
+            return False
+        names = {f.name for f in dataclasses.fields(resolved)}
+        return all(k in names and _written_matches(getattr(resolved, k), v) for k, v in written.items())
+    if isinstance(resolved, list):
+        if not isinstance(written, list):
+            written = [written]
+        return len(resolved) == len(written) and all(_written_matches(r, w) for r, w in zip(resolved, written))
+    if isinstance(resolved, float) and not isinstance(written, bool):
+        try:
+            return math.isclose(resolved, float(written), rel_tol=1e-12, abs_tol=0.0)
+        except (TypeError, ValueError):
+            return False
+    return resolved == written
+
+
+def check_overrides_applied(spec: Spec, arm: str, cfg: Config, overrides: list[str]) -> None:
+    """Every ``key=value`` of the spec and the arm is in the cell's resolved config (the last one written for a
+    key wins): a merge that dropped one (issue 23: a head's options vanished when its kind changed) stops the
+    runner before anything trains, naming the key."""
+    last: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        for earlier in [k for k in last if k.startswith(key + ".")]:
+            del last[earlier]  # a block written whole after its keys replaces them
+        last[key] = value
+    for key, value in last.items():
+        try:
+            resolved = _get(cfg, key)
+        except AttributeError:
+            resolved = None
+        if not _written_matches(resolved, value):
+            raise SpecError(
+                f"{spec.path}: arm '{arm}': override {key}={value!r} is not in the resolved config "
+                f"(it holds {resolved!r}); a later layer or override changed or dropped it"
+            )
+
+
+def parameter_count(cfg: Config) -> int:
+    """Parameters of the cell's network (trunk, inserts, head; not the classifier: classes × embedding size),
+    built on the meta device (no memory, no time)."""
+    import torch
+
+    from pipeline import registry
+
+    with torch.device("meta"):
+        net = registry.build_network(cfg.model)
+    return sum(p.numel() for p in net.parameters())
 
 
 def _check_diagnostics(spec: Spec) -> None:
@@ -869,6 +926,31 @@ def eq8_mse_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, fl
     return out
 
 
+@register_diagnostic("eq8_mse_thetabar")
+def eq8_mse_thetabar_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
+    """The SAM control of LCD's eq. 8 (spec §7.1): every LCD insert's SAM replaced by its own per-channel mean θ̄
+    over the first evaluation set's first 256 distinct faces (:func:`pipeline.models.lcd.freeze_sam_to_mean`),
+    then eq. 8 as ``eq8_mse`` (``eq8_mse_thetabar@0.1`` …). Equal to ``eq8_mse`` = SAM's effect on eq. 8 is its
+    mean scale of the branch, not its reading of the dropped channels. Nothing for a network without SAM."""
+    import copy
+
+    import torch
+
+    from pipeline.eval.verify import to_model_input
+    from pipeline.models.lcd import eq8_mse, freeze_sam_to_mean
+
+    frozen = copy.deepcopy(net)
+    if not freeze_sam_to_mean(frozen, fixed_faces(ctx)):
+        return {}
+    images, _ = ctx.eval_sets[0].load(ctx.input_size)
+    batch = to_model_input(images[:EQ8_IMAGES]).to(ctx.device)
+    out = {}
+    for frac in EQ8_FRACTIONS:
+        res = eq8_mse(frozen, batch, frac, "layer3.branch", torch.Generator(device=ctx.device).manual_seed(0))
+        out[f"eq8_mse_thetabar@{frac}"] = float(res["mse_unit"])
+    return out
+
+
 FIXED_FACES = 256  # occlusion_locality / validation_monitors: distinct faces of the first evaluation set
 
 
@@ -1121,7 +1203,10 @@ class GridRunner:
 def run_grid(spec: Spec, cells: list[Cell], jobs: int | None) -> bool:
     """Train and evaluate every cell that is not cached; False when interrupted."""
     statuses = {c.index: cell_status(c) for c in cells}
-    todo = [c for c in cells if statuses[c.index] != "cached"]
+    # seed-major: every arm of seed 0, then of seed 1, ... — a run stopped part-way still gives paired seeds
+    todo = sorted(
+        (c for c in cells if statuses[c.index] != "cached"), key=lambda c: (spec.seeds.index(c.seed), c.index)
+    )
     plan = plan_resources(spec, cells, jobs, len(todo))
     print(
         f"[ablate] {spec.path}: {len(cells)} cells ({len(spec.arms)} arms × {len(spec.seeds)} seeds), "
@@ -1209,7 +1294,8 @@ def collect_records(cells: list[Cell]) -> list[dict]:
     return records
 
 
-def build_report(spec: Spec, records: list[dict]) -> dict:
+def build_report(spec: Spec, records: list[dict], params: dict[str, int] | None = None) -> dict:
+    """The report of the cells' records; ``params``: each arm's network parameter count (:func:`arm_parameters`)."""
     arms = [a.name for a in spec.arms]
     ok = [r for r in records if r["status"] == "ok"]
     metric_values: dict = {}
@@ -1231,6 +1317,7 @@ def build_report(spec: Spec, records: list[dict]) -> dict:
         "eval_sets": [e.identity() for e in spec.eval],
         "complete": len(ok) == len(records),
         "counts": {s: sum(r["status"] == s for r in records) for s in sorted({r["status"] for r in records})},
+        "params": params or {},
         "summary": summarize(metric_values, arms, spec.reference, [e.name for e in spec.eval]),
         "diagnostics": summarize(diag_values, arms, spec.reference),
         "cells": records,
@@ -1309,24 +1396,38 @@ def render_markdown(spec: Spec, report: dict) -> str:
             f"**Incomplete: {counts}** of {len(report['cells'])} cells; the tables use the cells that finished.",
             "",
         ]
+    params = report.get("params", {})
     rows = [
         [
             f"{arm}{' (ref)' if arm == spec.reference else ''}",
+            f"{params[arm]:,}" if arm in params else "–",
             str(max((summary["per_arm"][arm][s]["n"] for s in sets), default=0)),
         ]
         + [_mean_sd(summary["per_arm"][arm][s], _pct) for s in sets]
         for arm in arms
     ]
     heads = [s if reported[s] == spec.metric else f"{s} ({reported[s]})" for s in sets]
-    lines += [f"## {spec.metric} (%): mean ± sd over seeds", "", *_table(["arm", "n", *heads], rows), ""]
+    lines += [
+        f"## {spec.metric} (%): mean ± sd over seeds",
+        "",
+        *_table(["arm", "params", "n", *heads], rows),
+        "",
+        "params: the network's (trunk, inserts, head; the classifier adds classes × embedding size).",
+        "",
+    ]
     rows = [
         [arm] + [_diff(summary["paired"][arm][s], 100, "+.2f") for s in sets] for arm in arms if arm != spec.reference
     ]
     if rows:
+        others = [a for a in arms if a != spec.reference]
+        resolved = resolved_comparisons(summary["paired"], others, sets, 100, "+.2f")
         lines += [
             f"## Paired difference vs `{spec.reference}` (points, 95 % interval)",
             "",
             *_table(["arm", *sets], rows),
+            "",
+            "Resolved (the 95 % interval excludes 0): " + ("" if resolved else "none."),
+            *resolved,
             "",
         ]
     dcols = diags["columns"]
@@ -1337,10 +1438,14 @@ def render_markdown(spec: Spec, report: dict) -> str:
             [arm] + [_diff(diags["paired"][arm][c], 1, "+.4g") for c in dcols] for arm in arms if arm != spec.reference
         ]
         if rows:
+            resolved = resolved_comparisons(diags["paired"], [a for a in arms if a != spec.reference], dcols, 1, "+.4g")
             lines += [
                 f"Paired difference vs `{spec.reference}` (95 % interval):",
                 "",
                 *_table(["arm", *dcols], rows),
+                "",
+                "Resolved (the 95 % interval excludes 0): " + ("" if resolved else "none."),
+                *resolved,
                 "",
             ]
     rows = []
@@ -1356,9 +1461,31 @@ def render_markdown(spec: Spec, report: dict) -> str:
     return "\n".join(lines)
 
 
+def arm_parameters(cells: list[Cell]) -> dict[str, int]:
+    """Each arm's network parameter count (from its first cell's resolved config; seeds do not change it)."""
+    out: dict[str, int] = {}
+    for cell in cells:
+        if cell.arm not in out:
+            out[cell.arm] = parameter_count(cell.config)
+    return out
+
+
+def resolved_comparisons(paired: dict, arms: list[str], columns: list[str], scale: float, fmt: str) -> list[str]:
+    """The paired comparisons whose 95 % interval excludes 0, one line each (what the prose may call an effect)."""
+    out = []
+    for arm in arms:
+        for col in columns:
+            stats = paired.get(arm, {}).get(col)
+            ci = stats and stats.get("ci95")
+            if ci and (ci[0] > 0 or ci[1] < 0):
+                lo, hi = (format(scale * v, fmt) for v in ci)
+                out.append(f"- `{arm}` on `{col}`: {format(scale * stats['mean'], fmt)} [{lo}, {hi}] (n={stats['n']})")
+    return out
+
+
 def write_report(spec: Spec, cells: list[Cell]) -> dict:
     """results.json + results.md in the output folder, from the cells on disk."""
-    report = build_report(spec, collect_records(cells))
+    report = build_report(spec, collect_records(cells), arm_parameters(cells))
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     save_json(spec.out_dir / "results.json", report)
     markdown = render_markdown(spec, report)

@@ -377,30 +377,34 @@ def read_yaml_mapping(path: Path, kind: str = "config", error: type[Exception] =
     return data
 
 
-def _merge(dst: dict, src: dict, origin: dict, source: str, prefix: str = "") -> None:
+PART_BLOCKS = ("model.conv", "model.head")  # blocks whose schema is chosen by their `kind`
+
+
+def _merge(dst: dict, src: dict, origin: dict, source: str, prefix: str = "", replace: str = "") -> None:
     """Deep-merge ``src`` into ``dst``; record in ``origin`` which source set each leaf key.
 
-    A part block (``model.conv``, ``model.head``) whose ``kind`` changes is replaced, not merged: the
-    options of one kind mean nothing to another.
+    A part block (``model.conv``, ``model.head``) whose ``kind`` changes keeps the options written for it
+    earlier: ``model.head.embedding_size=128`` then ``model.head.kind=lgaf`` is a 128-d LGAF head. An option the
+    new kind lacks is a one-line error naming both layers (:func:`_part`), never a silent drop. The dotted key
+    ``replace`` (a command-line ``model.head={kind: fc}`` / ``model.conv=plain``) replaces its block whole.
     """
     for key, value in src.items():
         dotted = f"{prefix}{key}"
         old = dst.get(key)
-        same_kind = not (
-            isinstance(value, dict)
-            and isinstance(old, dict)
-            and "kind" in value
-            and "kind" in old
-            and value["kind"] != old["kind"]
-        )
-        if isinstance(value, dict) and isinstance(old, dict) and same_kind:
-            _merge(dst[key], value, origin, source, dotted + ".")
+        if isinstance(value, dict) and isinstance(old, dict) and dotted != replace:
+            _merge(dst[key], value, origin, source, dotted + ".", replace)
         else:
+            for stale in [k for k in origin if k.startswith(dotted + ".")]:
+                del origin[stale]  # a replaced block's old keys no longer have a source
             dst[key] = copy.deepcopy(value)
-            origin[dotted] = source
-            if isinstance(value, dict):
-                for sub in value:
-                    origin[f"{dotted}.{sub}"] = source
+            _record_origin(origin, dotted, value, source)
+
+
+def _record_origin(origin: dict, dotted: str, value: Any, source: str) -> None:
+    origin[dotted] = source
+    if isinstance(value, dict):
+        for sub, v in value.items():
+            _record_origin(origin, f"{dotted}.{sub}", v, source)
 
 
 def _load_layers(path: Path, merged: dict, origin: dict, seen: tuple = ()) -> None:
@@ -436,7 +440,7 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Conf
         _load_layers(Path(p), merged, origin)
     for text in overrides:
         key, value = parse_override(text)
-        _merge(merged, _nest(key, value), origin, "command line")
+        _merge(merged, _nest(key, value), origin, "command line", replace=key if key in PART_BLOCKS else "")
     return config_from_dict(merged, origin)
 
 
@@ -503,6 +507,15 @@ def _part(kind: str, block: Any, key: str, origin: dict):
         schema = registry.lookup(kind, block["kind"], f"{key}.kind").options
     except ConfigError as exc:
         raise ConfigError(f"{where}: key {exc}") from None
+    names = {f.name for f in dataclasses.fields(schema)}
+    for option in block:
+        set_by = origin.get(f"{key}.{option}", "defaults")
+        if option not in names and key + "." + option not in RENAMED_KEYS and set_by != where:
+            # written for another kind in an earlier layer; the kind changed after it (see _merge)
+            raise ConfigError(
+                f"{set_by}: key '{key}.{option}' is not an option of {kind} kind '{block['kind']}' (set by {where}); "
+                f"remove it, or write {key}={{kind: {block['kind']}, ...}} on the command line to start the block afresh"
+            )
     return from_dict(schema, block, origin, prefix=key + ".")
 
 

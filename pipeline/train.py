@@ -219,6 +219,9 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.preempted = False
         self.skipped_steps = 0  # optimizer steps skipped on fp16 overflow (logged as train/skipped_steps)
+        # monitor name → (floor, why): the network's parts' signs of a collapse, warned about once each
+        self._monitor_floors = self.model.net.monitor_floors()
+        self._warned_floors: set[str] = set()
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss (train/nonfinite_steps)
         self._consecutive_bad = 0
         self._window_bad = False  # a micro step of the current accumulation window was non-finite
@@ -490,6 +493,7 @@ class Trainer:
             means["grad_norm/classifier"] = math.sqrt(means.pop("grad_norm/classifier_shard_sq") * self.world)
         if self.writer is None:
             return
+        self._warn_below_floors(means)
         for k, v in means.items():
             self.writer.add_scalar(k, v, self.step)
         self.writer.add_scalar("lr", float(terms["_lr"]), self.step)
@@ -510,6 +514,13 @@ class Trainer:
             f"elapsed {_hms(elapsed)} eta {_hms(eta)}",
             flush=True,
         )
+
+    def _warn_below_floors(self, means: dict[str, float]) -> None:
+        for name, (floor, why) in self._monitor_floors.items():
+            value = means.get(f"monitor/{name}")
+            if value is not None and value < floor and name not in self._warned_floors:
+                self._warned_floors.add(name)
+                print(f"[train] warning: step {self.step}: monitor/{name} = {value:.3g} < {floor:g}: {why}", flush=True)
 
     def _check_bad_fraction(self, corrupt: float) -> None:
         """Stop (every rank alike: the count is all-reduced) when too much of what was read was unusable."""

@@ -9,7 +9,7 @@ the trunk's final map X (point ``"out"``, after ``bn2``; the backbone's flatten-
           A = φ(P)ᵀ ϕ(P)                (N, b, b)   A_ij = φ(P_i)·ϕ(P_j), φ ≠ ϕ (not symmetric), no softmax
           R_i = [A(i,:), A(:,i)]        (N, 2b, b)  relations from i, then relations to i
           S_i = θ([μ(P_i), ν(R_i)])    (eq. 5);  Ŝ_i = sigmoid(S_i) (eq. 6);  P̂_i = Ŝ_i · P_i (eq. 7)
-    [P̂_1 … P̂_b] (N, b·C) → FC (no bias) → BN1d                  = the embedding (N, D)
+    [P̂_1 … P̂_b] (N, b·C) → FC (no bias)  [→ BN1d with out_bn]   = the embedding (N, D)
 
 Loss: L = L_cls (CosFace) + λ·L_CAL, λ = 0.5, σ = 0.01, t = 0.2 (eq. 9; C:182); the CAL term is this head's aux loss
 ``cal`` (already weighted), so the ``margin`` procedure trains it unchanged.
@@ -23,7 +23,9 @@ stated); ``none`` = no diversity term.
 
 **Not from the paper** (config values): LANet reduction 16 with BNs; QAN widths (φ/ϕ/μ → C/``qan_reduction``,
 ν keeps 2b, θ hidden (w+2b)/8, RGA's ratios); θ ending in a plain conv with bias; ``mu_pool`` (RGA averages μ over
-its channels; eq. 5 does not: off); BN1d after the final FC (``out_bn``); the FC without bias.
+its channels; eq. 5 does not: off); BN1d after the final FC (``out_bn``, off by default: it lets the quality
+scores collapse, see ``out_bn``); the FC without bias. A run whose ``monitor/cqa/q_spread`` (mean per-sample
+spread of Ŝ across the b branches) falls under :data:`Q_SPREAD_FLOOR` prints a one-line warning (the collapse).
 
 Monitoring (B.8): ``monitor/cqa/*`` (raw L_CAL, mean kernel, active-hinge fraction, RMS map differences, per-branch
 map mean/max/entropy, quality score mean/std, their spread across branches, part-feature norms, mean and asymmetry
@@ -44,6 +46,8 @@ from pipeline.models.lanet import LANet, map_entropy
 from pipeline.models.network import Head, PointInfo, Trace
 
 DIVERSITY = ("cal", "ld", "dropout", "none")
+# monitor/cqa/q_spread under this = the quality scores collapsed (measured: RESULTS.md, CQA's monitor floor)
+Q_SPREAD_FLOOR = 1e-3
 DISTANCES = ("mean", "sum", "elementwise")
 
 
@@ -64,7 +68,10 @@ class CQAOptions(PartOptions):
     qan: bool = True  # Table 1: without QAN, P̂_i = P_i
     qan_reduction: int = 8  # φ/ϕ/μ width C/8 (RGA; not from the paper)
     mu_pool: bool = False  # RGA's channel-mean of μ (not in eq. 5)
-    out_bn: bool = True  # BN1d after the final FC (not from the paper)
+    # BN1d after the final FC (not from the paper; the paper goes concat → FC → classifier). Off by default: BN1d
+    # makes the loss blind to a common shrink of all Ŝ_i, so while the CE falls in warm-up the FC output's batch
+    # variance (~5e-4 at init) drops under BN's eps and the embedding collapses to BN's bias (RESULTS.md, CQA).
+    out_bn: bool = False
 
     def validate(self):
         if self.branches < 2:
@@ -158,7 +165,7 @@ class QualityAwareNetwork(nn.Module):
 
 
 class CQAHead(Head):
-    """b LANet branches → GAP parts → QAN-scaled → concat → FC → BN1d; CAL as the aux loss. See the module docstring."""
+    """b LANet branches → GAP parts → QAN-scaled → concat → FC (→ BN1d); CAL as the aux loss. See the module docstring."""
 
     def __init__(self, opts: CQAOptions, point: PointInfo):
         super().__init__()
@@ -174,6 +181,13 @@ class CQAHead(Head):
         self.qan = QualityAwareNetwork(c, b, opts.qan_reduction, opts.mu_pool) if opts.qan else None
         self.fc = nn.Linear(b * c, opts.embedding_size, bias=False)
         self.features = nn.BatchNorm1d(opts.embedding_size) if opts.out_bn else nn.Identity()
+        self.has_quality = opts.qan
+
+    def monitor_floors(self) -> dict[str, tuple[float, str]]:
+        if not self.has_quality:
+            return {}
+        why = "CQA's quality scores Ŝ have collapsed (every branch ≈ the same value; with out_bn: true see cqa.py)"
+        return {"cqa/q_spread": (Q_SPREAD_FLOOR, why)}
 
     def forward(self, feats: dict[str, torch.Tensor], trace: Trace | None = None) -> torch.Tensor:
         x = feats["out"]

@@ -48,7 +48,9 @@ dropped tensor, whose channels mix kept and dropped ones: eq. 6 does not apply t
   is on.
 - SAM sizes and activations (spec §3): Conv1×1(c→``sam_channels``=16, no bias) → BN → PReLU → flatten →
   Linear(16·h·w → d = round(``sam_hidden_ratio``·c) = c/4) → PReLU → Linear(d → c) → ``sam_gate`` (sigmoid, as SE;
-  ``2sigmoid`` is centred on 1 at initialisation). No global pooling anywhere (Sec. III-C), so FC1's input size
+  ``2sigmoid`` is centred on 1 at initialisation; ``constant`` is the control of spec §7.1: a frozen per-channel θ̄,
+0.5 at initialisation, that scales the branch like the gate without seeing the input — :func:`freeze_sam_to_mean`
+turns a trained gate into its own θ̄ for the eq. 8 table). No global pooling anywhere (Sec. III-C), so FC1's input size
   follows the point's spatial size (``PointInfo``: 14×14 at 112 px, 18×18 at 144 px) and a checkpoint is tied to
   its input size, like iresnet's ``fc``. Inside the trunk, SAM's 1×1 conv and BN get arcface_torch's trunk
   initialisation (N(0, 0.1), γ = 1, β = 0); the Linear layers keep PyTorch's default.
@@ -123,7 +125,8 @@ __all__ = [
 
 REDUCTIONS = ("pair_mean", "sum")
 RESPONSE_FNS = ("identity", "relu", "softplus")
-GATES = ("sigmoid", "2sigmoid")
+GATES = ("sigmoid", "2sigmoid", "constant")
+THETA_BAR_INIT = 0.5  # sam_gate: constant at initialisation: sigmoid's centre (trained sigmoid gates: 0.41–0.46)
 
 
 def drop_count(fraction: float, channels: int) -> int:
@@ -248,6 +251,11 @@ class SpatialAttention(nn.Module):
         if gate not in GATES:
             raise ValueError(f"SpatialAttention: gate must be one of {GATES}, got {gate!r}")
         self.channels, self.spatial, self.gate = channels, spatial, gate
+        if gate == "constant":
+            # The control of spec §7.1: a per-channel θ̄ that ignores the input (frozen: a buffer, no gradient).
+            # It scales the branch as a sigmoid gate does, without seeing which channels were dropped.
+            self.register_buffer("theta_bar", torch.full((channels,), THETA_BAR_INIT))
+            return
         self.reduce = nn.Conv2d(channels, reduced, kernel_size=1, bias=False)
         self.reduce_bn = nn.BatchNorm2d(reduced, eps=1e-05)
         self.reduce_act = nn.PReLU(reduced)
@@ -260,6 +268,8 @@ class SpatialAttention(nn.Module):
             raise ValueError(
                 f"SAM was built for {self.spatial}×{self.spatial} maps (model.input_size), got {tuple(x.shape[-2:])}"
             )
+        if self.gate == "constant":
+            return self.theta_bar.to(x.dtype).expand(x.shape[0], -1)
         y = self.reduce(x)
         if update_stats or not self.training:
             y = self.reduce_bn(y)
@@ -270,6 +280,38 @@ class SpatialAttention(nn.Module):
         z = self.fc2(self.fc1_act(self.fc1(torch.flatten(y, 1))))
         theta = torch.sigmoid(z)
         return 2 * theta if self.gate == "2sigmoid" else theta
+
+
+def constant_gate(sam: SpatialAttention, theta_bar: torch.Tensor) -> SpatialAttention:
+    """A ``constant`` SAM applying ``theta_bar`` (C,) to every sample: the post-hoc control of a trained gate
+    (θ̄ = its per-channel mean θ over a set of faces, see :func:`freeze_sam_to_mean`)."""
+    frozen = SpatialAttention(sam.channels, sam.spatial, gate="constant").to(theta_bar.device)
+    frozen.theta_bar.copy_(theta_bar.detach().float())
+    return frozen
+
+
+@torch.no_grad()
+def freeze_sam_to_mean(net: nn.Module, images: torch.Tensor) -> int:
+    """Replace every LCD insert's input-dependent SAM by a ``constant`` gate holding its per-channel mean θ̄ over
+    ``images`` (eval mode). Returns how many SAMs were frozen. If eq. 8 barely changes, SAM's benefit there is its
+    mean scale on the branch (spec §7.1's escape route), not its reading of which channels were dropped."""
+    lcds = [m for m in net.modules() if isinstance(m, LCD) and m.sam is not None and m.sam.gate != "constant"]
+    sums: dict[int, torch.Tensor] = {}
+    handles = [
+        m.sam.register_forward_hook(lambda mod, a, out, i=i: sums.__setitem__(i, out.float().mean(0)))
+        for i, m in enumerate(lcds)
+    ]
+    was_training = net.training
+    net.eval()
+    try:
+        net.embed(images)
+    finally:
+        net.train(was_training)
+        for h in handles:
+            h.remove()
+    for i, m in enumerate(lcds):
+        m.sam = constant_gate(m.sam, sums[i])
+    return len(lcds)
 
 
 # --------------------------------------------------------------------------- the insert
@@ -296,7 +338,7 @@ class LCDOptions(InsertOptions):
     sam: bool = True  # spatial attention module (eq. 7), kept at inference
     sam_channels: int = 16  # c_r of SAM's 1×1 conv [C]
     sam_hidden_ratio: float = 0.25  # SAM's hidden FC width d = round(ratio·c) [C]
-    sam_gate: str = "sigmoid"  # sigmoid | 2sigmoid [C]
+    sam_gate: str = "sigmoid"  # sigmoid | 2sigmoid | constant (a frozen per-channel θ̄ = 0.5: the control) [C]
     maps: int = 3  # channels of relu(F) drawn in attention_maps.png (Fig. 1 style); 0 = none [C]
     # eq. 6 [P] for the BN that reads the dropped tensor: only at a stage output ("layerK"), whose next stage's
     # first BN (layerK+1[0].bn1) sees zeroed channels; its training statistics then skip them (MaskedBatchNorm2d)

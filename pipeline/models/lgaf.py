@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,6 +69,8 @@ from pipeline.models.network import Head, PointInfo, Trace
 BRANCHES = ("both", "local", "global")
 FUSIONS = ("add", "cat", "sum", "iaff")
 QUALITIES = ("norm", "entropy", "none")
+EMA_INITS = ("adaface", "first_batch")
+ADAFACE_EMA_INIT = (20.0, 100.0)  # AdaFace's batchmean / batchstd buffers at step 0
 NORM_CLIP = (0.001, 100.0)  # AdaFace's safe_norms range
 GAMMA_EPS = 1e-6  # eq. 9 with both Ẑ = 0 gives 0.5 / 0.5 (A.7-6)
 
@@ -90,7 +93,11 @@ class LGAFOptions(PartOptions):
     quality: str = "norm"  # norm (eqs. 4–5, "energy") | entropy | none (Table 3)
     h: float = 0.333  # eq. 6
     ema_alpha: float = 0.01  # eqs. 7–8: weight of the new batch statistic
-    ema_init: list = field(default_factory=lambda: [20.0, 100.0])  # [μ, σ] at step 0 (AdaFace; not from the paper)
+    # The running [μ, σ] of eqs. 7–8 at step 0 (not from the paper): adaface = [20, 100], AdaFace's values (for
+    # norms of ~20–40 they attenuate Ẑ for hundreds of steps: after n steps a fraction (1−α)^n of σ_0 = 100
+    # remains); first_batch = the first training batch's own statistics (Ẑ at full size from step 1); or an
+    # explicit [μ, σ] list.
+    ema_init: Any = "adaface"
     std_eps: float = 1e-3  # eq. 6: σ + ε (AdaFace; not from the paper)
     detach_quality: bool = True  # stop-gradient on Z (AdaFace; the paper is silent)
     iaff_reduction: int = 4  # iAFF's MS-CAM reduction (Dai et al.; not from the paper)
@@ -123,8 +130,17 @@ class LGAFOptions(PartOptions):
             raise Invalid("h", f"must be > 0, got {self.h}")
         if not 0.0 < self.ema_alpha <= 1.0:
             raise Invalid("ema_alpha", f"must be in (0, 1], got {self.ema_alpha}")
-        if len(self.ema_init) != 2 or not self.ema_init[1] > 0:
-            raise Invalid("ema_init", f"expects [mean, std] with std > 0, got {self.ema_init}")
+        init = self.ema_init
+        if isinstance(init, str):
+            if init not in EMA_INITS:
+                raise Invalid("ema_init", f"must be one of {', '.join(EMA_INITS)} or [mean, std], got {init!r}")
+        elif (
+            not isinstance(init, list)
+            or len(init) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in init)
+            or not init[1] > 0
+        ):
+            raise Invalid("ema_init", f"expects adaface, first_batch or [mean, std] with std > 0, got {init!r}")
         if self.std_eps < 0:
             raise Invalid("std_eps", f"must be >= 0, got {self.std_eps}")
 
@@ -219,11 +235,16 @@ class LocalGlobalFusion(nn.Module):
 
     fp32_buffers = ("ema_mean", "ema_std")
 
-    def __init__(self, h: float, alpha: float, init: list, std_eps: float):
+    def __init__(self, h: float, alpha: float, init: Any, std_eps: float):
         super().__init__()
         self.h, self.alpha, self.std_eps = h, alpha, std_eps
-        self.register_buffer("ema_mean", torch.full((2,), float(init[0])))
-        self.register_buffer("ema_std", torch.full((2,), float(init[1])))
+        start = ADAFACE_EMA_INIT if init in ("adaface", "first_batch") else init
+        self.register_buffer("ema_mean", torch.full((2,), float(start[0])))
+        self.register_buffer("ema_std", torch.full((2,), float(start[1])))
+        # first_batch: the first update *sets* the statistics (a flag tensor, so no host sync decides it)
+        self.seed_from_first_batch = init == "first_batch"
+        if self.seed_from_first_batch:
+            self.register_buffer("ema_seeded", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def update(self, z: torch.Tensor) -> None:
@@ -237,8 +258,14 @@ class LocalGlobalFusion(nn.Module):
         var = (stats[2:4] - n * mean.pow(2)) / (n - 1).clamp(min=1.0)  # unbiased, as torch.std (AdaFace)
         std = var.clamp(min=0.0).sqrt()
         a = self.alpha
-        self.ema_mean.mul_(1 - a).add_(a * mean.to(self.ema_mean.dtype))
-        self.ema_std.mul_(1 - a).add_(a * std.to(self.ema_std.dtype))
+        new_mean = self.ema_mean * (1 - a) + a * mean.to(self.ema_mean.dtype)
+        new_std = self.ema_std * (1 - a) + a * std.to(self.ema_std.dtype)
+        if self.seed_from_first_batch:
+            new_mean = torch.where(self.ema_seeded, new_mean, mean.to(new_mean.dtype))
+            new_std = torch.where(self.ema_seeded, new_std, std.to(new_std.dtype))
+            self.ema_seeded.fill_(True)
+        self.ema_mean.copy_(new_mean)
+        self.ema_std.copy_(new_std)
 
     def scaled(self, z: torch.Tensor) -> torch.Tensor:
         """h·(Z − μ)/(σ + ε), before the clip of eq. 6."""

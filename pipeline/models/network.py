@@ -161,6 +161,11 @@ class Head(nn.Module):
         in [-1, 1]; ``net``: the whole network, in eval mode, under no_grad), logged as ``monitor/<name>``."""
         return {}
 
+    def monitor_floors(self) -> dict[str, tuple[float, str]]:
+        """``{monitor name: (floor, why)}``: at a log step, a training monitor below its floor prints one warning
+        line naming it and ``why`` (a sign the part stopped working, e.g. a collapsed attention)."""
+        return {}
+
 
 class Insert(Reporter):
     """A module placed at a named trunk point by ``model.inserts``; shape-preserving ``forward(x, trace)``.
@@ -182,6 +187,11 @@ class Insert(Reporter):
     def validation_monitors(self, net: nn.Module, faces: torch.Tensor) -> dict[str, float]:
         """Values measured on a fixed batch of clean validation faces at every evaluation (``faces``: (N,3,H,W)
         in [-1, 1]; ``net``: the whole network, in eval mode, under no_grad), logged as ``monitor/<name>``."""
+        return {}
+
+    def monitor_floors(self) -> dict[str, tuple[float, str]]:
+        """``{monitor name: (floor, why)}``: at a log step, a training monitor below its floor prints one warning
+        line naming it and ``why`` (a sign the part stopped working, e.g. a collapsed attention)."""
         return {}
 
 
@@ -286,6 +296,13 @@ class FaceNetwork(nn.Module):
                 out.update(part.validation_monitors(self, faces))
         finally:
             self.train(was_training)
+        return out
+
+    def monitor_floors(self) -> dict[str, tuple[float, str]]:
+        """Every part's :meth:`Head.monitor_floors` (the trainer warns when a monitor falls under its floor)."""
+        out: dict[str, tuple[float, str]] = {}
+        for part in self.parts():
+            out.update(part.monitor_floors())
         return out
 
     def on_checkpoint(self, out_dir: Path, step: int, faces: torch.Tensor | None = None) -> None:
