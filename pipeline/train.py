@@ -15,6 +15,7 @@ logs: it knows no recipe, trunk, conv kind, insert or head by name.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import signal
@@ -27,15 +28,17 @@ import torch
 
 from data_prep.manifest import DataError, read_manifest
 from pipeline import checkpoint as ckpt
-from pipeline import collectives, distributed, registry, schedule
-from pipeline.config import Config, ConfigError, dump_config, load_config
+from pipeline import collectives, distributed, registry, resume_changes, schedule
+from pipeline.config import Config, ConfigError, dump_config, load_config, to_dict
 from pipeline.grad_probe import TermGradients
+from pipeline.runlock import FolderLock, FolderLocked
 
 # Exit codes of `python -m pipeline.train` (README "Reliability"): 0 the run reached its last step; 2 a
 # configuration or data error (one line); 3 diverged (optim.max_nonfinite_steps); 4 stopped by a signal
 # before its last step outside Slurm (a checkpoint was written; `train && eval` does not evaluate it).
 EXIT_DIVERGED = 3
 EXIT_STOPPED = 4
+EXIT_CHECKPOINT = 5  # a checkpoint could not be written (disk full, quota, read-only, ...): the previous one is kept
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -149,7 +152,7 @@ def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None):
+    def __init__(self, cfg: Config, resume: str | None = None, resume_changes: list[str] = ()):
         _announce_deepspeed_build()
         import deepspeed
 
@@ -158,6 +161,7 @@ class Trainer:
         from pipeline.losses.sharded_classifier import ShardedMarginClassifier
 
         self.cfg = cfg
+        self.resume_changes = list(resume_changes)  # config keys a --resume may change although they break the run
         self.info = distributed.init(cfg.device, timeout_s=cfg.collective_timeout_s)
         collectives.start_watchdog(cfg.collective_warn_s)
         self.rank, self.world = self.info.rank, self.info.world_size
@@ -215,6 +219,7 @@ class Trainer:
             cfg.optim.lr * cfg.classifier.lr_scale,
         )
 
+        self._run_lock: FolderLock | None = None  # rank 0's lock on output.dir, held until the process ends
         self._claim_output_dir(resume)
         self.step = 0  # optimizer steps done
         self.preempted = False
@@ -241,7 +246,10 @@ class Trainer:
 
     def _claim_output_dir(self, resume: str | None) -> None:
         """A fresh run never writes into another run's output.dir (its pruning and `latest` would mix with
-        that run's checkpoints): refuse, unless resuming or output.overwrite clears it first."""
+        that run's checkpoints): refuse, unless resuming or output.overwrite clears it first. Before looking,
+        rank 0 takes the folder's lock (:mod:`pipeline.runlock`) for the run's life: two runs started at once into
+        one folder cannot both pass the look; the second refuses naming the holder."""
+        self._lock_output_dir()
         if resume is not None:
             return
         held = self._held_by_another_run()
@@ -260,6 +268,19 @@ class Trainer:
                 shutil.rmtree(self.out / sub, ignore_errors=True)
             print(f"[train] output.overwrite: cleared {self.out} ({' and '.join(held)})", flush=True)
         distributed.barrier()
+
+    def _lock_output_dir(self) -> None:
+        refused = ""
+        if distributed.is_main():
+            try:
+                self._run_lock = FolderLock(self.out, "training run").acquire()
+            except FolderLocked as exc:
+                refused = f"output.dir: {exc}"
+        flag = torch.tensor([1.0 if refused else 0.0], device=self.device)
+        if self.world > 1:
+            collectives.all_reduce(flag, "max")  # every rank stops, not only rank 0
+        if flag.item() > 0:
+            raise FolderLocked(refused or f"output.dir: {self.out} is held by another run (rank 0 names it)")
 
     def _held_by_another_run(self) -> list[str]:
         held = []
@@ -516,11 +537,8 @@ class Trainer:
         )
 
     def _warn_below_floors(self, means: dict[str, float]) -> None:
-        for name, (floor, why) in self._monitor_floors.items():
-            value = means.get(f"monitor/{name}")
-            if value is not None and value < floor and name not in self._warned_floors:
-                self._warned_floors.add(name)
-                print(f"[train] warning: step {self.step}: monitor/{name} = {value:.3g} < {floor:g}: {why}", flush=True)
+        for line in floor_warnings(self._monitor_floors, means, self._warned_floors, self.step):
+            print(line, flush=True)
 
     def _check_bad_fraction(self, corrupt: float) -> None:
         """Stop (every rank alike: the count is all-reduced) when too much of what was read was unusable."""
@@ -602,13 +620,31 @@ class Trainer:
         return bool(bad.item() == 0)
 
     def save(self) -> Path:
+        """Write a checkpoint (every rank takes part). A failed write (a full disk, a quota, a read-only file system,
+        any error) removes the partial ``.tmp_*`` folder, keeps the previous checkpoint and raises
+        :class:`CheckpointWriteError` naming the cause."""
+        tmp = self.ckpt_root / ckpt.tmp_name(self.step)
+        try:
+            return self._write_checkpoint(tmp)
+        except (TrainingDiverged, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = ckpt.latest_or_none(self.ckpt_root)
+            raise CheckpointWriteError(
+                f"checkpoint at step {self.step}: writing {tmp} failed: {write_failure(exc, self.ckpt_root)}; "
+                f"removed the partial folder; the previous checkpoint is kept: {kept}"
+            ) from exc
+
+    def _write_checkpoint(self, tmp: Path) -> Path:
         if not self._weights_finite():  # never write a poisoned model over good checkpoints
             raise TrainingDiverged(
                 f"the weights are not finite at step {self.step}: no checkpoint written; last checkpoint kept: "
                 f"{ckpt.latest_or_none(self.ckpt_root)}"
             )
         root = self.ckpt_root
-        tmp = root / ckpt.tmp_name(self.step)
         if distributed.is_main():
             root.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
@@ -767,6 +803,27 @@ class Trainer:
         state = self.cls_optimizer.state.get(self.classifier.weight, {})
         return float(state["step"]) if "step" in state else 0.0
 
+    def _check_resume_changes(self, path: Path) -> None:
+        """Refuse a change the checkpoint's run cannot honour (pipeline.resume_changes); print and record the rest."""
+        import json
+
+        import yaml
+
+        saved_path = path / "config.yaml"
+        if not saved_path.is_file():
+            return  # a checkpoint of an older release: the checks below still apply
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        accepted, refused = resume_changes.compare(saved, to_dict(self.cfg), self.resume_changes)
+        if refused:
+            raise ConfigError(resume_changes.refusal(str(path), refused))
+        if accepted and distributed.is_main():
+            for key, (was, now) in accepted.items():
+                print(f"[train] --resume: {key} changed from {was!r} to {now!r}", flush=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            record = {"checkpoint": str(path), "changes": {k: list(v) for k, v in accepted.items()}}
+            with open(self.out / "resume_changes.jsonl", "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+
     def _resume(self, where: str) -> None:
         from pipeline.losses.sharded_classifier import take_shard
 
@@ -779,6 +836,7 @@ class Trainer:
                 return
             raise ConfigError(f"--resume: {exc}") from None
         meta = ckpt.load_json(path / "trainer.json")
+        self._check_resume_changes(path)
         network = ckpt.describe(self.cfg.model)
         if (meta["recipe"], meta.get("network")) != (self.cfg.recipe, network):
             raise ConfigError(
@@ -879,6 +937,20 @@ def _announce_deepspeed_build() -> None:
         )
 
 
+def floor_warnings(
+    floors: dict[str, tuple[float, str]], means: dict[str, float], warned: set[str], step: int
+) -> list[str]:
+    """One warning line per monitor that fell under its part's floor (:meth:`FaceNetwork.monitor_floors`), the
+    first time it does (``warned`` remembers); ``means``: the logged ``monitor/<name>`` values."""
+    lines = []
+    for name, (floor, why) in floors.items():
+        value = means.get(f"monitor/{name}")
+        if value is not None and value < floor and name not in warned:
+            warned.add(name)
+            lines.append(f"[train] warning: step {step}: monitor/{name} = {value:.3g} < {floor:g}: {why}")
+    return lines
+
+
 def _hms(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -888,6 +960,35 @@ def _hms(seconds: float) -> str:
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite / overflowing steps: the run stops, its last checkpoint kept (exit 3)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the partial folder is gone, the previous checkpoint kept (exit 5)."""
+
+
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device (ENOSPC)",
+    errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
+    errno.EROFS: "the file system is read-only (EROFS)",
+}
+LOW_FREE_BYTES = 64 << 20  # under this, a write failure without an errno (torch.save's) is reported as a full disk
+
+
+def write_failure(exc: BaseException, folder: Path) -> str:
+    """Why a checkpoint write failed, in words: the errno's meaning (ENOSPC, EDQUOT, EROFS), or for torch.save's
+    errno-less RuntimeError ("unexpected pos …") the free space left where it was writing."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return _WRITE_ERRNOS[e.errno]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    try:
+        free = os.statvfs(folder if folder.exists() else folder.parent)
+        free_bytes = free.f_bavail * free.f_frsize
+    except OSError:
+        free_bytes = None
+    if free_bytes is not None and free_bytes < LOW_FREE_BYTES:
+        return f"the disk is full ({free_bytes} bytes free; {type(exc).__name__}: {text})"
+    return f"{type(exc).__name__}: {text}"
 
 
 _STOP_SIGNAL: int | None = None
@@ -935,14 +1036,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CKPT",
         help="resume from CKPT, or from output.dir's latest checkpoint when no path is given",
     )
+    parser.add_argument(
+        "--resume-changes",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="with --resume: accept these changes that break the checkpoint's run (e.g. seed, optim.name); "
+        "without it such a change is refused, naming the key; other changes (lr, schedule, eval sets) are accepted "
+        "and printed",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.05 data.batch_size=64")
     args = parser.parse_args(argv)
     if not args.config:
         parser.error("at least one --config is required")
+    # `--resume-changes seed seed=5`: what has a '=' is an override, not a key
+    args.overrides = [k for k in args.resume_changes if "=" in k] + args.overrides
+    args.resume_changes = [k for k in args.resume_changes if "=" not in k]
+    if args.resume_changes and args.resume is None:
+        parser.error("--resume-changes only means something with --resume")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; return the exit code. Every failure ends in one ``error: …`` line on stderr (an unexpected one after
+    its traceback) and a non-zero code; see :func:`exit_now` for how the process then ends without hanging."""
     install_signal_handlers()
     args = parse_args(argv)
     resume = args.resume
@@ -951,22 +1068,52 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_inputs(cfg)
-        trainer = Trainer(cfg, resume=resume)
+        trainer = Trainer(cfg, resume=resume, resume_changes=args.resume_changes)
         trainer.fit()
         if trainer.preempted and not os.environ.get("SLURM_JOB_ID"):
             # stopped before its last step: a checkpoint is written, but `train && eval` must not go on
             print(f"[train] exit {EXIT_STOPPED}: stopped before the last step; continue with --resume", flush=True)
+            distributed.cleanup()
             return EXIT_STOPPED
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except (ConfigError, DataError, FolderLocked) as exc:
+        return _fail(str(exc), 2)
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
-    finally:
-        distributed.cleanup()
+        return _fail(str(exc), EXIT_DIVERGED)
+    except CheckpointWriteError as exc:
+        return _fail(str(exc), EXIT_CHECKPOINT)
+    except KeyboardInterrupt:
+        return _fail("interrupted (a second Ctrl-C): no checkpoint written for the current step", 130)
+    except Exception as exc:  # a bug or an environment failure: its traceback, then the one line
+        import traceback
+
+        traceback.print_exc()
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _fail(f"{type(exc).__name__}: {cause}" if cause else type(exc).__name__, 1)
+    distributed.cleanup()
     return 0
 
 
+def _fail(message: str, code: int) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    where = f"rank {os.environ.get('RANK', '?')}: " if world > 1 else ""
+    print(f"error: {where}{message}", file=sys.stderr, flush=True)
+    return code
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code``. On an error, without Python's exit handlers: they join DataLoader workers
+    (which ignore SIGTERM by design) forever and may wait on a dead peer's collective. The workers are killed
+    first; torchrun / srun --kill-on-bad-exit then end the run's other ranks."""
+    if code in (0, EXIT_STOPPED):
+        sys.exit(code)
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

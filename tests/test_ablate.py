@@ -129,7 +129,11 @@ def test_spec_to_tables_whose_numbers_are_the_cells(grid):
     summary = {row[0]: row for row in markdown_rows(md, "## accuracy (%)")}
     for arm, label in (("plain", "plain (ref)"), ("scan", "scan")):
         want = f"{100 * statistics.mean(acc[arm]):.2f} ± {100 * statistics.stdev(acc[arm]):.2f}"
-        assert summary[label][1:3] == ["2", want]
+        assert summary[label][2:4] == ["2", want]
+        assert (
+            summary[label][1]
+            == f"{ablate_module.parameter_count(load_config([grid.out / 'cells' / arm / 'seed_0' / 'config.yaml'])):,}"
+        )
     diffs = [b - a for a, b in zip(acc["plain"], acc["scan"])]
     half = student_t.ppf(0.975, 1) * statistics.stdev(diffs) / math.sqrt(2)
     mean = statistics.mean(diffs)
@@ -606,3 +610,69 @@ def test_train_hash_ignores_options_at_their_defaults():
     changed = copy.deepcopy(cfg)
     changed.optim.lr = 0.05
     assert train_hash(changed, 1) != base and train_hash(cfg, 2) != base
+
+
+# --------------------------------------------------------------------------- overrides, params, what is resolved
+
+
+def test_a_dropped_override_stops_the_grid(tmp_path):
+    """check_overrides_applied: every key=value of the spec and arm must be in the resolved config."""
+    spec = SimpleNamespace(path=Path("spec.yaml"))
+    cfg = load_config([REPO / "configs/arcface_r50.yaml"], ["model.head.embedding_size=128", "model.head.kind=lgaf"])
+    ablate_module.check_overrides_applied(
+        spec, "LGAF", cfg, ["model.head.embedding_size=128", "optim.weight_decay=5e-4", "model.head.kind=lgaf"]
+    )
+    with pytest.raises(SpecError, match=r"spec.yaml: arm 'LGAF': override model.head.embedding_size=128 .* holds 512"):
+        ablate_module.check_overrides_applied(
+            spec, "LGAF", load_config([REPO / "configs/lgaf_r100.yaml"]), ["model.head.embedding_size=128"]
+        )
+    # a whole block written after its keys replaces them; a part block given by its kind name
+    scan = load_config([REPO / "configs/scan_r18_casia.yaml"], ["model.conv=plain"])
+    ablate_module.check_overrides_applied(spec, "plain", scan, ["model.conv.rmo_weight=0.5", "model.conv=plain"])
+    lcd = load_config([REPO / "configs/lcd_r50.yaml"], ["model.inserts=[{kind: lcd, at: layer3, sam: false}]"])
+    ablate_module.check_overrides_applied(spec, "lcd", lcd, ["model.inserts=[{kind: lcd, at: layer3, sam: false}]"])
+    with pytest.raises(SpecError, match="model.inserts"):
+        ablate_module.check_overrides_applied(spec, "lcd", lcd, ["model.inserts=[{kind: lcd, at: layer3, sam: true}]"])
+
+
+def test_parameter_count_is_the_built_networks():
+    from pipeline import registry
+
+    for overrides in ([], ["model.head.kind=lgaf"], ["model.head.kind=cqa"]):
+        cfg = load_config(
+            [REPO / "configs/arcface_r50.yaml"],
+            ["model.backbone=iresnet18", "model.width=0.125", "model.head.embedding_size=128", *overrides],
+        )
+        net = registry.build_network(cfg.model)
+        assert ablate_module.parameter_count(cfg) == sum(p.numel() for p in net.parameters())
+
+
+def test_resolved_list_under_each_table(tmp_path):
+    dummy_bin = tmp_path / "set.bin"
+    dummy_bin.write_bytes(b"")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "config": [str(REPO / "configs" / "base.yaml")],
+                "arms": ["ref", "up", "flat"],
+                "seeds": [0, 1, 2],
+                "budget": {"schedule.max_steps": 3},
+                "eval": [{"name": "lfw", "bin": str(dummy_bin)}],
+            }
+        )
+    )
+    spec = load_spec(spec_path)
+    acc = {"ref": [0.90, 0.92, 0.91], "up": [0.95, 0.96, 0.955], "flat": [0.93, 0.90, 0.91]}
+    records = [
+        {"index": 3 * a + s, "arm": arm, "seed": s, "status": "ok", "metrics": {"lfw": {"accuracy": v}}}
+        for a, (arm, vs) in enumerate(acc.items())
+        for s, v in enumerate(vs)
+    ]
+    report = build_report(spec, records, {"ref": 10, "up": 1234567, "flat": 10})
+    md = render_markdown(spec, report)
+    resolved = md.split("Resolved (the 95 % interval excludes 0):", 1)[1].split("\n\n", 1)[0]
+    assert "`up` on `lfw`" in resolved and "`flat`" not in resolved  # up: +4.5 every seed; flat: +0, -2, 0
+    assert {row[0]: row[1] for row in markdown_rows(md, "## accuracy (%)")}["up"] == "1,234,567"
+    none = render_markdown(spec, build_report(spec, [r for r in records if r["arm"] != "up"]))
+    assert "Resolved (the 95 % interval excludes 0): none." in none

@@ -114,3 +114,64 @@ def test_warmup_poly_cosine():
     assert schedule.total_steps(ScheduleConfig(epochs=2.5, max_steps=7), 10) == 7
     with pytest.raises(ConfigError, match="key 'schedule.kind' unknown schedule 'linear'"):
         load_config([], ["schedule.kind=linear"])
+
+
+# --------------------------------------------------------------------------- a part's kind changing (issue 23)
+
+
+def test_kind_change_keeps_the_options_written_for_the_part():
+    """The bug: model.head.kind=lgaf after model.head.embedding_size=128 silently gave a 512-d head."""
+    cfg = load_config([REPO / "configs/arcface_r50.yaml"], ["model.head.embedding_size=128", "model.head.kind=lgaf"])
+    assert cfg.model.head.kind == "lgaf" and cfg.model.head.embedding_size == 128
+    cfg = load_config([REPO / "configs/arcface_r50.yaml"], ["model.head.embedding_size=96", "model.head.kind=cqa"])
+    assert cfg.model.head.kind == "cqa" and cfg.model.head.embedding_size == 96
+
+
+def test_kind_change_to_a_kind_without_the_option_names_both_layers(tmp_path):
+    first = write(tmp_path, "first.yaml", f"base: {REPO / 'configs/lgaf_r100.yaml'}\n")
+    second = write(tmp_path, "second.yaml", "model: {head: {kind: cqa}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([first, second])
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "lgaf_r100.yaml" in msg and str(second) in msg  # the layer that set the option, the one that changed kind
+    assert "model.head.dropout" in msg or "model.head.heads" in msg
+    assert "model.head={kind: cqa" in msg  # how to start afresh
+
+
+def test_whole_block_override_replaces_the_block():
+    cfg = load_config([REPO / "configs/lgaf_r100.yaml"], ["model.head={kind: cqa, embedding_size: 64}"])
+    assert cfg.model.head.kind == "cqa" and cfg.model.head.embedding_size == 64
+    cfg = load_config([REPO / "configs/scan_r18_casia.yaml"], ["model.conv=plain"])
+    assert cfg.model.conv.kind == "plain"
+    with pytest.raises(ConfigError, match="model.conv.sac"):  # scan's options do not fit plain
+        load_config([REPO / "configs/scan_r18_casia.yaml"], ["model.conv.kind=plain"])
+
+
+def test_same_kind_layer_merges_and_errors_keep_their_file(tmp_path):
+    top = write(tmp_path, "top.yaml", "model: {head: {kind: fc, embedding_size: 32}}\n")
+    cfg = load_config([REPO / "configs/lcd_r50.yaml", top])
+    assert cfg.model.head.embedding_size == 32 and cfg.model.head.dropout == 0.0
+    bad = write(tmp_path, "bad.yaml", "model: {head: {fusion: add}}\n")  # an lgaf option on an fc head, one layer
+    with pytest.raises(ConfigError, match=rf"{bad}: unknown key 'model.head.fusion'"):
+        load_config([bad])
+
+
+@pytest.mark.parametrize(
+    "recipe,layers",
+    [
+        ("cqa_r100.yaml", "cqa"),
+        ("lgaf_r100.yaml", "lgaf"),
+        ("lcd_r50.yaml", "lcd"),
+        ("lrfr_r34_casia.yaml", "lrfr"),
+    ],
+)
+def test_every_method_layer_loads_on_its_recipe(recipe, layers):
+    """configs/<method>/*.yaml are layers over the method's recipe; each resolves and keeps what it writes."""
+    import yaml
+
+    for layer in sorted((REPO / "configs" / layers).glob("*.yaml")):
+        cfg = load_config([REPO / "configs" / recipe, layer])
+        head = yaml.safe_load(layer.read_text()).get("model", {}).get("head", {})
+        for key, value in head.items():
+            assert getattr(cfg.model.head, key) == value, (layer, key)

@@ -36,6 +36,7 @@ from pipeline.models.lcd import (
     channel_keep_mask,
     eq8_mse,
     filter_orthogonality,
+    freeze_sam_to_mean,
     locality_stats,
     occlude_faces,
     occlusion_concentration,
@@ -818,3 +819,32 @@ def test_masked_next_bn_option_swaps_the_next_stages_first_bn():
         tiny_cfg("model.inserts=[{kind: lcd, at: layer3.branch, masked_next_bn: true}]")
     with pytest.raises(ConfigError, match=r"masked_next_bn: there is no next stage layer5"):
         registry.build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer4, masked_next_bn: true}]").model)
+
+
+def test_constant_sam_gate_is_a_frozen_per_channel_scale():
+    """sam_gate: constant (spec §7.1's control): θ = θ̄ for every sample, a buffer (no parameters, no gradient);
+    freeze_sam_to_mean gives a trained gate's θ̄ = its per-channel mean θ over the given faces."""
+    torch.manual_seed(0)
+    const = SpatialAttention(8, 5, gate="constant")
+    assert list(const.parameters()) == [] and const.theta_bar.tolist() == [0.5] * 8
+    x = torch.randn(6, 8, 5, 5)
+    torch.testing.assert_close(const(x), torch.full((6, 8), 0.5), rtol=0, atol=0)
+    lcd = LCD(8, 5, LCDOptions(sr=False, sam_gate="constant")).eval()
+    torch.testing.assert_close(lcd(x), x * 0.5, rtol=0, atol=0)
+
+    net = registry.build_network(tiny_cfg().model).eval()
+    faces = images(10, seed=1)
+    seen = []
+    handle = lcd_of(net).sam.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    net.embed(faces)
+    handle.remove()
+    assert freeze_sam_to_mean(net, faces) == 1
+    sam = lcd_of(net).sam
+    assert sam.gate == "constant"
+    torch.testing.assert_close(sam.theta_bar, seen[0].double().mean(0).float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        sam(torch.randn(3, sam.channels, sam.spatial, sam.spatial)), sam.theta_bar.expand(3, -1), rtol=0, atol=0
+    )
+    assert freeze_sam_to_mean(net, faces) == 0  # already constant
+    with pytest.raises(ConfigError, match="sam_gate"):
+        load_config([REPO / "configs/lcd_r50.yaml"], ["model.inserts=[{kind: lcd, sam_gate: tanh}]"])

@@ -46,8 +46,9 @@ from pipeline.models.lanet import LANet, map_entropy
 from pipeline.models.network import Head, PointInfo, Trace
 
 DIVERSITY = ("cal", "ld", "dropout", "none")
-# monitor/cqa/q_spread under this = the quality scores collapsed (measured: RESULTS.md, CQA's monitor floor)
-Q_SPREAD_FLOOR = 1e-3
+# monitor/cqa/q_spread under this = the quality scores are collapsing. Measured at the fidelity scale (RESULTS.md):
+# live heads log ≥ 0.011 over 150 steps; the out_bn collapse passes 2e-3 on its way to 0 (0.001 at step 150).
+Q_SPREAD_FLOOR = 2e-3
 DISTANCES = ("mean", "sum", "elementwise")
 
 

@@ -1,0 +1,94 @@
+"""One run per folder: an exclusive ``flock`` on ``<folder>/.lock``, held for the life of the process.
+
+The operating system releases the lock when the holder dies (kill -9, OOM, a node reboot), so a killed run never
+blocks its own resume; a second process asking for a held folder gets a :class:`FolderLocked` whose one-line
+message names the holder (host, pid, start time) read from the lock file. Used by the trainer (rank 0, on
+``output.dir``) and by the ablation runner (each cell folder).
+
+On Lustre/GPFS, ``flock`` is coherent across nodes only with the ``flock`` mount option (Lustre's default on
+recent releases); on a file system without it the lock still excludes processes of one node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+LOCK_NAME = ".lock"
+
+
+class FolderLocked(RuntimeError):
+    """Another live process holds the folder."""
+
+
+class FolderLock:
+    """``with FolderLock(dir, what):`` or ``lock = FolderLock(dir, what).acquire()`` … ``lock.release()``."""
+
+    def __init__(self, folder: str | Path, what: str = "run"):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = holder_text(self.path)
+            os.close(fd)
+            raise FolderLocked(
+                f"{self.folder}: another {self.what} is using this folder ({holder}); wait for it to end, stop it, "
+                "or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started}).encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def holder_text(path: Path) -> str:
+    """'host H, pid P, started T' from a lock file, or what is known when it cannot be read."""
+    try:
+        info = json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "holder unknown: it has only just started"
+    return f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, started {info.get('started', '?')}"
+
+
+def is_locked(folder: str | Path) -> str | None:
+    """The holder's description if a live process holds ``folder``'s lock, else None (takes and drops it)."""
+    path = Path(folder) / LOCK_NAME
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return holder_text(path)
+    finally:
+        os.close(fd)
+    return None
