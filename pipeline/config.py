@@ -74,6 +74,56 @@ RENAMED_VALUES = {
 RENAMED_BACKBONE_PREFIX = ("scan_", "model.backbone: {plain} with model.conv: {{kind: scan}}")
 
 
+# --------------------------------------------------------------------------- ranges
+
+_RANGE_RE = re.compile(r"^([\[(])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\])])$")
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval written as in mathematics: ``"[0, 1)"``, ``"(0, inf)"``, ``"[16, inf)"``, ``"[0, pi)"``."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+    text: str
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+
+def parse_range(text: str) -> Range:
+    m = _RANGE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"not an interval: {text!r}")
+    value = {"inf": math.inf, "-inf": -math.inf, "pi": math.pi}
+    low, high = (value.get(v, None) if v in value else float(v) for v in (m.group(2), m.group(3)))
+    return Range(low, high, m.group(1) == "[", m.group(4) == "]", text.strip())
+
+
+def field_ranges(cls: type) -> dict[str, Range]:
+    """The valid range of each numeric field of a config dataclass: its class attribute ``RANGES`` (a mapping of
+    field name → interval text; every int/float field has one, tests/test_config_ranges.py walks them all)."""
+    cached = cls.__dict__.get("_parsed_ranges")
+    if cached is None:
+        cached = {}
+        for klass in reversed(cls.__mro__):
+            cached.update({k: parse_range(v) for k, v in klass.__dict__.get("RANGES", {}).items()})
+        cls._parsed_ranges = cached
+    return cached
+
+
+def check_ranges(obj) -> None:
+    """Raise :class:`Invalid` for the first numeric field of ``obj`` outside its :func:`field_ranges` interval."""
+    for name, rng in field_ranges(type(obj)).items():
+        value = getattr(obj, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in rng:
+            raise Invalid(name, f"must be in {rng.text}, got {value}")
+
+
 # --------------------------------------------------------------------------- schema
 
 
@@ -94,6 +144,8 @@ class InsertOptions(PartOptions):
 @dataclass
 class ModelConfig:
     """The face network = trunk (``backbone`` + ``conv`` kind) + ``inserts`` + ``head`` (pipeline.models.network)."""
+
+    RANGES = {"width": "(0, inf)", "input_size": "[16, inf)"}  # field → valid interval (check_ranges)
 
     backbone: str = "iresnet50"  # trunk registry name: iresnet18/34/50/100/200, se_iresnet50/100
     width: float = 1.0  # channel multiplier (1.0 = insightface widths); tiny test models use 0.0625
@@ -117,6 +169,13 @@ class ModelConfig:
 class MarginConfig:
     """Combined margin cos(m1*theta + m2) - m3 scaled by s (ArcFace: m2=0.5, CosFace: m3=0.35/0.4)."""
 
+    RANGES = {
+        "s": "(0, inf)",
+        "m1": "(0, inf)",
+        "m2": "[0, pi)",
+        "m3": "[0, 1]",
+    }  # field → valid interval (check_ranges)
+
     s: float = 64.0
     m1: float = 1.0
     m2: float = 0.5
@@ -135,6 +194,7 @@ class MarginConfig:
 
 @dataclass
 class ClassifierConfig:
+    RANGES = {"sample_rate": "(0, 1]", "lr_scale": "[0, inf)"}  # field → valid interval (check_ranges)
     sample_rate: float = 1.0  # partial-FC negative sampling rate; positives are always kept
     lr_scale: float = 1.0  # classifier lr = optim.lr * lr_scale
 
@@ -145,6 +205,13 @@ class ClassifierConfig:
 
 @dataclass
 class OptimConfig:
+    RANGES = {
+        "lr": "(0, inf)",
+        "momentum": "[0, 1)",
+        "weight_decay": "[0, inf)",
+        "grad_clip": "[0, inf)",
+        "max_nonfinite_steps": "[1, inf)",
+    }  # field → valid interval (check_ranges)
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.1
     momentum: float = 0.9
@@ -164,11 +231,26 @@ class OptimConfig:
             raise Invalid("name", f"unknown optimizer '{self.name}' (known: sgd, adamw)")
         if self.max_nonfinite_steps < 1:
             raise Invalid("max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
+        b = self.betas
+        if (
+            not isinstance(b, list)
+            or len(b) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0 for v in b)
+        ):
+            raise Invalid("betas", f"expects [beta1, beta2], each in [0, 1), got {b}")
 
 
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule stated in epochs, as the papers state it."""
+
+    RANGES = {
+        "epochs": "(0, inf)",
+        "warmup_epochs": "[0, inf)",
+        "gamma": "(0, inf)",
+        "power": "(0, inf)",
+        "max_steps": "[0, inf)",
+    }  # field → valid interval (check_ranges)
 
     epochs: float = 20.0
     warmup_epochs: float = 0.0
@@ -201,6 +283,20 @@ class ScheduleConfig:
 @dataclass
 class AugmentConfig:
     """One augmentation spec shared by the DALI and the torch loader."""
+
+    RANGES = {
+        "flip": "[0, 1]",
+        "multires_p": "[0, 1]",
+        "crop_p": "[0, 1]",
+        "blur_p": "[0, 1]",
+        "photometric_p": "[0, 1]",
+        "lowres_p": "[0, 1]",
+        "cutout_p": "[0, 1]",
+        "brightness": "[0, inf)",
+        "contrast": "[0, inf)",
+        "saturation": "[0, inf)",
+        "cutout_size": "[1, inf)",
+    }  # field → valid interval (check_ranges)
 
     flip: float = 0.5
     multires_p: float = 0.0  # probability of the multi-resolution degradation
@@ -262,6 +358,12 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    RANGES = {
+        "batch_size": "[1, inf)",
+        "num_workers": "[0, inf)",
+        "shuffle_buffer": "[0, inf)",
+        "max_bad_fraction": "[0, 1]",
+    }  # field → valid interval (check_ranges)
     train: str = ""  # WebDataset shard directory holding manifest.json
     val: list = field(default_factory=list)  # insightface .bin files
     loader: str = "auto"  # auto (DALI on CUDA when it imports, else torch) | torch | dali
@@ -286,6 +388,11 @@ class DataConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    RANGES = {
+        "zero_stage": "[0, 2]",
+        "grad_accum": "[1, inf)",
+        "initial_scale_power": "[0, 40]",
+    }  # field → valid interval (check_ranges)
     zero_stage: int = 1
     precision: str = "fp32"  # fp32 | fp16 | bf16
     grad_accum: int = 1
@@ -302,6 +409,13 @@ class DeepSpeedConfig:
 
 @dataclass
 class OutputConfig:
+    RANGES = {
+        "log_every": "[1, inf)",
+        "checkpoint_every": "[1, inf)",
+        "eval_every": "[0, inf)",
+        "histogram_every": "[0, inf)",
+        "keep_checkpoints": "[1, inf)",
+    }  # field → valid interval (check_ranges)
     dir: str = "runs/default"
     log_every: int = 10  # steps between TensorBoard scalar writes
     checkpoint_every: int = 1000  # steps; a checkpoint is always written at the end
@@ -323,6 +437,11 @@ class OutputConfig:
 
 @dataclass
 class Config:
+    RANGES = {
+        "seed": "[0, inf)",
+        "collective_timeout_s": "[10, inf)",
+        "collective_warn_s": "[1, inf)",
+    }  # field → valid interval (check_ranges)
     recipe: str = "margin"  # the training procedure: margin | lrfr (see pipeline/recipes)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -345,6 +464,12 @@ class Config:
     plugins: list = field(default_factory=list)
 
     def validate(self):
+        aug = self.data.augment
+        if aug.cutout_p > 0 and aug.cutout_size > self.model.input_size:
+            raise Invalid(
+                "data.augment.cutout_size",
+                f"must be <= model.input_size ({self.model.input_size}) when cutout_p > 0, got {aug.cutout_size}",
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise Invalid("device", f"must be auto, cpu or cuda, got '{self.device}'")
         if self.collective_timeout_s < 10:
@@ -593,11 +718,12 @@ def check(obj, prefix: str):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             check(value, f"{prefix}{f.name}.")
-    if hasattr(obj, "validate"):
-        try:
+    try:
+        check_ranges(obj)
+        if hasattr(obj, "validate"):
             obj.validate()
-        except Invalid as exc:
-            raise ConfigError(f"{prefix}{exc.key}: {exc.message}") from None
+    except Invalid as exc:
+        raise ConfigError(f"{prefix}{exc.key}: {exc.message}") from None
     return obj
 
 
@@ -629,6 +755,7 @@ def from_dict(cls: type, data: dict, origin: dict | None = None, prefix: str = "
             continue
         kwargs[key] = _check_value(hints[key], value, dotted, origin)
     obj = cls(**kwargs)
+    _run_validation(lambda: check_ranges(obj), prefix, origin)
     if hasattr(obj, "validate"):
         _run_validation(obj.validate, prefix, origin)
     return obj

@@ -431,3 +431,59 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys, devtest, random
     assert f"{one_person}: 1 genuine and 0 impostor pairs" in one_line_error(
         capsys, ["tarfar", *ck, "--images", str(one_person)]
     )
+
+
+# --------------------------------------------------------------------------- honest ranks (issue 22 item 6)
+
+
+def test_trivial_rank_by_hand():
+    # 6 identities, one image each: a probe's identity is at worst 6th → rank-6 and beyond find everyone
+    assert I.trivial_rank(np.array([0, 3]), np.arange(6)) == 6
+    # identity 0 has 3 images among 8 entries: its probes are found by rank 6; identity 1 (1 image) by rank 8
+    gallery = np.array([0, 0, 0, 1, 2, 3, 4, 5])
+    assert I.trivial_rank(np.array([0]), gallery) == 6 and I.trivial_rank(np.array([0, 1]), gallery) == 8
+    assert I.trivial_rank(np.array([9]), gallery) == 9  # an absent identity: no rank is trivial
+
+
+def test_small_gallery_ranks_are_na_and_a_probe_that_is_the_gallery_is_excluded(devtest, tiny_net):
+    people = [lab for lab in dict.fromkeys(devtest.labels) if devtest.labels.count(lab) >= 2][:6]
+    rows = [i for i, lab in enumerate(devtest.labels) if lab in people]
+    sub = I.ImageSet([devtest.paths[i] for i in rows], [devtest.labels[i] for i in rows], "six")
+    g_rows, p_rows = first_image_gallery(sub)
+    gallery = I.ImageSet([sub.paths[i] for i in g_rows], [sub.labels[i] for i in g_rows], "gallery")
+    probes = I.ImageSet([sub.paths[i] for i in p_rows], [sub.labels[i] for i in p_rows], "probe")
+    protocol = I.IdentificationSet(gallery, {"probe": probes, "itself": gallery})
+    result = {r["set"]: r for r in I.evaluate_identification(tiny_net, protocol, SIZE)}
+    probe, itself = result["probe"], result["itself"]
+    assert probe["trivial_from_rank"] == 6
+    assert probe["rank"][1] is not None and probe["rank"][5] is not None
+    assert probe["rank"][10] is None and probe["rank"][20] is None  # not "100 %"
+    assert probe["duplicates"] == 0 and probe["probes"] == len(p_rows)
+    assert itself["duplicates"] == 6 and itself["duplicates_excluded"] == 6 and itself["probes"] == 0
+    table = I.format_table(list(result.values()))
+    assert "n/a" in table and "n/a from rank-6" in table
+    assert "itself: 6 probe image(s) byte-identical to gallery images: excluded (--keep-duplicates keeps them)" in table
+    kept = {r["set"]: r for r in I.evaluate_identification(tiny_net, protocol, SIZE, keep_duplicates=True)}
+    assert kept["itself"]["probes"] == 6 and kept["itself"]["rank"][1] == 1.0  # what the old report printed
+
+
+def test_tarfar_counts_and_excludes_byte_identical_images(tmp_path, capsys, devtest, random_checkpoint):
+    people = list(dict.fromkeys(devtest.labels))[:12]
+    rows = [i for i, lab in enumerate(devtest.labels) if lab in people]
+    paths, labels = [devtest.paths[i] for i in rows], [devtest.labels[i] for i in rows]
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for k in range(3):  # three copies of images already in the set, under new names, same identities
+        (copies / f"copy{k}.jpg").write_bytes(Path(paths[k]).read_bytes())
+    images = write_list(tmp_path / "images.txt", paths + sorted(copies.iterdir()), labels + labels[:3])
+    out = tmp_path / "t.json"
+    argv = ["tarfar", "--checkpoint", str(random_checkpoint), "--images", str(images), "--no-progress"]
+    assert eval_main([*argv, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "3 image(s) byte-identical to an earlier image of the set: excluded (--keep-duplicates keeps them)" in text
+    genuine, impostor = T.count_pairs(np.asarray(labels))
+    data = json.loads(out.read_text())
+    assert (data["genuine_pairs"], data["impostor_pairs"], data["duplicates_excluded"]) == (genuine, impostor, 3)
+    assert eval_main([*argv, "--keep-duplicates", "--json", str(out)]) == 0
+    assert "kept (--keep-duplicates)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["genuine_pairs"] == T.count_pairs(np.asarray(labels + labels[:3]))[0]

@@ -350,10 +350,14 @@ def evaluate_identification(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    keep_duplicates: bool = False,
 ) -> list[dict]:
-    """One row per probe set: ``{"set", "probes", "gallery", "distractors", "rank": {k: acc}, "cmc"}``.
+    """One row per probe set: ``{"set", "probes", "gallery", "distractors", "rank": {k: acc or None}, "cmc",
+    "trivial_from_rank", "duplicates", "duplicates_excluded"}``.
 
-    Each distinct image file is embedded once (SCface's probe sets share the gallery)."""
+    Each distinct image file is embedded once (SCface's probe sets share the gallery). A probe image byte-identical
+    to a searched gallery image is counted and, unless ``keep_duplicates``, left out (it would score rank 1 by
+    construction). Ranks at or beyond :func:`trivial_rank` are None (n/a): the gallery is too small for them."""
     gallery_labels, distractor_labels, probe_labels = integer_labels(protocol)
     sets = (
         [protocol.gallery] + ([protocol.distractors] if protocol.distractors else []) + list(protocol.probes.values())
@@ -368,35 +372,77 @@ def evaluate_identification(
     searched = protocol.gallery.paths + (protocol.distractors.paths if protocol.distractors else [])
     gallery_feats = feats[[row_of[p] for p in searched]]
     all_labels = np.concatenate([gallery_labels] + ([distractor_labels] if distractor_labels is not None else []))
+    gallery_digests = {file_digest(p) for p in searched}
     rows = []
     for name, ps in protocol.probes.items():
-        cmc = rank_k_cmc(feats_of(ps), probe_labels[name], gallery_feats, all_labels, max_rank, chunk, device)
+        labels = probe_labels[name]
+        duplicate = np.array([file_digest(p) in gallery_digests for p in ps.paths], dtype=bool)
+        keep = np.ones(len(ps), dtype=bool) if keep_duplicates else ~duplicate
+        probe_feats = feats_of(ps)[keep]
+        cmc = rank_k_cmc(probe_feats, labels[keep], gallery_feats, all_labels, max_rank, chunk, device)
+        trivial = trivial_rank(labels[keep], all_labels)
         rows.append(
             {
                 "set": name,
-                "probes": len(ps),
+                "probes": int(keep.sum()),
                 "gallery": len(searched),
                 "distractors": len(protocol.distractors) if protocol.distractors else 0,
-                "rank": {k: float(cmc[k - 1]) for k in RANKS if k <= max_rank},
+                # rank-k from `trivial` on finds every probe by construction (too small a gallery): n/a
+                "rank": {k: (float(cmc[k - 1]) if k < trivial else None) for k in RANKS if k <= max_rank},
+                "trivial_from_rank": int(trivial),
+                "duplicates": int(duplicate.sum()),
+                "duplicates_excluded": 0 if keep_duplicates else int(duplicate.sum()),
                 "cmc": cmc.tolist(),
             }
         )
     return rows
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (a probe that *is* a gallery image scores rank 1 by construction)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def trivial_rank(probe_labels: np.ndarray, gallery_labels: np.ndarray) -> int:
+    """The smallest k at which every probe is found whatever the features: a probe's first same-identity entry
+    can sit at most behind all the other identities' entries, so rank-k with k ≥ max over probes of
+    (entries − entries of its identity + 1) is 100 % by construction. Probes whose identity is absent never count."""
+    entries = len(gallery_labels)
+    ids, counts = np.unique(gallery_labels, return_counts=True)
+    per_id = dict(zip(ids.tolist(), counts.tolist()))
+    worst = [entries - per_id[label] + 1 for label in np.asarray(probe_labels).tolist() if label in per_id]
+    return max(worst) if worst else entries + 1
+
+
 # --------------------------------------------------------------------------- output
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rank-k table (accuracies in %)."""
+    """The rank-k table (accuracies in %; n/a where the gallery is too small for the rank), with a line per set
+    that had probe images identical to gallery images."""
     ranks = list(rows[0]["rank"])
     name_w = max(4, *(len(r["set"]) for r in rows))
     head = f"{'set':<{name_w}}  {'probes':>7}  {'gallery':>8}" + "".join(f"  {f'rank-{k}':>7}" for k in ranks)
     lines = [head + "   (%)"]
+    notes = []
     for r in rows:
-        cells = "".join(f"  {100 * r['rank'][k]:>7.2f}" for k in ranks)
+        cells = "".join(f"  {'n/a':>7}" if r["rank"][k] is None else f"  {100 * r['rank'][k]:>7.2f}" for k in ranks)
         lines.append(f"{r['set']:<{name_w}}  {r['probes']:>7}  {r['gallery']:>8}{cells}")
-    return "\n".join(lines)
+        if any(r["rank"][k] is None for k in ranks):
+            notes.append(
+                f"{r['set']}: n/a from rank-{r['trivial_from_rank']}: the {r['gallery']}-entry gallery puts every "
+                "probe's identity within that rank whatever the features"
+            )
+        if r.get("duplicates"):
+            what = "excluded (--keep-duplicates keeps them)" if r.get("duplicates_excluded") else "kept"
+            notes.append(f"{r['set']}: {r['duplicates']} probe image(s) byte-identical to gallery images: {what}")
+    return "\n".join(lines + notes)
 
 
 def plot_cmc(rows: list[dict], path: str | Path, title: str = "") -> None:
@@ -482,6 +528,11 @@ def add_identify_parser(subparsers) -> argparse.ArgumentParser:
         "--scface-cameras", type=int, nargs="+", default=list(SCFACE_VISIBLE_CAMERAS), help="default: 1 2 3 4 5"
     )
     p.add_argument("--max-rank", type=int, default=20, help="CMC up to this rank (default 20)")
+    p.add_argument(
+        "--keep-duplicates",
+        action="store_true",
+        help="keep probe images byte-identical to gallery images (default: counted, reported and left out)",
+    )
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="gallery images scored at a time (memory)")
     p.add_argument("--cmc", help="write the CMC curves to this PNG (default: beside --json)")
     p.add_argument("--json", help="write the table and the CMC arrays to this JSON file")
@@ -517,6 +568,7 @@ def run_identify(args) -> list[dict]:
         args.batch_size,
         device,
         progress=not args.no_progress,
+        keep_duplicates=args.keep_duplicates,
     )
     print(format_table(rows), flush=True)
     cmc_png = args.cmc or (str(Path(args.json).with_suffix("")) + "_cmc.png" if args.json else None)

@@ -197,6 +197,11 @@ def add_tarfar_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--fars", type=float, nargs="+", default=list(FARS), help="default: 1e-1 … 1e-6")
     p.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="rows of the score matrix at a time (memory)")
+    p.add_argument(
+        "--keep-duplicates",
+        action="store_true",
+        help="keep images byte-identical to an earlier image of the set (default: counted, reported, left out)",
+    )
     p.add_argument("--roc", help="write the ROC curves of all checkpoints to this PNG (default: beside --json)")
     p.add_argument("--json", help="write TAR, threshold and achieved FAR per checkpoint and FAR to this JSON file")
     return p
@@ -205,7 +210,7 @@ def add_tarfar_parser(subparsers) -> argparse.ArgumentParser:
 def run_tarfar(args) -> list[dict]:
     """Run the ``tarfar`` subcommand; prints the table, returns one result per checkpoint."""
     from pipeline.eval.checkpoint import embedder_from_args
-    from pipeline.eval.identify import embed_paths, read_image_set, resolve_device
+    from pipeline.eval.identify import ImageSet, embed_paths, file_digest, read_image_set, resolve_device
 
     models = [(c, None) for c in args.checkpoint or []] + [(None, o) for o in getattr(args, "onnx", None) or []]
     if not models:
@@ -215,6 +220,15 @@ def run_tarfar(args) -> list[dict]:
     if args.block < 1:
         raise ConfigError(f"--block must be ≥ 1, got {args.block}")
     images = read_image_set(args.images)
+    seen: set[str] = set()
+    first = [not (d in seen or seen.add(d)) for d in map(file_digest, images.paths)]  # first copy of each file
+    duplicates = len(first) - sum(first)
+    if duplicates:
+        what = "kept (--keep-duplicates)" if args.keep_duplicates else "excluded (--keep-duplicates keeps them)"
+        print(f"{images.source}: {duplicates} image(s) byte-identical to an earlier image of the set: {what}")
+        if not args.keep_duplicates:  # an image paired with its own copy scores 1 by construction
+            keep = [i for i, f in enumerate(first) if f]
+            images = ImageSet([images.paths[i] for i in keep], [images.labels[i] for i in keep], images.source)
     labels = np.asarray(images.labels)
     n_genuine, n_impostor = count_pairs(labels)
     if not n_genuine or not n_impostor:
@@ -244,7 +258,13 @@ def run_tarfar(args) -> list[dict]:
         print(f"ROC: {roc}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        summary = {"images": images.source, "genuine_pairs": n_genuine, "impostor_pairs": n_impostor}
+        summary = {
+            "images": images.source,
+            "genuine_pairs": n_genuine,
+            "impostor_pairs": n_impostor,
+            "duplicates": duplicates,
+            "duplicates_excluded": 0 if args.keep_duplicates else duplicates,
+        }
         Path(args.json).write_text(json.dumps({**summary, "results": results}, indent=1) + "\n")
         print(f"JSON: {args.json}")
     return results

@@ -56,6 +56,17 @@ DISTANCES = ("mean", "sum", "elementwise")
 class CQAOptions(PartOptions):
     """``model.head: {kind: cqa, ...}`` (spec B.1, B.4; Table 1–2 ablations are these keys)."""
 
+    RANGES = {
+        "embedding_size": "[1, inf)",
+        "branches": "[2, inf)",
+        "lanet_reduction": "[1, inf)",
+        "cal_weight": "[0, inf)",
+        "cal_sigma": "(0, inf)",
+        "cal_margin": "[0, 1]",
+        "dropout_p": "[0, 1)",
+        "qan_reduction": "[1, inf)",
+    }  # field → valid interval (pipeline.config.check_ranges)
+
     embedding_size: int = 512
     branches: int = 4  # b (Table 2)
     lanet_reduction: int = 16  # not from the paper

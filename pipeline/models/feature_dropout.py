@@ -73,6 +73,12 @@ def _reporting(module: Insert, trace: Trace | None) -> bool:
 class DropBlockOptions(InsertOptions):
     """``{kind: dropblock, at, keep_prob, block_size, shared_mask, ramp_steps}`` (all [C] for LCD's tables)."""
 
+    RANGES = {
+        "keep_prob": "(0, 1]",
+        "block_size": "[1, inf)",
+        "ramp_steps": "[0, inf)",
+    }  # field → valid interval (pipeline.config.check_ranges)
+
     at: str = "layer3.branch"  # the same tensor as LCD
     keep_prob: float = 0.7  # 1 - LCD's expected dropped fraction (0.3)
     block_size: int = 3  # odd; square blocks
@@ -161,6 +167,8 @@ def build_dropblock(opts: DropBlockOptions, point: PointInfo) -> DropBlock:
 class SpatialDropoutOptions(InsertOptions):
     """``{kind: spatial_dropout, at, p}``: nn.Dropout2d at the insert's point."""
 
+    RANGES = {"p": "[0, 1)"}  # field → valid interval (pipeline.config.check_ranges)
+
     at: str = "layer3.branch"
     p: float = 0.3  # [C] LCD's expected dropped fraction
 
@@ -199,6 +207,8 @@ def build_spatial_dropout(opts: SpatialDropoutOptions, point: PointInfo) -> Spat
 @dataclass
 class WCDOptions(InsertOptions):
     """``{kind: wcd, at, wrs_ratio, rng_keep, rescale}`` (Hou & Wang 2019; values [C], see the module docstring)."""
+
+    RANGES = {"wrs_ratio": "(0, 1]", "rng_keep": "(0, 1]"}  # field → valid interval (pipeline.config.check_ranges)
 
     at: str = "layer3.branch"
     wrs_ratio: float = 0.8  # r: fraction of channels WRS selects, M = ⌊r·c⌋

@@ -245,6 +245,11 @@ for _depth in (50, 100):
 class FCHeadOptions(PartOptions):
     """``model.head: {kind: fc, embedding_size: 512, dropout: 0.0}``: insightface's output head."""
 
+    RANGES = {
+        "embedding_size": "[1, inf)",
+        "dropout": "[0, 1)",
+    }  # field → valid interval (pipeline.config.check_ranges)
+
     embedding_size: int = 512
     dropout: float = 0.0
 

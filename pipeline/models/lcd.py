@@ -324,6 +324,17 @@ _STAGE_POINT = re.compile(r"^(layer\d+)(\.branch)?$")
 class LCDOptions(InsertOptions):
     """``model.inserts: [{kind: lcd, ...}]``. [P]: from the paper; [C]: not from the paper (spec's choice)."""
 
+    RANGES = {
+        "drop_min": "[0, 1]",
+        "drop_max": "[0, 1]",
+        "sr_filter_weight": "[0, inf)",
+        "sr_response_weight": "[0, inf)",
+        "sr_eps": "(0, inf)",
+        "sam_channels": "[1, inf)",
+        "sam_hidden_ratio": "(0, inf)",
+        "maps": "[0, inf)",
+    }  # field → valid interval (pipeline.config.check_ranges)
+
     at: str = "layer3.branch"  # stage 3 (Table I), inside the last block after bn3 [P: stage; C: exact slot]
     drop: bool = True  # channel-wise dropout (CD), eqs. 3-4; false: SR / SAM only (Table II rows)
     drop_min: float = 0.0  # γ_min = ⌊drop_min·c⌋ [C: the paper gives no γ_min]

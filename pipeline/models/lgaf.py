@@ -79,6 +79,19 @@ GAMMA_EPS = 1e-6  # eq. 9 with both Ẑ = 0 gives 0.5 / 0.5 (A.7-6)
 class LGAFOptions(PartOptions):
     """``model.head: {kind: lgaf, ...}`` (spec A.1, A.4; defaults = the spec's)."""
 
+    RANGES = {
+        "embedding_size": "[1, inf)",
+        "dropout": "[0, 1)",
+        "heads": "[1, inf)",
+        "scale_channels": "[0, inf)",
+        "lanet_reduction": "[1, inf)",
+        "se_reduction": "[1, inf)",
+        "h": "(0, inf)",
+        "ema_alpha": "(0, 1]",
+        "std_eps": "[0, inf)",
+        "iaff_reduction": "[1, inf)",
+    }  # field → valid interval (pipeline.config.check_ranges)
+
     embedding_size: int = 512  # D: the size of f_loc, f_glob and κ (κ is 2·D with fusion: cat)
     dropout: float = 0.0  # the GFE's dropout (the fc head's); the faithful recipe uses 0.4 (AdaFace IR-101)
     heads: int = 4  # b, the number of MSNet heads (Table 2)

@@ -323,6 +323,14 @@ def fold(model: nn.Module) -> nn.Module:
 class ScanConvOptions(PartOptions):
     """``model.conv: {kind: scan, ...}`` (Sec. 4, 6.1; Table 1 switches)."""
 
+    RANGES = {
+        "rmo_weight": "[0, inf)",
+        "rmo_lambda": "[0, inf)",
+        "gamma_m": "[0, inf)",
+        "t_min": "(0, inf)",
+        "t_init": "(0, inf)",
+    }  # field → valid interval (pipeline.config.check_ranges)
+
     sac: bool = True  # scale attention conv (eq. 4); false: plain kernel k
     lsc: bool = True  # local shortcut connection, independent k_i (eq. 8)
     rmo: bool = True  # response-maximisation objective (eq. 6)

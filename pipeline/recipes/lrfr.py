@@ -50,6 +50,13 @@ from pipeline.recipes.base import ClassifierInput, RecipeModel, StepOutput
 class LRFRConfig:
     """The ``method:`` block of the lrfr recipe."""
 
+    RANGES = {
+        "p": "(0, inf)",
+        "lambda_dist": "[0, inf)",
+        "cls_weight_hr": "[0, inf)",
+        "cls_weight_lr": "[0, inf)",
+    }  # (check_ranges)
+
     distance: str = "logexp"  # logexp (eq. 5) | l1 (eq. 1) | l2 (eq. 2)
     p: float = 1.0  # LogExp exponent (Table 4: "Ours(1)", "Ours(2)"); ignored by l1/l2
     lambda_dist: float = 1.0  # λ of eq. 7 (Table 5; the paper's main results use 1)
