@@ -90,6 +90,7 @@ import yaml
 from data_prep.manifest import DataError, read_manifest
 from pipeline.checkpoint import latest_or_none, load_json, save_json
 from pipeline.config import Config, ConfigError, dump_config, load_config, parse_override, read_yaml_mapping
+from pipeline.runlock import FolderLock, FolderLocked, die_with_parent, is_locked
 
 METRICS = ("accuracy", "accuracy_noflip", "auc")  # what the table may report; all are fractions, shown in %
 IMAGES_FARS = (1e-2, 1e-3, 1e-4)  # TAR kept for an ``images`` eval set (plus its metric's FAR)
@@ -111,6 +112,7 @@ EVAL_BATCH = 64  # on a CPU, 64 embeds faster than 128 (measured)
 CELL_JSON = "cell.json"
 TRAIN_STATE = "train_state.json"
 EXIT_INCOMPLETE, EXIT_SPEC, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_BUSY = 75  # --cell: another process holds the cell (EX_TEMPFAIL: try again when it ends)
 
 
 class SpecError(ValueError):
@@ -630,9 +632,12 @@ def _matches(record: dict | None, cell: Cell) -> bool:
     return record.get("train_hash") == cell.train_hash and record.get("eval_hash") == cell.eval_hash
 
 
-def cell_status(cell: Cell) -> str:
-    """cached | failed | interrupted (its last run, this config) | trained (evaluate only) | partial (resume) |
-    changed (config changed since its last run) | new."""
+def cell_status(cell: Cell, holding_lock: bool = False) -> str:
+    """running (another process holds the cell's lock) | cached | failed | interrupted (its last run, this config) |
+    trained (evaluate only) | partial (resume) | changed (config changed since its last run) | new.
+    ``holding_lock``: the caller is the cell's process (it holds the lock itself)."""
+    if not holding_lock and is_locked(cell.dir):
+        return "running"
     record = _read_json(cell.dir / CELL_JSON)
     if _matches(record, cell):
         return "cached" if record.get("status") == "ok" else str(record.get("status"))
@@ -640,6 +645,7 @@ def cell_status(cell: Cell) -> str:
 
 
 STATUS_TEXT = {
+    "running": "running in another process (its lock is held): not started here; rerun when it ends",
     "cached": "cached",
     "failed": "failed last time: runs again",
     "interrupted": "interrupted last time: resumes",
@@ -672,8 +678,9 @@ def _log_tail(path: Path, lines: int = 5) -> str:
 
 
 def run_cell(spec: Spec, cell: Cell, threads: int) -> dict:
-    """Train (or resume) and evaluate one cell; writes and returns its cell.json record."""
-    status = cell_status(cell)
+    """Train (or resume) and evaluate one cell, holding its lock (:func:`run_one`); writes and returns its cell.json
+    record."""
+    status = cell_status(cell, holding_lock=True)
     if status == "cached":
         print(f"[ablate] {cell.label}: cached", flush=True)
         return load_json(cell.dir / CELL_JSON)
@@ -736,7 +743,9 @@ def train_cell(cell: Cell, nproc: int, resume: bool, threads: int) -> tuple[int,
         log.flush()
         # its own session: a terminal's Ctrl-C reaches this process only, which passes on exactly one signal
         # (two SIGINTs would make the trainer abort without its checkpoint)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent
+        )  # and it dies with this cell process (SIGTERM: it checkpoints first)
         exit_code = _wait_passing_signals(proc)
     seconds = round(time.perf_counter() - started, 1)
     if exit_code == 0 and not _reached_last_step(cell):
@@ -1169,6 +1178,7 @@ class GridRunner:
                     stderr=subprocess.STDOUT,
                     env=env,
                     start_new_session=True,  # Ctrl-C reaches the runner, which passes on one SIGINT per cell
+                    preexec_fn=die_with_parent,  # a cell never outlives its runner (kill -9, the OOM killer)
                 )
                 self.running[cell.index] = proc
                 exit_code = proc.wait()
@@ -1180,6 +1190,8 @@ class GridRunner:
 
     def _record_of(self, cell: Cell, exit_code: int, log_path: Path) -> dict:
         """The cell's cell.json; a subprocess that died before writing one is recorded here."""
+        if exit_code == EXIT_BUSY:  # another process holds the cell (it is the one writer of its records)
+            return {**_base_record(cell), "status": "running", "exit_code": exit_code, "log": str(log_path)}
         record = _read_json(cell.dir / CELL_JSON)
         if _matches(record, cell):
             return record
@@ -1205,7 +1217,8 @@ def run_grid(spec: Spec, cells: list[Cell], jobs: int | None) -> bool:
     statuses = {c.index: cell_status(c) for c in cells}
     # seed-major: every arm of seed 0, then of seed 1, ... — a run stopped part-way still gives paired seeds
     todo = sorted(
-        (c for c in cells if statuses[c.index] != "cached"), key=lambda c: (spec.seeds.index(c.seed), c.index)
+        (c for c in cells if statuses[c.index] not in ("cached", "running")),
+        key=lambda c: (spec.seeds.index(c.seed), c.index),
     )
     plan = plan_resources(spec, cells, jobs, len(todo))
     print(
@@ -1289,7 +1302,7 @@ def collect_records(cells: list[Cell]) -> list[dict]:
         if status in ("cached", "failed", "interrupted"):
             record = load_json(cell.dir / CELL_JSON)
         else:
-            record = {**_base_record(cell), "status": "stale" if status == "changed" else "missing"}
+            record = {**_base_record(cell), "status": {"changed": "stale", "running": "running"}.get(status, "missing")}
         records.append({**record, "index": cell.index})  # its place in this grid (seeds or arms added since move it)
     return records
 
@@ -1364,6 +1377,8 @@ def _cell_state(record: dict) -> str:
         return f"**{status}** (exit {record.get('exit_code')}{log})"
     if status == "stale":
         return "**stale** (config changed since it ran)"
+    if status == "running":
+        return "**running** (in another process)"
     return status if status == "ok" else f"**{status}**"
 
 
@@ -1543,8 +1558,18 @@ def find_cell(cells: list[Cell], which: str | int) -> Cell:
 
 
 def run_one(spec: Spec, cells: list[Cell], which: str | int) -> int:
+    """``--cell``: train and evaluate one cell, holding its folder's lock: the holder is the one writer of the
+    cell's train_state.json and cell.json, and a second process for the same cell refuses (exit 75)."""
     cell = find_cell(cells, which)
-    record = run_cell(spec, cell, _threads_here(spec))
+    try:
+        lock = FolderLock(cell.dir, "ablation cell").acquire()
+    except FolderLocked as exc:
+        print(f"error: {cell.label}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BUSY
+    try:
+        record = run_cell(spec, cell, _threads_here(spec))
+    finally:
+        lock.release()
     print(f"[ablate] {cell.label}: {describe_record(record)}", flush=True)
     return 0 if record["status"] == "ok" else EXIT_INCOMPLETE
 

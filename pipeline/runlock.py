@@ -92,3 +92,22 @@ def is_locked(folder: str | Path) -> str | None:
     finally:
         os.close(fd)
     return None
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a child that must not outlive its parent (an ablation cell, a cell's trainer): the kernel
+    sends it SIGTERM when the parent dies, kill -9 included (it then checkpoints and stops, as on scancel)."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: the lock a cell holds still keeps a rerun from starting it twice
+        return
+    if os.getppid() != parent:  # the parent died before the prctl: nobody would send the signal
+        os.kill(os.getpid(), signal.SIGTERM)

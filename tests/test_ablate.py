@@ -12,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -676,3 +677,81 @@ def test_resolved_list_under_each_table(tmp_path):
     assert {row[0]: row[1] for row in markdown_rows(md, "## accuracy (%)")}["up"] == "1,234,567"
     none = render_markdown(spec, build_report(spec, [r for r in records if r["arm"] != "up"]))
     assert "Resolved (the 95 % interval excludes 0): none." in none
+
+
+# --------------------------------------------------------------------------- runner and cells live and die together
+
+
+def _one_cell_spec(tmp_path: Path, shared_data: Path, steps: int) -> Path:
+    def one_cell(raw):
+        raw["arms"] = [{"name": "plain", "overrides": ["model.conv=plain"]}]
+        raw["seeds"] = [0]
+        raw["budget"] = {"schedule.max_steps": steps}
+        raw["overrides"] = [*raw["overrides"], "output.log_every=1", "output.checkpoint_every=5"]
+        raw["eval"] = raw["eval"][:1]
+
+    return write_spec(tmp_path / "one.yaml", shared_data, one_cell)
+
+
+def _pids_with(marker: str) -> list[int]:
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+def _wait_for_file_text(path: Path, needle: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and needle in path.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{needle!r} never appeared in {path}")
+
+
+@pytest.mark.slow
+def test_a_killed_runner_takes_its_cells_with_it_and_a_rerun_resumes(lfw_shards, shared_data, tmp_path):
+    spec = _one_cell_spec(tmp_path, shared_data, steps=20000)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.ablate", str(spec), f"data.train={lfw_shards}", "--output", str(out)]
+    runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "cells" / "plain" / "seed_0" / "train.log"
+    try:
+        _wait_for_file_text(log, "[train] step 6/")
+        assert _pids_with(str(out / "cells"))  # the cell process and its trainer
+    finally:
+        runner.kill()  # kill -9: no handler runs in the runner
+        runner.wait()
+    deadline = time.time() + 60
+    while _pids_with(str(out / "cells")) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _pids_with(str(out / "cells")), "a cell outlived its runner"
+    assert "SIGTERM" in log.read_text() or "checkpoint" in log.read_text()  # it stopped as on scancel
+    # a rerun with a short budget: the cell is not running anywhere, it trains and ends with one status
+    short = _one_cell_spec(tmp_path, shared_data, steps=8)
+    proc = ablate(short, f"data.train={lfw_shards}", "--output", out)
+    assert proc.returncode == 0, describe(proc)
+    record = load_json(out / "cells" / "plain" / "seed_0" / "cell.json")
+    state = load_json(out / "cells" / "plain" / "seed_0" / "train_state.json")
+    assert record["status"] == "ok" and state["status"] == "done"
+
+
+@pytest.mark.slow
+def test_a_rerun_does_not_start_a_cell_another_process_runs(lfw_shards, shared_data, tmp_path):
+    spec = _one_cell_spec(tmp_path, shared_data, steps=20000)
+    out = tmp_path / "out"
+    base = [sys.executable, "-m", "pipeline.ablate", str(spec), f"data.train={lfw_shards}", "--output", str(out)]
+    cell = subprocess.Popen(
+        [*base, "--cell", "plain@0"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_for_file_text(out / "cells" / "plain" / "seed_0" / "train.log", "[train] step 2/")
+        proc = ablate(spec, f"data.train={lfw_shards}", "--output", out)
+        assert proc.returncode == 1, describe(proc)  # incomplete: the cell is not done
+        assert "plain seed 0 (#0): running in another process" in proc.stdout, proc.stdout
+        assert "**running** (in another process)" in (out / "results.md").read_text()
+        assert cell.poll() is None  # untouched
+        second = ablate(spec, f"data.train={lfw_shards}", "--output", out, "--cell", "plain@0")
+        assert second.returncode == 75 and "another ablation cell is using this folder" in second.stderr
+        assert f"pid {cell.pid}" in second.stderr
+    finally:
+        cell.kill()
+        cell.wait()
