@@ -231,14 +231,32 @@ def write_bin(path: str | Path, bins: list[bytes], issame: list[bool]) -> None:
     tmp.replace(path)
 
 
+MIN_SIDE, MAX_SIDE = 8, 4096  # px: outside, a file is not a face crop (a 1×1 placeholder, a whole photograph)
+
+
 def decode_image(data: bytes, where: str = "image") -> np.ndarray:
-    """Encoded bytes → uint8 RGB array (H, W, 3); DataError naming ``where`` if undecodable."""
+    """Encoded bytes → uint8 RGB array (H, W, 3); a DataError naming ``where`` if empty, undecodable, or of a size
+    no face crop has (a side under MIN_SIDE or over MAX_SIDE px: resizing it would hide the mistake)."""
     from PIL import Image
 
+    if not data:
+        raise DataError(f"{where}: cannot decode image (the file is 0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if min(w, h) < MIN_SIDE or max(w, h) > MAX_SIDE:
+                raise DataError(
+                    f"{where}: a {w}×{h} px image is not a face crop (sides must lie in [{MIN_SIDE}, {MAX_SIDE}] px); "
+                    "align and crop the faces first (insightface's 112×112)"
+                )
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
+        if "cannot identify image file" in str(exc):  # PIL names a BytesIO object's address here
+            raise DataError(
+                f"{where}: cannot decode image (not an image: unknown format or truncated header)"
+            ) from None
         raise DataError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 

@@ -36,6 +36,7 @@ import torch
 
 from data_prep.manifest import DataError, sha256_file
 from pipeline.config import ConfigError
+from pipeline.eval.verify import NORMS_EXPECTED, format_norm
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BIN = REPO.parent / "shared" / "data" / "lfw_view1_112" / "lfw_devtest_112.bin"
@@ -143,9 +144,9 @@ def norms_table(results: list[dict]) -> str:
     for res in results:
         for s in dict.fromkeys(r["set"] for r in res["norms"]):
             by = {r["degradation"]: r for r in res["norms"] if r["set"] == s}
-            cells = [f"{by[c]['mean']:.3f} ± {by[c]['sd']:.3f}" if c in by else "—" for c in cols]
+            cells = [format_norm(by[c]["mean"], by[c]["sd"]) if c in by else "—" for c in cols]
             lines.append("| " + " | ".join([res["run"], s, *cells]) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", NORMS_EXPECTED])
 
 
 def _families(rows: list[dict]):
@@ -255,7 +256,7 @@ def run(args) -> dict:
             norms=args.norms,
             batch_size=args.batch_size,
             device=device,
-            progress=not args.no_progress and sys.stderr.isatty(),
+            progress=not args.no_progress,  # a bar on a terminal, periodic lines in a log
         )
         print(f"{name}: {'cached' if cached else 'evaluated'} ({res['checkpoint']})", file=sys.stderr, flush=True)
         results.append(res)

@@ -153,7 +153,7 @@ def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, resume_changes: list[str] = ()):
-        _announce_deepspeed_build()
+        build_started = _announce_deepspeed_build()
         import deepspeed
 
         from pipeline.data.loader import build_train_loader
@@ -208,6 +208,7 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, self.world), dist_init_required=False
         )
+        _report_deepspeed_build(build_started)
         if self.world == 1 and zero_stage(cfg, 1) == 0:
             # nothing to average over one rank (ZeRO's optimizers fill their gradient partitions in that step)
             self.engine.enable_backward_allreduce = False
@@ -574,7 +575,13 @@ class Trainer:
             for path in self.cfg.data.val:
                 name = Path(path).stem
                 try:
-                    res = evaluate_bin(embed, path, batch_size=self.cfg.data.batch_size, device=str(self.device))
+                    res = evaluate_bin(
+                        embed,
+                        path,
+                        batch_size=self.cfg.data.batch_size,
+                        device=str(self.device),
+                        progress=f"[eval] step {self.step} {name}: embedding",
+                    )
                 except DataError as exc:  # rank 0 alone evaluates: report, never leave the others at the barrier
                     print(f"[eval] step {self.step} {name}: skipped: {exc}", flush=True)
                     continue
@@ -923,18 +930,57 @@ class Trainer:
                     print(f"[train] scontrol requeue {job} failed: {proc.stderr.strip()}", file=sys.stderr, flush=True)
 
 
-def _announce_deepspeed_build() -> None:
-    """On a CPU machine DeepSpeed JIT-compiles its shared-memory communication op the first time (~3.5 min on
-    2 cores, silently): say so before it starts. The build is cached under TORCH_EXTENSIONS_DIR."""
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built on first use
+
+
+def deepspeed_ops_dir() -> Path:
+    """Where torch JIT-builds DeepSpeed's CPU op: TORCH_EXTENSIONS_DIR if set, else a folder inside this venv
+    (set here, so ``make`` and a direct ``python -m pipeline.train`` share one build, and another checkout's venv
+    never loads or silently rebuilds this one's)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        root = str(Path(sys.prefix) / "torch_extensions")
+        os.environ["TORCH_EXTENSIONS_DIR"] = root  # read by torch.utils.cpp_extension when DeepSpeed loads the op
+    return Path(root)
+
+
+def _op_identity() -> str:
+    import deepspeed
+
+    return f"python {sys.prefix}; torch {torch.__version__}; deepspeed {deepspeed.__version__}"
+
+
+def _op_stamp(root: Path) -> Path:
+    return root / f"{SHM_OP}.built_for"
+
+
+def _announce_deepspeed_build() -> float | None:
+    """Before DeepSpeed starts on a CPU machine (rank 0): if its CPU op was not built for this venv (no stamp, or a
+    stamp naming another interpreter, torch or DeepSpeed), say that it builds now (~30 s on 2 idle cores, several
+    minutes on a loaded machine; once per venv). Returns the start time of that build, else None."""
+    if torch.cuda.is_available() or not distributed.is_main():
+        return None
+    root = deepspeed_ops_dir()
+    stamp = _op_stamp(root)
+    if stamp.is_file() and stamp.read_text().strip() == _op_identity() and list(root.glob(f"**/{SHM_OP}*.so")):
+        return None
+    print(
+        f"[train] DeepSpeed's CPU op is not built for this venv: building it now (once; cached in {root})", flush=True
+    )
+    return time.perf_counter()
+
+
+def _report_deepspeed_build(started: float | None) -> None:
+    """After DeepSpeed started: 'built in N s' (and the stamp) after a build; 'loaded' otherwise."""
     if torch.cuda.is_available() or not distributed.is_main():
         return
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    if not list(root.glob("**/deepspeed_shm_comm*.so")):
-        print(
-            f"[train] first DeepSpeed run on this machine: building its CPU communication op (a few minutes, once; "
-            f"cached in {root})",
-            flush=True,
-        )
+    root = deepspeed_ops_dir()
+    if started is None:
+        print(f"[train] DeepSpeed CPU op: loaded (built earlier for this venv, {root})", flush=True)
+        return
+    if list(root.glob(f"**/{SHM_OP}*.so")):
+        _op_stamp(root).write_text(_op_identity() + "\n")
+        print(f"[train] DeepSpeed CPU op: built in {time.perf_counter() - started:.0f} s ({root})", flush=True)
 
 
 def floor_warnings(

@@ -505,7 +505,7 @@ def _lfw_train_faces(shared_data, size: int) -> tuple[torch.Tensor, torch.Tensor
     return x, torch.tensor([int(label) for _, label in rows])
 
 
-def train_cqa_quality(faces, labels, seed: int, steps: int, out_bn: bool) -> list[tuple[float, float]]:
+def train_cqa_quality(faces, labels, seed: int, steps: int, out_bn: bool, batch: int = 64) -> list[tuple[float, float]]:
     """A CosFace (s 64, m 0.35) + CAL loop over real faces with linear warm-up, as the fidelity recipe; returns
     (mean Ŝ, spread of Ŝ over the batch) per step."""
     torch.manual_seed(seed)
@@ -518,7 +518,7 @@ def train_cqa_quality(faces, labels, seed: int, steps: int, out_bn: bool) -> lis
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = 0.1 * min(1.0, (step + 1) / 56)  # the fidelity spec's 2 warm-up epochs
-        idx = torch.randint(0, len(faces), (64,), generator=gen)
+        idx = torch.randint(0, len(faces), (batch,), generator=gen)
         result = net(faces[idx])
         cos = F.linear(F.normalize(result.embedding), F.normalize(weight))
         logits = 64.0 * (cos - 0.35 * F.one_hot(labels[idx], classes))

@@ -504,3 +504,34 @@ def test_arcface_torch_training_checkpoint(tiny, tmp_path, small_bin, capsys):
     _arcface_torch_checkpoint(net, pt)
     torch.load(pt, weights_only=True)  # the whole file is plain data: weights_only loads it
     _check_loads(pt, net.eval(), small_bin, capsys)
+
+
+def test_image_decode_errors_say_what_is_wrong():
+    """Issue 22: a 0-byte file says '0 bytes' (not an object address); 1×1 and 8000×8000 px are refused, not resized."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.bin import decode_image
+    from data_prep.manifest import DataError
+
+    def png(w: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    cases = [
+        (b"", "face.jpg: cannot decode image (the file is 0 bytes)"),
+        (
+            b"\xff\xd8\xff\xe0garbage",
+            "face.jpg: cannot decode image (not an image: unknown format or truncated header)",
+        ),
+        (png(1, 1), "face.jpg: a 1×1 px image is not a face crop"),
+        (png(8000, 8000), "face.jpg: a 8000×8000 px image is not a face crop"),
+    ]
+    for data, message in cases:
+        with pytest.raises(DataError) as err:
+            decode_image(data, "face.jpg")
+        assert str(err.value).startswith(message) and "0x" not in str(err.value)
+    assert decode_image(png(112, 96), "ok").shape == (96, 112, 3)

@@ -157,7 +157,7 @@ def verify_degraded(args, net, info: dict, degradations, device) -> dict:
         info["input_size"],
         args.batch_size,
         device,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress,  # a bar on a terminal, periodic lines in a log
         norms=args.norms,
         keep_distances=True,
     )

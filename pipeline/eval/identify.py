@@ -289,12 +289,12 @@ def embed_paths(
 ) -> np.ndarray:
     """L2-normalised flip-summed embeddings (float32, (N, D)) of image files, decoded a batch at a
     time (a 160 k-image gallery never sits decoded in memory), resized to ``image_size``."""
-    from tqdm import tqdm
-
     from pipeline.eval.verify import check_finite, embed_images, stack_images
+    from pipeline.progress import progress as report
 
     out = []
-    for s in tqdm(range(0, len(paths), batch_size), desc="embed", unit="batch", disable=not progress, leave=False):
+    starts = range(0, len(paths), batch_size)
+    for s in report(starts, len(starts), "embed", enabled=progress):  # a bar on a terminal, lines in a log
         batch = paths[s : s + batch_size]
         images = stack_images([_read_image(p) for p in batch], str(batch[0]), image_size)
         plain, flipped = embed_images(embed_fn, images, batch_size, device)
