@@ -639,7 +639,7 @@ def test_a_dropped_override_stops_the_grid(tmp_path):
 def test_parameter_count_is_the_built_networks():
     from pipeline import registry
 
-    for overrides in ([], ["model.head.kind=lgaf"], ["model.head.kind=cqa"]):
+    for overrides in ([], ["model.head.kind=lgaf"], ["model.head.kind=cqa"], ["model.inserts=[{kind: lcd}]"]):
         cfg = load_config(
             [REPO / "configs/arcface_r50.yaml"],
             ["model.backbone=iresnet18", "model.width=0.125", "model.head.embedding_size=128", *overrides],

@@ -86,9 +86,13 @@ class CombinedMargin(nn.Module):
                 f"{tuple(cosine.shape)} and {tuple(labels.shape)}"
             )
         logits = cosine * self.s
-        rows = torch.nonzero(labels >= 0, as_tuple=True)[0]
-        if rows.numel() == 0 or (self.m1 == 1.0 and self.m2 == 0.0 and self.m3 == 0.0):
+        if self.m1 == 1.0 and self.m2 == 0.0 and self.m3 == 0.0:
             return logits
-        cols = labels[rows]
-        logits[rows, cols] = self.target(cosine[rows, cols]) * self.s
-        return logits
+        # gather / where / scatter at a clamped column instead of boolean indexing: no op here needs the number
+        # of positive rows on the host (nonzero would sync with the device every step); rows without a positive
+        # write their own column-0 logit back unchanged
+        has = labels >= 0
+        cols = labels.clamp(min=0).unsqueeze(1)
+        margin_logit = self.target(cosine.gather(1, cols).squeeze(1)) * self.s
+        new = torch.where(has, margin_logit, logits.gather(1, cols).squeeze(1))
+        return logits.scatter(1, cols, new.unsqueeze(1))

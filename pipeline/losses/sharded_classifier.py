@@ -103,9 +103,8 @@ class _ShardedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, cosine, distributed):
         n = logits.shape[0]
-        has = target >= 0
-        rows = torch.nonzero(has, as_tuple=True)[0]
-        cols = target[rows]
+        has = target >= 0  # rows whose positive is in this shard; gathered at a clamped column, never indexed by
+        cols = target.clamp(min=0).unsqueeze(1)  # the mask (boolean indexing would sync with the host)
         maxes = torch.stack([logits.max(dim=1).values, cosine.max(dim=1).values])
         if distributed:
             collectives.all_reduce(maxes, "max")
@@ -113,15 +112,16 @@ class _ShardedSoftmaxCE(torch.autograd.Function):
         probs = torch.exp(logits - row_max[:, None])
         sums = logits.new_zeros(3, n)
         sums[0] = probs.sum(dim=1)
-        sums[1, rows] = logits[rows, cols] - row_max[rows]
-        sums[2, rows] = cosine[rows, cols]
+        zero = logits.new_zeros(())
+        sums[1] = torch.where(has, logits.gather(1, cols).squeeze(1) - row_max, zero)
+        sums[2] = torch.where(has, cosine.gather(1, cols).squeeze(1).to(sums.dtype), zero)
         if distributed:
             collectives.all_reduce(sums, "sum")
         sum_exp, target_shifted, target_cos = sums[0], sums[1], sums[2]
         loss = (torch.log(sum_exp) - target_shifted).mean()
         accuracy = (target_cos >= cos_max).to(logits.dtype).mean()
         probs.div_(sum_exp[:, None])
-        ctx.save_for_backward(probs, rows, cols)
+        ctx.save_for_backward(probs, has, cols)
         ctx.n = n
         ctx.used = False
         ctx.mark_non_differentiable(accuracy)
@@ -132,9 +132,9 @@ class _ShardedSoftmaxCE(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("ShardedMarginClassifier: backward through the same step twice is not supported")
         ctx.used = True
-        probs, rows, cols = ctx.saved_tensors
+        probs, has, cols = ctx.saved_tensors
         grad = probs  # reused in place: d mean_i CE_i / d z_ic = (p_ic − 1[c = y_i]) / N
-        grad[rows, cols] -= 1.0
+        grad.scatter_add_(1, cols, -has.to(grad.dtype).unsqueeze(1))  # −1 at the positive; −0 adds nothing
         grad.mul_(grad_loss / ctx.n)
         return grad, None, None, None
 
@@ -195,14 +195,19 @@ class ShardedMarginClassifier(nn.Module):
         )
 
     # ------------------------------------------------------------------ forward
-    def _sample(self, local_pos: torch.Tensor) -> torch.Tensor:
-        """Sorted local row indices: all positives ∪ random negatives up to ``num_sample`` rows."""
-        positives = torch.unique(local_pos)
-        if positives.numel() >= self.num_sample:
-            return positives
+    def _sample(self, local: torch.Tensor, in_shard: torch.Tensor) -> torch.Tensor:
+        """Sorted local row indices: every positive of this shard ∪ random negatives, ``k`` rows in all, where
+        k = min(num_local, max(num_sample, global batch)) is known on the host: a batch never has more distinct
+        positives than samples, so all of them always fit, and nothing here waits for the device (no unique,
+        nonzero or boolean indexing: arcface_torch's PartialFC syncs on its ``torch.unique`` every step).
+        Against arcface_torch's variable-size set, a shard with more positives than ``num_sample`` gets some
+        negatives on top of them."""
+        k = min(self.num_local, max(self.num_sample, local.shape[0]))
+        hits = torch.zeros(self.num_local, device=self.weight.device)
+        hits.index_add_(0, local.clamp(0, self.num_local - 1), in_shard.to(hits.dtype))
         score = torch.rand(self.num_local, device=self.weight.device)
-        score[positives] = 2.0  # > any uniform draw: positives are always among the top k
-        return torch.topk(score, k=self.num_sample).indices.sort().values
+        score = torch.where(hits > 0, 2.0, score)  # > any uniform draw: positives are always among the top k
+        return torch.topk(score, k=k).indices.sort().values
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size or labels.shape != embeddings.shape[:1]:
@@ -235,7 +240,7 @@ class ShardedMarginClassifier(nn.Module):
         local = all_labels - self.class_start
         in_shard = (local >= 0) & (local < self.num_local)
         if self.num_sample < self.num_local:
-            index = self._sample(local[in_shard])
+            index = self._sample(local, in_shard)
             weight = self.weight[index]  # gradient flows into the full parameter (index_put backward)
             target = torch.where(
                 in_shard, torch.searchsorted(index, local.clamp(0, self.num_local - 1)), torch.full_like(local, -1)

@@ -68,7 +68,11 @@ def losses_of(tb_dir: Path) -> dict[str, list[float]]:
 
 
 def run_case(case: str, world: int, shards: Path, out: Path) -> dict[str, list[float]]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The recording's kernels: AVX2 for ATen and oneDNN. On an AVX-512 CPU (this machine kind's AMD EPYC varies:
+    # some have avx512_bf16) torch picks AVX-512 kernels whose float sums differ in the last bits, which 3 SGD
+    # steps grow to 1e-4 relative (measured 2026-12-05: HEAD 01e6669 itself then failed the recording); capped
+    # at AVX2, every machine of the kind reproduces it bit for bit. No-ops on an AVX2-only CPU.
+    env = dict(os.environ, OMP_NUM_THREADS="1", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     cmd = command(case, world, shards, out)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
