@@ -197,10 +197,15 @@ class ClassifierConfig:
     RANGES = {"sample_rate": "(0, 1]", "lr_scale": "[0, inf)"}  # field → valid interval (check_ranges)
     sample_rate: float = 1.0  # partial-FC negative sampling rate; positives are always kept
     lr_scale: float = 1.0  # classifier lr = optim.lr * lr_scale
+    # the cosine-logits matmul (batch × classes × D, the classifier's FLOPs): fp32 | bf16 (its inputs rounded to
+    # bf16, as arcface_torch's autocast does; the softmax stays fp32) | tf32 (CUDA's TF32 matmul; fp32 on the CPU)
+    logits: str = "fp32"
 
     def validate(self):
         if not 0.0 < self.sample_rate <= 1.0:
             raise Invalid("sample_rate", f"must be in (0, 1], got {self.sample_rate}")
+        if self.logits not in ("fp32", "bf16", "tf32"):
+            raise Invalid("logits", f"must be fp32, bf16 or tf32, got {self.logits!r}")
 
 
 @dataclass
@@ -211,6 +216,7 @@ class OptimConfig:
         "weight_decay": "[0, inf)",
         "grad_clip": "[0, inf)",
         "max_nonfinite_steps": "[1, inf)",
+        "reference_batch": "[0, inf)",
     }  # field → valid interval (check_ranges)
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.1
@@ -225,8 +231,15 @@ class OptimConfig:
     # console); after this many consecutive skipped steps (fp16 overflow skips included) the run stops with a
     # one-line error and exit code 3, keeping its last (finite) checkpoint.
     max_nonfinite_steps: int = 5
+    # The global batch `lr` is stated for (the paper's: the recipes set it). With scale_lr: true (the throughput
+    # layer, configs/throughput.yaml) the lr follows the actual global batch linearly (Goyal et al. 2017):
+    # lr × data.batch_size × world × grad_accum / reference_batch; false: `lr` as written, whatever the batch.
+    reference_batch: int = 0
+    scale_lr: bool = False
 
     def validate(self):
+        if self.scale_lr and self.reference_batch < 1:
+            raise Invalid("scale_lr", "needs optim.reference_batch (the global batch optim.lr is stated for) > 0")
         if self.name not in ("sgd", "adamw"):
             raise Invalid("name", f"unknown optimizer '{self.name}' (known: sgd, adamw)")
         if self.max_nonfinite_steps < 1:
@@ -394,13 +407,15 @@ class DeepSpeedConfig:
         "initial_scale_power": "[0, 40]",
     }  # field → valid interval (check_ranges)
     zero_stage: int = 1
-    precision: str = "fp32"  # fp32 | fp16 | bf16
+    # auto: bf16 on a CUDA device that has it (the fast path: arcface_torch trains under autocast), fp32 on the
+    # CPU; the trainer writes the precision it chose into the run's config.yaml. Or fp32 | fp16 | bf16.
+    precision: str = "auto"
     grad_accum: int = 1
     initial_scale_power: int = 16  # fp16: the dynamic loss scale starts at 2**this (DeepSpeed's default 16)
 
     def validate(self):
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise Invalid("precision", f"unknown precision '{self.precision}' (known: fp32, fp16, bf16)")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise Invalid("precision", f"unknown precision '{self.precision}' (known: auto, fp32, fp16, bf16)")
         if self.zero_stage not in (0, 1, 2):
             raise Invalid("zero_stage", f"must be 0, 1 or 2 (the classifier is already sharded), got {self.zero_stage}")
         if self.grad_accum < 1:

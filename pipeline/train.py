@@ -166,6 +166,7 @@ class Trainer:
         collectives.start_watchdog(cfg.collective_warn_s)
         self.rank, self.world = self.info.rank, self.info.world_size
         self.device = self.info.device
+        configure_backends(cfg, self.device)
         self.dtype = PRECISIONS[cfg.deepspeed.precision]
         self.out = Path(cfg.output.dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -183,6 +184,13 @@ class Trainer:
         self.steps_per_epoch = max(1, self.loader.steps_per_epoch // self.gas)  # optimizer steps
         self.global_batch = cfg.data.batch_size * self.world * self.gas  # samples per optimizer step
         self.total_steps = schedule.total_steps(cfg.schedule, self.steps_per_epoch)
+        self.base_lr = scaled_lr(cfg.optim, self.global_batch)  # optim.lr, or linearly scaled (optim.scale_lr)
+        if self.base_lr != cfg.optim.lr and distributed.is_main():
+            print(
+                f"[train] optim.scale_lr: lr {cfg.optim.lr:g} is stated for a global batch of "
+                f"{cfg.optim.reference_batch}; this run's is {self.global_batch}: lr {self.base_lr:g}",
+                flush=True,
+            )
 
         self.model = registry.build_recipe(cfg)
         margin = CombinedMargin(cfg.margin.s, cfg.margin.m1, cfg.margin.m2, cfg.margin.m3)
@@ -198,6 +206,7 @@ class Trainer:
             # sums each sample's gradient from all shards, so scale back up (as arcface_torch does).
             embedding_grad_scale=float(self.world),
             uniform_batch=True,  # every rank's loader yields full batches of data.batch_size
+            logits=cfg.classifier.logits,
         ).to(self.device)
 
         no_decay = self.model.no_weight_decay()
@@ -295,7 +304,7 @@ class Trainer:
 
     def _set_lr(self) -> float:
         factor = schedule.lr_factor(self.cfg.schedule, self.step / self.steps_per_epoch)
-        lr = self.cfg.optim.lr * factor
+        lr = self.base_lr * factor
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         for g in self.cls_optimizer.param_groups:
@@ -928,6 +937,38 @@ class Trainer:
                 proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"[train] scontrol requeue {job} failed: {proc.stderr.strip()}", file=sys.stderr, flush=True)
+
+
+def scaled_lr(optim, global_batch: int) -> float:
+    """``optim.lr``, or with ``optim.scale_lr`` the linear scaling rule: lr × global_batch / reference_batch."""
+    if optim.scale_lr:
+        return optim.lr * global_batch / optim.reference_batch
+    return optim.lr
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """``deepspeed.precision: auto`` → bf16 on a CUDA device that supports it, else fp32 (the CPU: DeepSpeed's
+    bf16 optimizer there is slower than fp32 and CPU autocast gains nothing); an explicit setting is kept."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    """The fast settings for ``device`` (issue 21): ``deepspeed.precision: auto`` resolved and written back into
+    the config (so config.yaml and checkpoints name the precision used); on CUDA, cuDNN autotuning
+    (``cudnn.benchmark``: fixed input shapes, as arcface_torch sets) and TF32 matmuls for ``classifier.logits:
+    tf32``."""
+    chosen = resolve_precision(cfg.deepspeed.precision, device)
+    if chosen != cfg.deepspeed.precision and distributed.is_main():
+        print(f"[train] deepspeed.precision: auto → {chosen} on {device.type}", flush=True)
+    cfg.deepspeed.precision = chosen
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if cfg.classifier.logits == "tf32":
+            torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls
 
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built on first use

@@ -62,9 +62,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config([write(tmp_path, "x.yaml", "a: [1,\n")])
 
 
+LAYERS = {"throughput.yaml"}  # stacked on a recipe, not a config on its own
+
+
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "configs").glob("*.yaml")):
-        load_config([path])
+        load_config([REPO / "configs" / "base.yaml", path] if path.name in LAYERS else [path])
 
 
 def test_train_cli_one_line_error(tmp_path):
@@ -175,3 +178,58 @@ def test_every_method_layer_loads_on_its_recipe(recipe, layers):
         head = yaml.safe_load(layer.read_text()).get("model", {}).get("head", {})
         for key, value in head.items():
             assert getattr(cfg.model.head, key) == value, (layer, key)
+
+
+def test_precision_auto_resolves_per_device_and_cuda_gets_its_fast_settings(monkeypatch):
+    """deepspeed.precision: auto (base.yaml) is fp32 on the CPU and bf16 on a CUDA device with bf16; an explicit
+    precision is kept; on CUDA cudnn.benchmark is switched on (and TF32 matmuls for classifier.logits: tf32)."""
+    import torch
+
+    from pipeline.train import configure_backends, resolve_precision
+
+    assert load_config([REPO / "configs/arcface_r50.yaml"]).deepspeed.precision == "auto"
+    assert load_config([REPO / "configs/lgaf_r100.yaml"]).deepspeed.precision == "fp16"  # the recipe's own
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    precision_before = torch.get_float32_matmul_precision()
+    cfg = load_config([REPO / "configs/arcface_r50.yaml"], ["classifier.logits=tf32"])
+    configure_backends(cfg, torch.device("cuda"))
+    assert cfg.deepspeed.precision == "bf16" and torch.backends.cudnn.benchmark is True
+    assert torch.get_float32_matmul_precision() == "high"
+    torch.set_float32_matmul_precision(precision_before)
+    cpu = load_config([REPO / "configs/arcface_r50.yaml"])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    configure_backends(cpu, torch.device("cpu"))
+    assert cpu.deepspeed.precision == "fp32" and torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.parametrize(
+    "recipe,paper_batch",
+    [
+        ("arcface_r50.yaml", 1024),
+        ("cqa_r100.yaml", 256),
+        ("iresnet_r100_ms1mv2.yaml", 128),
+        ("lgaf_r100.yaml", 512),
+        ("lrfr_r50_ms1m.yaml", 256),
+        ("scan_r50_ms1mv2.yaml", 128),
+        ("scan_r101_ms1mv2.yaml", 128),
+    ],
+)
+def test_recipes_keep_the_paper_and_the_throughput_layer_scales_it(recipe, paper_batch):
+    """Each GPU recipe states the global batch its lr is for (the paper's, = data.batch_size × 8 GPUs) and trains
+    with it as written; configs/throughput.yaml (not from the papers) trains 256/GPU with the lr scaled linearly."""
+    from pipeline.train import scaled_lr
+
+    paper = load_config([REPO / "configs" / recipe])
+    assert paper.optim.reference_batch == paper_batch == paper.data.batch_size * 8
+    assert not paper.optim.scale_lr and scaled_lr(paper.optim, 8 * paper.data.batch_size) == paper.optim.lr
+    fast = load_config([REPO / "configs" / recipe, REPO / "configs" / "throughput.yaml"])
+    assert fast.data.batch_size == 256 and fast.optim.scale_lr and fast.classifier.logits == "bf16"
+    assert fast.deepspeed.precision == "auto"
+    assert scaled_lr(fast.optim, 256 * 8) == pytest.approx(paper.optim.lr * 256 * 8 / paper_batch)
+    with pytest.raises(ConfigError, match="optim.scale_lr"):
+        load_config([REPO / "configs" / recipe], ["optim.scale_lr=true", "optim.reference_batch=0"])

@@ -311,3 +311,31 @@ def test_the_classifier_step_never_waits_for_the_device(rate):
     assert seen == [], seen
     if rate < 1.0:
         assert set(clf.last_sampled_index.tolist()) >= set(labels.tolist()) and len(clf.last_sampled_index) == 100
+
+
+def test_bf16_logits_match_fp32_within_the_measured_error():
+    """classifier.logits: bf16 rounds the matmul's inputs to bf16 (8-bit mantissa), the softmax stays fp32.
+    Measured over 10 seeds (2,000 classes, 128-d, batch 64, ArcFace s 64): loss ≤ 1.3e-4 relative, gradients
+    ≤ 1.3e-2 relative in norm. Bounds: 8× and 4× that. And the flag does something (bf16 ≠ fp32)."""
+    grad_changes = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        emb = torch.randn(64, 128)
+        labels = torch.randint(0, 2000, (64,))
+        got = {}
+        for mode in ("fp32", "bf16"):
+            torch.manual_seed(100)
+            clf = ShardedMarginClassifier(2000, 128, CombinedMargin(64.0, 1.0, 0.5, 0.0), logits=mode)
+            x = emb.clone().requires_grad_()
+            loss = clf(x, labels)
+            loss.backward()
+            assert loss.dtype == torch.float32
+            got[mode] = (loss.detach(), x.grad, clf.weight.grad)
+        (l32, e32, w32), (l16, e16, w16) = got["fp32"], got["bf16"]
+        assert float((l16 - l32).abs() / l32) <= 1e-3
+        assert float((e16 - e32).norm() / e32.norm()) <= 5e-2
+        grad_changes.append(float((e16 - e32).norm()))
+        assert float((w16 - w32).norm() / w32.norm()) <= 5e-2
+    assert max(grad_changes) > 0
+    with pytest.raises(Exception, match="classifier.logits"):
+        ShardedMarginClassifier(10, 8, CombinedMargin(), logits="fp8")

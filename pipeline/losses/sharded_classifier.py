@@ -161,6 +161,7 @@ class ShardedMarginClassifier(nn.Module):
         world_size: int | None = None,
         embedding_grad_scale: float = 1.0,
         uniform_batch: bool = False,
+        logits: str = "fp32",
     ):
         super().__init__()
         r, w = _world()
@@ -180,6 +181,9 @@ class ShardedMarginClassifier(nn.Module):
         self.sample_rate = float(sample_rate)
         self.embedding_grad_scale = float(embedding_grad_scale)
         self.uniform_batch = bool(uniform_batch)
+        if logits not in ("fp32", "bf16", "tf32"):
+            raise ConfigError(f"classifier.logits: must be fp32, bf16 or tf32, got {logits!r}")
+        self.logits_bf16 = logits == "bf16"  # tf32 is a CUDA backend switch (pipeline.train.configure_backends)
         self.class_start, end = shard_range(self.num_classes, rank, world_size)
         self.num_local = end - self.class_start
         self.num_sample = min(self.num_local, math.ceil(self.sample_rate * self.num_local))
@@ -251,7 +255,10 @@ class ShardedMarginClassifier(nn.Module):
             target = torch.where(in_shard, local, torch.full_like(local, -1))
             self.last_sampled_index = None
 
-        cosine = F.linear(F.normalize(all_emb.to(weight.dtype)), F.normalize(weight))
+        if self.logits_bf16:  # the matmul's inputs in bf16 (arcface_torch's autocast); the softmax below in fp32
+            cosine = F.linear(F.normalize(all_emb.float()).bfloat16(), F.normalize(weight.float()).bfloat16())
+        else:
+            cosine = F.linear(F.normalize(all_emb.to(weight.dtype)), F.normalize(weight))
         if cosine.dtype in (torch.float16, torch.bfloat16):  # e.g. under autocast: softmax in fp32
             cosine = cosine.float()
         logits = self.margin(cosine, target)
