@@ -473,6 +473,10 @@ def train_hash(cfg: Config, nproc: int) -> str:
     resolved = _non_default(cfg)
     for runner_managed in ("dir", "overwrite"):
         resolved.get("output", {}).pop(runner_managed, None)
+    if not cfg.optim.scale_lr:  # the batch the lr is stated for changes nothing unless the lr is scaled to it
+        resolved.get("optim", {}).pop("reference_batch", None)
+        if not resolved.get("optim", True):
+            resolved.pop("optim")
     return _digest({"config": resolved, "nproc": nproc})
 
 
