@@ -518,6 +518,7 @@ def read_yaml_mapping(path: Path, kind: str = "config", error: type[Exception] =
 
 
 PART_BLOCKS = ("model.conv", "model.head")  # blocks whose schema is chosen by their `kind`
+KIND_CHANGED = "#kind changed:"  # origin key prefix: the layer that changed a part block's kind
 
 
 def _merge(dst: dict, src: dict, origin: dict, source: str, prefix: str = "", replace: str = "") -> None:
@@ -532,6 +533,8 @@ def _merge(dst: dict, src: dict, origin: dict, source: str, prefix: str = "", re
         dotted = f"{prefix}{key}"
         old = dst.get(key)
         if isinstance(value, dict) and isinstance(old, dict) and dotted != replace:
+            if "kind" in value and "kind" in old and value["kind"] != old["kind"]:
+                origin[KIND_CHANGED + dotted] = source  # _part names both layers if an old option does not fit
             _merge(dst[key], value, origin, source, dotted + ".", replace)
         else:
             for stale in [k for k in origin if k.startswith(dotted + ".")]:
@@ -648,12 +651,13 @@ def _part(kind: str, block: Any, key: str, origin: dict):
     except ConfigError as exc:
         raise ConfigError(f"{where}: key {exc}") from None
     names = {f.name for f in dataclasses.fields(schema)}
+    changed_by = origin.get(KIND_CHANGED + key)
     for option in block:
         set_by = origin.get(f"{key}.{option}", "defaults")
-        if option not in names and key + "." + option not in RENAMED_KEYS and set_by != where:
+        if option not in names and key + "." + option not in RENAMED_KEYS and changed_by and set_by != changed_by:
             # written for another kind in an earlier layer; the kind changed after it (see _merge)
             raise ConfigError(
-                f"{set_by}: key '{key}.{option}' is not an option of {kind} kind '{block['kind']}' (set by {where}); "
+                f"{set_by}: key '{key}.{option}' is not an option of {kind} kind '{block['kind']}' (set by {changed_by}); "
                 f"remove it, or write {key}={{kind: {block['kind']}, ...}} on the command line to start the block afresh"
             )
     return from_dict(schema, block, origin, prefix=key + ".")
