@@ -566,6 +566,10 @@ def part_levers(args, sz: Sizes, device: torch.device, clock: Clock, tmp: Path) 
         "cudnn_benchmark": args.cudnn_benchmark,
         "compile": args.compile,
     }
+    if device.type == "cpu" and want["channels_last"]:  # a CUDA lever; on this CPU it can abort the process
+        log("levers: channels_last skipped on the CPU (its backward aborted torch 2.13's CPU kernels with heap "
+            "corruption on an AVX-512 EPYC: scripts/repro/channels_last_cpu_abort.py)")  # fmt: skip
+        want["channels_last"] = False
     on = [k for k, v in want.items() if v]
     configs = {"default": {}}
     for k in on:

@@ -49,7 +49,9 @@ def test_cpu_smoke_writes_every_section(tmp_path):
 
     # every lever (and all together) ran and has a ratio against the default
     variants = res["levers"]["variants"]
-    for name in ("default", "channels_last", "fused_sgd", "cudnn_benchmark", "compile", "all"):
+    # (channels_last is a CUDA lever: on the CPU its backward can abort torch 2.13, so the bench skips it there)
+    assert "channels_last" not in variants
+    for name in ("default", "fused_sgd", "cudnn_benchmark", "compile", "all"):
         assert variants[name]["speedup_vs_default"] is not None, (name, variants[name])
 
     scan = res["scan"]
