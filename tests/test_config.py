@@ -233,3 +233,23 @@ def test_recipes_keep_the_paper_and_the_throughput_layer_scales_it(recipe, paper
     assert scaled_lr(fast.optim, 256 * 8) == pytest.approx(paper.optim.lr * 256 * 8 / paper_batch)
     with pytest.raises(ConfigError, match="optim.scale_lr"):
         load_config([REPO / "configs" / recipe], ["optim.scale_lr=true", "optim.reference_batch=0"])
+
+
+def test_image_batches_are_channels_last_on_cuda_only():
+    """Issue 21: the trainer feeds NHWC image batches on CUDA and keeps NCHW on the CPU (where a channels-last
+    backward aborted torch 2.13); labels and other entries are untouched; the dtype follows the precision."""
+    import torch
+
+    from pipeline.train import batch_to_device, input_memory_format
+
+    assert input_memory_format(torch.device("cuda")) == torch.channels_last
+    assert input_memory_format(torch.device("cpu")) == torch.contiguous_format
+    images = torch.rand(2, 3, 8, 8)
+    on_cpu = batch_to_device(images, torch.device("cpu"), torch.bfloat16)
+    assert on_cpu.dtype == torch.bfloat16 and on_cpu.is_contiguous()
+    labels = torch.arange(2)
+    assert batch_to_device(labels, torch.device("cpu"), torch.bfloat16).dtype == torch.int64
+    assert batch_to_device("x", torch.device("cpu"), torch.float32) == "x"
+    # what the CUDA path does to a batch, shown on the CPU: the same values, NHWC strides
+    nhwc = images.contiguous(memory_format=input_memory_format(torch.device("cuda")))
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, images)
