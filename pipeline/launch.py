@@ -113,6 +113,7 @@ def train_task(argv: list[str], master_port: int | None = None) -> int:
         time.sleep(600)
         raise RuntimeError("the job was requeued but this run was not stopped by Slurm within 600 s")
     if rc:
+        train.kill_workers()  # submitit still writes its result; then the exit handlers must not wait on workers
         raise RuntimeError(f"pipeline.train exited with status {rc} on rank {env.global_rank} (see the task log)")
     return rc
 

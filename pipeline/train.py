@@ -1205,16 +1205,22 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def kill_workers() -> None:
+    """Kill this process's multiprocessing children (DataLoader workers, which ignore SIGTERM by design): after an
+    error nothing else would end them, and Python's exit handler joins them forever."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
 def exit_now(code: int) -> None:
     """End the process with ``code``. On an error, without Python's exit handlers: they join DataLoader workers
     (which ignore SIGTERM by design) forever and may wait on a dead peer's collective. The workers are killed
     first; torchrun / srun --kill-on-bad-exit then end the run's other ranks."""
     if code in (0, EXIT_STOPPED):
         sys.exit(code)
-    import multiprocessing
-
-    for child in multiprocessing.active_children():
-        child.kill()
+    kill_workers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
