@@ -1,12 +1,16 @@
-"""One run per folder: an exclusive ``flock`` on ``<folder>/.lock``, held for the life of the process.
+"""One run per folder: an exclusive POSIX record lock (``lockf``) on ``<folder>/.lock``, held for the life of the
+process.
 
 The operating system releases the lock when the holder dies (kill -9, OOM, a node reboot), so a killed run never
 blocks its own resume; a second process asking for a held folder gets a :class:`FolderLocked` whose one-line
 message names the holder (host, pid, start time) read from the lock file. Used by the trainer (rank 0, on
 ``output.dir``) and by the ablation runner (each cell folder).
 
-On Lustre/GPFS, ``flock`` is coherent across nodes only with the ``flock`` mount option (Lustre's default on
-recent releases); on a file system without it the lock still excludes processes of one node.
+Why ``lockf`` and not ``flock``: a ``flock`` belongs to the open file, which forked DataLoader workers share — a
+killed trainer's workers, still alive for a few seconds, kept its folder locked against its own resume. A POSIX
+lock belongs to the process and is not inherited by children. Its one trap — closing *any* descriptor of the
+file releases the process's lock — is why :func:`is_locked` never opens a folder this process holds. POSIX locks
+are also what NFS (lockd) and Lustre support across nodes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import socket
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+_HELD: set[str] = set()  # lock files this process holds (is_locked must not open them: see the module docstring)
 
 
 class FolderLocked(RuntimeError):
@@ -35,12 +40,16 @@ class FolderLock:
 
     def acquire(self) -> FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        held_here = str(self.path.resolve()) in _HELD  # POSIX locks never conflict within one process
+        fd = None if held_here else os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is None:
+                raise OSError("held by this process")
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = holder_text(self.path)
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             raise FolderLocked(
                 f"{self.folder}: another {self.what} is using this folder ({holder}); wait for it to end, stop it, "
                 "or choose another folder"
@@ -50,12 +59,14 @@ class FolderLock:
         os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started}).encode())
         os.fsync(fd)
         self._fd = fd
+        _HELD.add(str(self.path.resolve()))
         return self
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
+            os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
+            _HELD.discard(str(self.path.resolve()))
 
     @property
     def held(self) -> bool:
@@ -84,13 +95,15 @@ def is_locked(folder: str | Path) -> str | None:
     path = Path(folder) / LOCK_NAME
     if not path.exists():
         return None
+    if str(path.resolve()) in _HELD:  # ours: opening and closing it would release it
+        return f"host {socket.gethostname()}, pid {os.getpid()} (this process)"
     fd = os.open(path, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return holder_text(path)
     finally:
-        os.close(fd)
+        os.close(fd)  # (a lock taken by the test is released with it)
     return None
 
 
