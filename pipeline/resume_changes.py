@@ -2,7 +2,7 @@
 
 A change that breaks the run the checkpoint belongs to — what is trained (recipe, method, network, margin,
 classifier sampling), how (optimizer kind, precision, ZeRO stage) or on what, in which order (seed, dataset,
-batch and accumulation, loader and shuffling, augmentation) — is refused in one line naming the key and the
+accumulation, loader and shuffling, augmentation) — is refused in one line naming the key and the
 checkpoint's value, unless ``--resume-changes KEY`` accepts it (a key or any prefix of it: ``data.augment``).
 Every other change (learning rate, schedule length, evaluation sets, logging, ...) is accepted; the trainer prints
 each accepted change once and appends it to ``<output.dir>/resume_changes.jsonl``.
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-# Keys (and prefixes) whose change breaks the run a checkpoint belongs to.
+# Keys (and prefixes) whose change breaks the run a checkpoint belongs to. (data.batch_size is per rank: a resume
+# on another world size changes it; the trainer checks the global batch itself and names what it must be.)
 BREAKING = (
     "recipe",
     "method",
@@ -25,7 +26,6 @@ BREAKING = (
     "deepspeed.grad_accum",
     "seed",
     "data.train",
-    "data.batch_size",
     "data.num_workers",
     "data.shuffle_buffer",
     "data.loader",
