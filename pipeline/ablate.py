@@ -90,6 +90,7 @@ import yaml
 from data_prep.manifest import DataError, read_manifest
 from pipeline.checkpoint import latest_or_none, load_json, save_json
 from pipeline.config import Config, ConfigError, dump_config, load_config, parse_override, read_yaml_mapping
+from pipeline.progress import hms
 from pipeline.runlock import FolderLock, FolderLocked, die_with_parent, is_locked
 
 METRICS = ("accuracy", "accuracy_noflip", "auc")  # what the table may report; all are fractions, shown in %
@@ -928,6 +929,12 @@ def eq8_mse_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, fl
     evaluation set's first 256 images without and with 10 / 30 / 50 % of the channels dropped at test time at
     ``layer3.branch`` (the same seeded masks for every network of one width): ``eq8_mse@0.1`` … — low = the
     network tolerates losing channels there, the paper's claim for LCD. Any iresnet network (the baseline too)."""
+    return eq8_sweep(net, ctx, "eq8_mse")
+
+
+def eq8_sweep(net, ctx: DiagnosticContext, name: str) -> dict[str, float]:
+    """Eq. 8 at every EQ8_FRACTIONS on the first evaluation set's first EQ8_IMAGES images, ``{name@frac: mse}``
+    (L2-normalised embeddings; the same seeded masks for every network of one width)."""
     import torch
 
     from pipeline.eval.verify import to_model_input
@@ -938,7 +945,7 @@ def eq8_mse_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, fl
     out = {}
     for frac in EQ8_FRACTIONS:
         res = eq8_mse(net, batch, frac, "layer3.branch", torch.Generator(device=ctx.device).manual_seed(0))
-        out[f"eq8_mse@{frac}"] = float(res["mse_unit"])
+        out[f"{name}@{frac}"] = float(res["mse_unit"])
     return out
 
 
@@ -950,21 +957,12 @@ def eq8_mse_thetabar_diagnostic(net, cfg: Config, ctx: DiagnosticContext) -> dic
     mean scale of the branch, not its reading of the dropped channels. Nothing for a network without SAM."""
     import copy
 
-    import torch
-
-    from pipeline.eval.verify import to_model_input
-    from pipeline.models.lcd import eq8_mse, freeze_sam_to_mean
+    from pipeline.models.lcd import freeze_sam_to_mean
 
     frozen = copy.deepcopy(net)
     if not freeze_sam_to_mean(frozen, fixed_faces(ctx)):
         return {}
-    images, _ = ctx.eval_sets[0].load(ctx.input_size)
-    batch = to_model_input(images[:EQ8_IMAGES]).to(ctx.device)
-    out = {}
-    for frac in EQ8_FRACTIONS:
-        res = eq8_mse(frozen, batch, frac, "layer3.branch", torch.Generator(device=ctx.device).manual_seed(0))
-        out[f"eq8_mse_thetabar@{frac}"] = float(res["mse_unit"])
-    return out
+    return eq8_sweep(frozen, ctx, "eq8_mse_thetabar")
 
 
 FIXED_FACES = 256  # occlusion_locality / validation_monitors: distinct faces of the first evaluation set
@@ -1069,13 +1067,6 @@ def plan_resources(spec: Spec, cells: list[Cell], jobs: int | None, cells_to_run
     return Plan(jobs, threads, tuple(gpu_sets) if gpus else ())
 
 
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 class Progress:
     """Cells done / total and an ETA from the mean wall time of the cells finished in this run."""
 
@@ -1099,7 +1090,7 @@ class Progress:
         eta = sum(self.walls) / len(self.walls) * math.ceil(left / self.jobs) if left else 0.0
         self.say(
             f"[ablate] {self.done}/{self.total} cells done; {cell.label}: {describe_record(record)} "
-            f"in {wall:.0f} s; ETA {_hms(eta)}"
+            f"in {wall:.0f} s; ETA {hms(eta)}"
         )
 
     def close(self) -> None:

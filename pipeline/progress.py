@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -11,7 +12,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """``H:MM:SS`` (``?`` when unknown): elapsed times and ETAs of the trainer, the runner and these lines."""
+    if not math.isfinite(seconds):
+        return "?"
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
@@ -36,8 +40,8 @@ def progress(
             last = now
             eta = (now - started) / done * (total - done)
             print(
-                f"{desc}: {done}/{total} {unit}es ({100 * done / total:.0f} %), elapsed {_hms(now - started)}, "
-                f"ETA {_hms(eta)}",
+                f"{desc}: {done}/{total} {unit}es ({100 * done / total:.0f} %), elapsed {hms(now - started)}, "
+                f"ETA {hms(eta)}",
                 file=sys.stderr,
                 flush=True,
             )

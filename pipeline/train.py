@@ -31,6 +31,7 @@ from pipeline import checkpoint as ckpt
 from pipeline import collectives, distributed, registry, resume_changes, schedule
 from pipeline.config import Config, ConfigError, dump_config, load_config, to_dict
 from pipeline.grad_probe import TermGradients
+from pipeline.progress import hms
 from pipeline.runlock import FolderLock, FolderLocked
 
 # Exit codes of `python -m pipeline.train` (README "Reliability"): 0 the run reached its last step; 2 a
@@ -539,7 +540,7 @@ class Trainer:
         print(
             f"[train] step {self.step}/{self.total_steps} epoch {self.step / self.steps_per_epoch:.2f} "
             f"loss {means['loss/total']:.4f} lr {float(terms['_lr']):.4g} {samples_per_s:.1f} samples/s "
-            f"elapsed {_hms(elapsed)} eta {_hms(eta)}",
+            f"elapsed {hms(elapsed)} eta {hms(eta)}",
             flush=True,
         )
 
@@ -1054,13 +1055,6 @@ def floor_warnings(
             warned.add(name)
             lines.append(f"[train] warning: step {step}: monitor/{name} = {value:.3g} < {floor:g}: {why}")
     return lines
-
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class TrainingDiverged(RuntimeError):

@@ -86,6 +86,25 @@ def markdown_table(md: str, section: str) -> tuple[list[str], list[list[str]]]:
     return table[0], table[2:]
 
 
+def report_spec(tmp_path: Path, arms: list[str]):
+    """A 3-seed spec over base.yaml with one eval set, for report tests that make up the cells' records."""
+    dummy_bin = tmp_path / "set.bin"
+    dummy_bin.write_bytes(b"")  # the spec checks that eval files exist; nothing reads it here
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "config": [str(REPO / "configs" / "base.yaml")],
+                "arms": arms,
+                "seeds": [0, 1, 2],
+                "budget": {"schedule.max_steps": 3},
+                "eval": [{"name": "lfw", "bin": str(dummy_bin)}],
+            }
+        )
+    )
+    return load_spec(spec_path)
+
+
 def markdown_rows(md: str, section: str) -> list[list[str]]:
     return markdown_table(md, section)[1]
 
@@ -175,21 +194,7 @@ def test_aggregation_against_a_hand_computation(tmp_path):
     assert "ref" not in out["paired"]
 
     # the same through the report and its Markdown, with a failed and a missing cell beside them
-    dummy_bin = tmp_path / "set.bin"
-    dummy_bin.write_bytes(b"")  # the spec checks that eval files exist; nothing reads it here
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(
-        yaml.safe_dump(
-            {
-                "config": [str(REPO / "configs" / "base.yaml")],
-                "arms": ["ref", "new", "one"],
-                "seeds": [0, 1, 2],
-                "budget": {"schedule.max_steps": 3},
-                "eval": [{"name": "lfw", "bin": str(dummy_bin)}],
-            }
-        )
-    )
-    spec = load_spec(spec_path)
+    spec = report_spec(tmp_path, ["ref", "new", "one"])
     records = [
         {"index": 3 * a + s, "arm": arm, "seed": s, "status": "ok", "metrics": {"lfw": {"accuracy": v}}}
         for a, (arm, vs) in enumerate(acc.items())
@@ -649,21 +654,7 @@ def test_parameter_count_is_the_built_networks():
 
 
 def test_resolved_list_under_each_table(tmp_path):
-    dummy_bin = tmp_path / "set.bin"
-    dummy_bin.write_bytes(b"")
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(
-        yaml.safe_dump(
-            {
-                "config": [str(REPO / "configs" / "base.yaml")],
-                "arms": ["ref", "up", "flat"],
-                "seeds": [0, 1, 2],
-                "budget": {"schedule.max_steps": 3},
-                "eval": [{"name": "lfw", "bin": str(dummy_bin)}],
-            }
-        )
-    )
-    spec = load_spec(spec_path)
+    spec = report_spec(tmp_path, ["ref", "up", "flat"])
     acc = {"ref": [0.90, 0.92, 0.91], "up": [0.95, 0.96, 0.955], "flat": [0.93, 0.90, 0.91]}
     records = [
         {"index": 3 * a + s, "arm": arm, "seed": s, "status": "ok", "metrics": {"lfw": {"accuracy": v}}}
