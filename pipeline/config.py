@@ -76,18 +76,20 @@ RENAMED_BACKBONE_PREFIX = ("scan_", "model.backbone: {plain} with model.conv: {{
 
 # --------------------------------------------------------------------------- ranges
 
-_RANGE_RE = re.compile(r"^([\[(])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\])])$")
+_RANGE_RE = re.compile(r"^([\[(])\s*([^,]+?)\s*,\s*([^,\])]+?)\s*([\])])(?:\s*:\s*(.+))?$")
 
 
 @dataclass(frozen=True)
 class Range:
-    """An interval written as in mathematics: ``"[0, 1)"``, ``"(0, inf)"``, ``"[16, inf)"``, ``"[0, pi)"``."""
+    """An interval written as in mathematics: ``"[0, 1)"``, ``"(0, inf)"``, ``"[16, inf)"``, ``"[0, pi)"``; after a
+    colon, why (``"[0, inf): 0 disables"``), which the error message repeats."""
 
     low: float
     high: float
     low_closed: bool
     high_closed: bool
     text: str
+    note: str = ""
 
     def __contains__(self, value: float) -> bool:
         above = value >= self.low if self.low_closed else value > self.low
@@ -100,8 +102,9 @@ def parse_range(text: str) -> Range:
     if not m:
         raise ValueError(f"not an interval: {text!r}")
     value = {"inf": math.inf, "-inf": -math.inf, "pi": math.pi}
-    low, high = (value.get(v, None) if v in value else float(v) for v in (m.group(2), m.group(3)))
-    return Range(low, high, m.group(1) == "[", m.group(4) == "]", text.strip())
+    low, high = (value[v] if v in value else float(v) for v in (m.group(2), m.group(3)))
+    interval = f"{m.group(1)}{m.group(2)}, {m.group(3)}{m.group(4)}"
+    return Range(low, high, m.group(1) == "[", m.group(4) == "]", interval, m.group(5) or "")
 
 
 def field_ranges(cls: type) -> dict[str, Range]:
@@ -121,7 +124,8 @@ def check_ranges(obj) -> None:
     for name, rng in field_ranges(type(obj)).items():
         value = getattr(obj, name, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in rng:
-            raise Invalid(name, f"must be in {rng.text}, got {value}")
+            why = f" ({rng.note})" if rng.note else ""
+            raise Invalid(name, f"must be in {rng.text}{why}, got {value}")
 
 
 # --------------------------------------------------------------------------- schema
@@ -158,12 +162,6 @@ class ModelConfig:
     init_from: str = ""
     initialised_from: str = ""
 
-    def validate(self):
-        if self.width <= 0:
-            raise Invalid("width", f"must be > 0, got {self.width}")
-        if self.input_size < 16:
-            raise Invalid("input_size", f"must be >= 16, got {self.input_size}")
-
 
 @dataclass
 class MarginConfig:
@@ -181,16 +179,6 @@ class MarginConfig:
     m2: float = 0.5
     m3: float = 0.0
 
-    def validate(self):
-        if not self.s > 0:
-            raise Invalid("s", f"must be > 0, got {self.s}")
-        if not self.m1 > 0:
-            raise Invalid("m1", f"must be > 0, got {self.m1}")
-        if not 0.0 <= self.m2 < math.pi:
-            raise Invalid("m2", f"must be in [0, pi), got {self.m2}")
-        if not self.m3 >= 0.0:
-            raise Invalid("m3", f"must be >= 0, got {self.m3}")
-
 
 @dataclass
 class ClassifierConfig:
@@ -202,8 +190,6 @@ class ClassifierConfig:
     logits: str = "fp32"
 
     def validate(self):
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise Invalid("sample_rate", f"must be in (0, 1], got {self.sample_rate}")
         if self.logits not in ("fp32", "bf16", "tf32"):
             raise Invalid("logits", f"must be fp32, bf16 or tf32, got {self.logits!r}")
 
@@ -242,8 +228,6 @@ class OptimConfig:
             raise Invalid("scale_lr", "needs optim.reference_batch (the global batch optim.lr is stated for) > 0")
         if self.name not in ("sgd", "adamw"):
             raise Invalid("name", f"unknown optimizer '{self.name}' (known: sgd, adamw)")
-        if self.max_nonfinite_steps < 1:
-            raise Invalid("max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
         b = self.betas
         if (
             not isinstance(b, list)
@@ -279,9 +263,7 @@ class ScheduleConfig:
     def validate(self):
         if self.kind not in ("step", "poly", "cosine"):
             raise Invalid("kind", f"unknown schedule '{self.kind}' (known: step, poly, cosine)")
-        if self.epochs <= 0:
-            raise Invalid("epochs", f"must be > 0, got {self.epochs}")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+        if self.warmup_epochs >= self.epochs:
             raise Invalid("warmup_epochs", f"must be in [0, epochs), got {self.warmup_epochs}")
         if list(self.milestones) != sorted(self.milestones):
             raise Invalid("milestones", f"must be increasing, got {self.milestones}")
@@ -298,13 +280,13 @@ class AugmentConfig:
     """One augmentation spec shared by the DALI and the torch loader."""
 
     RANGES = {
-        "flip": "[0, 1]",
-        "multires_p": "[0, 1]",
-        "crop_p": "[0, 1]",
-        "blur_p": "[0, 1]",
-        "photometric_p": "[0, 1]",
-        "lowres_p": "[0, 1]",
-        "cutout_p": "[0, 1]",
+        "flip": "[0, 1]: a probability",
+        "multires_p": "[0, 1]: a probability",
+        "crop_p": "[0, 1]: a probability",
+        "blur_p": "[0, 1]: a probability",
+        "photometric_p": "[0, 1]: a probability",
+        "lowres_p": "[0, 1]: a probability",
+        "cutout_p": "[0, 1]: a probability",
         "brightness": "[0, inf)",
         "contrast": "[0, inf)",
         "saturation": "[0, inf)",
@@ -334,13 +316,6 @@ class AugmentConfig:
     _LOWRES_INTERPS = ("nearest", "linear", "cubic", "lanczos")  # not a field (no annotation)
 
     def validate(self):
-        for name in ("flip", "multires_p", "crop_p", "blur_p", "photometric_p", "lowres_p", "cutout_p"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise Invalid(name, f"a probability must lie in [0, 1], got {v}")
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise Invalid(name, f"must be >= 0, got {getattr(self, name)}")
         sizes, weights = self.multires_sizes, self.multires_weights
         if not sizes or len(sizes) != len(weights):
             raise Invalid("multires_weights", f"needs one weight per size in multires_sizes, got {weights} for {sizes}")
@@ -391,18 +366,12 @@ class DataConfig:
     def validate(self):
         if self.loader not in ("auto", "torch", "dali"):
             raise Invalid("loader", f"unknown loader '{self.loader}' (known: auto, torch, dali)")
-        if self.batch_size < 1:
-            raise Invalid("batch_size", f"must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise Invalid("num_workers", f"must be >= 0, got {self.num_workers}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise Invalid("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclass
 class DeepSpeedConfig:
     RANGES = {
-        "zero_stage": "[0, 2]",
+        "zero_stage": "[0, 2]: the classifier is already sharded",
         "grad_accum": "[1, inf)",
         "initial_scale_power": "[0, 40]",
     }  # field → valid interval (check_ranges)
@@ -416,10 +385,6 @@ class DeepSpeedConfig:
     def validate(self):
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise Invalid("precision", f"unknown precision '{self.precision}' (known: auto, fp32, fp16, bf16)")
-        if self.zero_stage not in (0, 1, 2):
-            raise Invalid("zero_stage", f"must be 0, 1 or 2 (the classifier is already sharded), got {self.zero_stage}")
-        if self.grad_accum < 1:
-            raise Invalid("grad_accum", f"must be >= 1, got {self.grad_accum}")
 
 
 @dataclass
@@ -427,8 +392,8 @@ class OutputConfig:
     RANGES = {
         "log_every": "[1, inf)",
         "checkpoint_every": "[1, inf)",
-        "eval_every": "[0, inf)",
-        "histogram_every": "[0, inf)",
+        "eval_every": "[0, inf): 0 disables",
+        "histogram_every": "[0, inf): 0 disables",
         "keep_checkpoints": "[1, inf)",
     }  # field → valid interval (check_ranges)
     dir: str = "runs/default"
@@ -440,14 +405,6 @@ class OutputConfig:
     # A fresh run (no --resume) refuses an output.dir that already holds a run; `overwrite: true` clears its
     # checkpoints/ and tb/ first.
     overwrite: bool = False
-
-    def validate(self):
-        for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise Invalid(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "histogram_every"):
-            if getattr(self, key) < 0:
-                raise Invalid(key, f"must be >= 0 (0 disables), got {getattr(self, key)}")
 
 
 @dataclass
@@ -487,9 +444,7 @@ class Config:
             )
         if self.device not in ("auto", "cpu", "cuda"):
             raise Invalid("device", f"must be auto, cpu or cuda, got '{self.device}'")
-        if self.collective_timeout_s < 10:
-            raise Invalid("collective_timeout_s", f"must be >= 10, got {self.collective_timeout_s}")
-        if not 1 <= self.collective_warn_s < self.collective_timeout_s:
+        if self.collective_warn_s >= self.collective_timeout_s:
             raise Invalid("collective_warn_s", f"must be in [1, collective_timeout_s), got {self.collective_warn_s}")
 
 

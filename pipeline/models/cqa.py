@@ -58,7 +58,7 @@ class CQAOptions(PartOptions):
 
     RANGES = {
         "embedding_size": "[1, inf)",
-        "branches": "[2, inf)",
+        "branches": "[2, inf): CAL compares pairs of branches",
         "lanet_reduction": "[1, inf)",
         "cal_weight": "[0, inf)",
         "cal_sigma": "(0, inf)",
@@ -86,23 +86,10 @@ class CQAOptions(PartOptions):
     out_bn: bool = False
 
     def validate(self):
-        if self.branches < 2:
-            raise Invalid("branches", f"must be >= 2 (CAL compares pairs of branches), got {self.branches}")
-        if self.embedding_size < 1:
-            raise Invalid("embedding_size", f"must be >= 1, got {self.embedding_size}")
         if self.diversity not in DIVERSITY:
             raise Invalid("diversity", f"must be one of {', '.join(DIVERSITY)}, got '{self.diversity}'")
         if self.cal_distance not in DISTANCES:
             raise Invalid("cal_distance", f"must be one of {', '.join(DISTANCES)}, got '{self.cal_distance}'")
-        if self.cal_sigma <= 0:
-            raise Invalid("cal_sigma", f"must be > 0, got {self.cal_sigma}")
-        if self.cal_weight < 0:
-            raise Invalid("cal_weight", f"must be >= 0, got {self.cal_weight}")
-        if not 0.0 <= self.dropout_p < 1.0:
-            raise Invalid("dropout_p", f"must be in [0, 1), got {self.dropout_p}")
-        for key in ("lanet_reduction", "qan_reduction"):
-            if getattr(self, key) < 1:
-                raise Invalid(key, f"must be >= 1, got {getattr(self, key)}")
 
 
 # --------------------------------------------------------------------------- the losses on the maps

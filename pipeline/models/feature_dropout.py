@@ -86,12 +86,8 @@ class DropBlockOptions(InsertOptions):
     ramp_steps: int = 0  # Scheduled DropBlock: keep_prob 1 → keep_prob linearly over this many training calls
 
     def validate(self):
-        if not 0.0 < self.keep_prob <= 1.0:
-            raise Invalid("keep_prob", f"must be in (0, 1], got {self.keep_prob}")
         if self.block_size < 1 or self.block_size % 2 != 1:
             raise Invalid("block_size", f"must be an odd integer >= 1, got {self.block_size}")
-        if self.ramp_steps < 0:
-            raise Invalid("ramp_steps", f"must be >= 0, got {self.ramp_steps}")
 
 
 def dropblock_seed_rate(keep_prob: float, block_size: int, height: int, width: int) -> float:
@@ -172,10 +168,6 @@ class SpatialDropoutOptions(InsertOptions):
     at: str = "layer3.branch"
     p: float = 0.3  # [C] LCD's expected dropped fraction
 
-    def validate(self):
-        if not 0.0 <= self.p < 1.0:
-            raise Invalid("p", f"must be in [0, 1), got {self.p}")
-
 
 class SpatialDropout(Insert):
     """Whole channels zeroed i.i.d. with probability p per sample, kept ones × 1/(1-p) (``nn.Dropout2d``)."""
@@ -214,12 +206,6 @@ class WCDOptions(InsertOptions):
     wrs_ratio: float = 0.8  # r: fraction of channels WRS selects, M = ⌊r·c⌋
     rng_keep: float = 0.9  # q: probability that the RNG step keeps a WRS-selected channel
     rescale: bool = True  # kept channels × Σ score / Σ_kept score
-
-    def validate(self):
-        if not 0.0 < self.wrs_ratio <= 1.0:
-            raise Invalid("wrs_ratio", f"must be in (0, 1], got {self.wrs_ratio}")
-        if not 0.0 < self.rng_keep <= 1.0:
-            raise Invalid("rng_keep", f"must be in (0, 1], got {self.rng_keep}")
 
 
 def wcd_keep_mask(scores: torch.Tensor, selected: int, rng_keep: float) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from pipeline import registry
-from pipeline.config import Invalid, PartOptions
+from pipeline.config import PartOptions
 from pipeline.models.network import ConvKind, FaceNetwork, Head, InsertPoint, PointInfo, Trace, call
 
 LAYERS = {
@@ -252,12 +252,6 @@ class FCHeadOptions(PartOptions):
 
     embedding_size: int = 512
     dropout: float = 0.0
-
-    def validate(self):
-        if self.embedding_size < 1:
-            raise Invalid("embedding_size", f"must be >= 1, got {self.embedding_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise Invalid("dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 class FCHead(Head):

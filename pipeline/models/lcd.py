@@ -356,27 +356,14 @@ class LCDOptions(InsertOptions):
     masked_next_bn: bool = False
 
     def validate(self):
-        if not 0.0 <= self.drop_min <= 1.0:
-            raise Invalid("drop_min", f"must be in [0, 1], got {self.drop_min}")
-        if not self.drop_min <= self.drop_max <= 1.0:
+        if self.drop_max < self.drop_min:
             raise Invalid("drop_max", f"must be in [drop_min ({self.drop_min}), 1], got {self.drop_max}")
-        for key in ("sr_filter_weight", "sr_response_weight"):
-            if getattr(self, key) < 0:
-                raise Invalid(key, f"must be >= 0, got {getattr(self, key)}")
         if self.sr_reduction not in REDUCTIONS:
             raise Invalid("sr_reduction", f"must be one of {', '.join(REDUCTIONS)}, got {self.sr_reduction!r}")
         if self.sr_response_fn not in RESPONSE_FNS:
             raise Invalid("sr_response_fn", f"must be one of {', '.join(RESPONSE_FNS)}, got {self.sr_response_fn!r}")
-        if not self.sr_eps > 0:
-            raise Invalid("sr_eps", f"must be > 0, got {self.sr_eps}")
-        if self.sam_channels < 1:
-            raise Invalid("sam_channels", f"must be >= 1, got {self.sam_channels}")
-        if not self.sam_hidden_ratio > 0:
-            raise Invalid("sam_hidden_ratio", f"must be > 0, got {self.sam_hidden_ratio}")
         if self.sam_gate not in GATES:
             raise Invalid("sam_gate", f"must be one of {', '.join(GATES)}, got {self.sam_gate!r}")
-        if self.maps < 0:
-            raise Invalid("maps", f"must be >= 0, got {self.maps}")
         if self.masked_next_bn and not re.fullmatch(r"layer\d+", self.at):
             raise Invalid(
                 "masked_next_bn",

@@ -83,7 +83,7 @@ class LGAFOptions(PartOptions):
         "embedding_size": "[1, inf)",
         "dropout": "[0, 1)",
         "heads": "[1, inf)",
-        "scale_channels": "[0, inf)",
+        "scale_channels": "[0, inf): 0 = C // heads",
         "lanet_reduction": "[1, inf)",
         "se_reduction": "[1, inf)",
         "h": "(0, inf)",
@@ -122,9 +122,7 @@ class LGAFOptions(PartOptions):
             raise Invalid("fusion", f"must be one of {', '.join(FUSIONS)}, got '{self.fusion}'")
         if self.quality not in QUALITIES:
             raise Invalid("quality", f"must be one of {', '.join(QUALITIES)}, got '{self.quality}'")
-        if self.heads < 1:
-            raise Invalid("heads", f"must be >= 1, got {self.heads}")
-        if self.embedding_size < 1 or self.embedding_size % self.heads:
+        if self.embedding_size % self.heads:
             raise Invalid(
                 "embedding_size",
                 f"must be a positive multiple of heads={self.heads} (each head emits D/b; eq. 10 adds D-dim "
@@ -132,17 +130,6 @@ class LGAFOptions(PartOptions):
             )
         if not self.kernels or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in self.kernels):
             raise Invalid("kernels", f"must be odd positive integers, got {self.kernels}")
-        if self.scale_channels < 0:
-            raise Invalid("scale_channels", f"must be >= 0 (0 = C // heads), got {self.scale_channels}")
-        for key in ("lanet_reduction", "se_reduction", "iaff_reduction"):
-            if getattr(self, key) < 1:
-                raise Invalid(key, f"must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise Invalid("dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.h <= 0:
-            raise Invalid("h", f"must be > 0, got {self.h}")
-        if not 0.0 < self.ema_alpha <= 1.0:
-            raise Invalid("ema_alpha", f"must be in (0, 1], got {self.ema_alpha}")
         init = self.ema_init
         if isinstance(init, str):
             if init not in EMA_INITS:
@@ -154,8 +141,6 @@ class LGAFOptions(PartOptions):
             or not init[1] > 0
         ):
             raise Invalid("ema_init", f"expects adaface, first_batch or [mean, std] with std > 0, got {init!r}")
-        if self.std_eps < 0:
-            raise Invalid("std_eps", f"must be >= 0, got {self.std_eps}")
 
 
 # --------------------------------------------------------------------------- MHMS: b MSNet heads

@@ -325,9 +325,9 @@ class ScanConvOptions(PartOptions):
 
     RANGES = {
         "rmo_weight": "[0, inf)",
-        "rmo_lambda": "[0, inf)",
+        "rmo_lambda": "(0, inf)",
         "gamma_m": "[0, inf)",
-        "t_min": "(0, inf)",
+        "t_min": "(0, 1)",
         "t_init": "(0, inf)",
     }  # field → valid interval (pipeline.config.check_ranges)
 
@@ -345,16 +345,10 @@ class ScanConvOptions(PartOptions):
     t_density_png: bool = True  # write t_density.png at every checkpoint
 
     def validate(self):
-        if not 0.0 < self.t_min < 1.0:
-            raise Invalid("t_min", f"must be in (0, 1), got {self.t_min}")
         if self.t_init <= self.t_min:
             raise Invalid("t_init", f"must be > t_min ({self.t_min}), got {self.t_init}")
         if self.rmo_on not in ("ku", "ks"):
             raise Invalid("rmo_on", f"must be 'ku' or 'ks', got {self.rmo_on!r}")
-        if self.rmo_weight < 0:
-            raise Invalid("rmo_weight", f"must be >= 0, got {self.rmo_weight}")
-        if self.rmo_lambda <= 0:
-            raise Invalid("rmo_lambda", f"must be > 0, got {self.rmo_lambda}")
 
 
 class ScanConvKind(ConvKind):

@@ -76,9 +76,6 @@ class LRFRConfig:
             raise Invalid("form", f"must be 'paper' or 'released', got '{self.form}'")
         if self.form == "released" and self.distance != "logexp":
             raise Invalid("form", f"'released' is the authors' LogExp; distance is '{self.distance}'")
-        for key in ("lambda_dist", "cls_weight_hr", "cls_weight_lr"):
-            if getattr(self, key) < 0:
-                raise Invalid(key, f"must be >= 0, got {getattr(self, key)}")
 
     def validate_with(self, cfg):
         if not cfg.data.augment.paired:
