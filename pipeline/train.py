@@ -508,7 +508,8 @@ class Trainer:
 
     def _log(self, terms: dict, samples_per_s: float) -> None:
         scalars = {f"loss/{k}": v for k, v in terms.items() if not k.startswith("_")}
-        scalars.update({f"monitor/{k}": torch.as_tensor(v).detach().float().mean() for k, v in self._scalars.items()})
+        monitors = {**self.model.parameter_monitors(), **self._scalars}
+        scalars.update({f"monitor/{k}": torch.as_tensor(v).detach().float().mean() for k, v in monitors.items()})
         scalars.update(getattr(self, "_grad_probe", {}))
         self._grad_probe = {}
         cls_norm = getattr(self, "_cls_grad_norm", None)

@@ -52,6 +52,9 @@ class Trace:
         self.probing = probe
         self.maps: dict[str, torch.Tensor] = {}  # name → (N, 1, h, w), probe traces only
         self.sample_values: dict[str, torch.Tensor] = {}  # name → (N,), probe traces only
+        # per-call working state of network-wide parts (ConvKind.begin/end: e.g. SCAN's kernels built for every
+        # layer at once), keyed by the part; gone with the trace
+        self.state: dict[str, object] = {}
 
     def add_loss(self, name: str, value: torch.Tensor) -> None:
         self._losses.setdefault(name, []).append(value)
@@ -123,7 +126,14 @@ class ConvKind:
     def conv3x3(self, in_planes: int, out_planes: int, stride: int = 1) -> nn.Module:
         return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
+    def begin(self, net: nn.Module, trace: Trace) -> None:
+        """Before a training forward's trunk: work shared by all the convs (e.g. every kernel built at once)."""
+
+    def end(self, net: nn.Module, trace: Trace) -> None:
+        """After a training forward's trunk: losses over all the convs at once (e.g. SCAN's eq. 7 sum)."""
+
     def monitors(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        """Values of the convs' parameters (not of a batch), logged as ``monitor/<name>`` at log steps only."""
         return {}
 
     def histograms(self, net: nn.Module) -> dict[str, torch.Tensor]:
@@ -227,12 +237,13 @@ class FaceNetwork(nn.Module):
 
     def forward(self, images: torch.Tensor) -> NetOutput:
         trace = Trace() if self.training and torch.is_grad_enabled() else None
-        feats = self.trunk(images, trace, self._keep)
-        emb = self.head(feats, trace)
         if trace is None:
-            return NetOutput(emb)
-        monitors = {**self.conv_kind.monitors(self), **trace.monitors}
-        return NetOutput(emb, trace.aux_losses(), monitors, trace.histograms, trace.watched)
+            return NetOutput(self.head(self.trunk(images, None, self._keep), None))
+        self.conv_kind.begin(self, trace)
+        feats = self.trunk(images, trace, self._keep)
+        self.conv_kind.end(self, trace)
+        emb = self.head(feats, trace)
+        return NetOutput(emb, trace.aux_losses(), trace.monitors, trace.histograms, trace.watched)
 
     @torch.no_grad()
     def probe(self, images: torch.Tensor) -> Trace:
@@ -258,6 +269,12 @@ class FaceNetwork(nn.Module):
     def parts(self) -> list[nn.Module]:
         """The head and every insert (the modules with their own histograms / checkpoint hooks)."""
         return [self.head] + [m for m in self.modules() if isinstance(m, Insert)]
+
+    @torch.no_grad()
+    def parameter_monitors(self) -> dict[str, torch.Tensor]:
+        """Monitors that depend on the parameters only (the conv kind's, e.g. SCAN's t statistics): the trainer
+        logs them at log steps, so that no training step pays for them (issue 21)."""
+        return self.conv_kind.monitors(self)
 
     def histograms(self) -> dict[str, torch.Tensor]:
         out = dict(self.conv_kind.histograms(self))

@@ -59,14 +59,23 @@ the collapse toward 0 that the ablation is about). The floor keeps ``exp(-d²/(2
 **Efficient RMO (Appendix E, Fig. 8).** L_scale's gradient reaches only the layer's own
 parameters (k, t, k_i): its input is detached for this term, so no gradient of L_scale flows into
 earlier layers. ``efficient_rmo=True`` does this at no extra convolution: one autograd Function
-computes ``y = conv(x, k_u)`` and L_scale from the same y; in backward, the input gradient uses the
+computes ``y = conv(x, k_u)`` and ``‖y[n]‖`` from the same y; in backward, the input gradient uses the
 recognition gradient only and the weight gradient uses recognition + RMO gradients (convolution
-is linear in its output gradient). ``efficient_rmo=False`` is the naive form: L_scale on y with
-plain autograd, so its gradient flows through all earlier layers too.
+is linear in its output gradient). ``efficient_rmo=False`` is the naive form: the norm of y with plain
+autograd, so its gradient flows through all earlier layers too.
+
+**One training step's host work (issue 21).** A GPU step of a deep SCAN network is bound by the host's kernel
+launches, not by arithmetic. In a training forward the conv kind builds every layer's kernel before the trunk
+runs, one batched :func:`sac_kernels` call per (out, in) shape group (``ScanConvKind.begin``: 8 groups for an
+r100, each ``k_s = k · Mᵀ`` with ``M = t^γm c(t) kron(G, G)`` one bmm), and turns all layers' norms into eq. 6-7's
+loss at once after it (``ScanConvKind.end``); the t statistics are computed at log steps only. An r100 step
+(forward, backward, SGD) dispatches 1.8× the plain network's launching ops, 8.0× before
+(``tests/test_scan.py::test_scan_step_launches_at_most_twice_plain``). Outside training each layer builds its
+own kernel with the same function.
 
 **Configuration.** ``model.conv: {kind: scan, sac, lsc, rmo, rmo_weight, ...}`` (:class:`ScanConvOptions`);
 with sac, lsc and rmo all off the convs are plain ``nn.Conv2d`` (the network *is* the plain IResNet).
-Monitoring (:class:`ScanConvKind`): ``scan/t_mean|t_min|t_max|t_std|t_frac_below_0.1`` (``monitor/…``),
+Monitoring (:class:`ScanConvKind`): ``scan/t_mean|t_min|t_max|t_std|t_frac_below_0.1`` (``monitor/…``, at log steps),
 histograms ``scan/t/<layer>`` and ``t/all``, ``t_density.png`` (Fig. 3 style) in every checkpoint.
 
 **Which convolutions become SAC:** every 3×3 convolution of the IResNet (the stem and both convs
@@ -82,6 +91,7 @@ the same module name, so a folded SCAN-IResNet has exactly the plain IResNet's p
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,37 +116,43 @@ __all__ = [
 ]
 
 
-def _accurate(y: torch.Tensor) -> torch.Tensor:
-    """y in at least float32 (the norm of a half-precision map is accumulated in float32)."""
-    return y if y.dtype == torch.float64 else y.float()
+def _norm_dtype(y: torch.Tensor) -> torch.dtype:
+    """The dtype a map's norm is accumulated in: float32 for half precision and float32, float64 for float64."""
+    return torch.float64 if y.dtype == torch.float64 else torch.float32
+
+
+def sample_norms(y: torch.Tensor) -> torch.Tensor:
+    """‖y[n]‖₂ over each sample's whole (C, H, W) map, (N,), accumulated in ≥ float32 without a float32 copy of y."""
+    return torch.linalg.vector_norm(y.flatten(1), dim=1, dtype=_norm_dtype(y))
 
 
 def rmo_per_sample(y: torch.Tensor, lam: float) -> torch.Tensor:
     """Eq. 6 per sample: exp(-λ ‖y[n]‖₂ / (H·W)) for y of shape (N, C, H, W) → (N,), ≥ float32."""
-    hw = y.shape[-2] * y.shape[-1]
-    norm = torch.linalg.vector_norm(_accurate(y).flatten(1), dim=1)
-    return torch.exp(-lam * norm / hw)
+    return torch.exp(sample_norms(y) * (-lam / (y.shape[-2] * y.shape[-1])))
 
 
-class _ConvWithRMO(torch.autograd.Function):
-    """y = conv2d(x, w) and eq. 6's per-sample L from the same y; L's gradient reaches w only."""
+class _ConvWithNorm(torch.autograd.Function):
+    """y = conv2d(x, w) and ‖y[n]‖₂ (eq. 6's norm) from the same y; the norm's gradient reaches w only.
+
+    Appendix E's efficient RMO: the input gradient is the recognition gradient alone, the weight gradient takes
+    both (a convolution is linear in its output gradient, so one weight-gradient convolution of
+    ``grad_y + (∂L/∂‖y‖ / ‖y‖) · y`` serves both terms).
+    """
 
     @staticmethod
-    def forward(ctx, x, w, stride, padding, lam):
+    def forward(ctx, x, w, stride, padding):
         y = F.conv2d(x, w, None, stride, padding)
-        hw = y.shape[-2] * y.shape[-1]
-        norm = torch.linalg.vector_norm(_accurate(y).flatten(1), dim=1)
-        loss = torch.exp(-lam * norm / hw)
+        norm = sample_norms(y)
         # Save what the convolution actually consumed (autocast may have cast x, w to y's dtype).
-        ctx.save_for_backward(x.to(y.dtype), w.to(y.dtype), y, norm, loss)
-        ctx.conf = (stride, padding, lam, hw, x.dtype, w.dtype)
+        ctx.save_for_backward(x.to(y.dtype), w.to(y.dtype), y, norm)
+        ctx.conf = (stride, padding, x.dtype, w.dtype)
         ctx.set_materialize_grads(False)
-        return y, loss
+        return y, norm
 
     @staticmethod
-    def backward(ctx, grad_y, grad_loss):
-        x, w, y, norm, loss = ctx.saved_tensors
-        stride, padding, lam, hw, x_dtype, w_dtype = ctx.conf
+    def backward(ctx, grad_y, grad_norm):
+        x, w, y, norm = ctx.saved_tensors
+        stride, padding, x_dtype, w_dtype = ctx.conf
         conv_args = (None, stride, padding, (1, 1), False, (0, 0), 1)
         grad_x = grad_w = None
         if grad_y is not None:
@@ -146,14 +162,63 @@ class _ConvWithRMO(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(grad_y, x, w, *conv_args, (True, False, False))[0].to(x_dtype)
         if ctx.needs_input_grad[1]:
             g = grad_y
-            if grad_loss is not None:
-                # d/dy exp(-λ‖y‖/HW) = -λ/HW · L · y/‖y‖ (per sample; 0 where ‖y‖ = 0)
-                coef = grad_loss.to(loss.dtype) * loss * (-lam / hw) / norm.clamp_min(1e-12)
-                g_rmo = coef.to(y.dtype).view(-1, *([1] * (y.dim() - 1))) * y
-                g = g_rmo if g is None else g + g_rmo
+            if grad_norm is not None:
+                # d‖y[n]‖/dy[n] = y[n] / ‖y[n]‖ (0 where ‖y[n]‖ = 0)
+                coef = (grad_norm / norm.clamp_min(1e-12)).to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+                g = coef * y if g is None else torch.addcmul(g, coef, y)
             if g is not None:
                 grad_w = torch.ops.aten.convolution_backward(g, x, w, *conv_args, (False, True, False))[1].to(w_dtype)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None
+
+
+def sac_kernels(
+    weight: torch.Tensor,
+    scale_raw: torch.Tensor | None,
+    weight_i: torch.Tensor | None,
+    *,
+    t_min: float,
+    gamma_m: float,
+    gaussian_sum1: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_u, k_s) of F filters at once: ``weight``/``weight_i`` (F, I, K, K), ``scale_raw`` ρ (F,) → (F, I, K, K) each.
+
+    Eq. 4 as one batched matrix product: with the K×K Toeplitz factor ``G[p, q] = exp(-(p-q)²/(2t))`` of the
+    separable Gaussian (eq. 2), ``k_s = t^γm c(t) · G k Gᵀ``, i.e. each K×K kernel flattened to K² values is
+    multiplied by ``M = t^γm c(t) · kron(G, G)`` (K²×K²), one M per filter. ``scale_raw=None``: no SAC (k_s = k);
+    ``weight_i=None``: no LSC (k_u = k_s, eq. 8). One call builds every kernel of a shape group (issue 21).
+    """
+    if scale_raw is None:
+        ks = weight
+    else:
+        f, i, k, _ = weight.shape
+        t = t_min + F.softplus(scale_raw)  # (F,)
+        idx = torch.arange(k, dtype=t.dtype, device=t.device)
+        d2 = (idx.view(-1, 1) - idx.view(1, -1)) ** 2  # (K, K), constant
+        toeplitz = torch.exp(d2 * (-0.5 / t).view(-1, 1, 1))  # G[f, p, q]
+        if gaussian_sum1:  # renormalise the (2K-1)² samples to sum 1: c(t) = 1 / (Σ_d exp(-d²/(2t)))²
+            d = torch.arange(-(k - 1), k, dtype=t.dtype, device=t.device)
+            coef = t.pow(gamma_m) / torch.exp((d * d).view(1, -1) * (-0.5 / t).view(-1, 1)).sum(dim=1).square()
+        elif gamma_m == 1.0:  # t^γm / (2πt) = 1/(2π): t acts through G's shape alone (see the module docstring)
+            coef = None
+        else:
+            coef = t.pow(gamma_m - 1.0) * (1.0 / (2 * math.pi))
+        # kron(G, G)[f, (p, r), (q, s)] = G[f, p, q] · G[f, r, s]
+        kron = (toeplitz.view(f, k, 1, k, 1) * toeplitz.view(f, 1, k, 1, k)).reshape(f, k * k, k * k)
+        kron = kron * (1.0 / (2 * math.pi)) if coef is None else kron * coef.view(-1, 1, 1)
+        ks = torch.bmm(weight.reshape(f, i, k * k), kron.transpose(1, 2)).view(f, i, k, k)
+    return (ks if weight_i is None else ks + weight_i), ks
+
+
+class _ScanStep:
+    """One training forward's SCAN state: every layer's kernels (built per shape group) and the RMO norms."""
+
+    def __init__(self) -> None:
+        self.kernels: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.norms: list[torch.Tensor] = []  # (N,) per RMO layer, in call order
+        self.areas: list[int] = []  # H·W of each layer's output map
+
+
+_STATE = "scan"  # the key of the SCAN state in a Trace's per-call state
 
 
 def _inv_softplus(v: float) -> float:
@@ -216,8 +281,6 @@ class ScaleAttentionConv(Reporter):
             self.scale_raw = nn.Parameter(torch.full((out_planes,), _inv_softplus(t_init - t_min)))
         if lsc:
             self.weight_i = nn.Parameter(torch.randn(shape) * init_std)
-        idx = torch.arange(kernel_size, dtype=torch.float64)
-        self.register_buffer("_d2", (idx[:, None] - idx[None, :]) ** 2, persistent=False)
 
     def extra_repr(self) -> str:
         return (
@@ -244,47 +307,48 @@ class ScaleAttentionConv(Reporter):
             return g / g.sum(dim=(1, 2), keepdim=True)
         return g / (2 * math.pi * t)
 
+    def kernels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_u, k_s) of this layer (:func:`sac_kernels`), each (out, in, K, K)."""
+        return sac_kernels(
+            self.weight,
+            self.scale_raw if self.sac else None,
+            self.weight_i if self.lsc else None,
+            t_min=self.t_min,
+            gamma_m=self.gamma_m,
+            gaussian_sum1=self.gaussian_sum1,
+        )
+
     def scaled_kernel(self) -> torch.Tensor:
         """k_s = t^γm · (k ⊛ g(t)) (eq. 4), 'same'-size (centre-cropped) convolution, (out, in, K, K)."""
-        if not self.sac:
-            return self.weight
-        t = self.t
-        d2 = self._d2.to(t.dtype)
-        toeplitz = torch.exp(-d2.unsqueeze(0) / (2 * t.view(-1, 1, 1)))  # G[o, p, q] (eq. 2, 1-D factor)
-        if self.gaussian_sum1:
-            d = torch.arange(-(self.kernel_size - 1), self.kernel_size, dtype=t.dtype, device=t.device)
-            norm = torch.exp(-(d.view(1, -1) ** 2) / (2 * t.view(-1, 1))).sum(dim=1) ** 2
-        else:
-            norm = 2 * math.pi * t
-        coef = t.pow(self.gamma_m) / norm  # t^γm · c(t)
-        ks = torch.einsum("opq,oiqs,ors->oipr", toeplitz, self.weight, toeplitz)
-        return ks * coef.view(-1, 1, 1, 1)
+        return self.kernels()[1]
 
     def kernel(self) -> torch.Tensor:
         """k_u = k_s + k_i (eq. 8; k_s alone without LSC), the kernel actually applied."""
-        ks = self.scaled_kernel()
-        return ks + self.weight_i if self.lsc else ks
+        return self.kernels()[0]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
-        if self.rmo_on == "ks" and self.rmo and trace is not None and self.training and torch.is_grad_enabled():
-            ks = self.scaled_kernel()
-            y = F.conv2d(x, ks + self.weight_i, None, self.stride, self.padding)
+        state = trace.state.get(_STATE) if trace is not None else None
+        ku, ks = state.kernels[self] if state is not None and self in state.kernels else self.kernels()
+        if not (self.rmo and trace is not None and self.training and torch.is_grad_enabled()):
+            return F.conv2d(x, ku, None, self.stride, self.padding)
+        if self.rmo_on == "ks":
+            y = F.conv2d(x, ku, None, self.stride, self.padding)
             # eq. 6 on the k_s branch's response alone; efficient RMO: its gradient reaches this layer only
             xs = x.detach() if self.efficient_rmo else x
-            loss = rmo_per_sample(F.conv2d(xs, ks, None, self.stride, self.padding), self.rmo_lambda)
-            trace.add_loss("rmo", self.rmo_weight * loss.mean())
-            return y
-        w = self.kernel()
-        if self.rmo and trace is not None and self.training and torch.is_grad_enabled():
-            if self.efficient_rmo:
-                y, loss = _ConvWithRMO.apply(x, w, (self.stride,) * 2, (self.padding,) * 2, float(self.rmo_lambda))
-            else:
-                y = F.conv2d(x, w, None, self.stride, self.padding)
-                loss = rmo_per_sample(y, self.rmo_lambda)
-            trace.add_loss("rmo", self.rmo_weight * loss.mean())  # eq. 7: Σ over layers, weighted
-            return y
-        return F.conv2d(x, w, None, self.stride, self.padding)
+            norm = sample_norms(F.conv2d(xs, ks, None, self.stride, self.padding))
+        elif self.efficient_rmo:
+            y, norm = _ConvWithNorm.apply(x, ku, (self.stride,) * 2, (self.padding,) * 2)
+        else:
+            y = F.conv2d(x, ku, None, self.stride, self.padding)
+            norm = sample_norms(y)
+        area = y.shape[-2] * y.shape[-1]
+        if state is not None:  # the conv kind turns every layer's norms into eq. 6-7's loss at once
+            state.norms.append(norm)
+            state.areas.append(area)
+        else:  # a layer used outside a SCAN network: eq. 6 here, eq. 7's sum by the trace
+            trace.add_loss("rmo", self.rmo_weight * torch.exp(norm * (-self.rmo_lambda / area)).mean())
+        return y
 
     @torch.no_grad()
     def to_conv(self) -> nn.Conv2d:
@@ -356,6 +420,7 @@ class ScanConvKind(ConvKind):
 
     def __init__(self, opts: ScanConvOptions):
         self.opts = opts
+        self._cache: dict = {}
 
     def conv3x3(self, in_planes: int, out_planes: int, stride: int = 1) -> nn.Module:
         o = self.opts
@@ -379,6 +444,63 @@ class ScanConvKind(ConvKind):
             t_init=o.t_init,
             rmo_on=o.rmo_on,
         )
+
+    # ------------------------------------------------------------------ one training forward (issue 21 item 3)
+    def begin(self, net: nn.Module, trace: Trace) -> None:
+        """Build every layer's kernels before the trunk runs: one :func:`sac_kernels` call per (out, in) shape
+        group (8 groups for an r100, instead of 99 per-layer constructions), each layer's k_u a contiguous slice."""
+        state = _ScanStep()
+        for layers in self._groups(net):
+            first = layers[0]
+            out, in_, k = first.out_planes, first.in_planes, first.kernel_size
+            stack = torch.stack if len(layers) > 1 else (lambda ts: ts[0].unsqueeze(0))
+            weight = stack([m.weight for m in layers]).view(-1, in_, k, k)
+            scale_raw = stack([m.scale_raw for m in layers]).view(-1) if first.sac else None
+            weight_i = stack([m.weight_i for m in layers]).view(-1, in_, k, k) if first.lsc else None
+            ku, ks = sac_kernels(
+                weight, scale_raw, weight_i, t_min=first.t_min, gamma_m=first.gamma_m, gaussian_sum1=first.gaussian_sum1
+            )
+            for m, u, s_ in zip(layers, ku.view(len(layers), out, in_, k, k), ks.view(len(layers), out, in_, k, k)):
+                state.kernels[m] = (u, s_)
+        trace.state[_STATE] = state
+
+    def end(self, net: nn.Module, trace: Trace) -> None:
+        """Eq. 6 for every RMO layer at once and eq. 7's weighted sum: ``rmo_weight · Σ_l mean_n exp(-λ‖y‖/HW)``."""
+        state = trace.state.pop(_STATE, None)
+        if state is None or not state.norms:
+            return
+        norms = torch.stack(state.norms)  # (layers, N)
+        scale = self._neg_lambda_over_area(tuple(state.areas), norms.device, norms.dtype)  # (layers, 1)
+        trace.add_loss("rmo", torch.exp(norms * scale).mean(dim=1).sum() * self.opts.rmo_weight)
+
+    def _groups(self, net: nn.Module) -> list[list[ScaleAttentionConv]]:
+        """The network's SAC layers grouped by kernel shape and dtype (cached per network object)."""
+        cached = self._cache.get("groups")
+        if cached is not None and cached[0]() is net:
+            return cached[1]
+        groups: dict[tuple, list[ScaleAttentionConv]] = {}
+        for _, m in sac_layers(net):
+            key = (m.out_planes, m.in_planes, m.kernel_size, m.sac, m.lsc, m.weight.dtype, m.weight.device)
+            groups.setdefault(key, []).append(m)
+        result = list(groups.values())
+        self._cache["groups"] = (weakref.ref(net), result)
+        return result
+
+    def _neg_lambda_over_area(self, areas: tuple[int, ...], device, dtype) -> torch.Tensor:
+        """-λ / (H·W) per layer as a (layers, 1) tensor, made once per (areas, device, dtype): no per-step copy."""
+        key = (areas, str(device), dtype)
+        value = self._cache.get(key)
+        if value is None:
+            value = torch.tensor([-self.opts.rmo_lambda / a for a in areas], dtype=dtype).view(-1, 1).to(device)
+            self._cache[key] = value
+        return value
+
+    def __getstate__(self):  # the cache holds a weak reference and device tensors: never copied or pickled
+        return {"opts": self.opts}
+
+    def __setstate__(self, state):
+        self.opts = state["opts"]
+        self._cache = {}
 
     @staticmethod
     def t_per_layer(net: nn.Module) -> dict[str, torch.Tensor]:

@@ -64,6 +64,10 @@ class RecipeModel(nn.Module):
         """Parameter names (as in ``named_parameters``) excluded from weight decay."""
         return {f"net.{n}" for n in self.net.no_weight_decay()}
 
+    def parameter_monitors(self) -> dict[str, torch.Tensor]:
+        """Monitors of the parameters alone (logged as ``monitor/<name>`` at log steps, not computed every step)."""
+        return self.net.parameter_monitors()
+
     def histograms(self) -> dict[str, torch.Tensor]:
         """Tensors written as TensorBoard histograms every ``output.histogram_every`` steps."""
         return self.net.histograms()
