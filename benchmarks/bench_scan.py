@@ -14,6 +14,12 @@ work. Wall-clock medians are printed beside them.
 
     .venv/bin/python benchmarks/bench_scan.py                       # iresnet50, width 0.25, batch 32
     .venv/bin/python benchmarks/bench_scan.py --width 1.0 --steps 3 # the full-width network (slow on CPU)
+    .venv/bin/python benchmarks/bench_scan.py --host                # host work of an r100 step only (seconds)
+
+Host work (``--host``, and first in every run): a GPU step of a deep SCAN network is bound by what the host does per
+kernel launch. On the meta device (shapes only, no arithmetic) a training step's time *is* its host time; with the
+launching aten ops it dispatches (:mod:`pipeline.dispatch_count`) this measures, on any CPU, what decides the GPU
+step of a host-bound network — full-width iresnet-``--host-depth`` (default 100), batch 2.
 """
 
 from __future__ import annotations
@@ -58,6 +64,39 @@ def _train_step(model, head, opt, x, y):
     opt.step()
 
 
+def host_costs(depth: int, steps: int = 7) -> dict[str, tuple[int, float]]:
+    """{variant: (launching ops, median host ms)} of one training step on the meta device, plain vs SCAN."""
+    from pipeline.dispatch_count import count_ops
+
+    setups = {}
+    for name, conv in (("plain", {"kind": "plain"}), ("scan", {"kind": "scan"})):
+        with torch.device("meta"):
+            model = build_iresnet(depth, embedding_size=512, conv=conv).train()
+            head = _Head(512, 1000)
+            x, y = torch.empty(2, 3, 112, 112), torch.zeros(2, dtype=torch.long)
+        opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9, foreach=True)
+        setups[name] = (model, head, opt, x, y)
+        _train_step(model, head, opt, x, y)  # warm-up: momentum buffers
+    launches = {name: count_ops(lambda s=s: _train_step(*s)).launches for name, s in setups.items()}
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(steps):  # round-robin, as below
+        for name, s in setups.items():
+            t0 = time.perf_counter()
+            _train_step(*s)
+            times[name].append(time.perf_counter() - t0)
+    return {name: (launches[name], statistics.median(ts) * 1000) for name, ts in times.items()}
+
+
+def print_host_costs(depth: int) -> None:
+    costs = host_costs(depth)
+    (pl, pt), (sl, st) = costs["plain"], costs["scan"]
+    print(f"\n# host work of one iresnet{depth} training step (meta device: no arithmetic), median of 7")
+    print(f"  plain  {pl:6d} launching ops  {pt:8.1f} ms host")
+    print(
+        f"  SCAN   {sl:6d} launching ops  {st:8.1f} ms host   ratios vs plain: launches {sl / pl:.2f}, host {st / pt:.2f}"
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -76,8 +115,13 @@ def main(argv=None) -> int:
         default=1,
         help="torch threads (default 1: ratios from the compute thread's CPU time; >1: wall clock)",
     )
+    ap.add_argument("--host", action="store_true", help="only the host-work section (launching ops, meta-device time)")
+    ap.add_argument("--host-depth", type=int, default=100, help="the host-work section's iresnet depth")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print_host_costs(args.host_depth)
+    if args.host:
+        return 0
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     clock_name = "thread CPU time" if args.threads == 1 else "wall clock"
 
