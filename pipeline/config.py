@@ -29,19 +29,8 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the file and key."""
-
-
-class Invalid(ValueError):
-    """Raised by a config dataclass's ``validate()``: ``Invalid(field, message)``; the loader adds the
-    block's prefix and the file that set the key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key, self.message = key, message
-
+from pipeline.core.errors import ConfigError, Invalid  # noqa: F401  (re-exported: pipeline.config.ConfigError)
+from pipeline.core.schema import InsertOptions, PartOptions  # noqa: F401  (re-exported for the parts)
 
 # Keys and values of earlier releases → what to write now (a one-line error says so).
 RENAMED_KEYS = {
@@ -132,20 +121,6 @@ def check_ranges(obj) -> None:
 
 
 @dataclass
-class PartOptions:
-    """Base of the option schemas of conv kinds, heads and inserts: ``kind`` names the registered part."""
-
-    kind: str = ""
-
-
-@dataclass
-class InsertOptions(PartOptions):
-    """Base of insert schemas: ``at`` is the trunk point (e.g. ``layer3``, ``layer3.branch``)."""
-
-    at: str = ""
-
-
-@dataclass
 class ModelConfig:
     """The face network = trunk (``backbone`` + ``conv`` kind) + ``inserts`` + ``head`` (pipeline.models.network)."""
 
@@ -161,6 +136,14 @@ class ModelConfig:
     # (fine-tuning). Once loaded, the path moves to `initialised_from` (provenance; never read again).
     init_from: str = ""
     initialised_from: str = ""
+    # torch.compile in training: none | blocks (each residual block compiled in place: one compile per distinct block
+    # shape, ~8 for an r100) | full (the whole network; a minute or more of compile at start-up). none by default
+    # until a GPU measurement says which is faster (make gpu-check: "compiled blocks"); eval and export never compile
+    compile: str = "none"
+
+    def validate(self):
+        if self.compile not in ("none", "blocks", "full"):
+            raise Invalid("compile", f"unknown mode '{self.compile}' (known: none, blocks, full)")
 
 
 @dataclass
@@ -351,6 +334,8 @@ class DataConfig:
         "num_workers": "[0, inf)",
         "shuffle_buffer": "[0, inf)",
         "max_bad_fraction": "[0, 1]",
+        "dali_prefetch": "[1, 16]",
+        "dali_hw_decoder_load": "[0, 1]",
     }  # field → valid interval (check_ranges)
     train: str = ""  # WebDataset shard directory holding manifest.json
     val: list = field(default_factory=list)  # insightface .bin files
@@ -361,6 +346,11 @@ class DataConfig:
     # Corrupt or unusable samples (bad JPEG, label >= num_classes, ...) are skipped and counted; above this
     # fraction of what was read (all ranks, checked at each log step) the run stops with a one-line error.
     max_bad_fraction: float = 0.01
+    # DALI only: batches prepared ahead (prefetch_queue_depth) and the share of JPEG decoding on the GPU's hardware
+    # decoder (fn.decoders.image(device="mixed", hw_decoder_load); DALI's default 0.65). bench_gpu.py --parts dali
+    # sweeps both with num_workers (DALI's CPU threads)
+    dali_prefetch: int = 2
+    dali_hw_decoder_load: float = 0.65
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self):
@@ -375,7 +365,9 @@ class DeepSpeedConfig:
         "grad_accum": "[1, inf)",
         "initial_scale_power": "[0, 40]",
     }  # field → valid interval (check_ranges)
-    zero_stage: int = 1
+    # 0: every rank holds the whole optimizer state, DeepSpeed all-reduces gradients (bf16: torch autocast, the lean
+    # step, pipeline/engine.py); 1 | 2: ZeRO partitions the optimizer state (and gradients) over the ranks
+    zero_stage: int = 0
     # auto: bf16 on a CUDA device that has it (the fast path: arcface_torch trains under autocast), fp32 on the
     # CPU; the trainer writes the precision it chose into the run's config.yaml. Or fp32 | fp16 | bf16.
     precision: str = "auto"
@@ -558,14 +550,14 @@ def config_from_dict(merged: dict, origin: dict | None = None) -> Config:
     except ConfigError as exc:
         raise ConfigError(f"{where}: key {exc}") from None
     cfg.method = from_dict(schema, cfg.method or {}, origin, prefix="method.")
-    _resolve_model(cfg.model, origin)
+    resolve_model(cfg.model, origin)
     check = getattr(cfg.method, "validate_with", None)
     if check is not None:
         _run_validation(lambda: check(cfg), "", origin)
     return cfg
 
 
-def _resolve_model(model: ModelConfig, origin: dict) -> None:
+def resolve_model(model: ModelConfig, origin: dict) -> None:
     if model.backbone.startswith(RENAMED_BACKBONE_PREFIX[0]):
         plain = model.backbone[len(RENAMED_BACKBONE_PREFIX[0]) :]
         where = origin.get("model.backbone", "defaults")

@@ -30,6 +30,7 @@ from data_prep.manifest import DataError, read_manifest
 from pipeline import checkpoint as ckpt
 from pipeline import collectives, distributed, registry, resume_changes, schedule
 from pipeline.config import Config, ConfigError, dump_config, load_config, to_dict
+from pipeline.engine import Engine, announce_op_build, report_op_build
 from pipeline.grad_probe import TermGradients
 from pipeline.progress import hms
 from pipeline.runlock import FolderLock, FolderLocked
@@ -40,8 +41,6 @@ from pipeline.runlock import FolderLock, FolderLocked
 EXIT_DIVERGED = 3
 EXIT_STOPPED = 4
 EXIT_CHECKPOINT = 5  # a checkpoint could not be written (disk full, quota, read-only, ...): the previous one is kept
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def check_inputs(cfg: Config) -> None:
@@ -64,46 +63,13 @@ MONITOR_FACES = 64  # fixed validation faces for the networks' validation monito
 OPTIMIZER_FULL = "optimizer_full.pt"  # the backbone's optimizer state by parameter name (any world size)
 
 
-def zero_stage(cfg: Config, world_size: int) -> int:
-    """The ZeRO stage DeepSpeed runs. fp32 on one rank: 0 (ZeRO only adds flat-buffer copies there). bf16/fp16:
-    at least 1, on one rank too, because DeepSpeed 0.19's stage-0 wrapper of a bf16/fp16 model,
-    FP16_UnfusedOptimizer, is wrong twice over (both found by the GPU check of 2026-11-27 on an H100):
-    - fp16: engine.backward() scales the loss only for ZeRO optimizers, yet this wrapper divides every gradient
-      by the loss scale at step(): updates 2^16 times too small, and no overflow is ever seen (the H100 run kept
-      its loss scale at 2^30 for 40 steps); tests/test_mixed_precision.py pins the fp16 update to the fp32 one;
-    - bf16 and fp16: it reads every gradient's overflow flag back to the host, one parameter at a time (243 host
-      reads per step for iresnet50; tests/test_mixed_precision.py), and the trainer ran at 0.45-0.64 of a bare
-      PyTorch loop, the gap growing with depth, not batch (BENCHMARKS.md).
-    Stage 1 runs BF16_Optimizer (bf16 with fp32 gradient accumulation) or the ZeRO optimizer (fp16), which scale
-    correctly and keep the checks on the device."""
-    stage = cfg.deepspeed.zero_stage if world_size > 1 else 0
-    return max(stage, 1) if cfg.deepspeed.precision in ("bf16", "fp16") else stage
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    prec = cfg.deepspeed.precision
-    stage = zero_stage(cfg, world_size)
-    return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.deepspeed.grad_accum,
-        "zero_optimization": {"stage": stage},
-        # bf16 gradients accumulate in fp32 (micro steps, ranks): DeepSpeed then picks its BF16_Optimizer at
-        # stage 1, which keeps fp32 master weights; bf16 accumulation would round away small gradients
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if prec == "bf16" else {}),
-        "zero_allow_untested_optimizer": True,  # our client SGD/AdamW (FACTS.md)
-        "gradient_clipping": cfg.optim.grad_clip,
-        "fp16": {"enabled": prec == "fp16", "initial_scale_power": cfg.deepspeed.initial_scale_power},
-        "bf16": {"enabled": prec == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
 def make_optimizer(cfg: Config, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """SGD / AdamW with the multi-tensor (foreach) update on every device: a handful of launches per step, not a
+    few per parameter (torch picks foreach by itself only for CUDA tensors; the CPU then runs the same path)."""
     o = cfg.optim
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, foreach=True)
 
 
 def param_groups(model: torch.nn.Module, no_decay: set[str], weight_decay: float) -> list[dict]:
@@ -140,23 +106,9 @@ def _close(batches) -> None:
         shutdown()
 
 
-def cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Floating buffers to ``dtype``: DeepSpeed casts parameters to fp16/bf16 but not buffers, and BatchNorm needs
-    its running statistics in the dtype of its input and weight. A module lists the buffers it keeps in float32
-    (running statistics it computes in float32, e.g. LGAF's EMA: an α = 0.01 update rounds away in bf16) in
-    ``fp32_buffers`` (put back to float32 should anything have cast them)."""
-    for buf_owner in model.modules():
-        keep = getattr(buf_owner, "fp32_buffers", ())
-        for name, buf in buf_owner.named_buffers(recurse=False):
-            if buf.is_floating_point():
-                setattr(buf_owner, name, buf.to(torch.float32 if name in keep else dtype))
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, resume_changes: list[str] = ()):
-        build_started = _announce_deepspeed_build()
-        import deepspeed
-
+        build_started = announce_op_build()
         from pipeline.data.loader import build_train_loader
         from pipeline.losses.margin import CombinedMargin
         from pipeline.losses.sharded_classifier import ShardedMarginClassifier
@@ -168,7 +120,6 @@ class Trainer:
         self.rank, self.world = self.info.rank, self.info.world_size
         self.device = self.info.device
         configure_backends(cfg, self.device)
-        self.dtype = PRECISIONS[cfg.deepspeed.precision]
         self.out = Path(cfg.output.dir)
         self.ckpt_root = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)  # identical initial backbone on every rank
@@ -194,6 +145,9 @@ class Trainer:
             )
 
         self.model = registry.build_recipe(cfg)
+        compiled = self.model.net.compile_regions(cfg.model.compile)  # in place: parameter names are unchanged
+        if compiled and distributed.is_main():
+            print(f"[train] model.compile: {cfg.model.compile} ({compiled} module(s), compiled at the first step)")
         margin = CombinedMargin(cfg.margin.s, cfg.margin.m1, cfg.margin.m2, cfg.margin.m3)
         torch.manual_seed(cfg.seed + 1)  # the classifier shard init is per rank but reproducible
         self.classifier = ShardedMarginClassifier(
@@ -215,15 +169,10 @@ class Trainer:
             no_decay |= norm_parameter_names(self.model)
         groups = param_groups(self.model, no_decay, cfg.optim.weight_decay)
         optimizer = make_optimizer(cfg, groups, cfg.optim.lr)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=deepspeed_config(cfg, self.world), dist_init_required=False
-        )
-        _report_deepspeed_build(build_started)
-        if self.world == 1 and zero_stage(cfg, 1) == 0:
-            # nothing to average over one rank (ZeRO's optimizers fill their gradient partitions in that step)
-            self.engine.enable_backward_allreduce = False
-        if self.dtype != torch.float32:
-            cast_buffers(self.model, self.dtype)
+        self.engine = Engine(cfg, self.model, optimizer, self.world)
+        self.optimizer = self.engine.optimizer
+        self.dtype = self.engine.param_dtype  # of parameters, buffers and input batches (fp32 under autocast)
+        report_op_build(build_started)
         self.cls_optimizer = make_optimizer(
             cfg,
             [{"params": list(self.classifier.parameters()), "weight_decay": cfg.optim.weight_decay}],
@@ -395,7 +344,7 @@ class Trainer:
         # micro step, the price of never applying a poisoned update); such a step is skipped whole.
         if self._nonfinite_anywhere(total):
             self._window_bad = True
-        boundary = self.engine.is_gradient_accumulation_boundary()
+        boundary = self.engine.is_boundary()
         if not self._window_bad:
             self._backward_scale = self._loss_scale()  # the scale this backward uses (step() may change it)
             if outputs.watched and (micro + 1) % self.gas == 0 and self._log_due(self.step + 1):
@@ -407,7 +356,7 @@ class Trainer:
                 self.engine.backward(total)
             self.engine.step()
         else:
-            self.engine.micro_steps += 1  # keep DeepSpeed's accumulation counter in step with this loop
+            self.engine.skip_micro_step()
         if boundary:
             if self._window_bad:
                 self._skip_step("non-finite loss or BatchNorm statistics", terms)
@@ -439,7 +388,7 @@ class Trainer:
         if self._buffers:  # a skipped step leaves no trace: the forward's BatchNorm statistics too
             with torch.no_grad():
                 torch._foreach_copy_(self._buffers, self._buffers_before)
-        self.engine.optimizer.zero_grad()
+        self.engine.zero_grad()
         self.cls_optimizer.zero_grad(set_to_none=True)
         self.nonfinite_steps += 1
         self._consecutive_bad += 1
@@ -471,7 +420,7 @@ class Trainer:
             scale = self._backward_scale
             for p in params:
                 p.grad.div_(scale)
-            if not self.engine.was_step_applied():
+            if not self.engine.step_applied():
                 self.skipped_steps += 1  # fp16 overflow: DeepSpeed skipped the backbone's step
                 self.cls_optimizer.zero_grad(set_to_none=True)
                 # Overflow skips while the dynamic scale is still coming down are how fp16 scaling works; only a
@@ -490,7 +439,7 @@ class Trainer:
 
     def _loss_scale(self) -> float:
         """DeepSpeed's current dynamic fp16 loss scale (1 outside fp16)."""
-        return float(getattr(self.optimizer, "loss_scale", getattr(self.optimizer, "cur_scale", 1.0)))
+        return self.engine.loss_scale
 
     def _to_device(self, v):
         return batch_to_device(v, self.device, self.dtype)
@@ -531,9 +480,9 @@ class Trainer:
         if self.cfg.deepspeed.precision == "fp16":
             self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
             self.writer.add_scalar("train/loss_scale", self._loss_scale(), self.step)
-        norm = self.engine.get_global_grad_norm()
-        if norm is not None and math.isfinite(float(norm)):
-            self.writer.add_scalar("grad_norm/backbone", float(norm), self.step)
+        norm = self.engine.grad_norm()
+        if norm is not None and math.isfinite(norm):
+            self.writer.add_scalar("grad_norm/backbone", norm, self.step)
         self.writer.flush()
         elapsed = time.perf_counter() - self._started
         done = self.step - self._start_step
@@ -578,7 +527,9 @@ class Trainer:
             self.model.eval()
 
             def embed(images: torch.Tensor) -> torch.Tensor:
-                return self.model.embed(images.to(self.device, self.dtype)).float()
+                # under the autocast engine the weights are fp32: evaluate in bf16 as training does
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.engine.autocast):
+                    return self.model.embed(images.to(self.device, self.dtype)).float()
 
             for path in self.cfg.data.val:
                 name = Path(path).stem
@@ -663,7 +614,7 @@ class Trainer:
         if distributed.is_main():
             root.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+        self.engine.save(tmp)
         weight = self.classifier.gather_full(self.classifier.weight.detach())
         moments = {k: self.classifier.gather_full(v) for k, v in self._classifier_moments().items()}
         backbone_state = self._backbone_optimizer_state()  # every rank: ZeRO assembles partitions collectively
@@ -725,88 +676,16 @@ class Trainer:
             faces = getattr(self, "_first_batch_faces", None)
         return None if faces is None else faces.to(self.device, self.dtype)
 
-    def _base_optimizer(self):
-        """The torch optimizer under DeepSpeed's wrapper (ZeRO / BF16_Optimizer), or the optimizer itself (stage 0)."""
-        return getattr(self.optimizer, "optimizer", self.optimizer)
-
     def _backbone_optimizer_state(self) -> dict:
-        """The backbone's optimizer state by parameter name, whole and world-size independent (written as
-        ``optimizer_full.pt`` beside DeepSpeed's per-rank partitions, which only a run of the same world size can
-        read): per parameter the fp32 master weight and each moment of its shape (SGD momentum, Adam's two), and
-        the step count. ZeRO 1/2 and BF16_Optimizer assemble them from the ranks' partitions (a collective: every
-        rank calls this; only rank 0 keeps the result); at stage 0 they are the torch optimizer's own tensors."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        base = self._base_optimizer()
-        keys = sorted({k for st in base.state.values() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0})
-        steps = [float(st["step"]) for st in base.state.values() if "step" in st]
-        out = {"step": steps[0] if steps else None, "params": {}}
-        linked = getattr(self.optimizer, "_hp_optimizer_states_linked", True)  # ZeRO links its state at step 1
-        if linked and hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
-            # DeepSpeed 0.19 links every group's state right after the FIRST group's first step(), when the other
-            # groups (e.g. the no-weight-decay group) have no state yet: their parameters would never see their
-            # moments. Link again now that every group has stepped.
-            self.optimizer._hp_optimizer_states_linked = False
-            self.optimizer._lazy_init_hp_params_optimizer_state()
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
-                master = safe_get_full_fp32_param(p)
-                moments = {k: safe_get_full_optimizer_state(p, k) for k in keys} if linked else {}
-            else:
-                master = p.detach().float()
-                moments = {k: v for k, v in base.state.get(p, {}).items() if k in keys}
-            if distributed.is_main():  # the others only take part in the assembly
-                entry = {"fp32": master.detach().cpu().clone()}
-                entry.update({k: v.detach().float().cpu().clone() for k, v in moments.items() if v is not None})
-                out["params"][name] = entry
-        return out
+        """The backbone's optimizer state by parameter name (:meth:`Engine.optimizer_state`; every rank calls it)."""
+        return self.engine.optimizer_state(self.model.named_parameters(), keep=distributed.is_main())
 
     def _load_backbone_optimizer_state(self, path: Path) -> bool:
-        """Put ``optimizer_full.pt`` into this run's optimizer, whatever its world size: every parameter's fp32
-        master weight and moments (ZeRO: each rank writes its own partition of them). False if the file is absent."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
+        """Put ``optimizer_full.pt`` into this run's optimizer, whatever its world size. False if the file is absent."""
         if not path.is_file():
             return False
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        base = self._base_optimizer()
-        params = dict(self.model.named_parameters())
-        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved["params"])
-        if missing:
-            raise ConfigError(f"--resume: {path} has no optimizer state for parameter '{missing[0]}'")
-        if any(hasattr(p, "_hp_mapping") for p in params.values()):
-            # ZeRO / BF16_Optimizer create and link their flat state at the first step(): create it now (zeros, to
-            # be overwritten below) and link it, so that each parameter's slice of it can be written
-            moment_keys = {k for entry in saved["params"].values() for k in entry if k != "fp32"}
-            for group in base.param_groups:
-                for flat in group["params"]:
-                    state = base.state[flat]
-                    for k in moment_keys:
-                        state.setdefault(k, torch.zeros_like(flat))
-                    if saved["step"] is not None:
-                        state.setdefault("step", torch.tensor(0.0))
-            self.optimizer._hp_optimizer_states_linked = False
-            self.optimizer._lazy_init_hp_params_optimizer_state()
-        for name, entry in saved["params"].items():
-            p = params[name]
-            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
-                safe_set_full_fp32_param(p, entry["fp32"].to(self.device))
-                for k, v in entry.items():
-                    if k != "fp32":
-                        safe_set_full_optimizer_state(p, v.to(self.device), k)
-            else:
-                with torch.no_grad():
-                    p.copy_(entry["fp32"].to(p.device, p.dtype))
-                state = base.state[p]
-                for k, v in entry.items():
-                    if k != "fp32":
-                        state[k] = v.to(p.device)
-        if saved["step"] is not None:  # Adam's bias correction counts steps
-            for st in base.state.values():
-                if "step" in st:
-                    st["step"] = torch.tensor(saved["step"]) if torch.is_tensor(st["step"]) else saved["step"]
+        self.engine.load_optimizer_state(saved, self.model.named_parameters(), path, self.device)
         return True
 
     def _classifier_moments(self) -> dict[str, torch.Tensor]:
@@ -880,7 +759,7 @@ class Trainer:
         same_world = meta["world_size"] == self.world
         try:
             if same_world:
-                self.engine.load_checkpoint(str(path), tag="deepspeed", load_lr_scheduler_states=False)
+                self.engine.load(path)
             else:
                 ckpt.load_state_strict(
                     self.model, ckpt.read_state_dict(path / "recipe.pt"), path / "recipe.pt", network
@@ -989,59 +868,6 @@ def configure_backends(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
         if cfg.classifier.logits == "tf32":
             torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls
-
-
-SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built on first use
-
-
-def deepspeed_ops_dir() -> Path:
-    """Where torch JIT-builds DeepSpeed's CPU op: TORCH_EXTENSIONS_DIR if set, else a folder inside this venv
-    (set here, so ``make`` and a direct ``python -m pipeline.train`` share one build, and another checkout's venv
-    never loads or silently rebuilds this one's)."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if not root:
-        root = str(Path(sys.prefix) / "torch_extensions")
-        os.environ["TORCH_EXTENSIONS_DIR"] = root  # read by torch.utils.cpp_extension when DeepSpeed loads the op
-    return Path(root)
-
-
-def _op_identity() -> str:
-    import deepspeed
-
-    return f"python {sys.prefix}; torch {torch.__version__}; deepspeed {deepspeed.__version__}"
-
-
-def _op_stamp(root: Path) -> Path:
-    return root / f"{SHM_OP}.built_for"
-
-
-def _announce_deepspeed_build() -> float | None:
-    """Before DeepSpeed starts on a CPU machine (rank 0): if its CPU op was not built for this venv (no stamp, or a
-    stamp naming another interpreter, torch or DeepSpeed), say that it builds now (~30 s on 2 idle cores, several
-    minutes on a loaded machine; once per venv). Returns the start time of that build, else None."""
-    if torch.cuda.is_available() or not distributed.is_main():
-        return None
-    root = deepspeed_ops_dir()
-    stamp = _op_stamp(root)
-    if stamp.is_file() and stamp.read_text().strip() == _op_identity() and list(root.glob(f"**/{SHM_OP}*.so")):
-        return None
-    print(
-        f"[train] DeepSpeed's CPU op is not built for this venv: building it now (once; cached in {root})", flush=True
-    )
-    return time.perf_counter()
-
-
-def _report_deepspeed_build(started: float | None) -> None:
-    """After DeepSpeed started: 'built in N s' (and the stamp) after a build; 'loaded' otherwise."""
-    if torch.cuda.is_available() or not distributed.is_main():
-        return
-    root = deepspeed_ops_dir()
-    if started is None:
-        print(f"[train] DeepSpeed CPU op: loaded (built earlier for this venv, {root})", flush=True)
-        return
-    if list(root.glob(f"**/{SHM_OP}*.so")):
-        _op_stamp(root).write_text(_op_identity() + "\n")
-        print(f"[train] DeepSpeed CPU op: built in {time.perf_counter() - started:.0f} s ({root})", flush=True)
 
 
 def floor_warnings(

@@ -21,10 +21,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pipeline import registry
-from pipeline.config import ConfigError, ModelConfig, _resolve_model, load_config
+from pipeline.config import ConfigError, ModelConfig, load_config, resolve_model
 from pipeline.models.cqa import cal_loss, ld_loss, quality_scores, relation_vectors
 from pipeline.models.lgaf import LocalGlobalFusion, MSNetHead, quality_score
-from pipeline.models.network import Trace
+from pipeline.models.network import Trace, build_network
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -32,8 +32,8 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 
 def net_for(head: dict, backbone: str = "iresnet18", width: float = 0.125, input_size: int = 32):
     cfg = ModelConfig(backbone=backbone, width=width, input_size=input_size, head=head)
-    _resolve_model(cfg, {})
-    return registry.build_network(cfg)
+    resolve_model(cfg, {})
+    return build_network(cfg)
 
 
 def images(n=6, size=32, seed=0):
@@ -300,9 +300,9 @@ def test_cqa_training_forward_reports_cal_and_monitors():
 
 def count(head: dict, backbone: str) -> float:
     cfg = ModelConfig(backbone=backbone, head=head)
-    _resolve_model(cfg, {})
+    resolve_model(cfg, {})
     with torch.device("meta"):
-        net = registry.build_network(cfg)
+        net = build_network(cfg)
     return sum(p.numel() for p in net.parameters()) / 1e6
 
 
@@ -439,7 +439,7 @@ def test_norm_weight_decay_false_excludes_every_normalisation_parameter():
 def test_lgf_statistics_stay_float32_in_a_bf16_network():
     """Under bf16 the trainer casts buffers (BatchNorm needs them in its dtype) but not LGAF's EMA: a bf16 μ near
     20 has a step of 0.125, so the α = 0.01 update of eq. 7 (≈ 0.1 here) would round away."""
-    from pipeline.train import cast_buffers
+    from pipeline.engine import cast_buffers
 
     net = net_for({"kind": "lgaf", "embedding_size": 16, "heads": 2}).to(torch.bfloat16)
     cast_buffers(net, torch.bfloat16)

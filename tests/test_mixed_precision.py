@@ -5,8 +5,8 @@ fp16 on one GPU trains the backbone with the right gradients (found by the GPU c
 At ZeRO stage 0 DeepSpeed 0.19 wraps an fp16 model in FP16_UnfusedOptimizer, whose gradients engine.backward()
 never scales but whose step() unscales them all the same: every one-GPU fp16 run (the trainer used stage 0 on
 one rank) trained with updates 2^16 times too small, and the loss scale never met an overflow (on the H100 it
-stayed at 2^30 for 40 steps). The trainer now runs bf16/fp16 at stage >= 1 (pipeline.train.zero_stage). These
-tests run the real Trainer in fp16 on the CPU (tests/step_worker.py) against the same step in fp32.
+stayed at 2^30 for 40 steps). The trainer now runs fp16 at stage >= 1 (pipeline.engine.zero_stage) and bf16 at
+stage 0 under torch autocast. These tests run the real Trainer in fp16 on the CPU (tests/step_worker.py) against the same step in fp32.
 
 Tolerances, measured on 2026-11-27 (iresnet18 at the smoke width, batch 8, loss scale 2^8): the fp16 update
 differs from the fp32 one by 1.9 % (backbone, relative L2) and 0.47 % (classifier); bounds 5 % and 2 %. With the
@@ -37,6 +37,9 @@ def one_step(shards, tmp: Path, precision: str, scale_power: int = 16, backbone:
     return torch.load(res, weights_only=True)
 
 
+BACKBONE_REL, CLASSIFIER_REL = 0.054, 0.022  # measured 2026-12-05: bf16 (autocast) vs fp32 update, relative L2
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -63,12 +66,15 @@ def test_fp16_overflow_is_seen_skipped_and_lowers_the_scale(lfw_shards, tmp_path
 
 
 def test_bf16_update_equals_fp32_update(lfw_shards, tmp_path, fp32_step):
-    """bf16 keeps fp32 master weights and accumulates gradients in fp32 (BF16_Optimizer). Measured 6.0 % and
-    2.9 % (bf16 has 8 mantissa bits to fp16's 11); bounds 15 % and 8 %."""
+    """bf16 on one rank runs under torch autocast (pipeline.engine): fp32 weights and gradients, bf16 convolutions
+    and matmuls, the client SGD itself. Measured BACKBONE_REL and CLASSIFIER_REL below (bf16 has 8 mantissa bits
+    to fp16's 11); bounds 2.5× those. (DeepSpeed's BF16_Optimizer, stage ≥ 1 on several ranks: 6.0 % and 2.9 %.)"""
     got = one_step(lfw_shards, tmp_path, "bf16")
-    assert got["optimizer"] == "BF16_Optimizer", got["optimizer"]
-    assert rel(got["backbone_update"], fp32_step["backbone_update"]) < 0.15
-    assert rel(got["classifier_update"], fp32_step["classifier_update"]) < 0.08
+    assert got["optimizer"] == "SGD", got["optimizer"]
+    backbone = rel(got["backbone_update"], fp32_step["backbone_update"])
+    classifier = rel(got["classifier_update"], fp32_step["classifier_update"])
+    print(f"bf16 vs fp32 update: backbone {backbone:.2%}, classifier {classifier:.2%}")
+    assert backbone < 2.5 * BACKBONE_REL and classifier < 2.5 * CLASSIFIER_REL
 
 
 def test_host_reads_per_step_do_not_grow_with_depth(lfw_shards, tmp_path, fp32_step):
