@@ -37,7 +37,7 @@ from torch import nn
 
 from pipeline import registry
 from pipeline.config import PartOptions
-from pipeline.models.network import ConvKind, FaceNetwork, Head, InsertPoint, PointInfo, Trace, call
+from pipeline.models.network import ConvKind, FaceNetwork, Head, InsertPoint, PointInfo, Trace, build_network, call
 
 LAYERS = {
     18: (2, 2, 2, 2),
@@ -171,6 +171,10 @@ class IResNetTrunk(nn.Module):
             x = self.after[name](x, trace)
         return x
 
+    def blocks(self) -> list[IBasicBlock]:
+        """The residual blocks, in forward order (``model.compile: blocks`` compiles each)."""
+        return [block for name in self.stages for block in getattr(self, name)]
+
     def forward(
         self, x: torch.Tensor, trace: Trace | None = None, keep: frozenset[str] = frozenset()
     ) -> dict[str, torch.Tensor]:
@@ -292,7 +296,7 @@ def build_iresnet(
     """IResNet-``depth`` (18/34/50/100/200) with the ``fc`` head, as a FaceNetwork (tests, benchmarks).
 
     ``conv``: a ``model.conv`` block, e.g. ``{"kind": "scan", "lsc": False}`` (default plain)."""
-    from pipeline.config import ModelConfig, _resolve_model
+    from pipeline.config import ModelConfig, resolve_model
 
     if depth not in LAYERS:
         raise ValueError(f"iresnet depth {depth} not one of {sorted(LAYERS)}")
@@ -303,5 +307,5 @@ def build_iresnet(
         conv=dict(conv or {"kind": "plain"}),
         head={"kind": "fc", "embedding_size": embedding_size, "dropout": dropout},
     )
-    _resolve_model(cfg, {})
-    return registry.build_network(cfg)
+    resolve_model(cfg, {})
+    return build_network(cfg)

@@ -335,6 +335,27 @@ class FaceNetwork(nn.Module):
 
                 plot_attention_maps(faces, trace.maps, trace.sample_values, Path(out_dir) / "attention_maps.png", step)
 
+    # ------------------------------------------------------------------ compilation
+    def compile_regions(self, mode: str, **options) -> int:
+        """``model.compile``: compile in place (parameter names unchanged) — ``blocks``: each module the trunk
+        lists in ``blocks()`` (residual blocks: Dynamo compiles one graph per distinct block shape and reuses it
+        for the others), ``full``: the whole network. Returns how many modules were compiled (0 for ``none``).
+        ``options``: passed to ``torch.compile`` (tests use ``backend="aot_eager"``)."""
+        if mode == "none":
+            return 0
+        if mode == "full":
+            self.compile(**options)
+            return 1
+        blocks = getattr(self.trunk, "blocks", None)
+        if blocks is None:
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"model.compile: blocks: the trunk {type(self.trunk).__name__} lists no blocks")
+        regions = list(blocks())
+        for module in regions:
+            module.compile(**options)
+        return len(regions)
+
     # ------------------------------------------------------------------ inference form
     def folded(self) -> tuple[FaceNetwork, int]:
         """A deep copy with every convolution in its inference form (SCAN: k_u in one Conv2d), and the count."""
