@@ -655,14 +655,14 @@ def degrade_folder(
     """
     import torch
 
-    from pipeline.eval.identify import read_identity_folder
+    from data_prep.folder2wds import identity_folder_images
 
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     occlusion = (occlusion or OcclusionParams()).validate()
     jobs = degradation_jobs(blur, lowres, occlude, "degrade-images")
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: --images folder does not exist")
-    paths = read_identity_folder(images_dir).paths
+    paths = [p for p, _ in identity_folder_images(images_dir)]
     targets = [p.relative_to(images_dir).with_suffix(".png") for p in paths]
     clash = next((t for t, n in Counter(targets).items() if n > 1), None)
     if clash is not None:

@@ -31,6 +31,21 @@ from data_prep.shards import BadRecord, Sample, Source
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm", ".pbm"}
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively), sorted: the order an identity folder is read in."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def identity_folder_images(root: str | Path) -> list[tuple[Path, str]]:
+    """``(image, identity)`` of a folder of ``<identity>/<images>`` (images searched recursively; top-level files
+    ignored), in identity then file order; a folder without any is a DataError."""
+    root = Path(root)
+    out = [(f, d.name) for d in sorted(p for p in root.iterdir() if p.is_dir()) for f in image_files(d)]
+    if not out:
+        raise DataError(f"{root}: holds no <identity>/<image> files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return out
+
+
 class FolderSource(Source):
     tool = "data_prep.folder2wds"
 

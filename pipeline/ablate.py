@@ -558,13 +558,13 @@ def parameter_count(cfg: Config) -> int:
     built on the meta device (no memory, no time) where its parts allow, else on the CPU."""
     import torch
 
-    from pipeline import registry
+    from pipeline.models.network import build_network  # torch: imported when a count is asked for
 
     try:
         with torch.device("meta"):
-            net = registry.build_network(cfg.model)
+            net = build_network(cfg.model)
     except (NotImplementedError, RuntimeError):  # a part reads a tensor's values while building (LCD's map list)
-        net = registry.build_network(cfg.model)
+        net = build_network(cfg.model)
     return sum(p.numel() for p in net.parameters())
 
 

@@ -284,8 +284,8 @@ def load_network(source: str | Path, model_cfg=None):
     ``source``: a checkpoint dir / run dir (the network is rebuilt from its ``config.yaml``; ``model_cfg``
     must be None) or a state-dict file (``model_cfg`` describes the network; insightface's flat names
     are accepted for the ``fc`` head)."""
-    from pipeline import registry
     from pipeline.config import load_config
+    from pipeline.models.network import build_network  # torch and the model code: only when a network is loaded
 
     path = Path(source)
     if not path.exists():
@@ -296,7 +296,7 @@ def load_network(source: str | Path, model_cfg=None):
         path = ckpt / "model.pt"
     elif model_cfg is None:
         raise ConfigError(f"{path}: a state-dict file needs --backbone NAME (the network it holds)")
-    net = registry.build_network(model_cfg)
+    net = build_network(model_cfg)
     load_state_strict(net, read_state_dict(path), path, describe(model_cfg))
     return net, model_cfg, path
 

@@ -57,7 +57,7 @@ def _discover() -> None:
 
 def import_plugins(modules: list[str], where: str = "config") -> None:
     """Import the ``plugins:`` modules of a config (each registers its parts); a failure names the module."""
-    from pipeline.config import ConfigError
+    from pipeline.core.errors import ConfigError
 
     for name in modules:
         try:
@@ -72,7 +72,7 @@ def register(kind: str, name: str, options: type | None = None):
         raise ValueError(f"unknown part kind '{kind}' (known: {', '.join(KINDS)})")
 
     if options is None and kind in ("conv", "insert", "head"):
-        from pipeline.config import InsertOptions, PartOptions
+        from pipeline.core.schema import InsertOptions, PartOptions
 
         options = InsertOptions if kind == "insert" else PartOptions
 
@@ -92,7 +92,7 @@ def names(kind: str) -> list[str]:
 
 def lookup(kind: str, name: str, key: str) -> Entry:
     """The entry for ``name``; an unknown name is a ConfigError naming ``key`` and the known names."""
-    from pipeline.config import ConfigError
+    from pipeline.core.errors import ConfigError
 
     _discover()
     table = _TABLES[kind]
@@ -116,13 +116,6 @@ def backbone_names() -> list[str]:
 
 def recipe_names() -> list[str]:
     return names("recipe")
-
-
-def build_network(model_cfg):
-    """The :class:`~pipeline.models.network.FaceNetwork` described by a ``model:`` block."""
-    from pipeline.models.network import build_network as _build
-
-    return _build(model_cfg)
 
 
 def build_recipe(cfg):

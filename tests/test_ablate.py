@@ -25,6 +25,7 @@ from pipeline import ablate as ablate_module
 from pipeline.ablate import SpecError, build_grid, build_report, find_cell, load_spec, render_markdown, summarize
 from pipeline.checkpoint import load_json
 from pipeline.config import load_config, to_dict
+from pipeline.models.network import build_network
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "ablations" / "smoke_scan.yaml"
@@ -578,17 +579,16 @@ def test_kernel_dc_share_against_hand_computation():
 
 def test_scan_diagnostics_on_a_network():
     """conv_monitors reports SCAN's t statistics (t = 1 at init); kernel_dc_share reads the folded k_u."""
-    from pipeline import registry
     from pipeline.ablate import conv_monitors, kernel_dc_share
     from pipeline.config import load_config
 
     cfg = load_config([REPO / "configs/scan_r18_casia.yaml"], ["model.width=0.0625", "model.conv.t_init=0.5"])
-    net = registry.build_network(cfg.model).eval()
+    net = build_network(cfg.model).eval()
     mon = conv_monitors(net, cfg, None)
     assert mon["t_mean"] == pytest.approx(0.5, rel=1e-5) and mon["t_std"] == pytest.approx(0.0, abs=1e-5)
     share = kernel_dc_share(net, cfg, None)["dc_share"]
     assert 0.0 < share < 1.0
-    plain = registry.build_network(load_config([], ["model.backbone=iresnet18", "model.width=0.0625"]).model)
+    plain = build_network(load_config([], ["model.backbone=iresnet18", "model.width=0.0625"]).model)
     assert conv_monitors(plain, cfg, None) == {}
 
 
@@ -642,14 +642,13 @@ def test_a_dropped_override_stops_the_grid(tmp_path):
 
 
 def test_parameter_count_is_the_built_networks():
-    from pipeline import registry
 
     for overrides in ([], ["model.head.kind=lgaf"], ["model.head.kind=cqa"], ["model.inserts=[{kind: lcd}]"]):
         cfg = load_config(
             [REPO / "configs/arcface_r50.yaml"],
             ["model.backbone=iresnet18", "model.width=0.125", "model.head.embedding_size=128", *overrides],
         )
-        net = registry.build_network(cfg.model)
+        net = build_network(cfg.model)
         assert ablate_module.parameter_count(cfg) == sum(p.numel() for p in net.parameters())
 
 

@@ -12,24 +12,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_gpu.py"
+ALL_PARTS = ("loader", "train", "levers", "scan", "classifier", "dali")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_cpu_smoke_writes_every_section(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out), "--parts", ",".join(ALL_PARTS)],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=380,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     res = json.loads((out / "bench_gpu.json").read_text())
     assert (out / "bench_gpu.md").read_text().startswith("# bench_gpu.py")
-    for section in ("machine", "flops", "loader", "train", "levers", "scan", "classifier"):
+    for section in ("machine", "flops", *ALL_PARTS):
         assert section in res, section
     assert res["machine"]["cpu_smoke"] is True
     assert not res["errors"], res["errors"]
@@ -63,6 +64,24 @@ def test_cpu_smoke_writes_every_section(tmp_path):
         assert r["step_s"] > 0 and r["predicted_peak_mib"] > 0
         # the live-tensor peak of a step is the buffer count of BENCHMARKS.md "Scale on paper"
         assert abs(r["peak_over_predicted"] - 1.0) < 0.05, r
+
+    # the DALI part: the knob sweep and the trainer fed by DALI against in-memory batches
+    dali = res["dali"]
+    assert dali["sweep"] and all(r["img_s"] > 0 for r in dali["sweep"]) and dali["best"] in dali["sweep"]
+    assert dali["trainer_fed"].get("fed_over_memory", 0) > 0, dali["trainer_fed"]
+
+    # make gpu-check prints these figures last, in at most 40 lines (scripts/gpu_check/device.py table)
+    sys.path.insert(0, str(REPO / "scripts" / "gpu_check"))
+    try:
+        import device
+    finally:
+        sys.path.pop(0)
+    rows = device.table(out)
+    print("\n".join(rows))
+    assert 10 <= len(rows) <= 40
+    for start in ("train r18 b4: bare", "lever r18 b4 compile", "scan r18: train SCAN/plain", "classifier rate 1.0",
+                  "dali best:", "dali: trainer fed by DALI"):  # fmt: skip
+        assert any(r.startswith(start) for r in rows), (start, rows)
 
 
 def test_without_cuda_nothing_measured(tmp_path):

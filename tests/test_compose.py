@@ -19,6 +19,7 @@ import torch
 
 from pipeline import registry
 from pipeline.config import ConfigError, load_config
+from pipeline.models.network import build_network
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "configs" / "compose" / "probe.yaml"
@@ -37,7 +38,7 @@ def images(n=4, size=32, seed=0):
 
 
 def test_forward_returns_aux_and_monitors_as_values_and_keeps_no_state():
-    net = registry.build_network(tiny().model).train()
+    net = build_network(tiny().model).train()
     x1, x2 = images(seed=1), images(seed=2) * 3
     out1 = net(x1)
     assert out1.embedding.shape == (4, 64) and net.embedding_size == 64
@@ -70,7 +71,7 @@ def test_insert_sits_exactly_at_its_named_point():
     """A layer3.branch insert acts inside the last block of stage 3, after bn3 and before the shortcut:
     its input equals bn3's output there, and with a nonzero gain the block's output is
     bn3_out · (1 + g) + shortcut (checked by recomputing the block by hand)."""
-    net = registry.build_network(tiny().model).eval()
+    net = build_network(tiny().model).eval()
     block = net.trunk.layer3[-1]
     insert = block.branch.inserts[0]
     with torch.no_grad():
@@ -102,7 +103,7 @@ def test_head_reads_the_points_it_asks_for_and_sets_the_classifier_width():
 
 def test_unknown_points_kinds_and_renamed_keys_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"model.inserts\[0\].at: 'layer5' is not a point of iresnet18"):
-        registry.build_network(tiny("model.inserts=[{kind: probe_gain, at: layer5}]").model)
+        build_network(tiny("model.inserts=[{kind: probe_gain, at: layer5}]").model)
     with pytest.raises(ConfigError, match=r"model.inserts\[0\].kind.*unknown insert 'nope'"):
         tiny("model.inserts=[{kind: nope, at: layer3}]")
     with pytest.raises(ConfigError, match="unknown head 'nohead'"):
@@ -336,7 +337,7 @@ def test_scan_fc_folded_onnx_agrees_on_real_faces(lfw_shards, lfw_bin, tmp_path)
 
     from pipeline.config import PartOptions
 
-    plain = registry.build_network(dataclasses.replace(model_cfg, conv=PartOptions(kind="plain")))
+    plain = build_network(dataclasses.replace(model_cfg, conv=PartOptions(kind="plain")))
     plain.load_state_dict(torch.load(folded_pt, weights_only=True), strict=True)
     with torch.no_grad():
         assert float((plain.eval().embed(x) - torch.from_numpy(ref)).abs().max()) <= 1e-4 * max(1.0, scale)

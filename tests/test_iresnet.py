@@ -13,6 +13,7 @@ from pipeline import registry
 from pipeline.checkpoint import load_state_strict
 from pipeline.config import load_config
 from pipeline.models.iresnet import IResNetTrunk, build_iresnet
+from pipeline.models.network import build_network
 
 
 def published(model) -> dict[str, tuple]:
@@ -182,9 +183,9 @@ def test_registry_builders():
         [],
         ["model.backbone=se_iresnet50", "model.width=0.0625", "model.head.embedding_size=64", "model.head.dropout=0.2"],
     )
-    m = registry.build_network(cfg.model)
+    m = build_network(cfg.model)
     assert m.head.fc.out_features == 64 and m.head.dropout.p == 0.2 and hasattr(m.trunk.layer1[0], "se")
-    m = registry.build_network(
+    m = build_network(
         load_config([], ["model.backbone=iresnet100", "model.width=0.0625", "model.input_size=144"]).model
     )
     assert len(m.trunk.layer2) == 13 and m.head.fc.in_features == 32 * 81

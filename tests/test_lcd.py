@@ -42,7 +42,7 @@ from pipeline.models.lcd import (
     occlusion_concentration,
     response_orthogonality,
 )
-from pipeline.models.network import Trace
+from pipeline.models.network import Trace, build_network
 
 REPO = Path(__file__).resolve().parents[1]
 LCD_R50 = REPO / "configs" / "lcd_r50.yaml"
@@ -237,7 +237,7 @@ def test_sam_is_eq7_kept_at_inference_and_reads_positions_not_pooled_values():
 def test_sam_fc_sizes_follow_the_input_size():
     sizes = {}
     for px, s in ((112, 14), (144, 18)):
-        net = registry.build_network(tiny_cfg(f"model.input_size={px}").model).eval()
+        net = build_network(tiny_cfg(f"model.input_size={px}").model).eval()
         sam = lcd_of(net).sam
         sizes[px] = (sam.fc1.in_features, sam.fc1.out_features, sam.fc2.out_features)
         assert sizes[px] == (16 * s * s, 16, 64)  # c = 64 at width 0.25, d = c/4
@@ -258,8 +258,8 @@ def sam_keys(prefix: str) -> set[str]:
 
 
 def test_state_dict_has_each_weight_once_and_insightface_iresnet50_keys_load_with_only_lcd_new():
-    lcd_net = registry.build_network(load_config([LCD_R50]).model)
-    plain_net = registry.build_network(load_config([REPO / "configs" / "arcface_r50.yaml"]).model)
+    lcd_net = build_network(load_config([LCD_R50]).model)
+    plain_net = build_network(load_config([REPO / "configs" / "arcface_r50.yaml"]).model)
     lcd_sd, plain_sd = lcd_net.state_dict(), plain_net.state_dict()
     assert set(lcd_sd) - set(plain_sd) == sam_keys("trunk.layer3.13.branch.inserts.0.")
     assert set(plain_sd) <= set(lcd_sd)
@@ -332,7 +332,7 @@ def _name(net, module) -> str:
 
 
 def test_stage_output_position_and_points_without_a_conv():
-    net = registry.build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer3}]").model).train()
+    net = build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer3}]").model).train()
     lcd = net.trunk.after["layer3"].inserts[0]
     assert isinstance(lcd, LCD) and lcd._block is net.trunk.layer3[-1]
     assert net.trunk.layer3[-1].branch is None
@@ -341,7 +341,7 @@ def test_stage_output_position_and_points_without_a_conv():
         out.aux_losses["sr_filter"].detach(), 100.0 * filter_orthogonality(net.trunk.layer3[-1].conv2.weight)[0]
     )
     with pytest.raises(ConfigError, match="lcd at 'stem'.*sr: false"):
-        registry.build_network(tiny_cfg("model.inserts=[{kind: lcd, at: stem, sam: false}]").model)
+        build_network(tiny_cfg("model.inserts=[{kind: lcd, at: stem, sam: false}]").model)
     with pytest.raises(ConfigError, match=r"model.inserts\[0\].drop_max"):
         tiny_cfg("model.inserts=[{kind: lcd, drop_min: 0.5, drop_max: 0.4}]")
     with pytest.raises(ConfigError, match=r"model.inserts\[0\].sr_reduction"):
@@ -352,7 +352,7 @@ def test_with_everything_off_the_network_is_bit_identical_to_the_arcface_baselin
     nets = []
     for layer in ("model.inserts=[{kind: lcd, drop: false, sr: false, sam: false}]", "model.inserts=[]"):
         torch.manual_seed(8)
-        nets.append(registry.build_network(tiny_cfg(layer).model).train())
+        nets.append(build_network(tiny_cfg(layer).model).train())
     off, base = nets
     assert list(off.state_dict()) == list(base.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(off.state_dict().values(), base.state_dict().values()))
@@ -363,7 +363,7 @@ def test_with_everything_off_the_network_is_bit_identical_to_the_arcface_baselin
 def test_lcd_inside_a_scan_trunk_regularises_the_effective_kernel():
     torch.manual_seed(9)
     cfg = load_config([REPO / "configs" / "compose" / "lcd_scan.yaml"], [*TINY, "model.input_size=56"])
-    net = registry.build_network(cfg.model).train()
+    net = build_network(cfg.model).train()
     conv = net.trunk.layer3[-1].conv2
     assert type(conv).__name__ == "ScaleAttentionConv" and lcd_of(net).sam.spatial == 7
     out = net(images(2, 56))
@@ -382,7 +382,7 @@ def test_lcd_inside_a_scan_trunk_regularises_the_effective_kernel():
 
 def test_eq8_mse_on_the_final_embedding():
     torch.manual_seed(10)
-    net = registry.build_network(tiny_cfg().model)
+    net = build_network(tiny_cfg().model)
     x = images(3)
     zero = eq8_mse(net, x, 0.0)
     assert zero["mse"].item() == 0.0 and zero["mse_unit"].item() == 0.0
@@ -516,12 +516,12 @@ def test_configs_load_and_build():
         cfg = load_config([LCD_R50, path], ["model.width=0.0625"])
         got = [(i.kind, i.at, i.sr, i.sam) if i.kind == "lcd" else (i.kind, i.at) for i in cfg.model.inserts]
         assert got == expected[path.stem], path.name
-        net = registry.build_network(cfg.model)
+        net = build_network(cfg.model)
         masked = [type(m) is MaskedBatchNorm2d for m in net.modules()]
         assert any(masked) == (path.stem == "stage_output_eq6"), path.name
     scan = load_config([REPO / "configs" / "compose" / "lcd_scan.yaml"], ["model.width=0.0625"])
     assert scan.model.conv.kind == "scan" and [i.kind for i in scan.model.inserts] == ["lcd"]
-    registry.build_network(scan.model)
+    build_network(scan.model)
 
 
 def test_gradient_norms_of_each_term_on_the_watched_conv_match_separate_backwards():
@@ -531,7 +531,7 @@ def test_gradient_norms_of_each_term_on_the_watched_conv_match_separate_backward
     from pipeline.grad_probe import TermGradients
 
     torch.manual_seed(0)
-    net = registry.build_network(tiny_cfg().model).train()
+    net = build_network(tiny_cfg().model).train()
     x = images(n=4, seed=1)
     conv = lcd_of(net)._block.conv2.weight
 
@@ -586,7 +586,7 @@ def test_eq8_diagnostic_of_the_ablation_runner(tmp_path):
     )
     eval_set = EvalSet(name="t", bin=str(tmp_path / "t.bin"))
     eval_set.validate("test")
-    net = registry.build_network(tiny_cfg().model)
+    net = build_network(tiny_cfg().model)
     ctx = DiagnosticContext(tmp_path, [eval_set], torch.device("cpu"), 112, {})
     got = eq8_mse_diagnostic(net, None, ctx)
     assert list(got) == ["eq8_mse@0.1", "eq8_mse@0.3", "eq8_mse@0.5"]
@@ -646,7 +646,7 @@ def test_validation_monitors_of_lcd_against_hooks_and_loops():
     from pipeline.eval.verify import to_model_input
 
     torch.manual_seed(12)
-    net = registry.build_network(tiny_cfg().model).train()
+    net = build_network(tiny_cfg().model).train()
     with torch.no_grad():  # move the BatchNorm running statistics off their initial values
         for seed in range(3):
             net(images(8, seed=seed))
@@ -702,7 +702,7 @@ def test_validation_monitors_of_lcd_against_hooks_and_loops():
 
 
 def test_networks_without_validation_monitors_report_none():
-    net = registry.build_network(tiny_cfg("model.inserts=[]").model)
+    net = build_network(tiny_cfg("model.inserts=[]").model)
     assert net.validation_monitors(images(2)) == {}
 
 
@@ -724,7 +724,7 @@ def test_occlusion_locality_diagnostic_reads_the_point_lcd_reads_in_any_network(
     images, _ = load_bin(small_bin, 112)
     faces = to_model_input(images[0::2])
     torch.manual_seed(13)
-    net = registry.build_network(tiny_cfg().model).eval()
+    net = build_network(tiny_cfg().model).eval()
     got = occlusion_locality_diagnostic(net, None, ctx)
     own = net.validation_monitors(faces)
     for kind in ("", "/eyes", "/mask"):
@@ -732,7 +732,7 @@ def test_occlusion_locality_diagnostic_reads_the_point_lcd_reads_in_any_network(
     assert got["spatial_entropy"] == pytest.approx(own["lcd/spatial_entropy_val"])
     assert validation_monitors_diagnostic(net, None, ctx) == own  # the same distinct faces (20 of the 40 images)
 
-    base = registry.build_network(tiny_cfg("model.inserts=[]").model).eval()
+    base = build_network(tiny_cfg("model.inserts=[]").model).eval()
     feats = []
     hook = base.trunk.layer3[-1].bn3.register_forward_hook(lambda m, a, o: feats.append(o.detach()))
     with torch.no_grad():
@@ -804,8 +804,8 @@ def test_masked_batchnorm_is_eq6_over_the_samples_whose_channel_was_kept():
 
 def test_masked_next_bn_option_swaps_the_next_stages_first_bn():
     torch.manual_seed(16)
-    plain = registry.build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer3}]").model)
-    net = registry.build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer3, masked_next_bn: true}]").model)
+    plain = build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer3}]").model)
+    net = build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer3, masked_next_bn: true}]").model)
     assert (
         type(net.trunk.layer4[0].bn1) is MaskedBatchNorm2d and type(plain.trunk.layer4[0].bn1) is torch.nn.BatchNorm2d
     )
@@ -818,7 +818,7 @@ def test_masked_next_bn_option_swaps_the_next_stages_first_bn():
     with pytest.raises(ConfigError, match=r"masked_next_bn.*stage-output point 'layerK'"):
         tiny_cfg("model.inserts=[{kind: lcd, at: layer3.branch, masked_next_bn: true}]")
     with pytest.raises(ConfigError, match=r"masked_next_bn: there is no next stage layer5"):
-        registry.build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer4, masked_next_bn: true}]").model)
+        build_network(tiny_cfg("model.inserts=[{kind: lcd, at: layer4, masked_next_bn: true}]").model)
 
 
 def test_constant_sam_gate_is_a_frozen_per_channel_scale():
@@ -832,7 +832,7 @@ def test_constant_sam_gate_is_a_frozen_per_channel_scale():
     lcd = LCD(8, 5, LCDOptions(sr=False, sam_gate="constant")).eval()
     torch.testing.assert_close(lcd(x), x * 0.5, rtol=0, atol=0)
 
-    net = registry.build_network(tiny_cfg().model).eval()
+    net = build_network(tiny_cfg().model).eval()
     faces = images(10, seed=1)
     seen = []
     handle = lcd_of(net).sam.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))

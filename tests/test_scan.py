@@ -15,7 +15,7 @@ from scipy.signal import convolve2d, correlate2d
 from pipeline import registry
 from pipeline.config import ConfigError, load_config
 from pipeline.models.iresnet import build_iresnet
-from pipeline.models.network import Trace
+from pipeline.models.network import Trace, build_network
 from pipeline.models.scan import ScaleAttentionConv, _ConvWithNorm, build_scan_iresnet, fold, rmo_per_sample, sac_layers
 
 
@@ -434,7 +434,7 @@ def test_t_init_switch(t_init):
     conv = ScaleAttentionConv(4, 6, t_init=t_init)
     assert torch.allclose(conv.t, torch.full((6,), t_init), rtol=1e-6)
     cfg = load_config(["configs/scan_r18_casia.yaml"], [f"model.conv.t_init={t_init}"])
-    net = registry.build_network(cfg.model)
+    net = build_network(cfg.model)
     assert torch.allclose(sac_layers(net)[0][1].t, torch.full_like(sac_layers(net)[0][1].t, t_init), rtol=1e-6)
     with pytest.raises(ConfigError, match="t_init"):
         load_config(["configs/scan_r18_casia.yaml"], ["model.conv.t_init=0.0001"])

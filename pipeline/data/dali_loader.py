@@ -62,7 +62,7 @@ from pipeline.config import ConfigError, DataConfig
 from pipeline.data.augment import CROP_LOG_RATIO, GRAY_WEIGHTS, photometric_ranges, resolution_probs, validate
 from pipeline.data.base import TrainLoaderBase
 from pipeline.data.degrade import NN_ROI_SHIFT
-from pipeline.data.torch_loader import _hash_seed
+from pipeline.data.torch_loader import hash_seed
 
 log = logging.getLogger("pipeline.data")
 
@@ -314,6 +314,8 @@ def build_pipeline(
     num_shards: int,
     shuffle_buffer: int,
     with_keys: bool,
+    prefetch: int = 2,
+    hw_decoder_load: float = 0.65,
 ):
     """The DALI pipeline of the spec; outputs image, cls bytes, [image_lr, lr_size], [src bytes]."""
     import nvidia.dali.math as dmath
@@ -330,7 +332,7 @@ def build_pipeline(
         device_id=device_id,
         seed=seed,
         enable_conditionals=True,
-        prefetch_queue_depth=2,
+        prefetch_queue_depth=prefetch,
     )
     def pipe():
         outs = fn.readers.webdataset(
@@ -349,7 +351,10 @@ def build_pipeline(
         jpegs, cls = outs[0], outs[1]
         # 0. decode (GPU: nvJPEG via "mixed"); resize to S×S only when the stored size differs
         shape = fn.peek_image_shape(jpegs)
-        img = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        if gpu:  # hw_decoder_load: the share of images for the GPU's hardware JPEG decoder (the rest: CUDA)
+            img = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+        else:
+            img = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
         if (shape[0] != size) | (shape[1] != size):
             img = fn.resize(img, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
         img = fn.cast(img, dtype=types.FLOAT) * (1.0 / 255.0)
@@ -503,11 +508,13 @@ class DaliTrainLoader(TrainLoaderBase):
             batch_size=self.batch_size,
             num_threads=self.threads,
             device_id=self.device_id,
-            seed=_hash_seed(self.seed, e, self.rank) % (2**31 - 1),
+            seed=hash_seed(self.seed, e, self.rank) % (2**31 - 1),
             shard_id=self.rank,
             num_shards=self.world,
             shuffle_buffer=self.cfg.shuffle_buffer,
             with_keys=self.with_keys,
+            prefetch=self.cfg.dali_prefetch,
+            hw_decoder_load=self.cfg.dali_hw_decoder_load,
         )
 
     def iter_from(self, step: int):

@@ -43,7 +43,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "pgm", 
 _PENDING: list = []  # corrupt items seen in this process since the last chunk (worker-local)
 
 
-def _hash_seed(*parts) -> int:
+def hash_seed(*parts) -> int:
     return int(sample_generator(*parts).initial_seed())
 
 
@@ -115,7 +115,7 @@ class _ShardStream(IterableDataset):
         if bufsize <= 1:
             yield from src
             return
-        rng = random.Random(_hash_seed(*self.seeds, "shuffle", self.rank, self._worker()))
+        rng = random.Random(hash_seed(*self.seeds, "shuffle", self.rank, self._worker()))
         yield from wds.filters._shuffle(src, bufsize, min(bufsize, 100), rng=rng)
 
     def _decode(self, sample, augment: bool = True) -> tuple[dict | None, str | None]:
@@ -248,14 +248,14 @@ class TorchTrainLoader(TrainLoaderBase):
     def _epoch_urls(self, pass_idx: int) -> list[str]:
         """Epoch order of all shards (same on every rank); later passes reshuffle within the rank's subset."""
         urls = list(self.urls)
-        random.Random(_hash_seed(self.seed, self.epoch, "shards")).shuffle(urls)
+        random.Random(hash_seed(self.seed, self.epoch, "shards")).shuffle(urls)
         if pass_idx == 0:
             return urls
         mode, _, _ = _split_plan(len(urls), self.world, self.workers, self.rank, 0)
         if mode == "samples":
             return urls  # every reader reads all shards; a new pass differs by its shuffle and seeds
         mine = urls[self.rank :: self.world]
-        random.Random(_hash_seed(self.seed, self.epoch, pass_idx, self.rank)).shuffle(mine)
+        random.Random(hash_seed(self.seed, self.epoch, pass_idx, self.rank)).shuffle(mine)
         # keep the dealing `urls[rank::world]` valid: place the rank's shards at its own positions
         out = list(urls)
         out[self.rank :: self.world] = mine

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import find_checkpoint, load_network
-from pipeline.config import ConfigError, ModelConfig, _resolve_model
+from pipeline.config import ConfigError, ModelConfig, resolve_model
 
 
 def load_network_checked(source: str | Path, model_cfg: ModelConfig | None = None):
@@ -65,7 +65,7 @@ def load_model(
         )
         if conv:
             model_cfg.conv = dict(conv)
-        _resolve_model(model_cfg, {})
+        resolve_model(model_cfg, {})
     net, model_cfg, path = load_network_checked(checkpoint, model_cfg)
     info = {
         "checkpoint": str(path.parent if path.name == "model.pt" else path),

@@ -50,7 +50,7 @@ import torch
 from sklearn.preprocessing import normalize
 
 from data_prep.bin import decode_image
-from data_prep.folder2wds import IMAGE_SUFFIXES
+from data_prep.folder2wds import identity_folder_images, image_files
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
 
@@ -90,10 +90,6 @@ class IdentificationSet:
     distractors: ImageSet | None = None
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def read_image_list(path: str | Path, labelled: bool = True) -> ImageSet:
     """``<image path> <label>`` lines (paths relative to the list's folder); every image must exist.
 
@@ -130,15 +126,8 @@ def read_image_list(path: str | Path, labelled: bool = True) -> ImageSet:
 
 def read_identity_folder(path: str | Path) -> ImageSet:
     """A folder of ``<identity>/<images>`` (images searched recursively; top-level files ignored)."""
-    path = Path(path)
-    paths, labels = [], []
-    for d in sorted(p for p in path.iterdir() if p.is_dir()):
-        files = _image_files(d)
-        paths += files
-        labels += [d.name] * len(files)
-    if not paths:
-        raise DataError(f"{path}: holds no <identity>/<image> files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return ImageSet(paths, labels, str(path))
+    images = identity_folder_images(path)
+    return ImageSet([p for p, _ in images], [label for _, label in images], str(path))
 
 
 def read_image_set(path: str | Path, labelled: bool = True) -> ImageSet:
@@ -183,7 +172,7 @@ def read_tinyface(root: str | Path) -> IdentificationSet:
             raise DataError(f"{folder}: TinyFace folder does not exist (expected {'/'.join(TINYFACE_FOLDERS)})")
     sets = {}
     for name, folder in folders.items():
-        files = _image_files(folder)
+        files = image_files(folder)
         if not files:
             raise DataError(f"{folder}: holds no images")
         labels = [_tinyface_label(p) for p in files] if name != "Gallery_Distractor" else [""] * len(files)
@@ -200,7 +189,7 @@ def read_scface(
     if not mug_dir.is_dir():
         raise DataError(f"{mug_dir}: SCface mugshot folder does not exist")
     mugshots: dict[int, Path] = {}
-    for p in _image_files(mug_dir):
+    for p in image_files(mug_dir):
         m = _SCFACE_MUGSHOT.match(p.stem)
         if not m:
             raise DataError(f"{p}: SCface mugshot names are '<id>_frontal.<ext>'")
@@ -213,7 +202,7 @@ def read_scface(
         dist_dir = root / f"surveillance_cameras_distance_{d}"
         if not dist_dir.is_dir():
             raise DataError(f"{dist_dir}: SCface probe folder does not exist")
-        for p in _image_files(dist_dir):
+        for p in image_files(dist_dir):
             m = _SCFACE_PROBE.match(p.stem)
             if not m:
                 raise DataError(f"{p}: SCface probe names are '<id>_cam<c>_<d>.<ext>'")

@@ -212,10 +212,16 @@ def run_lowres(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    """``python -m pipeline.eval.lowres ...`` = ``python -m pipeline.eval lowres ...``."""
-    from pipeline.eval.__main__ import main as eval_main
-
-    return eval_main(["lowres", *(sys.argv[1:] if argv is None else argv)])
+    """``python -m pipeline.eval.lowres ...`` = ``python -m pipeline.eval lowres ...`` (same arguments, exit codes)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.eval.lowres")
+    add_lowres_parser(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["lowres", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        run_lowres(args)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import registry
+from pipeline.models.network import build_network
 
 
 @dataclass
@@ -41,7 +41,7 @@ class RecipeModel(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.net = registry.build_network(cfg.model)
+        self.net = build_network(cfg.model)
         if cfg.model.init_from:  # fine-tuning: start from a trained network of the same architecture
             from pipeline.checkpoint import load_weights
 

@@ -9,8 +9,8 @@ import sys
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-from pipeline import registry
 from pipeline.config import load_config
+from pipeline.models.network import build_network
 
 head = sys.argv[1]
 cfg = load_config(
@@ -23,7 +23,7 @@ cfg = load_config(
         "model.head.embedding_size=128",
     ],
 )
-net = registry.build_network(cfg.model)
+net = build_network(cfg.model)
 x = torch.rand(64, 3, 72, 72).contiguous(memory_format=torch.channels_last)
 out = net(x)
 out.embedding.float().pow(2).sum().backward()
