@@ -122,6 +122,11 @@ class Sizes:
     loader_images: int = 20 * 512
     torch_workers: int = 16
     dali_threads: int = 8
+    dali_sweep_threads: tuple[int, ...] = (4, 8, 12)
+    dali_sweep_prefetch: tuple[int, ...] = (2, 3)
+    dali_sweep_hw: tuple[float, ...] = (0.0, 0.65, 0.9)
+    dali_depth: int = 100
+    dali_batch: int = 256
     cls_classes: int = 1_000_000
     cls_batch: int = 256
     cls_rates: tuple[float, ...] = (1.0, 0.1)
@@ -150,6 +155,10 @@ def smoke_sizes() -> Sizes:
         loader_images=8,
         torch_workers=1,
         dali_threads=1,
+        dali_sweep_threads=(1,),
+        dali_sweep_prefetch=(2,),
+        dali_depth=18,
+        dali_batch=4,
         cls_classes=1000,
         cls_batch=4,
         warmup=1,
@@ -361,12 +370,9 @@ def make_shards(
 
 
 def part_loader(args, sz: Sizes, device: torch.device, shards: Path) -> dict:
-    if importlib.util.find_spec("nvidia.dali") is None:
-        return {"skipped": "nvidia.dali is not importable"}
-    try:
-        import nvidia.dali  # noqa: F401
-    except Exception as e:  # a broken install (CUDA mismatch, ...) is a skip, not a crash
-        return {"skipped": f"nvidia.dali does not import: {type(e).__name__}: {e}"}
+    why = _dali_importable()
+    if why:
+        return {"skipped": why}
     import bench_loaders
 
     from pipeline.config import DataConfig
@@ -433,8 +439,8 @@ class BareLoop:
             self.net = self.net.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.forward = self._forward
-        if compile_backend:
-            self.forward = torch.compile(self._forward, backend=compile_backend)
+        if compile_backend:  # model.compile: blocks — each residual block compiled in place (one graph per shape)
+            self.net.compile_regions("blocks", backend=compile_backend)
         params = [{"params": list(self.net.parameters())}, {"params": [self.weight]}]
         self.opt = torch.optim.SGD(
             params, lr=0.1, momentum=0.9, weight_decay=5e-4, **({"fused": True} if fused else {})
@@ -465,8 +471,11 @@ def make_batch(n: int, classes: int, device: torch.device, seed: int = 0) -> dic
     }
 
 
-def build_trainer(depth: int, batch: int, sz: Sizes, device: torch.device, shards: Path, tmp: Path):
-    """The real Trainer (as bench_trainer.py builds it), bf16, one rank, or (None, reason)."""
+def build_trainer(
+    depth: int, batch: int, sz: Sizes, device: torch.device, shards: Path, tmp: Path, data: tuple[str, ...] = ()
+):
+    """The real Trainer (as bench_trainer.py builds it), bf16, one rank, or (None, reason). ``data``: overrides
+    of its loader (default: the torch loader, never iterated: batches come from memory)."""
     if importlib.util.find_spec("deepspeed") is None:
         return None, "deepspeed is not installed: bare loop only"
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -480,10 +489,9 @@ def build_trainer(depth: int, batch: int, sz: Sizes, device: torch.device, shard
             f"model.width={sz.width}",
             f"data.train={shards}",
             f"data.batch_size={batch}",
-            f"output.dir={tmp / f'run_r{depth}_b{batch}'}",
+            f"output.dir={tmp / (f'run_r{depth}_b{batch}' + ('_dali' if data else ''))}",  # one run per folder
             f"device={'cuda' if device.type == 'cuda' else 'cpu'}",
-            "data.loader=torch",  # never iterated here (batches come from memory): the cheapest to build
-            "data.num_workers=0",
+            *(data or ("data.loader=torch", "data.num_workers=0")),  # never iterated: the cheapest to build
             f"deepspeed.precision={sz.trainer_precision}",
             "classifier.sample_rate=1.0",
         ],
@@ -500,7 +508,10 @@ def part_train(
 ) -> dict:
     from pipeline.models.iresnet import build_iresnet
 
-    res = {"precision": f"bf16 autocast (bare loop); DeepSpeed {sz.trainer_precision} (trainer)", "runs": []}
+    res = {
+        "precision": f"bf16 autocast (bare loop); trainer deepspeed.precision={sz.trainer_precision} (stage 0: autocast)",
+        "runs": [],
+    }
     # MFU counts the FLOPs of the network actually run (full width on the GPU, tiny width in the smoke run)
     flops = {d: fl[f"iresnet{d}"] if sz.width == 1.0 else count_flops(d, sz.width) for d in sz.depths}
     res["flops_width"] = sz.width
@@ -690,6 +701,97 @@ def part_scan(args, sz: Sizes, device: torch.device, clock: Clock) -> dict:
     del plain, scan, scan_net, plain_net, folded, data, x
     free()
     return res
+
+
+def _dali_importable() -> str | None:
+    """None when nvidia.dali imports, else why not."""
+    if importlib.util.find_spec("nvidia.dali") is None:
+        return "nvidia.dali is not importable"
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as e:  # a broken install (CUDA mismatch, ...) is a skip, not a crash
+        return f"nvidia.dali does not import: {type(e).__name__}: {e}"
+    return None
+
+
+def part_dali(args, sz: Sizes, device: torch.device, clock: Clock, shards: Path, tmp: Path) -> dict:
+    """DALI's knobs swept (CPU threads × prefetch depth × hardware-decoder share), then the number that matters:
+    the trainer's step fed by the best DALI setting / the same step on an in-memory batch (goal ≥ 0.95)."""
+    why = _dali_importable()
+    if why:
+        return {"skipped": why}
+    import bench_loaders
+
+    from pipeline.config import DataConfig
+    from pipeline.data.dali_loader import DaliTrainLoader
+
+    dali_device = "gpu" if device.type == "cuda" else "cpu"
+    res = {"batch": sz.loader_batch, "dali_device": dali_device, "sweep": []}
+    for threads in sz.dali_sweep_threads:
+        for prefetch in sz.dali_sweep_prefetch:
+            for hw in sz.dali_sweep_hw if dali_device == "gpu" else (0.0,):
+                cfg = DataConfig(
+                    train=str(shards),
+                    loader="dali",
+                    batch_size=sz.loader_batch,
+                    num_workers=threads,
+                    shuffle_buffer=1024,
+                    augment=bench_loaders.FULL,
+                    dali_prefetch=prefetch,
+                    dali_hw_decoder_load=hw,
+                )
+                ips = bench_loaders.measure(
+                    lambda cfg=cfg: DaliTrainLoader(cfg, 0, 1, 0, 112, device=dali_device), sz.loader_images
+                )
+                res["sweep"].append({"threads": threads, "prefetch": prefetch, "hw_decoder_load": hw, "img_s": ips})
+                log(f"dali: threads {threads}, prefetch {prefetch}, hw_decoder_load {hw}: {ips:.0f} img/s")
+                free()
+    best = max(res["sweep"], key=lambda r: r["img_s"])
+    res["best"] = best
+    depth, batch = sz.dali_depth, sz.dali_batch
+    trainer, why = build_trainer(
+        depth,
+        batch,
+        sz,
+        device,
+        shards,
+        tmp,
+        data=(
+            "data.loader=dali",
+            f"data.num_workers={best['threads']}",
+            f"data.dali_prefetch={best['prefetch']}",
+            f"data.dali_hw_decoder_load={best['hw_decoder_load']}",
+            "data.shuffle_buffer=1024",
+        ),
+    )
+    if trainer is None:
+        res["trainer_fed"] = {"skipped": why}
+        return res
+    memory = make_batch(batch, min(trainer.loader.num_classes, 111), device)
+    state = {"it": iter(trainer.loader.iter_from(0))}
+
+    def next_batch():
+        try:
+            return next(state["it"])
+        except StopIteration:  # a new epoch (its pipeline build is inside the timing: rare with enough shards)
+            trainer.loader.set_epoch(trainer.loader.epoch + 1)
+            state["it"] = iter(trainer.loader.iter_from(0))
+            return next(state["it"])
+
+    variants = {
+        "in_memory": (lambda: trainer._micro_step(memory, 0), None),
+        "dali_fed": (lambda: trainer._micro_step(next_batch(), 0), None),
+    }
+    t = round_robin(clock, variants, sz, f"trainer iresnet{depth} batch {batch}, DALI-fed vs in-memory")
+    res["trainer_fed"] = {
+        "depth": depth,
+        "batch": batch,
+        "in_memory_img_s": batch / t["in_memory"]["median_s"],
+        "dali_fed_img_s": batch / t["dali_fed"]["median_s"],
+    }
+    res["trainer_fed"]["fed_over_memory"] = res["trainer_fed"]["dali_fed_img_s"] / res["trainer_fed"]["in_memory_img_s"]
+    log(f"dali: trainer fed by DALI / in-memory batches = {res['trainer_fed']['fed_over_memory']:.3f} (goal >= 0.95)")
+    return res  # the trainer and its loader go with this frame (the caller's next part frees the cache)
 
 
 def expected_positive_rows(classes_local: int, global_batch: int, world: int = 1) -> float:
@@ -902,6 +1004,25 @@ def markdown(R: dict) -> str:
             f"DALI / torch: **{ld['dali_over_torch']:.2f}**",
             "",
         ]
+    dl = R.get("dali", {})
+    if "sweep" in dl:
+        L += [f"## DALI sweep ({dl['dali_device']}, batch {dl['batch']})", ""]
+        L += ["| threads | prefetch | hw_decoder_load | img/s |", "|---:|---:|---:|---:|"]
+        for r in dl["sweep"]:
+            L.append(f"| {r['threads']} | {r['prefetch']} | {r['hw_decoder_load']} | {r['img_s']:.0f} |")
+        fed = dl.get("trainer_fed", {})
+        if "fed_over_memory" in fed:
+            L += [
+                "",
+                f"Trainer iresnet{fed['depth']} batch {fed['batch']} fed by DALI (the best row): "
+                f"{fed['dali_fed_img_s']:.0f} img/s vs {fed['in_memory_img_s']:.0f} on an in-memory batch: "
+                f"**{fed['fed_over_memory']:.3f}** (goal ≥ 0.95)",
+            ]
+        elif fed:
+            L += ["", f"trainer fed by DALI: skipped: {fed.get('skipped')}"]
+        L.append("")
+    elif "skipped" in dl and dl["skipped"] != "not in --parts":
+        L += ["## DALI sweep", "", f"skipped: {dl['skipped']}", ""]
     tr = R.get("train", {})
     if "runs" in tr:
         L += [f"## Training step ({tr['precision']})", ""]
@@ -988,7 +1109,22 @@ def write_results(out: Path | None, R: dict, final: bool) -> str:
 
 # --------------------------------------------------------------------------- main
 
-PARTS = ("loader", "train", "levers", "scan", "classifier")
+PARTS = ("loader", "train", "levers", "scan", "classifier", "dali")
+# make gpu-check's first call (docs/gpu-check.md): the figures that matter most first, all on one GPU in ~5 minutes
+PLANS = {
+    "gpu-check": dict(
+        parts="train,levers,scan,classifier",
+        depths="100",
+        batches="128,256",
+        lever_depth=100,
+        lever_batch=256,
+        repeats=3,
+        warmup=3,
+        cls_rates=(1.0,),
+    ),
+    # the DALI call: the loader sweep and the trainer fed by DALI
+    "dali": dict(parts="dali", repeats=3, warmup=3),
+}
 
 
 def main(argv=None) -> int:
@@ -999,7 +1135,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--out", type=Path, help="write bench_gpu.json and bench_gpu.md into this directory")
     ap.add_argument("--cpu-smoke", action="store_true", help="run every part at tiny sizes on the CPU")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument(
+        "--parts",
+        help=f"comma-separated subset of {','.join(PARTS)}, run in this order (default: all but dali, or the plan's)",
+    )
+    ap.add_argument("--plan", choices=sorted(PLANS), help="a preset: gpu-check (call 1 of make gpu-check) | dali")
     ap.add_argument("--shards", type=Path, help="WebDataset shard directory (default: shard the LFW faces)")
     ap.add_argument(
         "--shared",
@@ -1023,10 +1163,16 @@ def main(argv=None) -> int:
         ("channels-last", "NHWC activations and weights"),
         ("fused-sgd", "torch.optim.SGD(..., fused=True)"),
         ("cudnn-benchmark", "torch.backends.cudnn.benchmark = True"),
-        ("compile", "torch.compile of the network's forward (inductor; aot_eager in --cpu-smoke)"),
+        ("compile", "model.compile: blocks, each residual block compiled (inductor; aot_eager in --cpu-smoke)"),
     ):
         ap.add_argument(f"--{lever}", action=argparse.BooleanOptionalAction, default=True, help=f"lever: {helptext}")
     args = ap.parse_args(argv)
+    plan = dict(PLANS[args.plan]) if args.plan else {}
+    for key in ("depths", "batches", "lever_depth", "lever_batch", "repeats", "warmup"):
+        if plan.get(key) is not None and getattr(args, key) is None:
+            setattr(args, key, plan[key])
+    if args.parts is None:
+        args.parts = plan.get("parts", ",".join(p for p in PARTS if p != "dali"))
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -1049,6 +1195,8 @@ def main(argv=None) -> int:
         sz.depths = tuple(int(d) for d in args.depths.split(","))
     if args.batches:
         sz.batches = tuple(int(b) for b in args.batches.split(","))
+    if "cls_rates" in plan:
+        sz.cls_rates = plan["cls_rates"]
     if args.cpu_smoke:
         torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -1096,7 +1244,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmpdir:
         tmp = Path(tmpdir)
         shards = args.shards
-        if shards is None and {"loader", "train"} & set(parts):
+        if shards is None and {"loader", "train", "dali"} & set(parts):
             repeat = max(1, math.ceil((sz.loader_images + 4 * sz.loader_batch) / 1814))
             log(f"shards: the LFW faces x{repeat} under {tmp / 'shards'}")
             shards = make_shards(tmp / "shards", args.shared, repeat=repeat, num_classes=sz.train_classes)
@@ -1108,11 +1256,12 @@ def main(argv=None) -> int:
             "levers": lambda: part_levers(args, sz, device, clock, tmp),
             "scan": lambda: part_scan(args, sz, device, clock),
             "classifier": lambda: part_classifier(args, sz, device, clock),
+            "dali": lambda: part_dali(args, sz, device, clock, shards, tmp),
         }
         for part in PARTS:
             if part not in parts:
                 R[part] = {"skipped": "not in --parts"}
-                continue
+        for part in parts:  # in the order given: the most important first (a time limit cuts the tail)
             t = time.perf_counter()
             try:
                 R[part] = jobs[part]()

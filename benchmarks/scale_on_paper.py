@@ -11,7 +11,12 @@ embedding 512, the ArcFace margin in ``ShardedMarginClassifier``, the backbone u
 * collectives per step: the all-gather of embeddings (fp32) and labels (int64), the all-reduce of the
   gathered embeddings' gradient and of the softmax statistics; the backbone's gradient reduction and
   parameter all-gather (bf16);
-* backbone: parameters / gradients (bf16) + fp32 master weights and momentum partitioned by ZeRO-1;
+* backbone state and its collectives for the engine the trainer actually runs (``pipeline/engine.py``): the
+  default, bf16 at ZeRO stage 0 = torch autocast over fp32 weights — fp32 parameters, gradients and momentum
+  (12Ψ B), one fp32 gradient all-reduce after backward (DeepSpeed's stage 0 reduces at the boundary, not
+  overlapped); and ``zero_stage: 1`` = DeepSpeed's BF16_Optimizer — bf16 parameters and gradients, the fp32
+  accumulated gradient (whole), fp32 master weights and momentum partitioned (2Ψ + 2Ψ + 4Ψ + 8Ψ/W B), an fp32
+  gradient all-reduce and a bf16 parameter all-gather;
   activations at batch 128 in bf16 = the bytes of the tensors autograd saves, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` on the meta device (no compute; identical to a real CPU
   forward on a small network, checked by ``--verify-meta``);
@@ -164,6 +169,70 @@ def traffic_passes(rate: float, classes: int = 20_000, dim: int = 512) -> tuple[
 H100 = {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9, "hbm_tb_s": 3.35, "nvlink_gb_s": 450.0, "ib_gb_s": 50.0}
 
 
+def backbone_state_bytes(psi: int, world: int) -> dict[str, float]:
+    """Per-GPU bytes of the backbone's optimizer state: stage 0 autocast (fp32 weights, gradients, momentum) and
+    ZeRO-1 BF16_Optimizer (bf16 weights + gradients, the whole fp32 accumulated gradient, fp32 master + momentum
+    partitioned over ``world``)."""
+    return {"stage0": 12.0 * psi, "zero1": 2.0 * psi + 2.0 * psi + 4.0 * psi + 8.0 * psi / world}
+
+
+def backbone_comm_bytes(psi: int) -> dict[str, tuple[float, float]]:
+    """(all-reduce payload, all-gather payload) per step: stage 0 all-reduces the fp32 gradient; BF16_Optimizer
+    all-reduces the fp32 gradient and all-gathers the updated bf16 parameters."""
+    return {"stage0": (4.0 * psi, 0.0), "zero1": (4.0 * psi, 2.0 * psi)}
+
+
+def comm_seconds(all_reduce: float, all_gather: float, world: int, link_gb_s: float) -> float:
+    """Ring collectives at ``link_gb_s`` each way: all-reduce moves 2(W−1)/W of its payload, all-gather (W−1)/W."""
+    ring = (world - 1) / world
+    return (2 * ring * all_reduce + ring * all_gather) / (link_gb_s * 1e9)
+
+
+def epoch_table(
+    worlds,
+    batch: int,
+    depth: int,
+    rate: float,
+    mfus: dict[str, float],
+    dim: int = 512,
+    classes: int = WEBFACE42M_CLASSES,
+) -> str:
+    """WebFace42M epoch time per engine and MFU: backbone compute at the MFU + the classifier (TF32 logits, lower
+    bound) + the collectives, none overlapped (stage 0 and BF16_Optimizer both reduce after backward)."""
+    bb = backbone_numbers(depth)
+    psi = bb["params"]
+    a, b = traffic_passes(rate)
+    out = [
+        f"WebFace42M epoch ({WEBFACE42M_IMAGES:,} images), iresnet{depth}, batch {batch}/GPU, r = {rate}, H100 SXM",
+        "",
+        "| W | MFU | backbone ms | classifier ms (TF32) | comm ms stage 0 / ZeRO-1 | step ms stage 0 | steps/epoch | "
+        "epoch h stage 0 | epoch h ZeRO-1 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in worlds:
+        rows, n = math.ceil(classes / w), batch * w
+        s_rows = predicted_classifier_peak(rows, dim, n, rate, world=w)["num_sample"]
+        cls = 6 * n * s_rows * dim / (H100["tf32"] * 1e12) + (a * n * s_rows * 4 + b * rows * dim * 4) / (
+            H100["hbm_tb_s"] * 1e12
+        )
+        link = H100["nvlink_gb_s"] if w <= 8 else H100["ib_gb_s"]
+        gather = n * dim * 4 + n * 8 + w * 8
+        reduce_cls = n * dim * 4 + 5 * n * 4
+        comm = {
+            k: comm_seconds(reduce_cls + ar, gather + ag, w, link) for k, (ar, ag) in backbone_comm_bytes(psi).items()
+        }
+        steps = math.ceil(WEBFACE42M_IMAGES / n)
+        for label, mfu in mfus.items():
+            backbone = 3 * bb["fwd_flop"] * batch / (H100["bf16"] * 1e12 * mfu)
+            step = {k: backbone + cls + c for k, c in comm.items()}
+            out.append(
+                f"| {w} | {label} | {backbone * 1e3:.1f} | {cls * 1e3:.1f} | {comm['stage0'] * 1e3:.1f} / "
+                f"{comm['zero1'] * 1e3:.1f} | {step['stage0'] * 1e3:.1f} | {steps:,} | "
+                f"{steps * step['stage0'] / 3600:.2f} | {steps * step['zero1'] / 3600:.2f} |"
+            )
+    return "\n".join(out)
+
+
 def table(worlds, rates, batch: int, depth: int, dim: int = 512, classes: int = WEBFACE42M_CLASSES) -> str:
     bb = backbone_numbers(depth)
     psi = bb["params"]
@@ -181,16 +250,15 @@ def table(worlds, rates, batch: int, depth: int, dim: int = 512, classes: int = 
         "Memory per GPU (GB = 1e9 bytes)",
         "",
         "| W | r | rows C/W | S | weight+momentum | + gradient | one N×S fp32 buffer | classifier peak (at) | "
-        "backbone state | activations | sum |",
+        "backbone state stage 0 / ZeRO-1 | activations | sum (stage 0) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows_t = []
     for w in worlds:
         rows = math.ceil(classes / w)
         n = batch * w
-        # ZeRO-1 bf16 (DeepSpeedZeroOptimizer): bf16 params + bf16 grads, fp32 master + momentum + the
-        # partition's fp32 gradient at the step, each 1/W
-        state_bb = 2 * psi + 2 * psi + 3 * 4 * psi / w
+        states = backbone_state_bytes(psi, w)
+        state_bb = states["stage0"]  # the default engine (pipeline/engine.py)
         link = H100["nvlink_gb_s"] if w <= 8 else H100["ib_gb_s"]
         for r in rates:
             p = predicted_classifier_peak(rows, dim, n, r, world=w)
@@ -198,20 +266,21 @@ def table(worlds, rates, batch: int, depth: int, dim: int = 512, classes: int = 
             wm = 2 * rows * dim * 4
             out.append(
                 f"| {w} | {r} | {rows:,} | {s:,} | {wm / GB:.3f} | {(wm + rows * dim * 4) / GB:.3f} | "
-                f"{n * s * 4 / GB:.3f} | {p['peak_bytes'] / GB:.2f} ({p['peak_at']}) | {state_bb / GB:.3f} | "
+                f"{n * s * 4 / GB:.3f} | {p['peak_bytes'] / GB:.2f} ({p['peak_at']}) | {state_bb / GB:.3f} / "
+                f"{states['zero1'] / GB:.3f} | "
                 f"{act / GB:.2f} | {(state_bb + act + p['peak_bytes']) / GB:.2f} |"
             )
             gather = n * dim * 4 + n * 8 + w * 8  # embeddings fp32 + labels int64 + sizes
             reduce_cls = n * dim * 4 + 5 * n * 4  # gathered-embedding gradient + (2 maxes, 3 sums) per sample
-            comm_bb = 2 * psi  # bf16 gradient reduction; the bf16 parameter all-gather moves as much again
+            (ar0, _), (ar1, ag1) = backbone_comm_bytes(psi)["stage0"], backbone_comm_bytes(psi)["zero1"]
             a, b = passes[r]
             traffic = a * n * s * 4 + b * rows * dim * 4
             mm = 6 * n * s * dim
-            ring = (w - 1) / w
-            comm_s = (2 * ring * (reduce_cls + comm_bb) + ring * (gather + comm_bb)) / (link * 1e9)
+            comm0 = comm_seconds(reduce_cls + ar0, gather, w, link)
+            comm1 = comm_seconds(reduce_cls + ar1, gather + ag1, w, link)
             rows_t.append(
-                f"| {w} | {r} | {gather / 1e6:.2f} | {reduce_cls / 1e6:.2f} | {comm_bb / 1e6:.0f} + {comm_bb / 1e6:.0f} | "
-                f"{comm_s * 1e3:.1f} | {mm / 1e12:.3f} | {traffic / GB:.1f} | "
+                f"| {w} | {r} | {gather / 1e6:.2f} | {reduce_cls / 1e6:.2f} | {ar0 / 1e6:.0f} / {ar1 / 1e6:.0f} + "
+                f"{ag1 / 1e6:.0f} | {comm0 * 1e3:.1f} / {comm1 * 1e3:.1f} | {mm / 1e12:.3f} | {traffic / GB:.1f} | "
                 f"{(mm / (H100['fp32'] * 1e12) + traffic / (H100['hbm_tb_s'] * 1e12)) * 1e3:.1f} | "
                 f"{(mm / (H100['tf32'] * 1e12) + traffic / (H100['hbm_tb_s'] * 1e12)) * 1e3:.1f} | "
                 f"{3 * bb['fwd_flop'] * batch / 1e12:.2f} | {3 * bb['fwd_flop'] * batch / (H100['bf16'] * 1e12) * 1e3:.1f} |"
@@ -221,8 +290,8 @@ def table(worlds, rates, batch: int, depth: int, dim: int = 512, classes: int = 
         "Per GPU and step on an H100 SXM (lower bounds: peak FLOP/s, peak HBM bandwidth, link bandwidth each way; "
         "W = 8 over NVLink, W = 64 over InfiniBand)",
         "",
-        "| W | r | all-gather MB (emb fp32 + labels) | all-reduce MB (cls) | backbone bf16 reduce + all-gather MB | "
-        "comm ms | classifier TFLOP | classifier traffic GB | classifier ms (fp32 mm) | classifier ms (TF32 mm) | "
+        "| W | r | all-gather MB (emb fp32 + labels) | all-reduce MB (cls) | backbone MB: stage 0 fp32 all-reduce / "
+        "ZeRO-1 fp32 all-reduce + bf16 all-gather | comm ms stage 0 / ZeRO-1 | classifier TFLOP | classifier traffic GB | classifier ms (fp32 mm) | classifier ms (TF32 mm) | "
         "backbone TFLOP | backbone ms at peak |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows_t,
@@ -410,6 +479,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.2, 0.1])
     ap.add_argument("--batch", type=int, default=128, help="per GPU")
     ap.add_argument("--depth", type=int, default=100)
+    ap.add_argument(
+        "--measured-mfu",
+        type=float,
+        default=0.085,
+        help="the r100 b128 bf16 MFU measured on an H100 (BENCHMARKS.md, 2026-11-27: 8.5 %%) for the epoch table",
+    )
+    ap.add_argument("--epoch-rate", type=float, default=0.2, help="partial-FC rate of the epoch table (wf42m_pfc02)")
     ap.add_argument("--check", type=Path, nargs="*", help="bench_sharded_classifier.py outputs to compare")
     ap.add_argument("--cores", type=int, default=2, help="CPU cores the --check runs shared (time model)")
     ap.add_argument("--verify-meta", action="store_true", help="meta-device activation count == a real CPU forward")
@@ -431,6 +507,9 @@ def main(argv=None) -> int:
         print(check(args.check, 512, args.cores))
         return 0
     print(table(args.worlds, args.rates, args.batch, args.depth))
+    print()
+    mfus = {f"measured {args.measured_mfu:.1%}": args.measured_mfu, "20 %": 0.20}
+    print(epoch_table(args.worlds, args.batch, args.depth, args.epoch_rate, mfus))
     return 0
 
 

@@ -291,7 +291,78 @@ def out_problems(out_dir: Path) -> list[str]:
     return bad
 
 
-def summary(steps_file: Path, env_file: Path, out_dir: Path, total_s: float) -> int:
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def table(out_dir: Path) -> list[str]:
+    """The figures that matter, from what this call wrote into ``out_dir`` (bench_gpu.json, bench_eval.json, the
+    pytest log): at most 40 lines, printed last so that the end of a device call's output is the answer."""
+    L: list[str] = []
+    bench = out_dir / "bench_gpu.json"
+    R = json.loads(bench.read_text()) if bench.is_file() else {}
+    for r in R.get("train", {}).get("runs", []):
+        b, t = r.get("bare", {}), r.get("trainer") or {}
+        L.append(
+            f"train r{r['depth']} b{r['batch']}: bare {_fmt(b.get('img_s'), '.0f')} img/s (MFU {_fmt(b.get('mfu'), '.1%')}),"
+            f" trainer {_fmt(t.get('img_s'), '.0f')} img/s (MFU {_fmt(t.get('mfu'), '.1%')}),"
+            f" trainer/bare {_fmt(r.get('trainer_over_bare'), '.3f')} (goal ≥ 0.95)"
+        )
+    prof = R.get("train", {}).get("profile", {})
+    for name in ("bare", "trainer"):
+        p = prof.get(name)
+        if p:
+            L.append(
+                f"  profile {prof.get('label', '')} {name}: {_fmt(p.get('wall_ms'), '.1f')} ms/step, GPU kernels"
+                f" {_fmt(p.get('gpu_kernel_ms'), '.1f')} ms, {_fmt(p.get('host_ops'), '.0f')} host ops,"
+                f" {_fmt(p.get('host_reads'), '.0f')} host reads"
+            )
+    lv = R.get("levers", {})
+    for name, v in lv.get("variants", {}).items():
+        L.append(
+            f"lever r{lv.get('depth')} b{lv.get('batch')} {name}: x{_fmt(v.get('speedup_vs_default'), '.3f')}"
+            + (f" ({v['note']})" if v.get("note") else "")
+        )
+    sc = R.get("scan", {})
+    if "train_scan_over_plain" in sc:
+        L.append(
+            f"scan r{sc['depth']}: train SCAN/plain {sc['train_scan_over_plain']:.3f} (goal ≤ 1.3), folded inference"
+            f" /plain {_fmt(sc.get('infer_folded_over_plain'), '.3f')} (goal ≤ 1.02)"
+        )
+    for run in R.get("classifier", {}).get("runs", [])[:3]:
+        tf32 = run.get("tf32_step_s")
+        L.append(
+            f"classifier rate {run.get('sample_rate')}: step {_fmt(run.get('step_s'), '.4f')} s"
+            + (f", TF32 {tf32:.4f} s" if tf32 else "")
+            + f", peak {_fmt(run.get('peak_mib'), '.0f')} MiB"
+        )
+    dl = R.get("dali", {})
+    if dl.get("best"):
+        b = dl["best"]
+        L.append(
+            f"dali best: {b['img_s']:.0f} img/s at threads {b['threads']}, prefetch {b['prefetch']}, "
+            f"hw_decoder_load {b['hw_decoder_load']} (goal ≥ 20k; {len(dl.get('sweep', []))} settings)"
+        )
+        fed = dl.get("trainer_fed", {})
+        if "fed_over_memory" in fed:
+            L.append(f"dali: trainer fed by DALI / in-memory {fed['fed_over_memory']:.3f} (goal ≥ 0.95)")
+    for part, why in R.get("errors", {}).items():
+        L.append(f"bench {part}: ERROR {why}"[:160])
+    ev = out_dir / "bench_eval.json"
+    if ev.is_file():
+        e = json.loads(ev.read_text())
+        L.append(
+            f"bench_eval: pipeline {_fmt(e.get('pipeline_img_per_s'), '.0f')} img/s, plain "
+            f"{_fmt(e.get('plain_img_per_s'), '.0f')}: pipeline/plain {_fmt(e.get('pipeline_over_plain'), '.3f')}"
+        )
+    log = out_dir / "pytest_gpu.log"
+    if log.is_file():
+        lines = [x for x in log.read_text().splitlines() if re.search(r"\d+ (passed|failed|error)", x)]
+        L += [f"pytest: {x.strip('= ')}" for x in lines[-3:]]
+    return L[:40]
+
+
+def summary(steps_file: Path, env_file: Path, out_dir: Path, total_s: float, phase: str = "core") -> int:
     steps = []
     for line in steps_file.read_text().splitlines() if steps_file.is_file() else []:
         name, rc, secs, limit = line.split("\t")[:4]
@@ -309,6 +380,11 @@ def summary(steps_file: Path, env_file: Path, out_dir: Path, total_s: float) -> 
     for b in out_problems(out_dir):
         print(f"gpu-check: WARNING {b}: will not come back from $OUT")
     rc_of = {s["step"]: ("skipped" if s["rc"] is None else f"rc={s['rc']}") for s in steps}
+    rows = table(out_dir)
+    if rows:
+        print(f"gpu-check: phase {phase}, the figures ({len(rows)} lines):")
+        for row in rows:
+            print("  " + row)
     print(
         f"gpu-check: {result['result']} device={result['device']!r} torch={env.get('versions', {}).get('torch', '?')}"
         f" cuda={env.get('torch_cuda', '?')} "
@@ -340,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--env", type=Path, required=True)
     s.add_argument("--out-dir", type=Path, required=True)
     s.add_argument("--total-s", type=float, default=0.0)
+    s.add_argument("--phase", default="core")
     args = ap.parse_args(argv)
 
     def groups(text: str) -> tuple[str, ...]:
@@ -366,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             if problems:
                 raise CheckError("; ".join(problems))
         elif args.cmd == "summary":
-            return summary(args.steps, args.env, args.out_dir, args.total_s)
+            return summary(args.steps, args.env, args.out_dir, args.total_s, args.phase)
     except CheckError as e:
         print(f"gpu-check: {e}", file=sys.stderr)
         return 3

@@ -260,9 +260,11 @@ def split(wheels: list[dict], stage: Path, part_bytes: int, meta: dict | None = 
     if dup:
         raise SystemExit(f"gpu-stage: two versions of {', '.join(dup)}: keep one")
     entries, part_sizes = [], [0]
-    for w in wheels:
+    for i, w in enumerate(wheels):
         path: Path = w["file"]
         size = path.stat().st_size
+        if i and w["group"] not in FIRST_CALL_GROUPS and wheels[i - 1]["group"] in FIRST_CALL_GROUPS:
+            part_sizes.append(0)  # call 1 carries the core wheels alone (≤ 25 MiB with the faces): DALI starts anew
         entry = {
             "file": path.name,
             "name": w["name"],
@@ -363,21 +365,27 @@ def stage_shared_data(stage: Path, source: Path = REPO.parent / "shared" / "data
     return sum(p.stat().st_size for p in (stage / SHARED_DIR).rglob("*") if p.is_file())
 
 
-RECEIVE_TIMEOUT_S = 60
-CHECK_TIMEOUT_S = 540  # gpu_check.sh's 480 s budget + receive + slack
+FIRST_CALL_GROUPS = ("core",)  # the wheels of call 1 (with their fallbacks); DALI's come in the later calls
+# seconds per call: gpu_check.sh's phase budget (core 360, more 100, dali 300) + the receive + slack
+TIMEOUT_S = {"core": 420, "more": 150, "dali": 360}
+DALI_CALLS_NEED_S = 360  # device time that must remain after call 1 before the DALI calls start
 
 
 def device_calls(manifest: dict, stage_rel: str = ".gpu_stage") -> list[dict]:
-    """The calls the lead makes, in order: receive every part; the last call also runs the check."""
+    """The calls the lead makes, in order. Call 1 receives part_00 (the core wheels) with the shared faces and runs
+    the core phase (the figures that matter, no DALI); every later call receives one DALI part and does work too
+    (phase ``more``: one queued task), the last runs the DALI phase. Calls 2.. only when ≥ DALI_CALLS_NEED_S of
+    device time remain (``status``)."""
     calls = []
     src = "" if stage_rel == ".gpu_stage" else f"GPU_STAGE_SRC={stage_rel} "
-    for i, p in enumerate(manifest["parts"]):
-        last = i == len(manifest["parts"]) - 1
-        cmd = f"{src}bash scripts/gpu_check/receive.sh {p}"
-        if last:
-            cmd += " && bash scripts/gpu_check/gpu_check.sh"
-        carry = [f"{stage_rel}/{p}"] + ([f"{stage_rel}/{SHARED_DIR}"] if last else [])
-        calls.append({"command": cmd, "carry": carry, "timeout_s": CHECK_TIMEOUT_S if last else RECEIVE_TIMEOUT_S})
+    parts = manifest["parts"]
+    for i, p in enumerate(parts):
+        phase = "core" if i == 0 else ("dali" if i == len(parts) - 1 else "more")
+        cmd = (
+            f"{src}bash scripts/gpu_check/receive.sh {p} && GPU_CHECK_PHASE={phase} bash scripts/gpu_check/gpu_check.sh"
+        )
+        carry = [f"{stage_rel}/{p}"] + ([f"{stage_rel}/{SHARED_DIR}"] if i == 0 else [])
+        calls.append({"command": cmd, "carry": carry, "timeout_s": TIMEOUT_S[phase], "phase": phase})
     return calls
 
 
@@ -391,7 +399,8 @@ def stage_rel(stage: Path) -> str:
 
 def format_calls(calls: list[dict]) -> str:
     lines = [
-        f"{len(calls)} device calls, back to back (the machine is given back after ~30 s idle):",
+        f"{len(calls)} device calls, back to back (the machine is given back after ~30 s idle); call 1 is the check"
+        f" (no DALI); calls 2-{len(calls)} only when status says budget_left_s >= {DALI_CALLS_NEED_S} after it:",
     ]
     for i, c in enumerate(calls, 1):
         lines.append(
@@ -453,9 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     sizes = [part_dir_bytes(stage, p) for p in manifest["parts"]]
     data = stage_shared_data(stage)
-    sizes_with_data = sizes[:-1] + [sizes[-1] + data]
+    sizes_with_data = [sizes[0] + data] + sizes[1:]
+    print(f"gpu-stage: call 1 carries {(sizes_with_data[0] + tree) / MIB:.1f} MiB (part_00 + faces + working tree)")
     biggest = max(sizes_with_data) + tree
-    print(f"gpu-stage: shared LFW faces for the GPU tier: {data / MIB:.1f} MiB in {stage / SHARED_DIR} (last call)")
+    print(f"gpu-stage: shared LFW faces for the GPU tier: {data / MIB:.1f} MiB in {stage / SHARED_DIR} (call 1)")
     print(
         f"gpu-stage: total {manifest['total_bytes'] / MIB:.1f} MiB in {len(sizes)} parts "
         f"({', '.join(f'{s / MIB:.1f}' for s in sizes)} MiB) under {stage}"
