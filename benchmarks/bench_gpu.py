@@ -13,7 +13,7 @@ Parts (``--parts``, default all):
   when DALI is not importable.
 * ``train``: iresnet50 and iresnet100, bf16 autocast, batch 128 and 256: images/s; MFU = 3 × (forward FLOPs
   counted by ``torch.utils.flop_counter.FlopCounterMode``, 2 FLOPs per multiply-add) × images/s / the card's
-  dense bf16 peak; the trainer's step (``pipeline.train.Trainer._micro_step``: DeepSpeed engine, bf16,
+  dense bf16 peak; the trainer's step (``pipeline.train.Trainer.train_step``: DeepSpeed engine, bf16,
   ``ShardedMarginClassifier`` on one rank) / the bare PyTorch loop (same network, same classifier rows, same
   ArcFace margin, SGD), same process. Without DeepSpeed the bare loop alone is reported, with the reason.
 * ``levers``: the bare loop with ``--channels-last``, fused SGD (``--fused-sgd``), ``torch.backends.cudnn.
@@ -529,8 +529,7 @@ def part_train(
             if trainer is not None:
 
                 def trainer_step(trainer=trainer, data=data):
-                    trainer._micro_step(data, 0)
-                    trainer.step += 1
+                    trainer.train_step(data)
 
                 variants["trainer"] = (trainer_step, None)
             t = round_robin(clock, variants, sz, label)
@@ -779,8 +778,8 @@ def part_dali(args, sz: Sizes, device: torch.device, clock: Clock, shards: Path,
             return next(state["it"])
 
     variants = {
-        "in_memory": (lambda: trainer._micro_step(memory, 0), None),
-        "dali_fed": (lambda: trainer._micro_step(next_batch(), 0), None),
+        "in_memory": (lambda: trainer.train_step(memory), None),
+        "dali_fed": (lambda: trainer.train_step(next_batch()), None),
     }
     t = round_robin(clock, variants, sz, f"trainer iresnet{depth} batch {batch}, DALI-fed vs in-memory")
     res["trainer_fed"] = {

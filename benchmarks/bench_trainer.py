@@ -97,8 +97,7 @@ def main() -> None:
         opt.step()
 
     def trainer_step():
-        trainer._micro_step(batch, 0)
-        trainer.step += 1
+        trainer.train_step(batch)
 
     def timed(fn) -> tuple[float, float]:
         fn()  # warm-up

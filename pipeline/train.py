@@ -283,10 +283,9 @@ class Trainer:
             batches = iter(self.loader.iter_from(offset) if offset else self.loader)
             for micro in range(offset, micro_per_epoch):
                 batch = next(batches)
-                terms = self._micro_step(batch, micro)
+                terms = self.train_step(batch, micro)
                 if (micro + 1) % self.gas:
                     continue
-                self.step += 1
                 collectives.publish_step(self.step)
                 if self._log_due(self.step):
                     now = time.perf_counter()
@@ -320,7 +319,11 @@ class Trainer:
             print(f"[train] done: checkpoint {last_ckpt}  tensorboard --logdir {self.out / 'tb'}", flush=True)
         return last_ckpt
 
-    def _micro_step(self, batch: dict, micro: int) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: dict, micro: int = 0) -> dict[str, torch.Tensor]:
+        """One micro step on ``batch`` (a loader's dict: ``image``, ``label``, …): forward, loss terms, the NaN guard,
+        backward and, at the end of an accumulation window (``micro`` = its index in the epoch; every call with
+        ``deepspeed.grad_accum: 1``), the optimizer steps and ``self.step += 1``. Returns the loss terms (detached;
+        ``_lr``: the learning rate used). The public step: ``fit`` calls it, so do benchmarks and test workers."""
         # Per-step seed: partial-FC sampling and dropout are reproducible after --resume.
         torch.manual_seed((self.cfg.seed * 1_000_003 + self.step * self.gas + micro) * 1009 + self.rank)
         lr = self._set_lr()
@@ -366,6 +369,8 @@ class Trainer:
         terms["_lr"] = torch.tensor(lr)
         self._scalars = outputs.scalars
         self._step_histograms = outputs.histograms
+        if (micro + 1) % self.gas == 0:
+            self.step += 1  # optimizer steps done
         return terms
 
     def _log_due(self, step: int) -> bool:

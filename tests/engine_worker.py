@@ -1,6 +1,6 @@
 """Worker of tests/test_engine.py: one process, the real Trainer on the CPU.
 
-1. The host work of one r100 bf16 training step (``Trainer._micro_step``: forward, margin classifier, backward,
+1. The host work of one r100 bf16 training step (``Trainer.train_step``: forward, margin classifier, backward,
    optimizer steps, the NaN guard) in launching aten ops and host syncs, and the same for a bare loop (autocast
    forward, backward, foreach SGD) — counted as a CUDA step dispatches them (labels are range-checked on the host on
    the CPU only: that branch is patched to the CUDA one).
@@ -55,9 +55,8 @@ def main() -> int:
     res = {}
 
     tr = trainer(shards, out / "r100", "model.backbone=iresnet100", "model.width=0.0625", "deepspeed.precision=bf16")
-    tr._micro_step(batch, 0)  # the optimizer's state exists from here on
-    tr.step += 1
-    counts = as_on_cuda(lambda: tr._micro_step(batch, 0))
+    tr.train_step(batch)  # the optimizer's state exists from here on
+    counts = as_on_cuda(lambda: tr.train_step(batch))
     res["engine"] = type(tr.engine.optimizer).__name__
     res["trainer_launches"], res["trainer_syncs"] = counts.launches, counts.syncing
     res["trainer_top"] = counts.top(12)
@@ -106,7 +105,7 @@ def main() -> int:
         "schedule.warmup_epochs=0",
     )
     before = [p.detach().clone() for p in tr.model.parameters()]
-    tr._micro_step(batch, 0)
+    tr.train_step(batch)
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(tr.model.parameters(), before)])
     res["clip"] = {"clip": clip, "lr": float(tr.optimizer.param_groups[0]["lr"]), "update_norm": float(update.norm())}
     res["clip"]["grad_norm"] = tr.engine.grad_norm()

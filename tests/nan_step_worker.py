@@ -37,8 +37,7 @@ def main() -> int:
         if i == 1:
             batch["image"][3, 0, 10, 10] = float("nan")
         before = snapshot(trainer)
-        trainer._micro_step(batch, 0)
-        trainer.step += 1
+        trainer.train_step(batch)
         changes.append(float((snapshot(trainer) - before).abs().max()))
     finite = bool(torch.isfinite(snapshot(trainer)).all())
     print(

@@ -59,8 +59,7 @@ def main() -> int:
     batch = {"image": torch.rand(8, 3, 112, 112, generator=g) * 2 - 1, "label": torch.arange(8)}
     before, cls_before = master_weights(trainer), trainer.classifier.weight.detach().clone()
     scale_before = trainer._loss_scale()
-    trainer._micro_step(batch, 0)
-    trainer.step += 1
+    trainer.train_step(batch)
     after = master_weights(trainer)
     res = {
         "backbone_update": torch.cat([(a - b).flatten() for a, b in zip(after, before)]),
@@ -73,7 +72,7 @@ def main() -> int:
     }
     # .item(), bool(tensor), float(tensor) all end in aten::_local_scalar_dense: one device→host read each
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer._micro_step(batch, 0)
+        trainer.train_step(batch)
     counts = {e.key: e.count for e in prof.key_averages()}
     res["host_reads_per_step"] = counts.get("aten::_local_scalar_dense", 0)
     res["skipped_steps_after_two"] = trainer.skipped_steps

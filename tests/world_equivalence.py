@@ -104,8 +104,7 @@ def main() -> int:
     batches = global_batches(Path(args.list), g, 1, max(args.first_batch + args.steps, CHAIN_STEPS))
     for images, labels in batches[args.first_batch : args.first_batch + args.steps]:
         batch = {"image": images[rank * b : (rank + 1) * b], "label": labels[rank * b : (rank + 1) * b]}
-        terms = trainer._micro_step(batch, 0)
-        trainer.step += 1
+        terms = trainer.train_step(batch)
         losses.append(float(terms["total"]))
     net = {k: v.detach().clone() for k, v in trainer.model.net.state_dict().items()}
     centres = trainer.classifier.gather_full(trainer.classifier.weight.detach())
