@@ -3,17 +3,18 @@
 For each set and each size s (default 7, 14, 20 px, the LRFR paper's resolutions, Sec. 3.1):
 
 * **clean**:  the set as stored (HR vs HR);
-* **LR s px**: both images of every pair degraded — bicubic down to s×s and back up
-  (:func:`pipeline.data.degrade.bicubic_down_up`, the synthetic LR of LRFR Sec. 3.1 / the
-  "synthesized LFW" of its Fig. 3a), re-quantised to 8 bits like a stored LR image;
+* **LR s px**: both images of every pair degraded — bicubic down to s×s and back up at the size the image is
+  stored at (:func:`data_prep.bin.degrade_image`, what ``data_prep.bin degrade`` writes and ``verify --degrade
+  lr:S`` applies: one implementation; the synthetic LR of LRFR Sec. 3.1 / the "synthesized LFW" of its Fig. 3a),
+  re-quantised to 8 bits like a stored LR image, then resized to the model's input;
 * **cross s px**: only the second image of every pair degraded (one side HR, one side LR, the
   setting of cross-resolution benchmarks such as XQLFW / SCface).
 
 Verification uses :mod:`pipeline.eval.verify`'s insightface 10-fold protocol unchanged (flip-sum
-embeddings, squared L2, thresholds 0..4 step 0.01, KFold 10). Embeddings are computed once for the
-clean set and once per size for the fully degraded set; the cross setting pairs the clean first
-image with the degraded second image (each image is embedded independently in eval mode, so this
-equals embedding a half-degraded copy).
+embeddings, squared L2, thresholds 0..4 step 0.01, KFold 10), through
+:func:`pipeline.eval.verify.evaluate_degraded`: each distinct image is embedded once clean and once per size; the
+cross setting pairs the clean first image with the degraded second image (each image is embedded independently in
+eval mode, so this equals embedding a half-degraded copy).
 
     python -m pipeline.eval lowres --checkpoint runs/lrfr --bin lfw.bin [--sizes 7 14 20] [--json out.json]
     python -m pipeline.eval lowres --onnx lrfr.onnx --bin lfw.bin    (an exported model, through onnxruntime)
@@ -35,76 +36,43 @@ import torch
 
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
-from pipeline.data.degrade import bicubic_down_up
 
 DEFAULT_SIZES = (7, 14, 20)
 MODES = ("clean", "lr", "cross")
 _KEEP = ("accuracy", "std", "accuracy_noflip", "std_noflip", "threshold", "auc", "tar_at_far", "xnorm", "num_pairs")
 
 
-def degrade_u8(images_u8: torch.Tensor, size: int, batch: int = 256) -> torch.Tensor:
-    """uint8 (N, H, W, 3) → the same images bicubic down to ``size`` px and back up, uint8.
-
-    Each image is clamped to its own value range, as the training loader does for one image
-    (:func:`bicubic_down_up` clamps a batch to the batch's range, a superset of every image's
-    range, so clamping again per image gives exactly the per-image result), then rounded.
-    """
-    if size < 1:
-        raise ConfigError(f"--sizes: resolution must be a positive number of px, got {size}")
-    out = torch.empty_like(images_u8)
-    for s in range(0, len(images_u8), batch):
-        x = images_u8[s : s + batch].permute(0, 3, 1, 2).float()
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
-        y = torch.minimum(torch.maximum(bicubic_down_up(x, size), lo), hi)
-        out[s : s + batch] = y.round().to(torch.uint8).permute(0, 2, 3, 1)
-    return out
-
-
 def _slim(res: dict) -> dict:
     return {k: res[k] for k in _KEEP if k in res}
 
 
-def evaluate_lowres_images(
+def evaluate_lowres_sources(
     embed_fn: Callable[[torch.Tensor], torch.Tensor],
-    images_u8: torch.Tensor,
-    issame: np.ndarray,
-    name: str = "set",
+    sources: list[tuple[str, list[bytes], np.ndarray]],
     sizes=DEFAULT_SIZES,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    image_size: int = 112,
     progress: bool = False,
 ) -> list[dict]:
-    """Rows ``{"set", "mode" (clean|lr|cross), "size" (px, None for clean), accuracy, std, ...}``."""
-    from tqdm import tqdm
+    """Rows ``{"set", "mode" (clean|lr|cross), "size" (px, None for clean), accuracy, std, ...}`` of every source
+    (``verify.bin_source`` / ``verify.pairs_source``). One implementation with ``pipeline.eval verify --degrade
+    lr:S cross:S`` and with ``data_prep.bin degrade``'s copies (:func:`pipeline.eval.verify.evaluate_degraded`): each
+    image degraded at its stored size (bicubic down to S px and back up), then resized to the model's input — the
+    same pixels and the same numbers whatever size the set is stored at (issue 20 item 4)."""
+    from pipeline.eval.verify import Degradation, evaluate_degraded
 
-    from pipeline.eval.verify import embed_images, verification_metrics
-
-    issame = np.asarray(issame, dtype=bool)
-    if len(images_u8) != 2 * len(issame):
-        raise DataError(f"{name}: {len(images_u8)} images for {len(issame)} pairs")
-    clean, clean_f = embed_images(embed_fn, images_u8, batch_size, device)
-    rows = [{"set": name, "mode": "clean", "size": None, **_slim(verification_metrics(clean, clean_f, issame, name))}]
-    for s in tqdm(list(sizes), desc=f"{name} low-res", unit="size", disable=not progress, leave=False):
-        low, low_f = embed_images(embed_fn, degrade_u8(images_u8, int(s)), batch_size, device)
-        rows.append(
-            {
-                "set": name,
-                "mode": "lr",
-                "size": int(s),
-                **_slim(verification_metrics(low, low_f, issame, f"{name} (LR {int(s)} px)")),
-            }
-        )
-        cross, cross_f = clean.copy(), clean_f.copy()
-        cross[1::2], cross_f[1::2] = low[1::2], low_f[1::2]  # second image of each pair degraded
-        rows.append(
-            {
-                "set": name,
-                "mode": "cross",
-                "size": int(s),
-                **_slim(verification_metrics(cross, cross_f, issame, f"{name} (cross {int(s)} px)")),
-            }
-        )
+    for s in sizes:
+        if int(s) < 1:
+            raise ConfigError(f"--sizes: resolution must be a positive number of px, got {s}")
+    degradations = [Degradation("clean")]
+    for s in sizes:
+        degradations += [Degradation("lr", int(s)), Degradation("lr", int(s), True)]
+    res = evaluate_degraded(embed_fn, sources, degradations, image_size, batch_size, device, progress)
+    rows = []
+    for r in res["results"]:
+        mode = "clean" if r["kind"] == "clean" else ("cross" if r["cross"] else "lr")
+        rows.append({"set": r["set"], "mode": mode, "size": None if mode == "clean" else int(r["level"]), **_slim(r)})
     return rows
 
 
@@ -117,11 +85,10 @@ def evaluate_lowres_bin(
     image_size: int = 112,
     progress: bool = False,
 ) -> list[dict]:
-    """:func:`evaluate_lowres_images` on an insightface ``.bin`` (name = file stem)."""
-    from pipeline.eval.verify import load_bin
+    """:func:`evaluate_lowres_sources` on an insightface ``.bin`` (name = file stem)."""
+    from pipeline.eval.verify import bin_source
 
-    images, issame = load_bin(bin_path, image_size)
-    return evaluate_lowres_images(embed_fn, images, issame, Path(bin_path).stem, sizes, batch_size, device, progress)
+    return evaluate_lowres_sources(embed_fn, [bin_source(bin_path)], sizes, batch_size, device, image_size, progress)
 
 
 def markdown_table(rows: list[dict], label: str | None = None) -> str:
@@ -183,7 +150,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def run_lowres(args) -> list[dict]:
     """Run the ``lowres`` subcommand; prints the markdown table, returns the rows."""
     from pipeline.eval.checkpoint import embedder_from_args
-    from pipeline.eval.verify import load_bin, load_pairs
+    from pipeline.eval.verify import bin_source, pairs_source
 
     if args.pairs and not args.root:
         raise ConfigError("--pairs needs --root (the image folder)")
@@ -192,17 +159,10 @@ def run_lowres(args) -> list[dict]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     net, info = embedder_from_args(args, device)
     size = info["input_size"]
-    sets = (
-        [(Path(b).stem, lambda b=b: load_bin(b, size)) for b in args.bin]
-        if args.bin
-        else [(Path(args.pairs).stem, lambda: load_pairs(args.pairs, args.root, size, args.ext))]
+    sources = [bin_source(b) for b in args.bin] if args.bin else [pairs_source(args.pairs, args.root, args.ext)]
+    rows = evaluate_lowres_sources(
+        net, sources, args.sizes, args.batch_size, device, size, progress=not args.no_progress
     )
-    rows: list[dict] = []
-    for name, load in sets:
-        images, issame = load()
-        rows += evaluate_lowres_images(
-            net, images, issame, name, args.sizes, args.batch_size, device, progress=not args.no_progress
-        )
     print(markdown_table(rows), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
