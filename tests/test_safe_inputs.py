@@ -33,7 +33,7 @@ from pipeline.config import dump_config, load_config
 from pipeline.eval import verify as V
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
-from pipeline.eval.lowres import evaluate_lowres_images
+from pipeline.eval.lowres import evaluate_lowres_bin
 from pipeline.export import main as export_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -423,8 +423,8 @@ def test_non_finite_embeddings_are_one_line(small_bin):
     assert str(ei.value) == "lfw_small: 3 of 40 embeddings are not finite (NaN/inf: a diverged model?)"
     with pytest.raises(DataError, match=r"^lfw_small: 40 of 40 embeddings are not finite"):
         V.evaluate_bin(lambda x: torch.full((len(x), 8), float("nan")), small_bin, image_size=16)
-    with pytest.raises(DataError, match=r"^lowres_set: 1 of 40 embeddings are not finite"):
-        evaluate_lowres_images(_nan_rows([0]), images, issame, "lowres_set", sizes=(7,), batch_size=8)
+    with pytest.raises(DataError, match=r"^lfw_small \[clean\]: [12] of 40 embeddings are not finite"):
+        evaluate_lowres_bin(_nan_rows([0]), small_bin, sizes=(7,), batch_size=8, image_size=16)
     # finite embeddings: unchanged behaviour
     r = V.evaluate_images(_nan_rows([]), images, issame, "lfw_small", batch_size=8)
     assert 0 <= r["accuracy"] <= 1
@@ -439,7 +439,9 @@ def test_cli_nan_checkpoint_is_one_line(tiny, tmp_path, small_bin, capsys):
     err = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and "lfw_small: 40 of 40 embeddings are not finite" in err
     rc = eval_main(["lowres", "--checkpoint", str(ck), "--bin", str(small_bin), "--sizes", "7", "--no-progress"])
-    assert rc == 2 and "lfw_small: 40 of 40 embeddings are not finite" in _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "lfw_small [clean]: 40 of 40 embeddings are not finite" in _one_error_line(
+        capsys.readouterr().err
+    )
 
 
 # --------------------------------------------------------------------------- state-dict files
