@@ -791,9 +791,9 @@ def _wait_passing_signals(proc: subprocess.Popen) -> int:
 def _device(setting: str):
     import torch
 
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    from pipeline.core.device import resolve_device
+
+    return torch.device(resolve_device(setting))
 
 
 def evaluate_cell(spec: Spec, cell: Cell, threads: int) -> tuple[dict, dict, Path, float]:

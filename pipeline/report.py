@@ -32,10 +32,9 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from data_prep.manifest import DataError, sha256_file
 from pipeline.config import ConfigError
+from pipeline.core.device import resolve_device
 from pipeline.eval.verify import NORMS_EXPECTED, format_norm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,7 +238,7 @@ def run(args) -> dict:
             raise DataError(f"{b}: .bin file does not exist")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be ≥ 1, got {args.batch_size}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     out = Path(args.out)
     taken: set[str] = set()
     results = []

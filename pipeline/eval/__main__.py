@@ -41,10 +41,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
+from pipeline.core.device import resolve_device
 from pipeline.eval.identify import add_identify_parser, add_model_arguments, run_identify
 from pipeline.eval.ijb import add_ijb_parser, run_ijb
 from pipeline.eval.lowres import add_lowres_parser, run_lowres
@@ -98,7 +98,7 @@ def verify(args) -> list[dict]:
     if args.norms and not args.degrade:
         raise ConfigError("--norms needs --degrade (the degradation levels)")
     degradations = parse_degradations(args.degrade) if args.degrade else None
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     net, info = embedder_from_args(args, device)
     size = info["input_size"]
     if degradations is not None:

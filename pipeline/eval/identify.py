@@ -53,6 +53,7 @@ from data_prep.bin import decode_image
 from data_prep.folder2wds import identity_folder_images, image_files
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
+from pipeline.core.device import resolve_device
 
 RANKS = (1, 5, 10, 20)
 DEFAULT_CHUNK = 16384
@@ -489,10 +490,6 @@ def add_model_arguments(p: argparse.ArgumentParser, several: bool = False) -> No
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def add_identify_parser(subparsers) -> argparse.ArgumentParser:

@@ -571,7 +571,7 @@ def _mkdir(path: Path) -> Path:
 def run_ijb(args) -> dict | None:
     """Run the ``ijb`` subcommand; rank 0 prints the table and returns the summary (other ranks: None)."""
     from pipeline import distributed
-    from pipeline.eval.identify import resolve_device
+    from pipeline.core.device import resolve_device
 
     if any(not 0 < f < 1 for f in args.fars):
         raise ConfigError(f"--fars must lie in (0, 1), got {args.fars}")

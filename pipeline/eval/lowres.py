@@ -36,6 +36,7 @@ import torch
 
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
+from pipeline.core.device import resolve_device
 
 DEFAULT_SIZES = (7, 14, 20)
 MODES = ("clean", "lr", "cross")
@@ -156,7 +157,7 @@ def run_lowres(args) -> list[dict]:
         raise ConfigError("--pairs needs --root (the image folder)")
     if any(s < 1 for s in args.sizes):
         raise ConfigError(f"--sizes: resolutions must be positive px, got {args.sizes}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     net, info = embedder_from_args(args, device)
     size = info["input_size"]
     sources = [bin_source(b) for b in args.bin] if args.bin else [pairs_source(args.pairs, args.root, args.ext)]

@@ -209,8 +209,9 @@ def add_tarfar_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_tarfar(args) -> list[dict]:
     """Run the ``tarfar`` subcommand; prints the table, returns one result per checkpoint."""
+    from pipeline.core.device import resolve_device
     from pipeline.eval.checkpoint import embedder_from_args
-    from pipeline.eval.identify import ImageSet, embed_paths, file_digest, read_image_set, resolve_device
+    from pipeline.eval.identify import ImageSet, embed_paths, file_digest, read_image_set
 
     models = [(c, None) for c in args.checkpoint or []] + [(None, o) for o in getattr(args, "onnx", None) or []]
     if not models:
