@@ -36,6 +36,7 @@ import device  # noqa: E402  (the GPU side: manifest format, sha256)
 MIB = 1 << 20
 CALL_LIMIT = 64 * MIB  # the working tree + carried paths of one device call
 COMMAND_LIMIT = 2000  # characters of one device call's command
+CALL1_TARGET = 25 * MIB  # call 1 (core wheels + faces + tree) starts the check fast (issue 21 item 5)
 MARGIN = 2 * MIB  # slack between a call's size and CALL_LIMIT (tree growth, folder entries)
 PYTHON_VERSION = "3.12"
 PLATFORMS = [  # device README: pip matches each manylinux_2_N exactly
@@ -463,7 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [part_dir_bytes(stage, p) for p in manifest["parts"]]
     data = stage_shared_data(stage)
     sizes_with_data = [sizes[0] + data] + sizes[1:]
-    print(f"gpu-stage: call 1 carries {(sizes_with_data[0] + tree) / MIB:.1f} MiB (part_00 + faces + working tree)")
+    call1 = sizes_with_data[0] + tree
+    print(f"gpu-stage: call 1 carries {call1 / MIB:.1f} MiB (part_00 + faces + working tree)")
+    if call1 > CALL1_TARGET:
+        print(
+            f"gpu-stage: WARNING call 1 exceeds its {CALL1_TARGET // MIB} MiB target (issue 21): trim the working tree"
+        )
     biggest = max(sizes_with_data) + tree
     print(f"gpu-stage: shared LFW faces for the GPU tier: {data / MIB:.1f} MiB in {stage / SHARED_DIR} (call 1)")
     print(
