@@ -26,6 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "world_equivalence.py"
+NATIVE_ABORT = "terminate called without an active exception"
 
 
 def _run(world: int, shards: Path, list_file: Path, out: Path, *extra: str) -> dict:
@@ -37,6 +38,12 @@ def _run(world: int, shards: Path, list_file: Path, out: Path, *extra: str) -> d
         else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
     )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and NATIVE_ABORT in proc.stderr:
+        # torch 2.13 CPU + gloo: in 2 of ~10 clean-clone runs (2026-12-04/05) one rank died at start-up with this
+        # C++ abort before any step, never with a wrong number; one rerun, said on the console. A second abort, or
+        # any other failure, still fails the test.
+        print(f"world {world}: a rank aborted natively ({NATIVE_ABORT!r}); running it once more")
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return torch.load(out, weights_only=True)
 
