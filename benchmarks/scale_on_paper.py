@@ -188,20 +188,43 @@ def comm_seconds(all_reduce: float, all_gather: float, world: int, link_gb_s: fl
     return (2 * ring * all_reduce + ring * all_gather) / (link_gb_s * 1e9)
 
 
+def link_gb_s(world: int) -> float:
+    """Bandwidth each way per GPU: NVLink inside one 8-GPU node, InfiniBand beyond."""
+    return H100["nvlink_gb_s"] if world <= 8 else H100["ib_gb_s"]
+
+
+def classifier_comm_bytes(n: int, dim: int, world: int) -> tuple[int, int]:
+    """(all-gather, all-reduce) payloads of the classifier per step: embeddings fp32 + labels int64 + sizes; the
+    gathered-embedding gradient + (2 maxes, 3 sums) per sample."""
+    return n * dim * 4 + n * 8 + world * 8, n * dim * 4 + 5 * n * 4
+
+
+def classifier_cost(n: int, s: int, rows: int, dim: int, passes: tuple[float, float]) -> tuple[float, float]:
+    """(matmul FLOP, bytes streamed) of one classifier step: 6·N·S·D and the counted passes over N×S and C/W×D."""
+    a, b = passes
+    return 6 * n * s * dim, a * n * s * 4 + b * rows * dim * 4
+
+
+def classifier_seconds(flop: float, traffic: float, matmul_tflops: float) -> float:
+    """Lower bound: the matmul at peak plus the traffic at peak HBM bandwidth, not overlapped."""
+    return flop / (matmul_tflops * 1e12) + traffic / (H100["hbm_tb_s"] * 1e12)
+
+
 def epoch_table(
     worlds,
     batch: int,
     depth: int,
     rate: float,
     mfus: dict[str, float],
+    bb: dict,
+    passes: tuple[float, float],
     dim: int = 512,
     classes: int = WEBFACE42M_CLASSES,
 ) -> str:
     """WebFace42M epoch time per engine and MFU: backbone compute at the MFU + the classifier (TF32 logits, lower
-    bound) + the collectives, none overlapped (stage 0 and BF16_Optimizer both reduce after backward)."""
-    bb = backbone_numbers(depth)
+    bound) + the collectives, none overlapped (stage 0 and BF16_Optimizer both reduce after backward). ``bb``:
+    :func:`backbone_numbers`; ``passes``: :func:`traffic_passes` at ``rate``."""
     psi = bb["params"]
-    a, b = traffic_passes(rate)
     out = [
         f"WebFace42M epoch ({WEBFACE42M_IMAGES:,} images), iresnet{depth}, batch {batch}/GPU, r = {rate}, H100 SXM",
         "",
@@ -212,14 +235,11 @@ def epoch_table(
     for w in worlds:
         rows, n = math.ceil(classes / w), batch * w
         s_rows = predicted_classifier_peak(rows, dim, n, rate, world=w)["num_sample"]
-        cls = 6 * n * s_rows * dim / (H100["tf32"] * 1e12) + (a * n * s_rows * 4 + b * rows * dim * 4) / (
-            H100["hbm_tb_s"] * 1e12
-        )
-        link = H100["nvlink_gb_s"] if w <= 8 else H100["ib_gb_s"]
-        gather = n * dim * 4 + n * 8 + w * 8
-        reduce_cls = n * dim * 4 + 5 * n * 4
+        cls = classifier_seconds(*classifier_cost(n, s_rows, rows, dim, passes), H100["tf32"])
+        gather, reduce_cls = classifier_comm_bytes(n, dim, w)
         comm = {
-            k: comm_seconds(reduce_cls + ar, gather + ag, w, link) for k, (ar, ag) in backbone_comm_bytes(psi).items()
+            k: comm_seconds(reduce_cls + ar, gather + ag, w, link_gb_s(w))
+            for k, (ar, ag) in backbone_comm_bytes(psi).items()
         }
         steps = math.ceil(WEBFACE42M_IMAGES / n)
         for label, mfu in mfus.items():
@@ -233,11 +253,12 @@ def epoch_table(
     return "\n".join(out)
 
 
-def table(worlds, rates, batch: int, depth: int, dim: int = 512, classes: int = WEBFACE42M_CLASSES) -> str:
-    bb = backbone_numbers(depth)
+def table(
+    worlds, rates, batch: int, depth: int, bb: dict, passes: dict, dim: int = 512, classes: int = WEBFACE42M_CLASSES
+) -> str:
+    """The memory and per-step tables. ``bb``: :func:`backbone_numbers`; ``passes``: rate → :func:`traffic_passes`."""
     psi = bb["params"]
     act = bb["act_fixed"] + batch * bb["act_per_image"]
-    passes = {r: traffic_passes(r) for r in sorted(set(rates) | {1.0})}
     out = [
         f"WebFace42M: {classes:,} classes, {WEBFACE42M_IMAGES / 1e6:.1f} M images; iresnet{depth} "
         f"({psi / 1e6:.2f} M parameters, {bb['fwd_flop'] / 1e9:.2f} GFLOP forward/image), embedding {dim}, "
@@ -245,7 +266,9 @@ def table(worlds, rates, batch: int, depth: int, dim: int = 512, classes: int = 
         f"backbone activations (saved tensors, bf16, meta-device count): {bb['act_per_image'] / MiB:.1f} MiB/image "
         f"+ {bb['act_fixed'] / MiB:.0f} MiB (bf16 weight copies) -> batch {batch}: {act / GB:.2f} GB",
         "classifier traffic per step (counted op by op on the CPU, each operand streamed once): "
-        + "; ".join(f"r={r}: {a:.1f} passes over N×S fp32 + {b:.1f} over C/W×D fp32" for r, (a, b) in passes.items()),
+        + "; ".join(
+            f"r={r}: {a:.1f} passes over N×S fp32 + {b:.1f} over C/W×D fp32" for r, (a, b) in sorted(passes.items())
+        ),
         "",
         "Memory per GPU (GB = 1e9 bytes)",
         "",
@@ -259,7 +282,10 @@ def table(worlds, rates, batch: int, depth: int, dim: int = 512, classes: int = 
         n = batch * w
         states = backbone_state_bytes(psi, w)
         state_bb = states["stage0"]  # the default engine (pipeline/engine.py)
-        link = H100["nvlink_gb_s"] if w <= 8 else H100["ib_gb_s"]
+        gather, reduce_cls = classifier_comm_bytes(n, dim, w)
+        (ar0, _), (ar1, ag1) = backbone_comm_bytes(psi)["stage0"], backbone_comm_bytes(psi)["zero1"]
+        comm0 = comm_seconds(reduce_cls + ar0, gather, w, link_gb_s(w))
+        comm1 = comm_seconds(reduce_cls + ar1, gather + ag1, w, link_gb_s(w))
         for r in rates:
             p = predicted_classifier_peak(rows, dim, n, r, world=w)
             s = p["num_sample"]
@@ -270,19 +296,12 @@ def table(worlds, rates, batch: int, depth: int, dim: int = 512, classes: int = 
                 f"{states['zero1'] / GB:.3f} | "
                 f"{act / GB:.2f} | {(state_bb + act + p['peak_bytes']) / GB:.2f} |"
             )
-            gather = n * dim * 4 + n * 8 + w * 8  # embeddings fp32 + labels int64 + sizes
-            reduce_cls = n * dim * 4 + 5 * n * 4  # gathered-embedding gradient + (2 maxes, 3 sums) per sample
-            (ar0, _), (ar1, ag1) = backbone_comm_bytes(psi)["stage0"], backbone_comm_bytes(psi)["zero1"]
-            a, b = passes[r]
-            traffic = a * n * s * 4 + b * rows * dim * 4
-            mm = 6 * n * s * dim
-            comm0 = comm_seconds(reduce_cls + ar0, gather, w, link)
-            comm1 = comm_seconds(reduce_cls + ar1, gather + ag1, w, link)
+            mm, traffic = classifier_cost(n, s, rows, dim, passes[r])
             rows_t.append(
                 f"| {w} | {r} | {gather / 1e6:.2f} | {reduce_cls / 1e6:.2f} | {ar0 / 1e6:.0f} / {ar1 / 1e6:.0f} + "
                 f"{ag1 / 1e6:.0f} | {comm0 * 1e3:.1f} / {comm1 * 1e3:.1f} | {mm / 1e12:.3f} | {traffic / GB:.1f} | "
-                f"{(mm / (H100['fp32'] * 1e12) + traffic / (H100['hbm_tb_s'] * 1e12)) * 1e3:.1f} | "
-                f"{(mm / (H100['tf32'] * 1e12) + traffic / (H100['hbm_tb_s'] * 1e12)) * 1e3:.1f} | "
+                f"{classifier_seconds(mm, traffic, H100['fp32']) * 1e3:.1f} | "
+                f"{classifier_seconds(mm, traffic, H100['tf32']) * 1e3:.1f} | "
                 f"{3 * bb['fwd_flop'] * batch / 1e12:.2f} | {3 * bb['fwd_flop'] * batch / (H100['bf16'] * 1e12) * 1e3:.1f} |"
             )
     out += [
@@ -506,10 +525,13 @@ def main(argv=None) -> int:
     if args.check:
         print(check(args.check, 512, args.cores))
         return 0
-    print(table(args.worlds, args.rates, args.batch, args.depth))
+    bb = backbone_numbers(args.depth)  # once: the meta-device activation count takes seconds
+    passes = {r: traffic_passes(r) for r in sorted(set(args.rates) | {1.0, args.epoch_rate})}
+    table_passes = {r: passes[r] for r in sorted(set(args.rates) | {1.0})}
+    print(table(args.worlds, args.rates, args.batch, args.depth, bb, table_passes))
     print()
     mfus = {f"measured {args.measured_mfu:.1%}": args.measured_mfu, "20 %": 0.20}
-    print(epoch_table(args.worlds, args.batch, args.depth, args.epoch_rate, mfus))
+    print(epoch_table(args.worlds, args.batch, args.depth, args.epoch_rate, mfus, bb, passes[args.epoch_rate]))
     return 0
 
 
