@@ -369,6 +369,26 @@ def make_shards(
 # --------------------------------------------------------------------------- parts
 
 
+def dali_img_s(shards: Path, sz: Sizes, dali_device: str, threads: int, **knobs) -> float:
+    """images/s of the DALI loader with the full augmentation (bench_loaders.FULL) at ``sz.loader_batch``;
+    ``knobs``: DataConfig's DALI fields (dali_prefetch, dali_hw_decoder_load)."""
+    import bench_loaders
+
+    from pipeline.config import DataConfig
+    from pipeline.data.dali_loader import DaliTrainLoader
+
+    cfg = DataConfig(
+        train=str(shards),
+        loader="dali",
+        batch_size=sz.loader_batch,
+        num_workers=threads,
+        shuffle_buffer=1024,
+        augment=bench_loaders.FULL,
+        **knobs,
+    )
+    return bench_loaders.measure(lambda: DaliTrainLoader(cfg, 0, 1, 0, 112, device=dali_device), sz.loader_images)
+
+
 def part_loader(args, sz: Sizes, device: torch.device, shards: Path) -> dict:
     why = _dali_importable()
     if why:
@@ -376,7 +396,6 @@ def part_loader(args, sz: Sizes, device: torch.device, shards: Path) -> dict:
     import bench_loaders
 
     from pipeline.config import DataConfig
-    from pipeline.data.dali_loader import DaliTrainLoader
     from pipeline.data.torch_loader import TorchTrainLoader
 
     dali_device = "gpu" if device.type == "cuda" else "cpu"
@@ -388,18 +407,8 @@ def part_loader(args, sz: Sizes, device: torch.device, shards: Path) -> dict:
         shuffle_buffer=1024,
         augment=bench_loaders.FULL,
     )
-    cfg_d = DataConfig(
-        train=str(shards),
-        loader="dali",
-        batch_size=sz.loader_batch,
-        num_workers=sz.dali_threads,
-        shuffle_buffer=1024,
-        augment=bench_loaders.FULL,
-    )
     log(f"loader: DALI {dali_device}, {sz.dali_threads} threads, batch {sz.loader_batch}")
-    res["dali_img_s"] = bench_loaders.measure(
-        lambda: DaliTrainLoader(cfg_d, 0, 1, 0, 112, device=dali_device), sz.loader_images
-    )
+    res["dali_img_s"] = dali_img_s(shards, sz, dali_device, sz.dali_threads)
     log(f"loader: torch, {sz.torch_workers} workers, batch {sz.loader_batch}")
     res["torch_img_s"] = bench_loaders.measure(lambda: TorchTrainLoader(cfg_t, 0, 1, 0, 112), sz.loader_images)
     res.update(
@@ -719,29 +728,13 @@ def part_dali(args, sz: Sizes, device: torch.device, clock: Clock, shards: Path,
     why = _dali_importable()
     if why:
         return {"skipped": why}
-    import bench_loaders
-
-    from pipeline.config import DataConfig
-    from pipeline.data.dali_loader import DaliTrainLoader
 
     dali_device = "gpu" if device.type == "cuda" else "cpu"
     res = {"batch": sz.loader_batch, "dali_device": dali_device, "sweep": []}
     for threads in sz.dali_sweep_threads:
         for prefetch in sz.dali_sweep_prefetch:
             for hw in sz.dali_sweep_hw if dali_device == "gpu" else (0.0,):
-                cfg = DataConfig(
-                    train=str(shards),
-                    loader="dali",
-                    batch_size=sz.loader_batch,
-                    num_workers=threads,
-                    shuffle_buffer=1024,
-                    augment=bench_loaders.FULL,
-                    dali_prefetch=prefetch,
-                    dali_hw_decoder_load=hw,
-                )
-                ips = bench_loaders.measure(
-                    lambda cfg=cfg: DaliTrainLoader(cfg, 0, 1, 0, 112, device=dali_device), sz.loader_images
-                )
+                ips = dali_img_s(shards, sz, dali_device, threads, dali_prefetch=prefetch, dali_hw_decoder_load=hw)
                 res["sweep"].append({"threads": threads, "prefetch": prefetch, "hw_decoder_load": hw, "img_s": ips})
                 log(f"dali: threads {threads}, prefetch {prefetch}, hw_decoder_load {hw}: {ips:.0f} img/s")
                 free()

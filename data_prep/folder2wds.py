@@ -64,11 +64,7 @@ class FolderSource(Source):
                 raise DataError(f"{self.base}: --root is not a directory")
             per_class = {}
             for d in sorted(p for p in self.base.iterdir() if p.is_dir()):
-                files = sorted(
-                    str(f.relative_to(self.base))
-                    for f in d.rglob("*")
-                    if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                )
+                files = sorted(str(f.relative_to(self.base)) for f in image_files(d))  # sorted as strings, as before
                 if files:
                     per_class[d.name] = files
             if not per_class:

@@ -110,18 +110,19 @@ class Engine:
         import deepspeed
 
         self.model = model
+        self.stage = zero_stage(cfg, world_size)
         self.autocast = uses_autocast(cfg, world_size)
         self.precision = cfg.deepspeed.precision
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size), dist_init_required=False
         )
-        if world_size == 1 and zero_stage(cfg, 1) == 0:
+        if world_size == 1 and self.stage == 0:
             # nothing to average over one rank (ZeRO's optimizers fill their gradient partitions in that step)
             self.ds.enable_backward_allreduce = False
         self.param_dtype = torch.float32 if self.autocast else PRECISIONS[cfg.deepspeed.precision]
         if self.param_dtype != torch.float32:
             cast_buffers(model, self.param_dtype)
-        self._own_clip = zero_stage(cfg, world_size) == 0  # DeepSpeed clips at stage ≥ 1 (deepspeed_config)
+        self._own_clip = self.stage == 0  # DeepSpeed clips at stage ≥ 1 (deepspeed_config)
         self._clip = cfg.optim.grad_clip if self._own_clip else 0.0
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._clip_norm: torch.Tensor | None = None

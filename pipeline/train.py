@@ -147,7 +147,10 @@ class Trainer:
         self.model = registry.build_recipe(cfg)
         compiled = self.model.net.compile_regions(cfg.model.compile)  # in place: parameter names are unchanged
         if compiled and distributed.is_main():
-            print(f"[train] model.compile: {cfg.model.compile} ({compiled} module(s), compiled at the first step)")
+            print(
+                f"[train] model.compile: {cfg.model.compile} ({compiled} module(s), compiled at the first step)",
+                flush=True,
+            )
         margin = CombinedMargin(cfg.margin.s, cfg.margin.m1, cfg.margin.m2, cfg.margin.m3)
         torch.manual_seed(cfg.seed + 1)  # the classifier shard init is per rank but reproducible
         self.classifier = ShardedMarginClassifier(
