@@ -36,6 +36,7 @@ from pipeline.config import Config, ConfigError
 __all__ = [
     "PRECISIONS",
     "Engine",
+    "EngineState",
     "zero_stage",
     "uses_autocast",
     "deepspeed_config",
@@ -253,6 +254,62 @@ class Engine:
             for st in base.state.values():
                 if "step" in st:
                     st["step"] = torch.tensor(saved["step"]) if torch.is_tensor(st["step"]) else saved["step"]
+
+
+NETWORK_FILE = "model.pt"  # the FaceNetwork's state_dict: what evaluation and export load
+RECIPE_FILE = "recipe.pt"  # the whole training procedure's (the network + any procedure parameters)
+OPTIMIZER_FULL = "optimizer_full.pt"  # the backbone's optimizer state by parameter name (any world size)
+
+
+class EngineState:
+    """The backbone as a checkpoint part (:class:`pipeline.checkpoint.manager.Stateful`): DeepSpeed's own per-rank
+    files (``deepspeed/``), the network (``model.pt``), the recipe (``recipe.pt``) and the optimizer state by name
+    (``optimizer_full.pt``). A run of the same world size resumes from DeepSpeed's files; another world size from
+    ``recipe.pt`` + ``optimizer_full.pt``, exactly (an older checkpoint without the latter: moments re-initialised)."""
+
+    def __init__(self, engine: Engine, world_size: int, device: torch.device, network_name: str):
+        self.engine, self.world, self.device, self.network_name = engine, world_size, device, network_name
+
+    def save(self, folder: Path, main: bool) -> None:
+        model = self.engine.model
+        self.engine.save(folder)
+        state = self.engine.optimizer_state(model.named_parameters(), keep=main)  # every rank: ZeRO assembles
+        if main:
+            torch.save(model.net.state_dict(), folder / NETWORK_FILE)
+            torch.save(model.state_dict(), folder / RECIPE_FILE)
+            torch.save(state, folder / OPTIMIZER_FULL)
+
+    def check(self, folder: Path, meta: dict) -> None:
+        pass  # whether the weights fit shows at load (strict), named there
+
+    def load(self, folder: Path, meta: dict) -> None:
+        from pipeline.checkpoint import load_state_strict, read_state_dict
+
+        model = self.engine.model
+        try:
+            if meta["world_size"] == self.world:
+                self.engine.load(folder)
+                return
+            load_state_strict(model, read_state_dict(folder / RECIPE_FILE), folder / RECIPE_FILE, self.network_name)
+            path = folder / OPTIMIZER_FULL
+            kept = path.is_file()
+            if kept:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                self.engine.load_optimizer_state(saved, model.named_parameters(), path, self.device)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise ConfigError(f"--resume: checkpoint {folder} does not fit this model ({first})") from None
+        if distributed.is_main():
+            print(
+                f"[train] resuming {folder} (world size {meta['world_size']}) on world size {self.world}: "
+                + (
+                    "backbone weights and optimizer state re-partitioned exactly"
+                    if kept
+                    else f"no {OPTIMIZER_FULL} (an older checkpoint): backbone optimizer moments re-initialised"
+                )
+                + "; classifier state re-sharded exactly",
+                flush=True,
+            )
 
 
 # ---------------------------------------------------------------------- DeepSpeed's CPU op, built once per venv

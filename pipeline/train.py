@@ -15,7 +15,6 @@ logs: it knows no recipe, trunk, conv kind, insert or head by name.
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import os
 import signal
@@ -29,8 +28,9 @@ import torch
 from data_prep.manifest import DataError, read_manifest
 from pipeline import checkpoint as ckpt
 from pipeline import collectives, distributed, registry, resume_changes, schedule
+from pipeline.checkpoint.manager import TRAINER_META, CheckpointManager, CheckpointWriteError
 from pipeline.config import Config, ConfigError, dump_config, load_config, to_dict
-from pipeline.engine import Engine, announce_op_build, report_op_build
+from pipeline.engine import Engine, EngineState, announce_op_build, report_op_build
 from pipeline.grad_probe import TermGradients
 from pipeline.progress import hms
 from pipeline.runlock import FolderLock, FolderLocked
@@ -60,7 +60,6 @@ def check_inputs(cfg: Config) -> None:
 
 
 MONITOR_FACES = 64  # fixed validation faces for the networks' validation monitors (the first 8: attention maps)
-OPTIMIZER_FULL = "optimizer_full.pt"  # the backbone's optimizer state by parameter name (any world size)
 
 
 def make_optimizer(cfg: Config, groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -106,12 +105,116 @@ def _close(batches) -> None:
         shutdown()
 
 
+class RunState:
+    """The run's counters as a checkpoint part (:class:`pipeline.checkpoint.manager.Stateful`): ``config.yaml`` and
+    ``trainer.json`` — the step, world size, schedule length and what a step means in data (global batch, dataset
+    size). The loader's position is a function of them: a resumed run starts its loader at micro batch
+    ``step × grad_accum`` of the epoch's seeded order (:meth:`Trainer.fit`). ``check`` refuses a checkpoint this run
+    cannot continue (another recipe or network, global batch or dataset; a config change pipeline.resume_changes
+    refuses)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def save(self, folder: Path, main: bool) -> None:
+        t = self.trainer
+        if not main:
+            return
+        dump_config(t.cfg, folder / "config.yaml")
+        ckpt.save_json(
+            folder / TRAINER_META,
+            {
+                "step": t.step,
+                "world_size": t.world,
+                "steps_per_epoch": t.steps_per_epoch,
+                "total_steps": t.total_steps,
+                "recipe": t.cfg.recipe,
+                "network": ckpt.describe(t.cfg.model),
+                # what a saved step means in data: resume refuses a run where it would mean other samples
+                "global_batch": t.global_batch,
+                "num_images": t.loader.num_images,
+                "num_classes": t.loader.num_classes,
+            },
+        )
+
+    def check(self, folder: Path, meta: dict) -> None:
+        t = self.trainer
+        self._check_config_changes(folder)
+        network = ckpt.describe(t.cfg.model)
+        if (meta["recipe"], meta.get("network")) != (t.cfg.recipe, network):
+            raise ConfigError(
+                f"--resume: checkpoint {folder} is a {meta['recipe']} run of {meta.get('network')}, "
+                f"this config is {t.cfg.recipe} of {network}"
+            )
+        saved_batch, world, gas = meta.get("global_batch", t.global_batch), t.world, t.gas
+        if saved_batch != t.global_batch:
+            raise ConfigError(
+                f"--resume: {folder} was trained with a global batch of {saved_batch} (data.batch_size × world size × "
+                f"deepspeed.grad_accum), this run has {t.global_batch}: its step {meta['step']} would mean other "
+                f"samples and another schedule. Resume with data.batch_size="
+                f"{saved_batch // (world * gas)} on {world} process(es)"
+                if saved_batch % (world * gas) == 0
+                else f"--resume: {folder} was trained with a global batch of {saved_batch}, which {world} "
+                f"process(es) × deepspeed.grad_accum={gas} cannot reproduce (data.batch_size)"
+            )
+        images, classes = t.loader.num_images, t.loader.num_classes
+        if meta.get("num_images", images) != images or meta.get("num_classes", classes) != classes:
+            raise ConfigError(
+                f"--resume: {folder} was trained on {meta['num_images']} images of {meta['num_classes']} classes, "
+                f"data.train has {images} of {classes}: not the same dataset"
+            )
+
+    def _check_config_changes(self, folder: Path) -> None:
+        """Refuse a change the checkpoint's run cannot honour (pipeline.resume_changes); print and record the rest."""
+        import json
+
+        import yaml
+
+        t = self.trainer
+        saved_path = folder / "config.yaml"
+        if not saved_path.is_file():
+            return  # a checkpoint of an older release: the checks above still apply
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        accepted, refused = resume_changes.compare(saved, to_dict(t.cfg), t.resume_changes)
+        if refused:
+            raise ConfigError(resume_changes.refusal(str(folder), refused))
+        if accepted and distributed.is_main():
+            for key, (was, now) in accepted.items():
+                print(f"[train] --resume: {key} changed from {was!r} to {now!r}", flush=True)
+            t.out.mkdir(parents=True, exist_ok=True)
+            record = {"checkpoint": str(folder), "changes": {k: list(v) for k, v in accepted.items()}}
+            with open(t.out / "resume_changes.jsonl", "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+
+    def load(self, folder: Path, meta: dict) -> None:
+        self.trainer.step = int(meta["step"])
+
+
+class NetworkFigures:
+    """The network's own checkpoint extras (attention maps of fixed faces, :meth:`RecipeModel.on_checkpoint`) as a
+    checkpoint part; nothing to restore."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def save(self, folder: Path, main: bool) -> None:
+        if main:
+            faces = self.trainer._probe_faces()
+            self.trainer.model.on_checkpoint(folder, self.trainer.step, None if faces is None else faces[:8])
+
+    def check(self, folder: Path, meta: dict) -> None:
+        pass
+
+    def load(self, folder: Path, meta: dict) -> None:
+        pass
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, resume_changes: list[str] = ()):
         build_started = announce_op_build()
         from pipeline.data.loader import build_train_loader
         from pipeline.losses.margin import CombinedMargin
-        from pipeline.losses.sharded_classifier import ShardedMarginClassifier
+        from pipeline.losses.sharded_classifier import ClassifierState, ShardedMarginClassifier
 
         self.cfg = cfg
         self.resume_changes = list(resume_changes)  # config keys a --resume may change although they break the run
@@ -173,7 +276,6 @@ class Trainer:
         groups = param_groups(self.model, no_decay, cfg.optim.weight_decay)
         optimizer = make_optimizer(cfg, groups, cfg.optim.lr)
         self.engine = Engine(cfg, self.model, optimizer, self.world)
-        self.optimizer = self.engine.optimizer
         self.dtype = self.engine.param_dtype  # of parameters, buffers and input batches (fp32 under autocast)
         report_op_build(build_started)
         self.cls_optimizer = make_optimizer(
@@ -190,6 +292,7 @@ class Trainer:
         # monitor name → (floor, why): the network's parts' signs of a collapse, warned about once each
         self._monitor_floors = self.model.net.monitor_floors()
         self._warned_floors: set[str] = set()
+        self.lr = self.base_lr  # the backbone's learning rate at the last train_step (the schedule's)
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss (train/nonfinite_steps)
         self._consecutive_bad = 0
         self._window_bad = False  # a micro step of the current accumulation window was non-finite
@@ -198,6 +301,19 @@ class Trainer:
         self._float_buffers = [b for b in self._buffers if b.is_floating_point()]
         self._buffers_before = [b.detach().clone() for b in self._buffers]
         self.writer = None
+        self.checkpoints = CheckpointManager(
+            self.ckpt_root,
+            [
+                RunState(self),
+                EngineState(self.engine, self.world, self.device, ckpt.describe(cfg.model)),
+                ClassifierState(self.classifier, self.cls_optimizer),
+                NetworkFigures(self),
+            ],
+            keep=cfg.output.keep_checkpoints,
+            main=distributed.is_main(),
+            barrier=distributed.barrier,
+            passthrough=(TrainingDiverged,),
+        )
         if resume:
             self._resume(resume)
         if distributed.is_main():
@@ -258,7 +374,7 @@ class Trainer:
     def _set_lr(self) -> float:
         factor = schedule.lr_factor(self.cfg.schedule, self.step / self.steps_per_epoch)
         lr = self.base_lr * factor
-        for g in self.optimizer.param_groups:
+        for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
         for g in self.cls_optimizer.param_groups:
             g["lr"] = lr * self.cfg.classifier.lr_scale
@@ -325,8 +441,8 @@ class Trainer:
     def train_step(self, batch: dict, micro: int = 0) -> dict[str, torch.Tensor]:
         """One micro step on ``batch`` (a loader's dict: ``image``, ``label``, …): forward, loss terms, the NaN guard,
         backward and, at the end of an accumulation window (``micro`` = its index in the epoch; every call with
-        ``deepspeed.grad_accum: 1``), the optimizer steps and ``self.step += 1``. Returns the loss terms (detached;
-        ``_lr``: the learning rate used). The public step: ``fit`` calls it, so do benchmarks and test workers."""
+        ``deepspeed.grad_accum: 1``), the optimizer steps and ``self.step += 1``. Returns the loss terms (detached);
+        ``self.lr`` is the learning rate the step used. The public step: ``fit`` calls it, so do benchmarks and test workers."""
         # Per-step seed: partial-FC sampling and dropout are reproducible after --resume.
         torch.manual_seed((self.cfg.seed * 1_000_003 + self.step * self.gas + micro) * 1009 + self.rank)
         lr = self._set_lr()
@@ -369,7 +485,7 @@ class Trainer:
             else:
                 self._classifier_step()
         terms = {k: v.detach() for k, v in terms.items()}
-        terms["_lr"] = torch.tensor(lr)
+        self.lr = lr
         self._scalars = outputs.scalars
         self._step_histograms = outputs.histograms
         if (micro + 1) % self.gas == 0:
@@ -400,7 +516,7 @@ class Trainer:
         self.cls_optimizer.zero_grad(set_to_none=True)
         self.nonfinite_steps += 1
         self._consecutive_bad += 1
-        self._note_bad_step(why, {k: float(v) for k, v in terms.items() if not k.startswith("_")})
+        self._note_bad_step(why, {k: float(v.detach()) for k, v in terms.items()})
 
     def _note_bad_step(self, why: str, values: dict) -> None:
         step = self.step + 1
@@ -464,7 +580,7 @@ class Trainer:
         return dict(zip(names, vec.tolist()))
 
     def _log(self, terms: dict, samples_per_s: float) -> None:
-        scalars = {f"loss/{k}": v for k, v in terms.items() if not k.startswith("_")}
+        scalars = {f"loss/{k}": v for k, v in terms.items()}
         monitors = {**self.model.parameter_monitors(), **self._scalars}
         scalars.update({f"monitor/{k}": torch.as_tensor(v).detach().float().mean() for k, v in monitors.items()})
         scalars.update(getattr(self, "_grad_probe", {}))
@@ -483,7 +599,7 @@ class Trainer:
         self._warn_below_floors(means)
         for k, v in means.items():
             self.writer.add_scalar(k, v, self.step)
-        self.writer.add_scalar("lr", float(terms["_lr"]), self.step)
+        self.writer.add_scalar("lr", self.lr, self.step)
         self.writer.add_scalar("samples_per_s", samples_per_s, self.step)
         if self.cfg.deepspeed.precision == "fp16":
             self.writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
@@ -497,7 +613,7 @@ class Trainer:
         eta = elapsed / done * (self.total_steps - self.step) if done else float("nan")
         print(
             f"[train] step {self.step}/{self.total_steps} epoch {self.step / self.steps_per_epoch:.2f} "
-            f"loss {means['loss/total']:.4f} lr {float(terms['_lr']):.4g} {samples_per_s:.1f} samples/s "
+            f"loss {means['loss/total']:.4f} lr {self.lr:.4g} {samples_per_s:.1f} samples/s "
             f"elapsed {hms(elapsed)} eta {hms(eta)}",
             flush=True,
         )
@@ -594,78 +710,15 @@ class Trainer:
         return bool(bad.item() == 0)
 
     def save(self) -> Path:
-        """Write a checkpoint (every rank takes part). A failed write (a full disk, a quota, a read-only file system,
-        any error) removes the partial ``.tmp_*`` folder, keeps the previous checkpoint and raises
-        :class:`CheckpointWriteError` naming the cause."""
-        tmp = self.ckpt_root / ckpt.tmp_name(self.step)
-        try:
-            return self._write_checkpoint(tmp)
-        except (TrainingDiverged, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            kept = ckpt.latest_or_none(self.ckpt_root)
-            raise CheckpointWriteError(
-                f"checkpoint at step {self.step}: writing {tmp} failed: {write_failure(exc, self.ckpt_root)}; "
-                f"removed the partial folder; the previous checkpoint is kept: {kept}"
-            ) from exc
-
-    def _write_checkpoint(self, tmp: Path) -> Path:
+        """Write a checkpoint (every rank takes part) through the checkpoint manager. A failed write (a full disk, a
+        quota, a read-only file system, any error) removes the partial ``.tmp_*`` folder, keeps the previous
+        checkpoint and raises :class:`CheckpointWriteError` naming the cause."""
         if not self._weights_finite():  # never write a poisoned model over good checkpoints
             raise TrainingDiverged(
                 f"the weights are not finite at step {self.step}: no checkpoint written; last checkpoint kept: "
                 f"{ckpt.latest_or_none(self.ckpt_root)}"
             )
-        root = self.ckpt_root
-        if distributed.is_main():
-            root.mkdir(parents=True, exist_ok=True)
-        distributed.barrier()
-        self.engine.save(tmp)
-        weight = self.classifier.gather_full(self.classifier.weight.detach())
-        moments = {k: self.classifier.gather_full(v) for k, v in self._classifier_moments().items()}
-        backbone_state = self._backbone_optimizer_state()  # every rank: ZeRO assembles partitions collectively
-        if distributed.is_main():
-            tmp.mkdir(parents=True, exist_ok=True)
-            dump_config(self.cfg, tmp / "config.yaml")
-            torch.save(self.model.net.state_dict(), tmp / "model.pt")
-            torch.save(self.model.state_dict(), tmp / "recipe.pt")
-            torch.save(backbone_state, tmp / OPTIMIZER_FULL)
-            torch.save(
-                {
-                    "weight": weight.cpu(),
-                    "moments": {k: v.cpu() for k, v in moments.items()},
-                    "step": self._classifier_opt_step(),
-                },
-                tmp / "classifier.pt",
-            )
-            ckpt.save_json(
-                tmp / "trainer.json",
-                {
-                    "step": self.step,
-                    "world_size": self.world,
-                    "steps_per_epoch": self.steps_per_epoch,
-                    "total_steps": self.total_steps,
-                    "recipe": self.cfg.recipe,
-                    "network": ckpt.describe(self.cfg.model),
-                    # what a saved step means in data: resume refuses a run where it would mean other samples
-                    "global_batch": self.global_batch,
-                    "num_images": self.loader.num_images,
-                    "num_classes": self.loader.num_classes,
-                },
-            )
-            faces = self._probe_faces()
-            self.model.on_checkpoint(tmp, self.step, None if faces is None else faces[:8])
-        distributed.barrier()
-        if distributed.is_main():
-            ckpt.write_checksums(tmp)  # after every rank's DeepSpeed files are in place
-        final = root / ckpt.step_name(self.step)
-        if distributed.is_main():
-            final = ckpt.finalize(root, self.step, self.cfg.output.keep_checkpoints)
-            print(f"[train] checkpoint {final}", flush=True)
-        distributed.barrier()
-        return final
+        return self.checkpoints.save(self.step)
 
     def _probe_faces(self) -> torch.Tensor | None:
         """Up to MONITOR_FACES fixed faces (rank 0): the first image of each of the first pairs of the first
@@ -684,123 +737,13 @@ class Trainer:
             faces = getattr(self, "_first_batch_faces", None)
         return None if faces is None else faces.to(self.device, self.dtype)
 
-    def _backbone_optimizer_state(self) -> dict:
-        """The backbone's optimizer state by parameter name (:meth:`Engine.optimizer_state`; every rank calls it)."""
-        return self.engine.optimizer_state(self.model.named_parameters(), keep=distributed.is_main())
-
-    def _load_backbone_optimizer_state(self, path: Path) -> bool:
-        """Put ``optimizer_full.pt`` into this run's optimizer, whatever its world size. False if the file is absent."""
-        if not path.is_file():
-            return False
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        self.engine.load_optimizer_state(saved, self.model.named_parameters(), path, self.device)
-        return True
-
-    def _classifier_moments(self) -> dict[str, torch.Tensor]:
-        """Per-row optimizer state of the classifier shard (momentum / Adam moments)."""
-        state = self.cls_optimizer.state.get(self.classifier.weight, {})
-        return {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == self.classifier.weight.shape}
-
-    def _classifier_opt_step(self) -> float:
-        state = self.cls_optimizer.state.get(self.classifier.weight, {})
-        return float(state["step"]) if "step" in state else 0.0
-
-    def _check_resume_changes(self, path: Path) -> None:
-        """Refuse a change the checkpoint's run cannot honour (pipeline.resume_changes); print and record the rest."""
-        import json
-
-        import yaml
-
-        saved_path = path / "config.yaml"
-        if not saved_path.is_file():
-            return  # a checkpoint of an older release: the checks below still apply
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-        accepted, refused = resume_changes.compare(saved, to_dict(self.cfg), self.resume_changes)
-        if refused:
-            raise ConfigError(resume_changes.refusal(str(path), refused))
-        if accepted and distributed.is_main():
-            for key, (was, now) in accepted.items():
-                print(f"[train] --resume: {key} changed from {was!r} to {now!r}", flush=True)
-            self.out.mkdir(parents=True, exist_ok=True)
-            record = {"checkpoint": str(path), "changes": {k: list(v) for k, v in accepted.items()}}
-            with open(self.out / "resume_changes.jsonl", "a") as f:
-                f.write(json.dumps(record, default=str) + "\n")
-
     def _resume(self, where: str) -> None:
-        from pipeline.losses.sharded_classifier import take_shard
-
-        try:
-            path = ckpt.resolve_verified(self.ckpt_root if where == "latest" else where, fall_back=where == "latest")
-        except FileNotFoundError as exc:
-            if where == "latest":
-                if distributed.is_main():
-                    print(f"[train] --resume: nothing to resume in {self.ckpt_root}; starting fresh", flush=True)
-                return
-            raise ConfigError(f"--resume: {exc}") from None
-        meta = ckpt.load_json(path / "trainer.json")
-        self._check_resume_changes(path)
-        network = ckpt.describe(self.cfg.model)
-        if (meta["recipe"], meta.get("network")) != (self.cfg.recipe, network):
-            raise ConfigError(
-                f"--resume: checkpoint {path} is a {meta['recipe']} run of {meta.get('network')}, "
-                f"this config is {self.cfg.recipe} of {network}"
-            )
-        saved_batch = meta.get("global_batch", self.global_batch)
-        if saved_batch != self.global_batch:
-            raise ConfigError(
-                f"--resume: {path} was trained with a global batch of {saved_batch} (data.batch_size × world size × "
-                f"deepspeed.grad_accum), this run has {self.global_batch}: its step {meta['step']} would mean other "
-                f"samples and another schedule. Resume with data.batch_size="
-                f"{saved_batch // (self.world * self.gas)} on {self.world} process(es)"
-                if saved_batch % (self.world * self.gas) == 0
-                else f"--resume: {path} was trained with a global batch of {saved_batch}, which {self.world} "
-                f"process(es) × deepspeed.grad_accum={self.gas} cannot reproduce (data.batch_size)"
-            )
-        if (
-            meta.get("num_images", self.loader.num_images) != self.loader.num_images
-            or meta.get("num_classes", self.loader.num_classes) != self.loader.num_classes
-        ):
-            raise ConfigError(
-                f"--resume: {path} was trained on {meta['num_images']} images of {meta['num_classes']} classes, "
-                f"data.train has {self.loader.num_images} of {self.loader.num_classes}: not the same dataset"
-            )
-        same_world = meta["world_size"] == self.world
-        try:
-            if same_world:
-                self.engine.load(path)
-            else:
-                ckpt.load_state_strict(
-                    self.model, ckpt.read_state_dict(path / "recipe.pt"), path / "recipe.pt", network
-                )
-                kept = self._load_backbone_optimizer_state(path / OPTIMIZER_FULL)
-                if distributed.is_main():
-                    print(
-                        f"[train] resuming {path} (world size {meta['world_size']}) on world size {self.world}: "
-                        + (
-                            "backbone weights and optimizer state re-partitioned exactly"
-                            if kept
-                            else f"no {OPTIMIZER_FULL} (an older checkpoint): backbone optimizer moments re-initialised"
-                        )
-                        + "; classifier state re-sharded exactly",
-                        flush=True,
-                    )
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0][:300]
-            raise ConfigError(f"--resume: checkpoint {path} does not fit this model ({first})") from None
-        cls = torch.load(path / "classifier.pt", map_location="cpu", weights_only=True)
-        if cls["weight"].shape[0] != self.loader.num_classes:
-            raise ConfigError(
-                f"--resume: checkpoint {path} has {cls['weight'].shape[0]} classes, "
-                f"data.train has {self.loader.num_classes}"
-            )
-        with torch.no_grad():
-            self.classifier.weight.copy_(take_shard(cls["weight"], self.rank, self.world).to(self.device))
-        if cls["moments"]:
-            state = {k: take_shard(v, self.rank, self.world).to(self.device) for k, v in cls["moments"].items()}
-            if self.cfg.optim.name == "adamw":  # Adam's bias correction needs its step count
-                state["step"] = torch.tensor(cls["step"], dtype=torch.float32)
-            self.cls_optimizer.state[self.classifier.weight] = state
-        self.step = int(meta["step"])
+        path = self.checkpoints.find(where)
+        if path is None:
+            if distributed.is_main():
+                print(f"[train] --resume: nothing to resume in {self.ckpt_root}; starting fresh", flush=True)
+            return
+        self.checkpoints.load(path)
         if distributed.is_main():
             print(f"[train] resumed from {path} at step {self.step}", flush=True)
 
@@ -894,35 +837,6 @@ def floor_warnings(
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite / overflowing steps: the run stops, its last checkpoint kept (exit 3)."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written; the partial folder is gone, the previous checkpoint kept (exit 5)."""
-
-
-_WRITE_ERRNOS = {
-    errno.ENOSPC: "no space left on the device (ENOSPC)",
-    errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
-    errno.EROFS: "the file system is read-only (EROFS)",
-}
-LOW_FREE_BYTES = 64 << 20  # under this, a write failure without an errno (torch.save's) is reported as a full disk
-
-
-def write_failure(exc: BaseException, folder: Path) -> str:
-    """Why a checkpoint write failed, in words: the errno's meaning (ENOSPC, EDQUOT, EROFS), or for torch.save's
-    errno-less RuntimeError ("unexpected pos …") the free space left where it was writing."""
-    for e in (exc, exc.__cause__, exc.__context__):
-        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
-            return _WRITE_ERRNOS[e.errno]
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    try:
-        free = os.statvfs(folder if folder.exists() else folder.parent)
-        free_bytes = free.f_bavail * free.f_frsize
-    except OSError:
-        free_bytes = None
-    if free_bytes is not None and free_bytes < LOW_FREE_BYTES:
-        return f"the disk is full ({free_bytes} bytes free; {type(exc).__name__}: {text})"
-    return f"{type(exc).__name__}: {text}"
 
 
 _STOP_SIGNAL: int | None = None

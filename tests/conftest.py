@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import restore_environ
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
@@ -91,3 +93,18 @@ def random_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(1)
     torch.save(registry.build_recipe(cfg).net.state_dict(), ck / "model.pt")
     return ck
+
+
+@pytest.fixture(scope="session")
+def one_rank_group():
+    """This pytest process as a world of one gloo rank, for tests that build the real Trainer in-process. One group
+    for the session, destroyed at its end: DeepSpeed keeps the group it saw at its first initialize, so a group
+    destroyed and made again would leave it pointing at a dead one. ``distributed.init`` exports RANK, WORLD_SIZE,
+    MASTER_PORT…: the environment is put back at once, so the trainers later tests start as subprocesses do not
+    inherit them (each in-process Trainer exports them again; ``restore_environ`` puts them back after its test)."""
+    from pipeline import distributed
+
+    with restore_environ():
+        info = distributed.init("cpu")
+    yield info
+    distributed.cleanup()

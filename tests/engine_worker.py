@@ -107,7 +107,11 @@ def main() -> int:
     before = [p.detach().clone() for p in tr.model.parameters()]
     tr.train_step(batch)
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(tr.model.parameters(), before)])
-    res["clip"] = {"clip": clip, "lr": float(tr.optimizer.param_groups[0]["lr"]), "update_norm": float(update.norm())}
+    res["clip"] = {
+        "clip": clip,
+        "lr": float(tr.engine.optimizer.param_groups[0]["lr"]),
+        "update_norm": float(update.norm()),
+    }
     res["clip"]["grad_norm"] = tr.engine.grad_norm()
     result.write_text(json.dumps(res))
     return 0

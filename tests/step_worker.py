@@ -58,16 +58,16 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(8, 3, 112, 112, generator=g) * 2 - 1, "label": torch.arange(8)}
     before, cls_before = master_weights(trainer), trainer.classifier.weight.detach().clone()
-    scale_before = trainer._loss_scale()
+    scale_before = trainer.engine.loss_scale
     trainer.train_step(batch)
     after = master_weights(trainer)
     res = {
         "backbone_update": torch.cat([(a - b).flatten() for a, b in zip(after, before)]),
         "classifier_update": (trainer.classifier.weight.detach() - cls_before).flatten(),
         "scale_before": scale_before,
-        "scale_after": trainer._loss_scale(),
+        "scale_after": trainer.engine.loss_scale,
         "skipped_steps": trainer.skipped_steps,
-        "optimizer": type(trainer.optimizer).__name__,
+        "optimizer": type(trainer.engine.optimizer).__name__,
         "parameters": sum(1 for _ in trainer.model.parameters()),
     }
     # .item(), bool(tensor), float(tensor) all end in aten::_local_scalar_dense: one device→host read each
@@ -76,7 +76,7 @@ def main() -> int:
     counts = {e.key: e.count for e in prof.key_averages()}
     res["host_reads_per_step"] = counts.get("aten::_local_scalar_dense", 0)
     res["skipped_steps_after_two"] = trainer.skipped_steps
-    res["scale_after_two"] = trainer._loss_scale()
+    res["scale_after_two"] = trainer.engine.loss_scale
     torch.save(res, result)
     distributed.cleanup()
     return 0

@@ -108,7 +108,9 @@ def main() -> int:
         losses.append(float(terms["total"]))
     net = {k: v.detach().clone() for k, v in trainer.model.net.state_dict().items()}
     centres = trainer.classifier.gather_full(trainer.classifier.weight.detach())
-    optimizer = trainer._backbone_optimizer_state()  # every rank (ZeRO assembles the partitions)
+    optimizer = trainer.engine.optimizer_state(
+        trainer.model.named_parameters(), keep=distributed.is_main()
+    )  # every rank (ZeRO assembles the partitions)
     saved = str(trainer.save()) if args.save else ""
     if rank == 0:
         moments = {k: v["momentum_buffer"] for k, v in optimizer["params"].items() if "momentum_buffer" in v}

@@ -35,6 +35,9 @@ from torch import nn
 from pipeline import collectives
 from pipeline.config import ConfigError
 
+# the optimizer state kept per class row of the weight (SGD; Adam/AdamW): gathered and re-sharded by these names
+ROW_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
 
 def shard_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
     """Rows [start, end) of the class-centre matrix owned by ``rank`` of ``world``."""
@@ -286,11 +289,72 @@ class ShardedMarginClassifier(nn.Module):
         with torch.no_grad():
             self.weight.copy_(take_shard(full, self.rank, self.world_size))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """{'weight': full (num_classes, D) weight}, world-size independent (a collective: call on every rank)."""
-        return {"weight": self.gather_full(self.weight)}
+    def full_state_dict(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """The classifier's state, world-size independent (a collective: call on every rank): ``weight``, the full
+        (num_classes, D) matrix; with ``optimizer`` also ``moments``, its per-class state of the weight (SGD's
+        ``momentum_buffer``, Adam's ``exp_avg``/``exp_avg_sq``) gathered by name, and ``step`` (Adam's count)."""
+        state: dict = {"weight": self.gather_full(self.weight)}
+        if optimizer is None:
+            return state
+        opt_state = optimizer.state.get(self.weight, {})
+        unknown = sorted(k for k, v in opt_state.items() if torch.is_tensor(v) and k not in ROW_STATE and k != "step")
+        if unknown:  # a new optimizer's per-class state must be named here, or a resume would silently drop it
+            raise ValueError(f"classifier optimizer state: unknown keys {unknown} (known: {list(ROW_STATE)})")
+        state["moments"] = {k: self.gather_full(opt_state[k]) for k in ROW_STATE if torch.is_tensor(opt_state.get(k))}
+        state["step"] = float(opt_state["step"]) if "step" in opt_state else 0.0
+        return state
 
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != {"weight"}:
-            raise ValueError(f"classifier state: expected the key 'weight', got {sorted(state)}")
+    def load_full_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Take this rank's rows of a :meth:`full_state_dict` (saved at any world size); with ``optimizer`` its
+        moments too (``step`` restored for optimizers that count steps, e.g. AdamW)."""
+        extra = sorted(set(state) - {"weight", "moments", "step"})
+        if "weight" not in state or extra:
+            raise ValueError(f"classifier state: expected 'weight' (and 'moments', 'step'), got {sorted(state)}")
         self.load_full_(state["weight"])
+        if optimizer is None or not state.get("moments"):
+            return
+        unknown = sorted(set(state["moments"]) - set(ROW_STATE))
+        if unknown:
+            raise ValueError(f"classifier state: unknown moments {unknown} (known: {list(ROW_STATE)})")
+        dev = self.weight.device
+        restored = {k: take_shard(v, self.rank, self.world_size).to(dev) for k, v in state["moments"].items()}
+        if "exp_avg" in restored:  # Adam's bias correction needs its step count
+            restored["step"] = torch.tensor(state.get("step", 0.0), dtype=torch.float32)
+        optimizer.state[self.weight] = restored
+
+
+CLASSIFIER_FILE = "classifier.pt"
+
+
+class ClassifierState:
+    """The classifier as a checkpoint part (:class:`pipeline.checkpoint.manager.Stateful`): ``classifier.pt`` holds
+    its :meth:`~ShardedMarginClassifier.full_state_dict` with ``optimizer``'s moments, so any world size re-shards it
+    exactly."""
+
+    def __init__(self, classifier: ShardedMarginClassifier, optimizer: torch.optim.Optimizer):
+        self.classifier, self.optimizer = classifier, optimizer
+
+    def save(self, folder, main: bool) -> None:
+        state = self.classifier.full_state_dict(self.optimizer)  # every rank: a gather
+        if main:
+            torch.save(
+                {
+                    "weight": state["weight"].cpu(),
+                    "moments": {k: v.cpu() for k, v in state["moments"].items()},
+                    "step": state["step"],
+                },
+                folder / CLASSIFIER_FILE,
+            )
+
+    def _read(self, folder) -> dict:
+        return torch.load(folder / CLASSIFIER_FILE, map_location="cpu", weights_only=True)
+
+    def check(self, folder, meta: dict) -> None:
+        rows = self._read(folder)["weight"].shape[0]
+        if rows != self.classifier.num_classes:
+            raise ConfigError(
+                f"--resume: checkpoint {folder} has {rows} classes, data.train has {self.classifier.num_classes}"
+            )
+
+    def load(self, folder, meta: dict) -> None:
+        self.classifier.load_full_state_dict(self._read(folder), self.optimizer)
