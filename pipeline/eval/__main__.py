@@ -48,7 +48,7 @@ from pipeline.core.device import resolve_device
 from pipeline.eval.identify import add_identify_parser, add_model_arguments, run_identify
 from pipeline.eval.ijb import add_ijb_parser, run_ijb
 from pipeline.eval.lowres import add_lowres_parser, run_lowres
-from pipeline.eval.tarfar import add_tarfar_parser, run_tarfar
+from pipeline.eval.tarfar_cli import add_tarfar_parser, run_tarfar
 from pipeline.eval.verify import DEGRADE_HELP, parse_degradations
 
 

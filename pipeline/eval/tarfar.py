@@ -1,4 +1,5 @@
-"""1:1 verification over all pairs of a labelled image set: TAR at FAR = 1e-1 … 1e-6, ROC.
+"""TAR at FAR — the one definition every table uses (verification's ``val/*/tar@far``, the ``tarfar`` and ``ijb``
+commands, the ablation runner's image sets) — pair scores over all pairs of a labelled set, and ROC plots.
 
 Every unordered pair of distinct images is scored (cosine similarity of the L2-normalised
 flip-summed embeddings of :mod:`pipeline.eval.verify`): a pair of one identity is genuine, a pair
@@ -15,17 +16,12 @@ ROC point ``max(tpr[fpr <= f])`` of scikit-learn's ``roc_curve``). A FAR needs f
 The score matrix is walked in blocks of rows over its upper triangle only, so memory is
 block × images scores plus the impostor scores themselves (4 bytes each: 4.8 MB for LFW dev-test).
 
-Example::
-
-    python -m pipeline.eval tarfar --checkpoint runs/a --checkpoint runs/b --images devtest_112/ --roc roc.png
-    python -m pipeline.eval tarfar --checkpoint runs/a --onnx a.onnx --images devtest_112/   # PyTorch vs ONNX
+The command (``python -m pipeline.eval tarfar``) lives in :mod:`pipeline.eval.tarfar_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -177,95 +173,3 @@ def format_table(names: list[str], results: list[list[TarAtFar]], n_impostor: in
             lines.append(f"{far:<7.0e}" + "".join(f"  {r[row].tar:>{w}.4f}" for r in results))
     lines += [f"[{i + 1}] {name}" for i, name in enumerate(names)]
     return "\n".join(lines)
-
-
-def add_tarfar_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``tarfar`` on the ``python -m pipeline.eval`` sub-parsers; returns the parser."""
-    from pipeline.eval.identify import add_model_arguments
-
-    p = subparsers.add_parser(
-        "tarfar",
-        help="TAR at FAR 1e-1…1e-6 over all genuine/impostor pairs of a labelled image set; ROC PNG",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_model_arguments(p, several=True)
-    p.add_argument(
-        "--images",
-        required=True,
-        help="labelled images: a list of '<image path> <label>' lines or an <identity>/ folder",
-    )
-    p.add_argument("--fars", type=float, nargs="+", default=list(FARS), help="default: 1e-1 … 1e-6")
-    p.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="rows of the score matrix at a time (memory)")
-    p.add_argument(
-        "--keep-duplicates",
-        action="store_true",
-        help="keep images byte-identical to an earlier image of the set (default: counted, reported, left out)",
-    )
-    p.add_argument("--roc", help="write the ROC curves of all checkpoints to this PNG (default: beside --json)")
-    p.add_argument("--json", help="write TAR, threshold and achieved FAR per checkpoint and FAR to this JSON file")
-    return p
-
-
-def run_tarfar(args) -> list[dict]:
-    """Run the ``tarfar`` subcommand; prints the table, returns one result per checkpoint."""
-    from pipeline.core.device import resolve_device
-    from pipeline.eval.checkpoint import embedder_from_args
-    from pipeline.eval.identify import ImageSet, embed_paths, file_digest, read_image_set
-
-    models = [(c, None) for c in args.checkpoint or []] + [(None, o) for o in getattr(args, "onnx", None) or []]
-    if not models:
-        raise ConfigError("give at least one --checkpoint or --onnx model")
-    if any(not 0 < f < 1 for f in args.fars):
-        raise ConfigError(f"--fars must lie in (0, 1), got {args.fars}")
-    if args.block < 1:
-        raise ConfigError(f"--block must be ≥ 1, got {args.block}")
-    images = read_image_set(args.images)
-    seen: set[str] = set()
-    first = [not (d in seen or seen.add(d)) for d in map(file_digest, images.paths)]  # first copy of each file
-    duplicates = len(first) - sum(first)
-    if duplicates:
-        what = "kept (--keep-duplicates)" if args.keep_duplicates else "excluded (--keep-duplicates keeps them)"
-        print(f"{images.source}: {duplicates} image(s) byte-identical to an earlier image of the set: {what}")
-        if not args.keep_duplicates:  # an image paired with its own copy scores 1 by construction
-            keep = [i for i, f in enumerate(first) if f]
-            images = ImageSet([images.paths[i] for i in keep], [images.labels[i] for i in keep], images.source)
-    labels = np.asarray(images.labels)
-    n_genuine, n_impostor = count_pairs(labels)
-    if not n_genuine or not n_impostor:
-        raise DataError(
-            f"{images.source}: {n_genuine} genuine and {n_impostor} impostor pairs; "
-            "TAR@FAR needs both (≥ 2 images of some identity and ≥ 2 identities)"
-        )
-    print(
-        f"{images.source}: {len(images)} images, {len(set(images.labels))} identities: "
-        f"{n_genuine} genuine, {n_impostor} impostor pairs",
-        flush=True,
-    )
-    device = resolve_device(args.device)
-    results, curves = [], []
-    for checkpoint, onnx in models:
-        net, info = embedder_from_args(args, device, checkpoint, onnx)
-        feats = embed_paths(net, images.paths, info["input_size"], args.batch_size, device, not args.no_progress)
-        genuine, impostor = pair_scores(feats, labels, args.block, device)
-        points = tar_at_far(genuine, impostor, args.fars)
-        results.append({**info, "points": [asdict(p) for p in points]})
-        curves.append((f"[{len(curves) + 1}] {info['checkpoint']}", genuine, impostor))
-    names = [r["checkpoint"] for r in results]
-    print(format_table(names, [[TarAtFar(**p) for p in r["points"]] for r in results], n_impostor), flush=True)
-    roc = args.roc or (str(Path(args.json).with_suffix("")) + "_roc.png" if args.json else None)
-    if roc:
-        plot_roc(curves, roc, Path(images.source).name)
-        print(f"ROC: {roc}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        summary = {
-            "images": images.source,
-            "genuine_pairs": n_genuine,
-            "impostor_pairs": n_impostor,
-            "duplicates": duplicates,
-            "duplicates_excluded": 0 if args.keep_duplicates else duplicates,
-        }
-        Path(args.json).write_text(json.dumps({**summary, "results": results}, indent=1) + "\n")
-        print(f"JSON: {args.json}")
-    return results

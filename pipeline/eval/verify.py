@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 from sklearn.preprocessing import normalize
 
 from data_prep.bin import decode_image, read_bin, read_pairs
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
+from pipeline.eval import tarfar
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # insightface: np.arange(0, 4, 0.01)
 NUM_FOLDS = 10
@@ -164,11 +165,12 @@ def kfold_accuracy(
 
 
 def tar_at_far(dist: np.ndarray, issame: np.ndarray, fars=FARS) -> dict[str, float | None]:
-    """Largest TAR with FAR ≤ far over the whole set (score = -distance); None when the set has
-    too few negative pairs to measure that FAR (far · negatives < 1)."""
-    fpr, tpr, _ = roc_curve(issame.astype(int), -dist)
-    n_neg = int((~issame).sum())
-    return {f"{far:.0e}": (float(tpr[fpr <= far].max()) if far * n_neg >= 1 else None) for far in fars}
+    """TAR at each FAR of a pair set (score = -distance), by the one definition, :func:`pipeline.eval.tarfar.tar_at_far`
+    (the highest TAR of any threshold whose FAR is ≤ far); None when the set has too few negative pairs to measure
+    that FAR (far · negatives < 1). Keys: ``1e-03`` … (TensorBoard: ``val/<set>/tar@far=1e-03``)."""
+    issame = np.asarray(issame, dtype=bool)
+    score = -np.asarray(dist, dtype=np.float64)
+    return {f"{p.far:.0e}": p.tar for p in tarfar.tar_at_far(score[issame], score[~issame], fars)}
 
 
 def check_finite(emb: np.ndarray, emb_flip: np.ndarray | None, name: str = "set") -> None:
@@ -245,27 +247,16 @@ def evaluate_bin(
 
 
 def plot_roc(results: list[dict], issames: list[np.ndarray], dists: list[np.ndarray], path: str | Path) -> None:
-    """ROC (TAR vs FAR, log x) of each set into one PNG (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    """ROC (TAR vs FAR, log x) of each set into one PNG, drawn by :func:`pipeline.eval.tarfar.plot_roc` (a set with
+    one kind of pair only has no ROC and is left out)."""
+    curves = []
     for res, same, dist in zip(results, issames, dists):
-        if not 0 < np.sum(same) < len(same):
-            continue  # one kind of pair only: no ROC
-        fpr, tpr, _ = roc_curve(np.asarray(same, dtype=int), -np.asarray(dist))
-        ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{res['name']} (acc {res['accuracy']:.4f})")
-    ax.set_xscale("log")
-    ax.set_xlim(1e-4, 1)
-    ax.set_xlabel("FAR")
-    ax.set_ylabel("TAR")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        same = np.asarray(same, dtype=bool)
+        if 0 < same.sum() < len(same):
+            score = -np.asarray(dist, dtype=np.float64)
+            curves.append((f"{res['name']} (acc {res['accuracy']:.4f})", score[same], score[~same]))
+    if curves:
+        tarfar.plot_roc(curves, path)
 
 
 # --------------------------------------------------------------------------- degraded benchmarks in one call
