@@ -66,7 +66,7 @@ def run_tarfar(args) -> list[dict]:
     """Run the ``tarfar`` subcommand; prints the table, returns one result per checkpoint."""
     from pipeline.core.device import resolve_device
     from pipeline.eval.checkpoint import embedder_from_args
-    from pipeline.eval.identify import ImageSet, embed_paths, file_digest, read_image_set
+    from pipeline.eval.identify import embed_paths
 
     models = [(c, None) for c in args.checkpoint or []] + [(None, o) for o in getattr(args, "onnx", None) or []]
     if not models:
@@ -75,16 +75,7 @@ def run_tarfar(args) -> list[dict]:
         raise ConfigError(f"--fars must lie in (0, 1), got {args.fars}")
     if args.block < 1:
         raise ConfigError(f"--block must be ≥ 1, got {args.block}")
-    images = read_image_set(args.images)
-    seen: set[str] = set()
-    first = [not (d in seen or seen.add(d)) for d in map(file_digest, images.paths)]  # first copy of each file
-    duplicates = len(first) - sum(first)
-    if duplicates:
-        what = "kept (--keep-duplicates)" if args.keep_duplicates else "excluded (--keep-duplicates keeps them)"
-        print(f"{images.source}: {duplicates} image(s) byte-identical to an earlier image of the set: {what}")
-        if not args.keep_duplicates:  # an image paired with its own copy scores 1 by construction
-            keep = [i for i, f in enumerate(first) if f]
-            images = ImageSet([images.paths[i] for i in keep], [images.labels[i] for i in keep], images.source)
+    images, duplicates = read_without_duplicates(args.images, args.keep_duplicates)
     labels = np.asarray(images.labels)
     n_genuine, n_impostor = count_pairs(labels)
     if not n_genuine or not n_impostor:
@@ -113,7 +104,6 @@ def run_tarfar(args) -> list[dict]:
         plot_roc(curves, roc, Path(images.source).name)
         print(f"ROC: {roc}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         summary = {
             "images": images.source,
             "genuine_pairs": n_genuine,
@@ -121,6 +111,29 @@ def run_tarfar(args) -> list[dict]:
             "duplicates": duplicates,
             "duplicates_excluded": 0 if args.keep_duplicates else duplicates,
         }
-        Path(args.json).write_text(json.dumps({**summary, "results": results}, indent=1) + "\n")
-        print(f"JSON: {args.json}")
+        write_json(args.json, {**summary, "results": results})
     return results
+
+
+def read_without_duplicates(source: str, keep_duplicates: bool):
+    """(the labelled image set, how many of its files are byte-identical to an earlier one); those are left out
+    unless ``keep_duplicates`` (an image paired with its own copy scores 1 by construction)."""
+    from pipeline.eval.identify import ImageSet, file_digest, read_image_set
+
+    images = read_image_set(source)
+    seen: set[str] = set()
+    first = [not (d in seen or seen.add(d)) for d in map(file_digest, images.paths)]  # first copy of each file
+    duplicates = len(first) - sum(first)
+    if duplicates:
+        what = "kept (--keep-duplicates)" if keep_duplicates else "excluded (--keep-duplicates keeps them)"
+        print(f"{images.source}: {duplicates} image(s) byte-identical to an earlier image of the set: {what}")
+        if not keep_duplicates:
+            keep = [i for i, f in enumerate(first) if f]
+            images = ImageSet([images.paths[i] for i in keep], [images.labels[i] for i in keep], images.source)
+    return images, duplicates
+
+
+def write_json(path: str, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    print(f"JSON: {path}")
