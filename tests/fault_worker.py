@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline import checkpoint as ckpt  # noqa: E402
+from pipeline.checkpoint import format as checkpoint_format  # noqa: E402
 from pipeline import train  # noqa: E402
 from pipeline.data import loader as loader_module  # noqa: E402
 from pipeline.models import network  # noqa: E402
@@ -89,7 +89,7 @@ elif STAGE == "checkpoint":  # a full disk while model.pt is written
     full = OSError(errno.ENOSPC, "No space left on device")
     wrap(torch, "save", full, when=lambda obj, f, *a, **k: str(f).endswith("model.pt"))
 elif STAGE == "finalize":  # the file system turned read-only as the checkpoint was being published
-    wrap(ckpt, "finalize", OSError(errno.EROFS, "Read-only file system"))
+    wrap(checkpoint_format, "finalize", OSError(errno.EROFS, "Read-only file system"))
 else:
     raise SystemExit(f"unknown FAULT_STAGE {STAGE!r}")
 
