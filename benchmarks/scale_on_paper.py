@@ -11,7 +11,7 @@ embedding 512, the ArcFace margin in ``ShardedMarginClassifier``, the backbone u
 * collectives per step: the all-gather of embeddings (fp32) and labels (int64), the all-reduce of the
   gathered embeddings' gradient and of the softmax statistics; the backbone's gradient reduction and
   parameter all-gather (bf16);
-* backbone state and its collectives for the engine the trainer actually runs (``pipeline/engine.py``): the
+* backbone state and its collectives for the engine the trainer actually runs (``pipeline/train/engine.py``): the
   default, bf16 at ZeRO stage 0 = torch autocast over fp32 weights — fp32 parameters, gradients and momentum
   (12Ψ B), one fp32 gradient all-reduce after backward (DeepSpeed's stage 0 reduces at the boundary, not
   overlapped); and ``zero_stage: 1`` = DeepSpeed's BF16_Optimizer — bf16 parameters and gradients, the fp32
@@ -281,7 +281,7 @@ def table(
         rows = math.ceil(classes / w)
         n = batch * w
         states = backbone_state_bytes(psi, w)
-        state_bb = states["stage0"]  # the default engine (pipeline/engine.py)
+        state_bb = states["stage0"]  # the default engine (pipeline/train/engine.py)
         gather, reduce_cls = classifier_comm_bytes(n, dim, w)
         (ar0, _), (ar1, ag1) = backbone_comm_bytes(psi)["stage0"], backbone_comm_bytes(psi)["zero1"]
         comm0 = comm_seconds(reduce_cls + ar0, gather, w, link_gb_s(w))

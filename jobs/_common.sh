@@ -13,7 +13,7 @@
 #   4. runs `srun python -m pipeline.train --config <recipe> "$@"`, one task per GPU;
 #   5. preemption: the header asks for `--signal=USR1@120`: 120 s before the time limit Slurm
 #      sends SIGUSR1 to every task of the job step (not to this batch shell). The trainer
-#      (pipeline/train.py) agrees across ranks to stop after the current step, writes a
+#      (pipeline/train/preempt.py) agrees across ranks to stop after the current step, writes a
 #      checkpoint, and rank 0 calls `scontrol requeue $SLURM_JOB_ID` (the job has --requeue).
 #      The requeued job starts again with the same job id (same MASTER_PORT) and
 #      SLURM_RESTART_COUNT+1, and the trainer resumes from the newest checkpoint in output.dir.

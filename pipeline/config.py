@@ -366,7 +366,7 @@ class DeepSpeedConfig:
         "initial_scale_power": "[0, 40]",
     }  # field → valid interval (check_ranges)
     # 0: every rank holds the whole optimizer state, DeepSpeed all-reduces gradients (bf16: torch autocast, the lean
-    # step, pipeline/engine.py); 1 | 2: ZeRO partitions the optimizer state (and gradients) over the ranks
+    # step, pipeline/train/engine.py); 1 | 2: ZeRO partitions the optimizer state (and gradients) over the ranks
     zero_stage: int = 0
     # auto: bf16 on a CUDA device that has it (the fast path: arcface_torch trains under autocast), fp32 on the
     # CPU; the trainer writes the precision it chose into the run's config.yaml. Or fp32 | fp16 | bf16.

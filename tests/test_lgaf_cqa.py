@@ -439,7 +439,7 @@ def test_norm_weight_decay_false_excludes_every_normalisation_parameter():
 def test_lgf_statistics_stay_float32_in_a_bf16_network():
     """Under bf16 the trainer casts buffers (BatchNorm needs them in its dtype) but not LGAF's EMA: a bf16 μ near
     20 has a step of 0.125, so the α = 0.01 update of eq. 7 (≈ 0.1 here) would round away."""
-    from pipeline.engine import cast_buffers
+    from pipeline.train.engine import cast_buffers
 
     net = net_for({"kind": "lgaf", "embedding_size": 16, "heads": 2}).to(torch.bfloat16)
     cast_buffers(net, torch.bfloat16)

@@ -5,7 +5,7 @@ fp16 on one GPU trains the backbone with the right gradients (found by the GPU c
 At ZeRO stage 0 DeepSpeed 0.19 wraps an fp16 model in FP16_UnfusedOptimizer, whose gradients engine.backward()
 never scales but whose step() unscales them all the same: every one-GPU fp16 run (the trainer used stage 0 on
 one rank) trained with updates 2^16 times too small, and the loss scale never met an overflow (on the H100 it
-stayed at 2^30 for 40 steps). The trainer now runs fp16 at stage >= 1 (pipeline.engine.zero_stage) and bf16 at
+stayed at 2^30 for 40 steps). The trainer now runs fp16 at stage >= 1 (pipeline.train.engine.zero_stage) and bf16 at
 stage 0 under torch autocast. These tests run the real Trainer in fp16 on the CPU (tests/step_worker.py) against the same step in fp32.
 
 Tolerances, measured on 2026-11-27 (iresnet18 at the smoke width, batch 8, loss scale 2^8): the fp16 update
@@ -66,7 +66,7 @@ def test_fp16_overflow_is_seen_skipped_and_lowers_the_scale(lfw_shards, tmp_path
 
 
 def test_bf16_update_equals_fp32_update(lfw_shards, tmp_path, fp32_step):
-    """bf16 on one rank runs under torch autocast (pipeline.engine): fp32 weights and gradients, bf16 convolutions
+    """bf16 on one rank runs under torch autocast (pipeline.train.engine): fp32 weights and gradients, bf16 convolutions
     and matmuls, the client SGD itself. Measured BACKBONE_REL and CLASSIFIER_REL below (bf16 has 8 mantissa bits
     to fp16's 11); bounds 2.5× those. (DeepSpeed's BF16_Optimizer, stage ≥ 1 on several ranks: 6.0 % and 2.9 %.)"""
     got = one_step(lfw_shards, tmp_path, "bf16")

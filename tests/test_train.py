@@ -153,7 +153,7 @@ def test_grad_accumulation_and_empty_shard_dir(lfw_shards, tmp_path):
     meta = json.loads((out / "checkpoints" / "step_0000002" / "trainer.json").read_text())
     assert meta["step"] == 2
     # bf16 through DeepSpeed on the CPU: the loss stays finite; one process runs stage 0, i.e. torch autocast over
-    # fp32 weights (pipeline/engine.py), so the checkpoint holds fp32 weights
+    # fp32 weights (pipeline/train/engine.py), so the checkpoint holds fp32 weights
     bf16 = tmp_path / "bf16"
     proc = run(
         [

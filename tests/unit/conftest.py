@@ -32,12 +32,12 @@ def _refuse(what: str):
 def in_process_only(monkeypatch):
     import torch.distributed
 
-    from pipeline import engine
+    from pipeline.train import engine
 
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("a subprocess"))
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _refuse("a multiprocessing child"))
     monkeypatch.setattr(torch.distributed, "init_process_group", _refuse("a process group"))
-    monkeypatch.setattr(engine.Engine, "__init__", _refuse("DeepSpeed (pipeline.engine.Engine)"))
+    monkeypatch.setattr(engine.Engine, "__init__", _refuse("DeepSpeed (pipeline.train.engine.Engine)"))
 
 
 @pytest.hookimpl(hookwrapper=True)
