@@ -11,12 +11,13 @@ TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast lint format bench clean-venv help
+.PHONY: install demo test test-fast test-durations lint format bench clean-venv help
 LINTED := pipeline data_prep tests scripts benchmarks
 
 help:
 	@echo "make demo   - build a small dataset, train ArcFace iresnet on 2 processes, verify (CPU ok, <15 min)"
-	@echo "make test   - ruff (lint + format check), then the full test suite (CPU, <30 min on 2 cores; starts a local Slurm when root)"
+	@echo "make test   - ruff (lint + format check), then every tier: unit, integration, cluster, gpu (CPU, <25 min on 2 cores; starts a local Slurm when root)"
+	@echo "make test-fast - the unit tier alone (tests/unit: in-process, each test < 5 s; < 3 min)"
 	@echo "make format - apply ruff's fixes and formatting"
 	@echo "make bench  - the benchmark scripts (prints ratios; see BENCHMARKS.md)"
 	@echo "make gpu-stage - stage the wheels a lent GPU machine lacks into .gpu_stage/ parts (docs/gpu-check.md)"
@@ -45,8 +46,13 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# the unit tier: in-process tests, each under 5 s (tests/unit/conftest.py), < 3 min on 2 cores
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slurm and not slow"
+	$(PY) -m pytest -q tests/unit
+
+# re-measure the unit tier and commit tests/unit/durations.txt
+test-durations: $(STAMP)
+	LOWQ_RECORD_DURATIONS=tests/unit/durations.txt $(PY) -m pytest -q tests/unit
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

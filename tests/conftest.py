@@ -39,29 +39,19 @@ def lfw_bin(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def lfw_shards(shared_data, tmp_path_factory) -> Path:
     """WebDataset shards of the real LFW View-1 training faces (111 identities, 1,814 images),
-    made once per session with the real ``data_prep.folder2wds``."""
-    import subprocess
-    import sys
+    made once per session with the real ``data_prep.folder2wds``, in this process (one worker)."""
+    import contextlib
+    import io
+
+    from data_prep import folder2wds
 
     out = tmp_path_factory.mktemp("lfw_shards") / "shards"
-    cmd = [
-        sys.executable,
-        "-m",
-        "data_prep.folder2wds",
-        "--list",
-        str(shared_data / "lfw_view1_112" / "train_list.txt"),
-        "--out",
-        str(out),
-        "--shard-size",
-        "300",
-        "--workers",
-        "1",
-        "--verify",
-        "header",
-        "--no-progress",
-    ]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
+    argv = ["--list", str(shared_data / "lfw_view1_112" / "train_list.txt"), "--out", str(out)]
+    argv += ["--shard-size", "300", "--workers", "1", "--verify", "header", "--no-progress"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = folder2wds.main(argv)
+    assert code == 0, f"data_prep.folder2wds {' '.join(argv)} failed ({code}):\n{printed.getvalue()}"
     return out
 
 

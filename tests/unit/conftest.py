@@ -8,6 +8,7 @@ setup and call take longer than UNIT_LIMIT_S. ``LOWQ_RECORD_DURATIONS=FILE`` wri
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.process
 import os
 import platform
@@ -28,16 +29,32 @@ def _refuse(what: str):
     return refuse
 
 
-@pytest.fixture(autouse=True)
-def in_process_only(monkeypatch):
+@contextlib.contextmanager
+def in_process_only():
+    """Refuse what a unit test may not start, for the whole of its setup (the fixtures it brings up, whatever
+    their scope: a session fixture first built for a unit test is built in-process too) and its call."""
     import torch.distributed
 
     from pipeline.train import engine
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("a subprocess"))
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _refuse("a multiprocessing child"))
-    monkeypatch.setattr(torch.distributed, "init_process_group", _refuse("a process group"))
-    monkeypatch.setattr(engine.Engine, "__init__", _refuse("DeepSpeed (pipeline.train.engine.Engine)"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess.Popen, "__init__", _refuse("a subprocess"))
+        mp.setattr(multiprocessing.process.BaseProcess, "start", _refuse("a multiprocessing child"))
+        mp.setattr(torch.distributed, "init_process_group", _refuse("a process group"))
+        mp.setattr(engine.Engine, "__init__", _refuse("DeepSpeed (pipeline.train.engine.Engine)"))
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with in_process_only():
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with in_process_only():
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -63,9 +80,12 @@ def pytest_sessionfinish(session):
     if not path or not _durations:
         return
     rows = sorted(_durations.items(), key=lambda kv: -kv[1])
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     head = [
         f"# unit tier durations (setup + call, seconds), {time.strftime('%Y-%m-%d')}, {platform.node() or 'host'}: "
-        f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+        f"{os.cpu_count()} cores, {cpu}",
         f"# {len(rows)} tests, {sum(_durations.values()):.1f} s in all; the tier fails any test over {UNIT_LIMIT_S:g} s",
     ]
     Path(path).write_text("\n".join(head + [f"{s:7.3f}  {name}" for name, s in rows]) + "\n")

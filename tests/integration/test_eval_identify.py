@@ -1,0 +1,221 @@
+"""Identification (rank-k / CMC, TinyFace and SCface layouts) and TAR@FAR over all pairs.
+
+References are computed independently here: the CMC by sorting the full similarity matrix
+(numpy argsort), pair scores from the full matrix's upper triangle, TAR@FAR from scikit-learn's
+``roc_curve``; the faces are the real LFW View-1 dev-test images.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.eval import identify as I
+from pipeline.eval import tarfar as T
+from pipeline.eval.__main__ import main as eval_main
+from pipeline.eval.checkpoint import load_model
+from pipeline.models.iresnet import build_iresnet
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SIZE = 56  # network input (px): small keeps the 2-core CPU time down
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def lfw(shared_data):
+    return shared_data / "lfw_view1_112"
+
+
+@pytest.fixture(scope="module")
+def devtest(lfw) -> I.ImageSet:
+    return I.read_image_set(lfw / "devtest_112")
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    return build_iresnet(18, width=0.0625, embedding_size=64, input_size=SIZE).embedder().eval()
+
+
+@pytest.fixture(scope="module")
+def devtest_feats(tiny_net, devtest) -> np.ndarray:
+    """Embeddings of all 1,549 dev-test images by a random-init tiny network (the production path)."""
+    return I.embed_paths(tiny_net, devtest.paths, SIZE, batch_size=256)
+
+
+@pytest.fixture(scope="module")
+def train_distractors(lfw) -> I.ImageSet:
+    """Every 18th LFW training image (101 images of people disjoint from dev-test)."""
+    full = I.read_image_list(lfw / "train_list.txt")
+    return I.ImageSet(full.paths[::18], full.labels[::18], full.source)
+
+
+@pytest.fixture(scope="module")
+def trained_run(lfw_shards, tmp_path_factory):
+    """A run directory trained for 2 steps on the LFW shards by the real trainer."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--config",
+        "configs/arcface_r50.yaml",
+        "--config",
+        "configs/smoke.yaml",
+        "model.backbone=iresnet18",
+        f"model.input_size={SIZE}",
+        "schedule.max_steps=2",
+        f"data.train={lfw_shards}",
+        f"output.dir={out}",
+    ]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
+    return out
+
+
+def first_image_gallery(images: I.ImageSet) -> tuple[list[int], list[int]]:
+    """(gallery rows: the first image of every identity, probe rows: all the others)."""
+    gallery, probes, seen = [], [], set()
+    for row, label in enumerate(images.labels):
+        (probes if label in seen else gallery).append(row)
+        seen.add(label)
+    return gallery, probes
+
+
+def brute_force_cmc(probe, probe_labels, gallery, gallery_labels, max_rank) -> np.ndarray:
+    """The whole similarity matrix, each row sorted (numpy argsort), first same-label position."""
+    order = np.argsort(-(probe @ gallery.T), axis=1, kind="stable")
+    ranks = np.array(
+        [
+            1 + np.flatnonzero(gallery_labels[order[i]] == probe_labels[i])[0]
+            if (gallery_labels == probe_labels[i]).any()
+            else np.inf
+            for i in range(len(probe))
+        ]
+    )
+    return np.array([(ranks <= k).mean() for k in range(1, max_rank + 1)])
+
+
+def write_list(path, paths, labels=None):
+    lines = [f"{p} {lab}" for p, lab in zip(paths, labels)] if labels is not None else [str(p) for p in paths]
+    path.write_text("# image label\n\n" + "\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- rank-k / CMC
+
+
+def test_cmc_on_lfw_devtest_against_brute_force(devtest, devtest_feats, tiny_net, train_distractors):
+    """Gallery: one image per dev-test identity + 101 training images as distractors; probes: the
+    other dev-test images; embeddings of a random-init tiny network."""
+    gallery_rows, probe_rows = first_image_gallery(devtest)
+    labels = np.unique(devtest.labels, return_inverse=True)[1]
+    distractor_feats = I.embed_paths(tiny_net, train_distractors.paths, SIZE, batch_size=256)
+    gallery = np.concatenate([devtest_feats[gallery_rows], distractor_feats]).astype(np.float64)
+    gallery_labels = np.concatenate([labels[gallery_rows], np.full(len(distractor_feats), I.DISTRACTOR)])
+    probes = devtest_feats[probe_rows].astype(np.float64)
+    assert (len(gallery_rows), len(probe_rows), len(gallery)) == (963, 586, 1064)
+    reference = brute_force_cmc(probes, labels[probe_rows], gallery, gallery_labels, 20)
+    for chunk in (1, 7, 256, 5000):
+        cmc = I.rank_k_cmc(probes, labels[probe_rows], gallery, gallery_labels, max_rank=20, chunk=chunk)
+        np.testing.assert_allclose(cmc, reference, err_msg=f"chunk {chunk}")
+    assert 0 < reference[0] < reference[-1] < 1  # a random network: neither nothing nor everything found
+    # the float32 features the CLI uses give the same table
+    f32 = I.rank_k_cmc(probes.astype(np.float32), labels[probe_rows], gallery.astype(np.float32), gallery_labels)
+    np.testing.assert_allclose(f32, reference, atol=2 / len(probes))
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def make_scface(root, images: I.ImageSet, subjects: int = 4, cameras=range(1, 7)):
+    """SCface's layout from LFW images: mugshot_frontal_cropped_all/<id>_frontal.JPG and
+    surveillance_cameras_distance_<d>/cam_<c>/<id>_cam<c>_<d>.jpg (cam 6: infrared)."""
+    (root / I.SCFACE_MUGSHOTS).mkdir(parents=True)
+    source = iter(images.paths)
+    for s in range(1, subjects + 1):
+        shutil.copyfile(next(source), root / I.SCFACE_MUGSHOTS / f"{s:03d}_frontal.JPG")
+        for d in (1, 2, 3):
+            for c in cameras:
+                folder = root / f"surveillance_cameras_distance_{d}" / f"cam_{c}"
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(next(source), folder / f"{s:03d}_cam{c}_{d}.jpg")
+
+
+def test_cli_identify_lists_and_scface(tmp_path, capsys, devtest, train_distractors, trained_run, random_checkpoint):
+    people = [lab for lab in dict.fromkeys(devtest.labels) if devtest.labels.count(lab) >= 2][:30]
+    subset = [(p, lab) for p, lab in zip(devtest.paths, devtest.labels) if lab in people]
+    sub = I.ImageSet([p for p, _ in subset], [lab for _, lab in subset], "subset")
+    g_rows, p_rows = first_image_gallery(sub)
+    g = write_list(tmp_path / "gallery.txt", [sub.paths[i] for i in g_rows], [sub.labels[i] for i in g_rows])
+    p = write_list(tmp_path / "probe.txt", [sub.paths[i] for i in p_rows], [sub.labels[i] for i in p_rows])
+    d = write_list(tmp_path / "distractors.txt", train_distractors.paths[:20])  # no labels
+    out = tmp_path / "res" / "identify.json"
+    args = ["identify", "--checkpoint", str(trained_run), "--gallery", str(g), "--probe", str(p)]
+    rc = eval_main(args + ["--distractors", str(d), "--json", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].split() == ["set", "probes", "gallery", "rank-1", "rank-5", "rank-10", "rank-20", "(%)"]
+    row = text[1].split()
+    assert row[:3] == ["probe", str(len(p_rows)), str(len(g_rows) + 20)]
+    assert (tmp_path / "res" / "identify_cmc.png").stat().st_size > 1000
+    result = json.loads(out.read_text())["results"][0]
+    assert [f"{100 * v:.2f}" for v in result["rank"].values()] == row[3:]
+    # the same CMC from the loaded network and the brute-force reference
+    net, info = load_model(trained_run)
+    assert info["input_size"] == SIZE
+    feats = I.embed_paths(net, sub.paths + train_distractors.paths[:20], SIZE).astype(np.float64)
+    labels = np.unique(sub.labels, return_inverse=True)[1]
+    gallery = np.concatenate([feats[g_rows], feats[len(sub) :]])
+    gallery_labels = np.concatenate([labels[g_rows], np.full(20, -1)])
+    reference = brute_force_cmc(feats[p_rows], labels[p_rows], gallery, gallery_labels, 20)
+    np.testing.assert_allclose(result["cmc"], reference, atol=1.5 / len(p_rows))  # float32 vs float64 near-ties
+
+    make_scface(tmp_path / "sc", devtest, subjects=3)
+    png = tmp_path / "sc_cmc.png"
+    rc = eval_main(
+        ["identify", "--checkpoint", str(random_checkpoint), "--scface", str(tmp_path / "sc")]
+        + ["--cmc", str(png), "--no-progress"]
+    )
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[:3] for ln in lines[1:4]] == [["d1", "15", "3"], ["d2", "15", "3"], ["d3", "15", "3"]]
+    assert png.stat().st_size > 1000
+
+
+def test_cli_tarfar_two_checkpoints(tmp_path, capsys, devtest, trained_run, random_checkpoint):
+    people = list(dict.fromkeys(devtest.labels))[:40]
+    rows = [i for i, lab in enumerate(devtest.labels) if lab in people]
+    images = write_list(tmp_path / "images.txt", [devtest.paths[i] for i in rows], [devtest.labels[i] for i in rows])
+    genuine, impostor = T.count_pairs(np.asarray(devtest.labels)[rows])
+    out = tmp_path / "tarfar.json"
+    rc = eval_main(
+        ["tarfar", "--checkpoint", str(trained_run), "--checkpoint", str(random_checkpoint)]
+        + ["--images", str(images), "--json", str(out), "--no-progress"]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"{len(rows)} images, 40 identities: {genuine} genuine, {impostor} impostor pairs" in text
+    assert 1_000 <= impostor < 10_000  # FAR 1e-1 … 1e-3 measurable, 1e-4 … 1e-6 not
+    lines = text.splitlines()
+    assert lines[1].split() == ["FAR", "[1]", "[2]"]
+    for far, line in zip(["1e-01", "1e-02", "1e-03"], lines[2:5]):
+        assert line.split()[0] == far and len(line.split()) == 3
+    for far, line in zip(["1e-04", "1e-05", "1e-06"], lines[5:8]):
+        assert line.split(None, 1) == [far, f"n/a (only {impostor} impostor pairs)"]
+    assert lines[8].startswith("[1] ") and "step_0000002" in lines[8] and lines[9].endswith("ckpt")
+    assert (tmp_path / "tarfar_roc.png").stat().st_size > 1000
+    data = json.loads(out.read_text())
+    assert (data["genuine_pairs"], data["impostor_pairs"]) == (genuine, impostor)
+    assert [f"{r['points'][0]['tar']:.4f}" for r in data["results"]] == lines[2].split()[1:]
+
+
+# --------------------------------------------------------------------------- bad input

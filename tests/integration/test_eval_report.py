@@ -1,0 +1,166 @@
+"""Degraded benchmarks in one call (``verify --degrade``), reports (``pipeline.report``) and the
+embedding-norm analysis (issue 12, items 4–6).
+
+Independent references: ``verify`` on the copies that ``data_prep.bin degrade`` writes to disk, a
+counting embedder, and norms computed here straight from the network on the written copies.
+The faces are the first 200 pairs (two folds' worth, 100 same / 100 different) of the real LFW
+View-1 dev-test ``.bin``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.bin import degrade_bin, read_bin, write_bin
+from pipeline import registry
+from pipeline import report as R
+from pipeline.config import dump_config, load_config
+from pipeline.eval import verify as V
+from pipeline.eval.__main__ import main as eval_main
+from pipeline.eval.checkpoint import load_model
+
+SIZE = 56  # network input (px): small keeps the 2-core CPU time down
+SPECS = ["clean", "blur:1", "lr:7", "cross:7", "blur-cross:1"]
+COPY = {"blur:1": "blur1", "lr:7": "lr7", "cross:7": "lr7_cross", "blur-cross:1": "blur1_cross"}
+
+
+@pytest.fixture(scope="module")
+def small_bin(lfw_bin, tmp_path_factory) -> Path:
+    bins, issame = read_bin(lfw_bin)
+    out = tmp_path_factory.mktemp("bins") / "lfw200.bin"
+    write_bin(out, bins[:400], issame[:200])
+    return out
+
+
+@pytest.fixture(scope="module")
+def copies(small_bin) -> dict[str, Path]:
+    """label → the copy ``data_prep.bin degrade`` writes (blur σ 1 and 7 px, full and cross)."""
+    degrade_bin(small_bin, small_bin.parent / "deg", blur=[1], lowres=[7], cross=True, progress=False)
+    out = {"clean": small_bin}
+    for label, suffix in COPY.items():
+        out[label] = small_bin.parent / "deg" / f"lfw200_{suffix}.bin"
+        assert out[label].is_file()
+    return out
+
+
+def make_run(root: Path, seed: int) -> Path:
+    """A run directory (checkpoints/step_0000002 + latest) holding a random-init tiny iresnet18 at 56 px."""
+    cfg = load_config(
+        [],
+        ["model.backbone=iresnet18", "model.width=0.0625", "model.head.embedding_size=32", f"model.input_size={SIZE}"],
+    )
+    ck = root / "checkpoints" / "step_0000002"
+    ck.mkdir(parents=True)
+    dump_config(cfg, ck / "config.yaml")
+    torch.manual_seed(seed)
+    torch.save(registry.build_recipe(cfg).net.state_dict(), ck / "model.pt")
+    (ck.parent / "latest").write_text("step_0000002\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[Path]:
+    base = tmp_path_factory.mktemp("runs")
+    return [make_run(base / "run_a", 1), make_run(base / "run_b", 2)]
+
+
+def verify_json(tmp: Path, *args) -> dict:
+    out = tmp / f"v{len(list(tmp.glob('v*.json')))}.json"
+    assert eval_main(["verify", *args, "--json", str(out), "--roc", str(out.with_suffix(".png")), "--no-progress"]) == 0
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------- item 4
+
+
+def test_degrade_table_equals_verify_on_written_copies(runs, small_bin, copies, tmp_path, capsys):
+    got = verify_json(tmp_path, "--checkpoint", str(runs[0]), "--bin", str(small_bin), "--degrade", *SPECS)
+    table = capsys.readouterr().out
+    rows = {r["degradation"]: r for r in got["results"]}
+    assert list(rows) == SPECS
+    for label, path in copies.items():
+        ref = verify_json(tmp_path, "--checkpoint", str(runs[0]), "--bin", str(path))["results"][0]
+        assert rows[label]["accuracy"] == ref["accuracy"], label
+        assert rows[label]["std"] == ref["std"], label
+        assert rows[label]["threshold"] == pytest.approx(ref["threshold"]), label
+        assert rows[label]["auc"] == pytest.approx(ref["auc"], abs=1e-9), label
+        assert f"{ref['accuracy']:.4f} ± {ref['std']:.4f}" in table  # printed as verify prints
+    assert "| set | clean | blur:1 | lr:7 | cross:7 | blur-cross:1 |" in table
+
+
+def test_report_table_cache_bold_and_norms(runs, small_bin, copies, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "rep"
+    args = [str(r) for r in runs] + ["--bin", str(small_bin), "--degrade", *SPECS, "--norms", "--out", str(out)]
+    assert R.main(args + ["--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "evaluated" in printed.err
+    for f in ("report.md", "report.json", "report_accuracy.png", "report_norms.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert sorted(p.name for p in (out / "report_cache").iterdir()) == ["run_a.json", "run_b.json"]
+    rep = json.loads((out / "report.json").read_text())
+
+    # accuracies = verify on the written copies, per checkpoint
+    acc = {}
+    for run, ck in zip(runs, rep["checkpoints"]):
+        net, _ = load_model(run)
+        by = {r["degradation"]: r for r in ck["results"]}
+        for label, path in copies.items():
+            ref = V.evaluate_bin(net, path, image_size=SIZE)
+            assert by[label]["accuracy"] == ref["accuracy"], (run.name, label)
+            assert by[label]["std"] == ref["std"], (run.name, label)
+            acc[(ck["run"], label)] = ref["accuracy"]
+
+    # bold marks the column maximum (every tied maximum), nothing else
+    md = (out / "report.md").read_text()
+    assert md in printed.out + "\n"
+    acc_md = md.split("## Embedding")[0]  # the accuracy table (the norms table follows)
+    lines = [ln for ln in acc_md.splitlines() if ln.startswith("| run_")]
+    assert len(lines) == 2
+    header = next(ln for ln in md.splitlines() if ln.startswith("| checkpoint | clean"))
+    cols = [c.strip() for c in header.strip("|").split("|")][1:]
+    assert cols == SPECS
+    for j, label in enumerate(cols):
+        best = max(acc[(r, label)] for r in ("run_a", "run_b"))
+        for ln in lines:
+            cells = [c.strip() for c in ln.strip("|").split("|")]
+            bold = cells[1 + j].startswith("**")
+            assert bold == (acc[(cells[0], label)] == best), (cells[0], label)
+            assert float(cells[1 + j].strip("*")) == pytest.approx(100 * acc[(cells[0], label)], abs=0.005)
+
+    # norms = un-normalised embedding L2 norm of each distinct image of the written copies, computed directly
+    for run, ck in zip(runs, rep["checkpoints"]):
+        net, _ = load_model(run)
+        norms = {r["degradation"]: r for r in ck["norms"]}
+        assert sorted(norms) == sorted(["clean", "blur:1", "lr:7"])  # cross settings: their degradation
+        for label in ("clean", "blur:1", "lr:7"):
+            images, _ = V.load_bin(copies[label], SIZE)
+            with torch.inference_mode():
+                e = net(V.to_model_input(images)).numpy()
+            bins, _ = read_bin(copies[label])
+            first = list({b: i for i, b in reversed(list(enumerate(bins)))}.values())  # one row per distinct image
+            n = np.linalg.norm(e[sorted(first)], axis=1)
+            assert norms[label]["images"] == len(first)
+            assert norms[label]["mean"] == pytest.approx(float(n.mean()), rel=1e-5)
+            assert norms[label]["sd"] == pytest.approx(float(n.std()), rel=1e-4)
+    # norms in scientific notation (1.5e7 and 22.6 read alike), then what to expect
+    assert re.search(r"\| run_a \| lfw200 \| [0-9.]+e[+-][0-9]+ ± [0-9.]+e[+-][0-9]+", md)
+    assert "expected: about √D for a trained fc head" in md
+
+    # a rerun reads the cache: nothing is embedded
+    def no_embedding(*a, **k):
+        raise AssertionError("re-embedded although the cache matches")
+
+    monkeypatch.setattr(V, "embed_images", no_embedding)
+    assert R.main(args + ["--no-progress"]) == 0
+    again = capsys.readouterr()
+    assert again.err.count("cached") == 2
+    assert json.loads((out / "report.json").read_text()) == rep
+    # other settings: the cache does not match, so it evaluates (and would embed)
+    with pytest.raises(AssertionError, match="re-embedded"):
+        R.main([str(runs[0]), "--bin", str(small_bin), "--degrade", "clean", "--out", str(out), "--no-progress"])

@@ -1,0 +1,28 @@
+"""benchmarks/bench_gpu.py: the --cpu-smoke mode runs every part on the CPU and writes every section."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_faces_are_found_through_lowq_shared(tmp_path, monkeypatch, shared_data):
+    """On the GPU machine ../shared does not travel: gpu_check.sh carries a copy and points LOWQ_SHARED at it,
+    and the bench must read it there (the 2026-11-27 H100 check lost its bench to the old fixed default)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_gpu
+
+    carried = tmp_path / "carried"
+    (carried / "data").mkdir(parents=True)
+    (carried / "data" / "lfw_view1_112").symlink_to(shared_data / "lfw_view1_112")
+    monkeypatch.setenv("LOWQ_SHARED", str(carried))
+    assert bench_gpu.default_shared() == carried / "data"
+    shards = bench_gpu.make_shards(tmp_path / "shards", bench_gpu.default_shared(), num_classes=200)
+    assert (shards / "manifest.json").is_file() and list(shards.glob("*.tar"))
+    with pytest.raises(SystemExit) as exc:
+        bench_gpu.make_shards(tmp_path / "none", tmp_path / "empty")
+    assert "no LFW faces at" in str(exc.value) and "--shared" in str(exc.value) and "\n" not in str(exc.value)

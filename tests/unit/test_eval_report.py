@@ -1,0 +1,134 @@
+"""Degraded benchmarks in one call (``verify --degrade``), reports (``pipeline.report``) and the
+embedding-norm analysis (issue 12, items 4–6).
+
+Independent references: ``verify`` on the copies that ``data_prep.bin degrade`` writes to disk, a
+counting embedder, and norms computed here straight from the network on the written copies.
+The faces are the first 200 pairs (two folds' worth, 100 same / 100 different) of the real LFW
+View-1 dev-test ``.bin``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.bin import degrade_bin, read_bin, write_bin
+from pipeline import registry
+from pipeline import report as R
+from pipeline.config import dump_config, load_config
+from pipeline.eval import verify as V
+from pipeline.eval.__main__ import main as eval_main
+from pipeline.eval.checkpoint import load_model
+
+SIZE = 56  # network input (px): small keeps the 2-core CPU time down
+COPY = {"blur:1": "blur1", "lr:7": "lr7", "cross:7": "lr7_cross", "blur-cross:1": "blur1_cross"}
+
+
+@pytest.fixture(scope="module")
+def small_bin(lfw_bin, tmp_path_factory) -> Path:
+    bins, issame = read_bin(lfw_bin)
+    out = tmp_path_factory.mktemp("bins") / "lfw200.bin"
+    write_bin(out, bins[:400], issame[:200])
+    return out
+
+
+@pytest.fixture(scope="module")
+def copies(small_bin) -> dict[str, Path]:
+    """label → the copy ``data_prep.bin degrade`` writes (blur σ 1 and 7 px, full and cross)."""
+    degrade_bin(small_bin, small_bin.parent / "deg", blur=[1], lowres=[7], cross=True, progress=False)
+    out = {"clean": small_bin}
+    for label, suffix in COPY.items():
+        out[label] = small_bin.parent / "deg" / f"lfw200_{suffix}.bin"
+        assert out[label].is_file()
+    return out
+
+
+def make_run(root: Path, seed: int) -> Path:
+    """A run directory (checkpoints/step_0000002 + latest) holding a random-init tiny iresnet18 at 56 px."""
+    cfg = load_config(
+        [],
+        ["model.backbone=iresnet18", "model.width=0.0625", "model.head.embedding_size=32", f"model.input_size={SIZE}"],
+    )
+    ck = root / "checkpoints" / "step_0000002"
+    ck.mkdir(parents=True)
+    dump_config(cfg, ck / "config.yaml")
+    torch.manual_seed(seed)
+    torch.save(registry.build_recipe(cfg).net.state_dict(), ck / "model.pt")
+    (ck.parent / "latest").write_text("step_0000002\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[Path]:
+    base = tmp_path_factory.mktemp("runs")
+    return [make_run(base / "run_a", 1), make_run(base / "run_b", 2)]
+
+
+# --------------------------------------------------------------------------- item 4
+
+
+class CountingEmbedder:
+    def __init__(self, net):
+        self.net, self.images = net, 0
+
+    def __call__(self, x):
+        self.images += len(x)
+        return self.net(x)
+
+
+def test_each_distinct_image_embedded_once_per_degradation(runs, small_bin):
+    net, _ = load_model(runs[0])
+    name, bins, issame = V.bin_source(small_bin)
+    bins = bins[:80] + bins[:20]  # 50 pairs, the first 10 pairs repeated: 80 distinct images
+    issame = np.concatenate([issame[:40], issame[:10]])
+    distinct = len(set(bins))
+    distinct_second = len(set(bins[1::2]))
+    counter = CountingEmbedder(net)
+    degs = V.parse_degradations(["clean", "lr:7", "cross:7", "blur-cross:1"])
+    # the same set twice (two names): its images are embedded once
+    out = V.evaluate_degraded(counter, [(name, bins, issame), ("again", bins, issame)], degs, SIZE)
+    # embed_images runs each image and its mirror: 2 passes per distinct image and degradation;
+    # cross:7 reuses clean (image 1) and lr:7 (image 2); blur-cross:1 needs only the second images blurred
+    assert counter.images == 2 * (distinct + distinct + distinct_second)
+    assert len(out["results"]) == 8
+    # a cross setting alone: clean first images, degraded second images, nothing else
+    counter.images = 0
+    V.evaluate_degraded(counter, [(name, bins, issame)], V.parse_degradations(["cross:14"]), SIZE)
+    assert counter.images == 2 * (len(set(bins[0::2])) + distinct_second)
+
+
+def test_degrade_bad_input_is_one_line_exit_2(runs, small_bin, tmp_path, capsys):
+    for args, needle in (
+        (["--degrade", "occlude:3"], "--degrade 'occlude:3'"),
+        (["--degrade", "lr:7.5"], "--degrade 'lr:7.5'"),
+        (["--degrade", "blur:x"], "--degrade 'blur:x'"),
+        (["--norms"], "--norms"),
+    ):
+        assert eval_main(["verify", "--checkpoint", str(runs[0]), "--bin", str(small_bin), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and "\n" not in err
+    missing = tmp_path / "missing.bin"
+    assert eval_main(["verify", "--checkpoint", str(runs[0]), "--bin", str(missing), "--degrade", "clean"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # real LR pair sets (XQLFW) through --pairs: documented in verify's help
+        eval_main(["verify", "--help"])
+    assert "XQLFW" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- items 5 and 6
+
+
+def test_report_bad_input_is_one_line_exit_2(runs, small_bin, tmp_path, capsys):
+    cases = (
+        ([str(tmp_path / "nope"), "--bin", str(small_bin)], str(tmp_path / "nope")),
+        ([str(runs[0]), "--bin", str(tmp_path / "x.bin")], str(tmp_path / "x.bin")),
+        ([str(runs[0]), "--bin", str(small_bin), "--degrade", "occlude:2"], "--degrade 'occlude:2'"),
+        ([str(tmp_path), "--bin", str(small_bin)], "not a checkpoint"),
+    )
+    for args, needle in cases:
+        assert R.main(args + ["--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and "\n" not in err, err

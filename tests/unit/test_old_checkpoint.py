@@ -1,0 +1,23 @@
+"""A checkpoint of an earlier release (tests/fixtures/ckpt_01e6669: written by the trainer at commit 01e6669, before
+the engine / core / SCAN changes of 2026-12-05) still loads in eval and export and still resumes (issue 20 item 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "fixtures" / "ckpt_01e6669"
+STEP = FIXTURE / "checkpoints" / "step_0000002"
+
+
+def test_old_checkpoint_loads_for_evaluation():
+    from pipeline.checkpoint import load_network, verify
+
+    assert verify(STEP) is None  # its checksums still hold (no file changed since 01e6669 wrote it)
+    net, model_cfg, path = load_network(STEP)
+    assert path == STEP / "model.pt" and model_cfg.backbone == "iresnet18"
+    with torch.no_grad():
+        emb = net.eval().embed(torch.rand(3, 3, 32, 32) * 2 - 1)
+    assert emb.shape == (3, 16) and torch.isfinite(emb).all()

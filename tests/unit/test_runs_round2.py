@@ -1,0 +1,41 @@
+"""Runs that survive, round 2 (issue 22): one run per folder (a lock that names its holder), resumes that name what
+changed, config ranges with the types."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import resume_changes
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = ["--config", "configs/arcface_r50.yaml", "--config", "configs/smoke.yaml", "model.backbone=iresnet18"]
+
+
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def train(*args, timeout=600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline.train", *SMOKE, *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- 2. one run per folder
+
+
+def test_resume_compare_classifies_every_key():
+    saved = {"seed": 0, "optim": {"name": "sgd", "lr": 0.1}, "schedule": {"epochs": 20}, "model": {"init_from": "a"},
+             "data": {"val": ["a.bin"], "augment": {"flip": 0.5}}}  # fmt: skip
+    new = {"seed": 5, "optim": {"name": "adamw", "lr": 0.05}, "schedule": {"epochs": 30.0}, "model": {"init_from": ""},
+           "data": {"val": ["b.bin"], "augment": {"flip": 0.0}}}  # fmt: skip
+    accepted, refused = resume_changes.compare(saved, new)
+    assert set(refused) == {"seed", "optim.name", "data.augment.flip"}
+    assert accepted == {"optim.lr": (0.1, 0.05), "schedule.epochs": (20, 30.0), "data.val": (["a.bin"], ["b.bin"])}
+    accepted, refused = resume_changes.compare(saved, new, ["seed", "data.augment"])
+    assert set(refused) == {"optim.name"} and {"seed", "data.augment.flip"} <= set(accepted)
+    line = resume_changes.refusal("ckpt/step_4", {"seed": (0, 5)})
+    assert "\n" not in line and line.startswith("--resume: seed is 5 but checkpoint ckpt/step_4 was trained with 0")
+    assert "data order" in line and "--resume-changes seed" in line
