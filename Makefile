@@ -55,7 +55,7 @@ test-durations: $(STAMP)
 	LOWQ_RECORD_DURATIONS=tests/unit/durations.txt $(PY) -m pytest -q tests/unit
 
 bench: $(STAMP)
-	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do m=$$(basename $$b .py); echo "== benchmarks.$$m"; $(PY) -m benchmarks.$$m || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,8 +6,8 @@ the same decoded tensors (normalise, forward, flip, forward), alternating the tw
 median of ``--repeats`` rounds, as images/s (each image embedded twice: plain + flipped) and as the ratio
 pipeline / plain. Also times decoding the ``.bin`` (JPEG → uint8 tensor), which both share.
 
-    .venv/bin/python benchmarks/bench_eval.py                      # LFW dev-test .bin, iresnet18 ×0.25, 112 px, CPU
-    .venv/bin/python benchmarks/bench_eval.py --depth 50 --width 1 --device cuda --json bench_eval.json
+    .venv/bin/python -m benchmarks.bench_eval                      # LFW dev-test .bin, iresnet18 ×0.25, 112 px, CPU
+    .venv/bin/python -m benchmarks.bench_eval --depth 50 --width 1 --device cuda --json bench_eval.json
 
 ``make gpu-check`` runs the second form on a lent GPU (its ``bench_eval`` step, docs/gpu-check.md).
 """
@@ -22,10 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+if not __package__:  # run as a file: its imports need the repository root, which `python -m` puts on sys.path
+    raise SystemExit(f"run it from the repository root: python -m benchmarks.{Path(__file__).stem}")
+
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.common import REPO
 
 
 def default_bin() -> Path:

@@ -37,8 +37,8 @@ Time: 300 s on an H100 with ``--repeats 3 --warmup 3`` (2026-11-27), 145 s of it
 builds of the lever part (``--no-compile`` drops them);
 ``--parts``, ``--repeats``, ``--steps`` shorten it further.
 
-    .venv/bin/python benchmarks/bench_gpu.py --out benchmarks/results/gpu       # on a CUDA machine
-    .venv/bin/python benchmarks/bench_gpu.py --cpu-smoke --out /tmp/gpu_smoke   # every code path, tiny, on the CPU
+    .venv/bin/python -m benchmarks.bench_gpu --out benchmarks/results/gpu       # on a CUDA machine
+    .venv/bin/python -m benchmarks.bench_gpu --cpu-smoke --out /tmp/gpu_smoke   # every code path, tiny, on the CPU
 
 Without CUDA (and without ``--cpu-smoke``) it prints "no CUDA: nothing measured" and exits 0.
 """
@@ -60,12 +60,13 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+if not __package__:  # run as a file: its imports need the repository root, which `python -m` puts on sys.path
+    raise SystemExit(f"run it from the repository root: python -m benchmarks.{Path(__file__).stem}")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import REPO
 
 MiB = 1024**2
 
@@ -372,8 +373,7 @@ def make_shards(
 def dali_img_s(shards: Path, sz: Sizes, dali_device: str, threads: int, **knobs) -> float:
     """images/s of the DALI loader with the full augmentation (bench_loaders.FULL) at ``sz.loader_batch``;
     ``knobs``: DataConfig's DALI fields (dali_prefetch, dali_hw_decoder_load)."""
-    import bench_loaders
-
+    from benchmarks import bench_loaders
     from pipeline.config import DataConfig
     from pipeline.data.dali_loader import DaliTrainLoader
 
@@ -393,8 +393,7 @@ def part_loader(args, sz: Sizes, device: torch.device, shards: Path) -> dict:
     why = _dali_importable()
     if why:
         return {"skipped": why}
-    import bench_loaders
-
+    from benchmarks import bench_loaders
     from pipeline.config import DataConfig
     from pipeline.data.torch_loader import TorchTrainLoader
 

@@ -8,29 +8,29 @@ switched on (p = 1: AdaFace crop, flip p=0.5, photometric, blur, multi-resolutio
 ratio at each worker count, measured in this one run. ``--device gpu`` times DALI on the GPU at
 batch 512 (``mixed`` decode, GPU operators); without CUDA it prints "unmeasured: no CUDA".
 
-    .venv/bin/python benchmarks/bench_loaders.py [--images 2000] [--batch 64] [--device cpu|gpu]
+    .venv/bin/python -m benchmarks.bench_loaders [--images 2000] [--batch 64] [--device cpu|gpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if not __package__:  # run as a file: its imports need the repository root, which `python -m` puts on sys.path
+    raise SystemExit(f"run it from the repository root: python -m benchmarks.{Path(__file__).stem}")
 
-import torch  # noqa: E402
-import webdataset as wds  # noqa: E402
+import torch
+import webdataset as wds
 
-from data_prep.manifest import Manifest, ShardInfo, sha256_file, write_manifest  # noqa: E402
-from pipeline.config import AugmentConfig, DataConfig  # noqa: E402
-from pipeline.data.dali_loader import DaliTrainLoader  # noqa: E402
-from pipeline.data.torch_loader import TorchTrainLoader  # noqa: E402
+from benchmarks.common import REPO, machine
+from data_prep.manifest import Manifest, ShardInfo, sha256_file, write_manifest
+from pipeline.config import AugmentConfig, DataConfig
+from pipeline.data.dali_loader import DaliTrainLoader
+from pipeline.data.torch_loader import TorchTrainLoader
 
 FULL = AugmentConfig(flip=0.5, crop_p=1.0, photometric_p=1.0, blur_p=1.0, multires_p=1.0, paired=True)
 DECODE = AugmentConfig(flip=0.0)
@@ -80,7 +80,7 @@ def measure(make, n_images: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="example: .venv/bin/python benchmarks/bench_loaders.py --images 2000",
+        epilog="example: .venv/bin/python -m benchmarks.bench_loaders --images 2000",
     )
     ap.add_argument("--shards", help="existing shard directory (default: shard the LFW training faces)")
     ap.add_argument("--images", type=int, default=2000, help="images timed per configuration")
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"machine: {machine()}, "
         f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; "
         f"load average {os.getloadavg()[0]:.1f} at start"
     )

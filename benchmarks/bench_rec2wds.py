@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -21,11 +20,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if not __package__:  # run as a file: its imports need the repository root, which `python -m` puts on sys.path
+    raise SystemExit(f"run it from the repository root: python -m benchmarks.{Path(__file__).stem}")
 
-from data_prep import recordio, shards  # noqa: E402
-from data_prep.rec2wds import RecSource  # noqa: E402
+from benchmarks.common import REPO, machine
+from data_prep import recordio, shards
+from data_prep.rec2wds import RecSource
 
 
 def build_rec(tmp: Path, lfw: Path, n_images: int) -> tuple[Path, Path]:
@@ -80,10 +80,7 @@ def main() -> None:
             f"rec2wds benchmark: {args.images} images ({rec.stat().st_size / 1e6:.1f} MB rec), "
             f"shard size {args.shard_size}, {args.repeats} runs each (median)"
         )
-        print(
-            f"machine: {platform.machine()} {os.cpu_count()} CPU cores, python {platform.python_version()}, "
-            f"load average at start {os.getloadavg()[0]:.1f}"
-        )
+        print(f"machine: {machine()}, load average at start {os.getloadavg()[0]:.1f}")
         for verify in ("decode", "none"):
             rates = {}
             for w in (1, 2):

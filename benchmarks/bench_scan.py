@@ -12,9 +12,9 @@ the ratios use that thread's CPU time (``time.thread_time``): on a machine share
 the wall clock mostly measures the neighbours, the CPU time of the one compute thread measures the
 work. Wall-clock medians are printed beside them.
 
-    .venv/bin/python benchmarks/bench_scan.py                       # iresnet50, width 0.25, batch 32
-    .venv/bin/python benchmarks/bench_scan.py --width 1.0 --steps 3 # the full-width network (slow on CPU)
-    .venv/bin/python benchmarks/bench_scan.py --host                # host work of an r100 step only (seconds)
+    .venv/bin/python -m benchmarks.bench_scan                       # iresnet50, width 0.25, batch 32
+    .venv/bin/python -m benchmarks.bench_scan --width 1.0 --steps 3 # the full-width network (slow on CPU)
+    .venv/bin/python -m benchmarks.bench_scan --host                # host work of an r100 step only (seconds)
 
 Host work (``--host``, and first in every run): a GPU step of a deep SCAN network is bound by what the host does per
 kernel launch. On the meta device (shapes only, no arithmetic) a training step's time *is* its host time; with the
@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+if not __package__:  # run as a file: its imports need the repository root, which `python -m` puts on sys.path
+    raise SystemExit(f"run it from the repository root: python -m benchmarks.{Path(__file__).stem}")
+
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchmarks.common import machine
 from pipeline.models.iresnet import build_iresnet
 from pipeline.models.scan import build_scan_iresnet, fold
 
@@ -142,10 +143,7 @@ def main(argv=None) -> int:
         opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
         setups[name] = (model, head, opt)
 
-    print(
-        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}"
-    )
+    print(f"machine: {machine()}, {torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}")
     print(f"model: iresnet{args.depth} width {args.width}, input {args.input_size}px, batch {args.batch}, CPU float32")
     times = {name: [] for name in setups}
     walls = {name: [] for name in setups}

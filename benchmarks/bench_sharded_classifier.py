@@ -11,9 +11,9 @@ memory delta: on CPU VmHWM (peak RSS) from /proc/self/status minus the RSS befor
 was built, on GPU torch.cuda.max_memory_allocated. Ratios are against the full run; the goal is
 per-rank classifier memory ≈ 1/W of the full one.
 
-    python benchmarks/bench_sharded_classifier.py                    # 100k and 1M classes, W = 1, 2, 4
-    python benchmarks/bench_sharded_classifier.py --classes 100000 --worlds 1 2 --steps 5
-    python benchmarks/bench_sharded_classifier.py --sample-rate 0.1  # partial FC with sampling
+    python -m benchmarks.bench_sharded_classifier                    # 100k and 1M classes, W = 1, 2, 4
+    python -m benchmarks.bench_sharded_classifier --classes 100000 --worlds 1 2 --steps 5
+    python -m benchmarks.bench_sharded_classifier --sample-rate 0.1  # partial FC with sampling
 
 1M × 512 fp32 is 2 GB per copy: the full run holds weight, gradient and momentum (6 GB) plus
 temporaries; have ~14 GB free RAM for the defaults.
@@ -24,15 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # run as a file: its imports need the repository root, which `python -m` puts on sys.path
+    raise SystemExit(f"run it from the repository root: python -m benchmarks.{Path(__file__).stem}")
+
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine
 
 MB = 1024**2
 
@@ -194,8 +197,7 @@ def main(argv=None) -> int:
     lines = [
         f"sharded classifier benchmark: D={args.dim}, batch {args.batch}/rank, sample_rate={args.sample_rate}, "
         f"fp32, SGD momentum, {args.warmup} warm-up + {args.steps} timed steps",
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, device={dev}, "
-        f"torch {torch.__version__}, {args.threads} torch threads shared by the W processes",
+        f"machine: {machine()}, device={dev}, {args.threads} torch threads shared by the W processes",
         "state = parameter + gradient + optimizer bytes per rank; peak = "
         + ("torch.cuda.max_memory_allocated" if dev != "cpu" else "peak RSS (VmHWM) minus RSS before the classifier")
         + " per rank (max over ranks); ratios vs the full classifier",

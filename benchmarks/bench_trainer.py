@@ -1,7 +1,7 @@
 """Trainer overhead: samples/s of the trainer's step (DeepSpeed engine + sharded classifier +
 recipe contract + logging hooks) vs a bare PyTorch loop of the same model and loss, in one process.
 
-    .venv/bin/python benchmarks/bench_trainer.py [--backbone iresnet50] [--batch 32] [--steps 4] [--rounds 3]
+    .venv/bin/python -m benchmarks.bench_trainer [--backbone iresnet50] [--batch 32] [--steps 4] [--rounds 3]
 
 Both loops see the same in-memory batch (data loading is measured by bench_loaders.py), run
 alternately for several rounds so machine noise hits both, and the ratio is printed. Ratios are
@@ -19,11 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # run as a file: its imports need the repository root, which `python -m` puts on sys.path
+    raise SystemExit(f"run it from the repository root: python -m benchmarks.{Path(__file__).stem}")
+
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.common import REPO
 
 
 def main() -> None:

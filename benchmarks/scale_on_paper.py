@@ -30,9 +30,9 @@ the W = 1 rows, printing measured / predicted.
 process; ``--comm``: the bytes through ``dist.all_gather`` / ``dist.all_reduce`` in a 2-rank gloo step vs the
 formulas; ``--verify-meta``: the meta-device activation count equals a real CPU forward.
 
-    .venv/bin/python benchmarks/scale_on_paper.py                       # the tables (~20 s)
-    .venv/bin/python benchmarks/scale_on_paper.py --trace --comm --verify-meta
-    .venv/bin/python benchmarks/scale_on_paper.py --check benchmarks/results/scale_classifier_*.txt
+    .venv/bin/python -m benchmarks.scale_on_paper                       # the tables (~20 s)
+    .venv/bin/python -m benchmarks.scale_on_paper --trace --comm --verify-meta
+    .venv/bin/python -m benchmarks.scale_on_paper --check benchmarks/results/scale_classifier_*.txt
 """
 
 from __future__ import annotations
@@ -43,11 +43,13 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file: its imports need the repository root, which `python -m` puts on sys.path
+    raise SystemExit(f"run it from the repository root: python -m benchmarks.{Path(__file__).stem}")
 
-import torch  # noqa: E402
-from bench_gpu import expected_positive_rows, predicted_classifier_peak  # noqa: E402
+
+import torch
+
+from benchmarks.bench_gpu import expected_positive_rows, predicted_classifier_peak
 
 MiB, GB = 1024**2, 1e9
 WEBFACE42M_CLASSES = 2_059_906
@@ -402,8 +404,7 @@ def check(paths: list[Path], dim: int, cores: int) -> str:
 
 def trace_check(configs, dim: int = 512) -> str:
     """Live-tensor peak of one step (bench_gpu.LiveTensorPeak) vs the buffer count, one process."""
-    from bench_gpu import LiveTensorPeak
-
+    from benchmarks.bench_gpu import LiveTensorPeak
     from pipeline.losses.margin import CombinedMargin
     from pipeline.losses.sharded_classifier import ShardedMarginClassifier
 

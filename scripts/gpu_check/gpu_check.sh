@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make gpu-check`: the work on the lent GPU machine, one phase per device call (docs/gpu-check.md):
-#   GPU_CHECK_PHASE=core  call 1 (≤ 25 MiB: no DALI): install the core wheels, probe, benchmarks/bench_gpu.py
+#   GPU_CHECK_PHASE=core  call 1 (≤ 25 MiB: no DALI): install the core wheels, probe, python -m benchmarks.bench_gpu
 #                         --plan gpu-check (r100 trainer/bare at b128 and b256 with a profile, the levers at r100 b256,
 #                         SCAN, the classifier's TF32 row), then the bf16/fp16 training tests. Budget 360 s.
 #   GPU_CHECK_PHASE=more  a call that brings a DALI part also does one queued task (bench_eval, the other GPU tests).
@@ -78,11 +78,15 @@ step() {
 }
 
 # The work of each phase, most important first (docs/gpu-check.md): a time limit cuts the tail, never the head.
-bench_step() { # bench_step NAME MAX_S ARGS...: benchmarks/bench_gpu.py, results into $OUTDIR after every part
+# a repository benchmark runs as a module (python -m benchmarks.NAME); another path (a test's stand-in) as a file
+script_args() { case "$1" in benchmarks/*.py) local m=${1%.py}; echo "-m ${m//\//.}" ;; *) echo "$1" ;; esac; }
+
+bench_step() { # bench_step NAME MAX_S ARGS...: python -m benchmarks.bench_gpu, results into $OUTDIR after every part
   local name=$1 max=$2
   shift 2
   if [ -f "$BENCH" ]; then
-    step "$name" "$max" "$OUTDIR/bench_gpu.log" -- "$PY" "$BENCH" --out "$OUTDIR" "$@"
+    # shellcheck disable=SC2046
+    step "$name" "$max" "$OUTDIR/bench_gpu.log" -- "$PY" $(script_args "$BENCH") --out "$OUTDIR" "$@"
   else
     echo "== $name: $BENCH not found, skipped"
   fi
@@ -105,7 +109,7 @@ phase_more() { # a call that brings a DALI part: one queued task that fits its b
   case "$task" in
     bench_eval)
       # shellcheck disable=SC2086
-      [ -f "$BENCH_EVAL" ] && step bench_eval "${GPU_CHECK_BENCH_EVAL_S:-90}" -- "$PY" "$BENCH_EVAL" \
+      [ -f "$BENCH_EVAL" ] && step bench_eval "${GPU_CHECK_BENCH_EVAL_S:-90}" -- "$PY" $(script_args "$BENCH_EVAL") \
         --json "$OUTDIR/bench_eval.json" ${GPU_CHECK_BENCH_EVAL_ARGS:---depth 50 --width 1 --batch 256 --images 2000 --repeats 3}
       ;;
     tests_rest)

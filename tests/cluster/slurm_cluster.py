@@ -35,7 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 INSTALL_SCRIPT = REPO / ".ci" / "install_slurm.sh"
 NODES = ("n1", "n2")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "munged", "munge", "unmunge")

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.slurm_cluster import LocalSlurm, SlurmError
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 JOBS = sorted(p for p in (REPO / "jobs").glob("*.sh") if not p.name.startswith("_"))
 
 SHAPES = {"1x2": ("--nodes=1", "--ntasks-per-node=2"), "2x1": ("--nodes=2", "--ntasks-per-node=1")}

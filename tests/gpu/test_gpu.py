@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import REPO
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU tier runs on a GPU machine"),
 ]
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _tb(tb_dir: Path) -> dict[str, list[float]]:

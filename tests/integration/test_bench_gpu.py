@@ -1,4 +1,4 @@
-"""benchmarks/bench_gpu.py: the --cpu-smoke mode runs every part on the CPU and writes every section."""
+"""python -m benchmarks.bench_gpu: the --cpu-smoke mode runs every part on the CPU and writes every section."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "bench_gpu.py"
+from tests.helpers import REPO
+
+BENCH = ["-m", "benchmarks.bench_gpu"]  # run from the repository root (cwd=REPO)
 ALL_PARTS = ("loader", "train", "levers", "scan", "classifier", "dali")
 
 
@@ -20,7 +20,7 @@ def test_cpu_smoke_writes_every_section(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out), "--parts", ",".join(ALL_PARTS)],
+        [sys.executable, *BENCH, "--cpu-smoke", "--out", str(out), "--parts", ",".join(ALL_PARTS)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -87,7 +87,7 @@ def test_cpu_smoke_writes_every_section(tmp_path):
 def test_without_cuda_nothing_measured(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(tmp_path)],
+        [sys.executable, *BENCH, "--out", str(tmp_path)],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -13,12 +13,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
+from tests.helpers import REPO
 
 CASES = {
     "margin": ["--config", "configs/arcface_r50.yaml", "model.backbone=iresnet18"],

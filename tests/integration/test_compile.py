@@ -8,7 +8,6 @@ graphs (what inductor receives on a GPU) without generating kernels, so a test t
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,8 @@ import torch._dynamo as dynamo
 from pipeline.checkpoint import describe
 from pipeline.config import load_config
 from pipeline.models.network import build_network
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SMALL = ["model.width=0.0625", "model.backbone=iresnet18"]
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "compose").glob("*.yaml")) + [
     "configs/arcface_r50.yaml",

@@ -9,7 +9,6 @@ SCAN × LRFR, SCAN × fc folded → ONNX, and the test insert + test head throug
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,32 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
 from pipeline.models.network import build_network
-
-REPO = Path(__file__).resolve().parents[2]
-PROBE = REPO / "configs" / "compose" / "probe.yaml"
-SMOKE = REPO / "configs" / "smoke.yaml"
-
-
-def tiny(*overrides, configs=(PROBE,)):
-    return load_config([*configs, SMOKE], ["model.input_size=32", *overrides])
-
+from tests.support.compose import PROBE, SMOKE, run, train
 
 # --------------------------------------------------------------------------- the network object
-
-
-def run(cmd, timeout=600):
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
-def train(*args):
-    return [sys.executable, "-m", "pipeline.train", *args]
 
 
 def tb_scalars(tb_dir: Path) -> dict[str, list[float]]:

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    p = tmp_path / name
-    p.write_text(text)
-    return p
+from tests.helpers import REPO
+from tests.support.config import write
 
 
 def test_train_cli_one_line_error(tmp_path):

@@ -8,54 +8,32 @@ References are computed independently here: the CMC by sorting the full similari
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.eval import identify as I
 from pipeline.eval import tarfar as T
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
-from pipeline.models.iresnet import build_iresnet
+from tests.support.eval_identify import (  # noqa: F401 (fixtures)
+    SIZE,
+    brute_force_cmc,
+    devtest,
+    devtest_feats,
+    first_image_gallery,
+    make_scface,
+    tiny_net,
+    train_distractors,
+    write_list,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SIZE = 56  # network input (px): small keeps the 2-core CPU time down
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def lfw(shared_data):
-    return shared_data / "lfw_view1_112"
-
-
-@pytest.fixture(scope="module")
-def devtest(lfw) -> I.ImageSet:
-    return I.read_image_set(lfw / "devtest_112")
-
-
-@pytest.fixture(scope="module")
-def tiny_net():
-    torch.manual_seed(0)
-    return build_iresnet(18, width=0.0625, embedding_size=64, input_size=SIZE).embedder().eval()
-
-
-@pytest.fixture(scope="module")
-def devtest_feats(tiny_net, devtest) -> np.ndarray:
-    """Embeddings of all 1,549 dev-test images by a random-init tiny network (the production path)."""
-    return I.embed_paths(tiny_net, devtest.paths, SIZE, batch_size=256)
-
-
-@pytest.fixture(scope="module")
-def train_distractors(lfw) -> I.ImageSet:
-    """Every 18th LFW training image (101 images of people disjoint from dev-test)."""
-    full = I.read_image_list(lfw / "train_list.txt")
-    return I.ImageSet(full.paths[::18], full.labels[::18], full.source)
 
 
 @pytest.fixture(scope="module")
@@ -79,35 +57,6 @@ def trained_run(lfw_shards, tmp_path_factory):
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
     return out
-
-
-def first_image_gallery(images: I.ImageSet) -> tuple[list[int], list[int]]:
-    """(gallery rows: the first image of every identity, probe rows: all the others)."""
-    gallery, probes, seen = [], [], set()
-    for row, label in enumerate(images.labels):
-        (probes if label in seen else gallery).append(row)
-        seen.add(label)
-    return gallery, probes
-
-
-def brute_force_cmc(probe, probe_labels, gallery, gallery_labels, max_rank) -> np.ndarray:
-    """The whole similarity matrix, each row sorted (numpy argsort), first same-label position."""
-    order = np.argsort(-(probe @ gallery.T), axis=1, kind="stable")
-    ranks = np.array(
-        [
-            1 + np.flatnonzero(gallery_labels[order[i]] == probe_labels[i])[0]
-            if (gallery_labels == probe_labels[i]).any()
-            else np.inf
-            for i in range(len(probe))
-        ]
-    )
-    return np.array([(ranks <= k).mean() for k in range(1, max_rank + 1)])
-
-
-def write_list(path, paths, labels=None):
-    lines = [f"{p} {lab}" for p, lab in zip(paths, labels)] if labels is not None else [str(p) for p in paths]
-    path.write_text("# image label\n\n" + "\n".join(lines) + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------- rank-k / CMC
@@ -134,20 +83,6 @@ def test_cmc_on_lfw_devtest_against_brute_force(devtest, devtest_feats, tiny_net
 
 
 # --------------------------------------------------------------------------- readers
-
-
-def make_scface(root, images: I.ImageSet, subjects: int = 4, cameras=range(1, 7)):
-    """SCface's layout from LFW images: mugshot_frontal_cropped_all/<id>_frontal.JPG and
-    surveillance_cameras_distance_<d>/cam_<c>/<id>_cam<c>_<d>.jpg (cam 6: infrared)."""
-    (root / I.SCFACE_MUGSHOTS).mkdir(parents=True)
-    source = iter(images.paths)
-    for s in range(1, subjects + 1):
-        shutil.copyfile(next(source), root / I.SCFACE_MUGSHOTS / f"{s:03d}_frontal.JPG")
-        for d in (1, 2, 3):
-            for c in cameras:
-                folder = root / f"surveillance_cameras_distance_{d}" / f"cam_{c}"
-                folder.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(next(source), folder / f"{s:03d}_cam{c}_{d}.jpg")
 
 
 def test_cli_identify_lists_and_scface(tmp_path, capsys, devtest, train_distractors, trained_run, random_checkpoint):

@@ -21,19 +21,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
+from tests.helpers import REPO
+from tests.support.faults import env, run
 
-REPO = Path(__file__).resolve().parents[2]
 SMOKE = ["--config", "configs/arcface_r50.yaml", "--config", "configs/smoke.yaml", "model.backbone=iresnet18"]
-
-
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def train_cmd(*args, nproc: int = 1):
@@ -50,10 +46,6 @@ def train_cmd(*args, nproc: int = 1):
         *SMOKE,
         *args,
     ]
-
-
-def run(cmd, timeout=600):
-    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
 def last_line(text: str) -> str:

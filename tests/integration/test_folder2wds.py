@@ -4,25 +4,11 @@ webdataset and DALI; determinism; corrupt and bad input."""
 from __future__ import annotations
 
 import hashlib
-import tarfile
 from pathlib import Path
 
-from data_prep import folder2wds, shards
+from data_prep import shards
 from data_prep.manifest import read_manifest
-
-
-def run(argv) -> int:
-    return shards.main_wrapper(folder2wds.main, [str(a) for a in argv] + ["--no-progress"])
-
-
-def samples(out: Path) -> dict[str, dict[str, bytes]]:
-    got: dict[str, dict[str, bytes]] = {}
-    for s in read_manifest(out).shards:
-        with tarfile.open(out / s.name) as tf:
-            for ti in tf:
-                key, ext = ti.name.split(".", 1)
-                got.setdefault(key, {})[ext] = tf.extractfile(ti).read()
-    return got
+from tests.support.folder2wds import run, samples
 
 
 def dir_bytes(d: Path) -> dict[str, bytes]:

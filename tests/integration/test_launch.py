@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from pipeline import launch
-
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = ["--config", "configs/arcface_r50.yaml", "--config", "configs/smoke.yaml"]
+from tests.helpers import REPO
+from tests.support.launch import SMOKE
 
 
 @pytest.mark.slurm

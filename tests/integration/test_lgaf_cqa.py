@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,27 +18,9 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pipeline.config import ModelConfig, resolve_model
-from pipeline.models.lgaf import LocalGlobalFusion
-from pipeline.models.network import build_network
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def net_for(head: dict, backbone: str = "iresnet18", width: float = 0.125, input_size: int = 32):
-    cfg = ModelConfig(backbone=backbone, width=width, input_size=input_size, head=head)
-    resolve_model(cfg, {})
-    return build_network(cfg)
-
+from tests.support.lgaf_cqa import lgf, net_for
 
 # --------------------------------------------------------------------------- LGAF: the LGF equations
-
-
-def lgf(mean=(20.0, 25.0), std=(10.0, 5.0), std_eps=0.0, alpha=0.01) -> LocalGlobalFusion:
-    m = LocalGlobalFusion(h=0.333, alpha=alpha, init=[20.0, 100.0], std_eps=std_eps)
-    m.ema_mean.copy_(torch.tensor(mean))
-    m.ema_std.copy_(torch.tensor(std))
-    return m
 
 
 def _ema_rank(rank: int, port: int, z_all: torch.Tensor, out: dict) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 WORKER = REPO / "tests" / "workers" / "step_worker.py"
 
 

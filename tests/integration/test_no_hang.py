@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoint import checkpoints, verify
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 BOUND_S = 60
 
 

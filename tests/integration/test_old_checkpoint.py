@@ -6,11 +6,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURE = REPO / "tests" / "fixtures" / "ckpt_01e6669"
-STEP = FIXTURE / "checkpoints" / "step_0000002"
+from tests.helpers import REPO
+from tests.support.old_checkpoint import FIXTURE, STEP
+
 SAME = ["model.backbone=iresnet18", "model.input_size=32", "model.head.embedding_size=16"]  # how it was made
 
 

@@ -4,47 +4,19 @@ resumability, idempotence, identity mixing; the dataset-count check."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from data_prep import rec2wds, recordio, shards
+from data_prep import recordio, shards
 from data_prep.manifest import IMAGE_EXTENSIONS, read_manifest
-
-REPO = Path(__file__).resolve().parents[2]
-FIX = REPO / "tests" / "fixtures" / "mxnet_rec"
-EXPECTED = json.loads((FIX / "expected.json").read_text())
-LAYOUTS = {"insightface": 8, "multilabel": 6, "im2rec": 5}  # name → num_classes
-
-
-def sha(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
-    """All samples of a shard directory: key → {ext: bytes}, in tar order (dict order)."""
-    m = read_manifest(out)
-    samples: dict[str, dict[str, bytes]] = {}
-    for s in m.shards:
-        with tarfile.open(out / s.name) as tf:
-            keys = set()
-            for ti in tf:
-                key, ext = ti.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tf.extractfile(ti).read()
-                keys.add(key)
-            assert len(keys) == s.count, s.name
-    return samples
-
-
-def run(argv) -> int:
-    return shards.main_wrapper(rec2wds.main, [str(a) for a in argv] + ["--no-progress"])
+from tests.helpers import REPO
+from tests.support.rec2wds import EXPECTED, FIX, LAYOUTS, _lfw_rec, read_shards, run, sha
 
 
 def dir_bytes(d: Path) -> dict[str, bytes]:
@@ -113,14 +85,6 @@ def test_reproduces_mxnet_images_and_labels(tmp_path, layout):
         assert "png" in by_rkey[png_key] and "jpg" not in by_rkey[png_key]
         assert struct.pack("<I", recordio.MAGIC) in by_rkey[split_key]["jpg"]
         assert m.extra["identity_records"] == {"count": 8, "bad_keys": [], "bad": 0}
-
-
-def _lfw_rec(tmp_path: Path, lfw_root: Path, n_ids=20, per_id=8) -> tuple[Path, Path]:
-    people = [d for d in sorted(lfw_root.iterdir()) if d.is_dir()][:n_ids]
-    classes = [[f.read_bytes() for f in sorted(d.glob("*.jpg"))[:per_id]] for d in people]
-    rec, idx = tmp_path / "lfw.rec", tmp_path / "lfw.idx"
-    recordio.write_insightface_rec(rec, idx, classes, tmp_path / "property")
-    return rec, idx
 
 
 def test_resume_after_kill_and_idempotence(tmp_path, lfw_train):

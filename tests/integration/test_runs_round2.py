@@ -8,23 +8,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from pipeline.runlock import FolderLock, FolderLocked, is_locked
-
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = ["--config", "configs/arcface_r50.yaml", "--config", "configs/smoke.yaml", "model.backbone=iresnet18"]
-
-
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def train(*args, timeout=600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline.train", *SMOKE, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+from tests.helpers import REPO
+from tests.support.runs_round2 import SMOKE, env, train
 
 
 def last_line(text: str) -> str:

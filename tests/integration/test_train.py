@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def run(cmd, timeout=600, check=True):

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 WORKER = REPO / "tests" / "workers" / "world_equivalence.py"
 NATIVE_ABORT = "terminate called without an active exception"
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 PACKAGES = ("pipeline", "data_prep")
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60

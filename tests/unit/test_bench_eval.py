@@ -1,18 +1,13 @@
-"""benchmarks/bench_eval.py (issue 12, item 8): it runs, the two paths it compares compute the same embeddings,
+"""python -m benchmarks.bench_eval (issue 12, item 8): it runs, the two paths it compares compute the same embeddings,
 and its JSON holds the figures BENCHMARKS.md quotes. Timings themselves are never asserted."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import bench_eval  # noqa: E402
+from benchmarks import bench_eval
 
 
 def test_bench_eval_runs_and_writes_its_figures(lfw_bin, tmp_path, capsys):

@@ -1,20 +1,14 @@
-"""benchmarks/bench_gpu.py: the --cpu-smoke mode runs every part on the CPU and writes every section."""
+"""python -m benchmarks.bench_gpu: the --cpu-smoke mode runs every part on the CPU and writes every section."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_faces_are_found_through_lowq_shared(tmp_path, monkeypatch, shared_data):
     """On the GPU machine ../shared does not travel: gpu_check.sh carries a copy and points LOWQ_SHARED at it,
     and the bench must read it there (the 2026-11-27 H100 check lost its bench to the old fixed default)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_gpu
+    from benchmarks import bench_gpu
 
     carried = tmp_path / "carried"
     (carried / "data").mkdir(parents=True)

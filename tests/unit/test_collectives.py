@@ -9,14 +9,10 @@ DeepSpeed's engine.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from pipeline import collectives
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_served_devices_and_device_check():

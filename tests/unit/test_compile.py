@@ -7,13 +7,10 @@ graphs (what inductor receives on a GPU) without generating kernels, so a test t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pipeline.config import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def test_unknown_compile_mode_is_a_config_error():

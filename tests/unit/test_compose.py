@@ -8,24 +8,14 @@ SCAN × LRFR, SCAN × fc folded → ONNX, and the test insert + test head throug
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from pipeline import registry
 from pipeline.config import ConfigError, load_config
 from pipeline.models.network import build_network
-
-REPO = Path(__file__).resolve().parents[2]
-PROBE = REPO / "configs" / "compose" / "probe.yaml"
-SMOKE = REPO / "configs" / "smoke.yaml"
-
-
-def tiny(*overrides, configs=(PROBE,)):
-    return load_config([*configs, SMOKE], ["model.input_size=32", *overrides])
+from tests.helpers import REPO
+from tests.support.compose import tiny
 
 
 def images(n=4, size=32, seed=0):
@@ -224,16 +214,3 @@ def test_published_fc_state_dict_gives_bit_identical_embeddings():
 
 
 # --------------------------------------------------------------------------- end to end (real faces)
-
-
-def run(cmd, timeout=600):
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
-def train(*args):
-    return [sys.executable, "-m", "pipeline.train", *args]

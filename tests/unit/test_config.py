@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
 from pipeline import schedule
 from pipeline.config import ConfigError, ScheduleConfig, check, load_config
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    p = tmp_path / name
-    p.write_text(text)
-    return p
+from tests.helpers import REPO
+from tests.support.config import write
 
 
 def test_layers_and_overrides(tmp_path):

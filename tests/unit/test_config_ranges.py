@@ -7,14 +7,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from pathlib import Path
 
 import pytest
 
 from pipeline import registry
 from pipeline.config import Config, ConfigError, field_ranges, load_config, parse_range
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 BASE = [REPO / "configs" / "arcface_r50.yaml"]
 
 

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -24,17 +22,7 @@ import pytest
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def run(cmd, timeout=600):
-    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-
+from tests.helpers import REPO
 
 # --------------------------------------------------------------------------- checkpoints
 

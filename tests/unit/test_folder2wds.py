@@ -5,28 +5,14 @@ from __future__ import annotations
 
 import io
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from data_prep import folder2wds, shards
+from data_prep import folder2wds
 from data_prep.manifest import read_manifest
-
-
-def run(argv) -> int:
-    return shards.main_wrapper(folder2wds.main, [str(a) for a in argv] + ["--no-progress"])
-
-
-def samples(out: Path) -> dict[str, dict[str, bytes]]:
-    got: dict[str, dict[str, bytes]] = {}
-    for s in read_manifest(out).shards:
-        with tarfile.open(out / s.name) as tf:
-            for ti in tf:
-                key, ext = ti.name.split(".", 1)
-                got.setdefault(key, {})[ext] = tf.extractfile(ti).read()
-    return got
+from tests.support.folder2wds import run, samples
 
 
 def _small_tree(tmp_path: Path, lfw_train: Path, n_ids=4, per_id=5) -> Path:

@@ -3,14 +3,11 @@ when DALI imports and to the torch loader elsewhere, and it is the default of ev
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from pipeline.config import load_config
 from pipeline.data.loader import build_train_loader, resolve_loader
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def test_auto_loader_resolution():

@@ -3,14 +3,11 @@ run of the trainer through submitit's local executor on shards of real LFW faces
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pipeline import launch
-
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = ["--config", "configs/arcface_r50.yaml", "--config", "configs/smoke.yaml"]
+from tests.helpers import REPO
+from tests.support.launch import SMOKE
 
 
 def test_intermixed_arguments(monkeypatch):

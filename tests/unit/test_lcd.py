@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
-from pathlib import Path
 
 import pytest
 import torch
@@ -43,8 +42,8 @@ from pipeline.models.lcd import (
     response_orthogonality,
 )
 from pipeline.models.network import Trace, build_network
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 LCD_R50 = REPO / "configs" / "lcd_r50.yaml"
 TINY = ["model.backbone=iresnet18", "model.width=0.25", "device=cpu"]
 

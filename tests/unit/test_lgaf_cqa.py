@@ -10,7 +10,6 @@ against an explicit loop, the parameter counts of §B.9. Both: config errors and
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,15 +21,10 @@ from pipeline.config import ConfigError, ModelConfig, load_config, resolve_model
 from pipeline.models.cqa import cal_loss, ld_loss, quality_scores, relation_vectors
 from pipeline.models.lgaf import LocalGlobalFusion, MSNetHead, quality_score
 from pipeline.models.network import Trace, build_network
+from tests.helpers import REPO
+from tests.support.lgaf_cqa import lgf, net_for
 
-REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"
-
-
-def net_for(head: dict, backbone: str = "iresnet18", width: float = 0.125, input_size: int = 32):
-    cfg = ModelConfig(backbone=backbone, width=width, input_size=input_size, head=head)
-    resolve_model(cfg, {})
-    return build_network(cfg)
 
 
 def images(n=6, size=32, seed=0):
@@ -38,13 +32,6 @@ def images(n=6, size=32, seed=0):
 
 
 # --------------------------------------------------------------------------- LGAF: the LGF equations
-
-
-def lgf(mean=(20.0, 25.0), std=(10.0, 5.0), std_eps=0.0, alpha=0.01) -> LocalGlobalFusion:
-    m = LocalGlobalFusion(h=0.333, alpha=alpha, init=[20.0, 100.0], std_eps=std_eps)
-    m.ema_mean.copy_(torch.tensor(mean))
-    m.ema_std.copy_(torch.tensor(std))
-    return m
 
 
 def test_lgf_worked_example_eqs_6_9():

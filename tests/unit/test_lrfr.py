@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,8 +12,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.data.degrade import bicubic_down_up
 from pipeline.losses.margin import CombinedMargin
 from pipeline.recipes.base import StepOutput
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def tiny_cfg(*overrides):

@@ -3,13 +3,9 @@ the engine / core / SCAN changes of 2026-12-05) still loads in eval and export a
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURE = REPO / "tests" / "fixtures" / "ckpt_01e6669"
-STEP = FIXTURE / "checkpoints" / "step_0000002"
+from tests.support.old_checkpoint import STEP
 
 
 def test_old_checkpoint_loads_for_evaluation():

@@ -3,25 +3,7 @@ changed, config ranges with the types."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 from pipeline import resume_changes
-
-REPO = Path(__file__).resolve().parents[2]
-SMOKE = ["--config", "configs/arcface_r50.yaml", "--config", "configs/smoke.yaml", "model.backbone=iresnet18"]
-
-
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def train(*args, timeout=600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline.train", *SMOKE, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-
 
 # --------------------------------------------------------------------------- 2. one run per folder
 

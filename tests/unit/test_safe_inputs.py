@@ -27,16 +27,19 @@ from PIL import Image
 
 from data_prep import bin as B
 from data_prep.manifest import DataError
-from pipeline import registry
-from pipeline.config import dump_config, load_config
 from pipeline.eval import verify as V
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
 from pipeline.eval.lowres import evaluate_lowres_bin
 from pipeline.export import main as export_main
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_MODEL = "model: {backbone: iresnet18, width: 0.0625, input_size: 48, head: {kind: fc, embedding_size: 16}}\n"
+from tests.helpers import REPO
+from tests.support.safe_inputs import (
+    _crafted,
+    _dotted,
+    _one_error_line,
+    _System,
+    tiny,  # noqa: F401 (fixtures)
+)
 
 
 def _png(seed: int) -> bytes:
@@ -46,27 +49,7 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _one_error_line(err: str) -> str:
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A checkpoint dir as the trainer writes it (config.yaml + model.pt) and its network."""
-    root = tmp_path_factory.mktemp("safe_ckpt")
-    (root / "recipe.yaml").write_text(TINY_MODEL)
-    cfg = load_config([root / "recipe.yaml"])
-    torch.manual_seed(0)
-    net = registry.build_recipe(cfg).net
-    ck = root / "ck"
-    ck.mkdir()
-    dump_config(cfg, ck / "config.yaml")
-    torch.save(net.state_dict(), ck / "model.pt")
-    return ck, net.eval()
 
 
 def _copy_ckpt(ck: Path, dst: Path) -> Path:
@@ -141,14 +124,6 @@ def test_python2_pickle_with_numpy_core_names_loads(tmp_path):
 # --------------------------------------------------------------------------- .bin: what is refused
 
 
-class _System:
-    def __init__(self, cmd):
-        self.cmd = cmd
-
-    def __reduce__(self):
-        return (os.system, (self.cmd,))
-
-
 class _Eval:
     def __init__(self, code):
         self.code = code
@@ -157,12 +132,6 @@ class _Eval:
         import builtins
 
         return (builtins.eval, (self.code,))
-
-
-def _crafted(path: Path, payload, protocol: int = 4, nested: bool = False) -> Path:
-    obj = ([b"a", payload], [True]) if nested else payload
-    path.write_bytes(pickle.dumps(obj, protocol=protocol))
-    return path
 
 
 @pytest.mark.parametrize("protocol", [0, 2, 4])
@@ -236,14 +205,6 @@ def _sources() -> list[Path]:
     files = [p for d in _SOURCE_DIRS for p in (REPO / d).rglob("*.py")] + list(REPO.glob("*.py"))
     assert len(files) > 20
     return sorted(files)
-
-
-def _dotted(node: ast.AST) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted(node.value)}.{node.attr}"
-    return ""
 
 
 def _kw_true(call: ast.Call, name: str) -> bool:
