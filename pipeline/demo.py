@@ -29,7 +29,7 @@ def run(cmd: list[str], **kw) -> None:
 
 
 def synthetic_dataset(out: Path, train_ids: int, val_ids: int, per_id: int, pairs: int) -> tuple[Path, Path]:
-    from data_prep.bin import write_bin
+    from pipeline.faces.io import write_bin
     from pipeline.synthetic_faces import make_pairs, write_folder
 
     train_root, val_root = out / "train", out / "heldout"

@@ -37,6 +37,14 @@ def lfw_bin(shared_data) -> Path:
 
 
 @pytest.fixture(scope="session")
+def devtest(shared_data):
+    """The LFW View-1 dev-test images as a labelled set (1,549 images of 963 people)."""
+    from pipeline.eval.identify import read_image_set
+
+    return read_image_set(shared_data / "lfw_view1_112" / "devtest_112")
+
+
+@pytest.fixture(scope="session")
 def lfw_shards(shared_data, tmp_path_factory) -> Path:
     """WebDataset shards of the real LFW View-1 training faces (111 identities, 1,814 images),
     made once per session with the real ``data_prep.folder2wds``, in this process (one worker)."""
@@ -58,7 +66,7 @@ def lfw_shards(shared_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def small_bin(tmp_path_factory, lfw_bin):
     """The first 10 matched and 10 mismatched pairs of the real LFW dev-test .bin (40 images)."""
-    from data_prep import bin as B
+    from pipeline.faces import io as B
 
     bins, issame = B.read_bin(lfw_bin)
     idx = list(range(0, 10)) + list(range(50, 60))

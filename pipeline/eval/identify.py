@@ -49,11 +49,11 @@ import numpy as np
 import torch
 from sklearn.preprocessing import normalize
 
-from data_prep.bin import decode_image
 from data_prep.folder2wds import identity_folder_images, image_files
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
 from pipeline.core.device import resolve_device
+from pipeline.faces.io import decode_image
 
 RANKS = (1, 5, 10, 20)
 DEFAULT_CHUNK = 16384

@@ -68,10 +68,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.bin import decode_image
 from data_prep.manifest import DataError, sha256_file
 from pipeline.config import ConfigError
 from pipeline.eval.tarfar import format_table, plot_roc, tar_at_far
+from pipeline.faces.io import decode_image
 
 ALIGNED_SIZE = 112
 # ArcFace's reference landmarks in a 112×112 crop (left eye, right eye, nose tip, left and right mouth

@@ -4,7 +4,7 @@ For each set and each size s (default 7, 14, 20 px, the LRFR paper's resolutions
 
 * **clean**:  the set as stored (HR vs HR);
 * **LR s px**: both images of every pair degraded — bicubic down to s×s and back up at the size the image is
-  stored at (:func:`data_prep.bin.degrade_image`, what ``data_prep.bin degrade`` writes and ``verify --degrade
+  stored at (:func:`pipeline.faces.degrade.degrade_image`, what ``data_prep.bin degrade`` writes and ``verify --degrade
   lr:S`` applies: one implementation; the synthetic LR of LRFR Sec. 3.1 / the "synthesized LFW" of its Fig. 3a),
   re-quantised to 8 bits like a stored LR image, then resized to the model's input;
 * **cross s px**: only the second image of every pair degraded (one side HR, one side LR, the

@@ -30,10 +30,10 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 from sklearn.preprocessing import normalize
 
-from data_prep.bin import decode_image, read_bin, read_pairs
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
 from pipeline.eval import tarfar
+from pipeline.faces.io import decode_image, read_bin, read_pairs
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # insightface: np.arange(0, 4, 0.01)
 NUM_FOLDS = 10
@@ -262,7 +262,7 @@ def plot_roc(results: list[dict], issames: list[np.ndarray], dists: list[np.ndar
 # --------------------------------------------------------------------------- degraded benchmarks in one call
 
 #: ``--degrade`` grammar: exactly the degradations ``data_prep.bin degrade`` writes as copies
-#: (:func:`data_prep.bin.degrade_image`: Gaussian blur σ, bicubic down-up to S px; ``*_cross``: only
+#: (:func:`pipeline.faces.degrade.degrade_image`: Gaussian blur σ, bicubic down-up to S px; ``*_cross``: only
 #: the second image of each pair degraded).
 DEGRADE_HELP = (
     "clean | blur:SIGMA | lr:PX | cross:PX (first image clean, second at PX) | blur-cross:SIGMA "
@@ -375,7 +375,7 @@ def evaluate_degraded(
     per degradation.
 
     ``sources``: ``(name, encoded images, issame)`` (:func:`bin_source`, :func:`pairs_source`).
-    Images are degraded at their stored size with :func:`data_prep.bin.degrade_image` (what
+    Images are degraded at their stored size with :func:`pipeline.faces.degrade.degrade_image` (what
     ``data_prep.bin degrade`` writes, losslessly, into its copies), then resized to ``image_size``
     as :func:`load_bin` resizes, so a row equals ``verify`` on the written copy. Images are keyed by
     the sha1 of their bytes: one that recurs (in a set or across sets) is embedded once; a cross set
@@ -390,7 +390,7 @@ def evaluate_degraded(
 
     from tqdm import tqdm
 
-    from data_prep.bin import degrade_image
+    from pipeline.faces.degrade import degrade_image
 
     keep = ("accuracy", "std", "accuracy_noflip", "std_noflip", "threshold", "auc", "tar_at_far", "xnorm")
     decoded: dict[str, np.ndarray] = {}  # sha1 → decoded image at its stored size

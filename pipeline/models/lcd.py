@@ -597,8 +597,8 @@ class LCD(Insert):
 def occlude_faces(faces: torch.Tensor, kind: str) -> torch.Tensor:
     """A copy of ``faces`` ((N,3,H,W) in [-1, 1], insightface-aligned) with ``kind``'s band filled as
     ``data_prep.bin degrade --occlude`` fills it: ``eyes`` black over both eyes, ``mask`` a flat surgical-mask
-    blue from just below the nose tip to the chin (default :class:`~data_prep.bin.OcclusionParams`)."""
-    from data_prep.bin import OcclusionParams, occlusion_box
+    blue from just below the nose tip to the chin (default :class:`~pipeline.faces.degrade.OcclusionParams`)."""
+    from pipeline.faces.degrade import OcclusionParams, occlusion_box
 
     if kind not in ("eyes", "mask"):
         raise ValueError(f"occlude_faces: kind must be 'eyes' or 'mask', got {kind!r}")

@@ -33,7 +33,7 @@ def check_inputs(cfg: Config) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train: not set (a WebDataset shard directory with manifest.json)")
     read_manifest(cfg.data.train)  # missing / empty shard directory → one-line DataError
-    from data_prep.bin import read_bin
+    from pipeline.faces.io import read_bin
 
     for path in cfg.data.val:
         if not Path(path).is_file():

@@ -355,7 +355,7 @@ def tb_scalar_tags(run: Path) -> list[str]:
 @pytest.mark.slurm
 @pytest.mark.timeout(600)
 def test_method_smoke(slurm, lfw_shards, lfw_bin, tmp_path, script, shape, scalars, hists):
-    from data_prep.bin import read_bin, write_bin
+    from pipeline.faces.io import read_bin, write_bin
 
     bins, issame = read_bin(lfw_bin)  # 20 pairs of real faces: the final evaluation and the PNG's faces
     pairs = list(range(10)) + list(range(50, 60))  # the .bin alternates 50 matched and 50 mismatched pairs

@@ -22,7 +22,6 @@ from pipeline.eval.checkpoint import load_model
 from tests.support.eval_identify import (  # noqa: F401 (fixtures)
     SIZE,
     brute_force_cmc,
-    devtest,
     devtest_feats,
     first_image_gallery,
     make_scface,

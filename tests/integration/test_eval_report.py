@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.bin import read_bin
 from pipeline import report as R
 from pipeline.eval import verify as V
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
-from tests.support.eval_report import SIZE, copies, runs, small_bin  # noqa: F401 (fixtures)
+from pipeline.faces.io import read_bin
+from tests.support.eval_report import SIZE, copies, lfw200_bin, runs  # noqa: F401 (fixtures)
 
 SPECS = ["clean", "blur:1", "lr:7", "cross:7", "blur-cross:1"]
 
@@ -36,8 +36,8 @@ def verify_json(tmp: Path, *args) -> dict:
 # --------------------------------------------------------------------------- item 4
 
 
-def test_degrade_table_equals_verify_on_written_copies(runs, small_bin, copies, tmp_path, capsys):
-    got = verify_json(tmp_path, "--checkpoint", str(runs[0]), "--bin", str(small_bin), "--degrade", *SPECS)
+def test_degrade_table_equals_verify_on_written_copies(runs, lfw200_bin, copies, tmp_path, capsys):
+    got = verify_json(tmp_path, "--checkpoint", str(runs[0]), "--bin", str(lfw200_bin), "--degrade", *SPECS)
     table = capsys.readouterr().out
     rows = {r["degradation"]: r for r in got["results"]}
     assert list(rows) == SPECS
@@ -51,9 +51,9 @@ def test_degrade_table_equals_verify_on_written_copies(runs, small_bin, copies, 
     assert "| set | clean | blur:1 | lr:7 | cross:7 | blur-cross:1 |" in table
 
 
-def test_report_table_cache_bold_and_norms(runs, small_bin, copies, tmp_path, capsys, monkeypatch):
+def test_report_table_cache_bold_and_norms(runs, lfw200_bin, copies, tmp_path, capsys, monkeypatch):
     out = tmp_path / "rep"
-    args = [str(r) for r in runs] + ["--bin", str(small_bin), "--degrade", *SPECS, "--norms", "--out", str(out)]
+    args = [str(r) for r in runs] + ["--bin", str(lfw200_bin), "--degrade", *SPECS, "--norms", "--out", str(out)]
     assert R.main(args + ["--no-progress"]) == 0
     printed = capsys.readouterr()
     assert "evaluated" in printed.err
@@ -120,4 +120,4 @@ def test_report_table_cache_bold_and_norms(runs, small_bin, copies, tmp_path, ca
     assert json.loads((out / "report.json").read_text()) == rep
     # other settings: the cache does not match, so it evaluates (and would embed)
     with pytest.raises(AssertionError, match="re-embedded"):
-        R.main([str(runs[0]), "--bin", str(small_bin), "--degrade", "clean", "--out", str(out), "--no-progress"])
+        R.main([str(runs[0]), "--bin", str(lfw200_bin), "--degrade", "clean", "--out", str(out), "--no-progress"])

@@ -10,9 +10,9 @@ from pipeline.config import load_config
 
 
 @pytest.fixture(scope="module")
-def small_bin(lfw_bin, tmp_path_factory):
+def lfw100_bin(lfw_bin, tmp_path_factory):
     """The first fold (100 pairs: 50 matched, 50 mismatched) of the real LFW dev-test .bin."""
-    from data_prep.bin import read_bin, write_bin
+    from pipeline.faces.io import read_bin, write_bin
 
     bins, issame = read_bin(lfw_bin)
     out = tmp_path_factory.mktemp("lowres") / "lfw100.bin"
@@ -45,7 +45,7 @@ def tiny_checkpoint(tmp_path_factory):
     return d
 
 
-def test_lowres_verify_and_copies_agree_on_a_set_stored_at_another_size(small_bin, tiny_checkpoint, tmp_path):
+def test_lowres_verify_and_copies_agree_on_a_set_stored_at_another_size(lfw100_bin, tiny_checkpoint, tmp_path):
     """One degradation implementation (issue 20 item 4): on a set stored at 160 px (not the model's 112), the lowres
     table, ``verify --degrade lr:7 cross:7`` and verification of data_prep's degraded copies give the same numbers
     (all three degrade at the stored size, then resize; the copies are written losslessly)."""
@@ -53,12 +53,13 @@ def test_lowres_verify_and_copies_agree_on_a_set_stored_at_another_size(small_bi
 
     from PIL import Image
 
-    from data_prep.bin import degrade_bin, read_bin, write_bin
+    from data_prep.bin import degrade_bin
     from pipeline.eval.checkpoint import load_model
     from pipeline.eval.lowres import evaluate_lowres_bin
     from pipeline.eval.verify import bin_source, evaluate_bin, evaluate_degraded, parse_degradations
+    from pipeline.faces.io import read_bin, write_bin
 
-    bins, issame = read_bin(small_bin)
+    bins, issame = read_bin(lfw100_bin)
     big = []
     for b in bins[:80]:
         out = io.BytesIO()
@@ -77,7 +78,7 @@ def test_lowres_verify_and_copies_agree_on_a_set_stored_at_another_size(small_bi
         assert rows[(mode, 7)]["auc"] == pytest.approx(ref["auc"], abs=1e-9), copy.name
 
 
-def test_lowres_rows_equal_verification_of_degraded_bins(small_bin, tiny_checkpoint, tmp_path):
+def test_lowres_rows_equal_verification_of_degraded_bins(lfw100_bin, tiny_checkpoint, tmp_path):
     """lowres on X == the plain verifier on data_prep's degraded copies of X (full and cross)."""
     from data_prep.bin import degrade_bin
     from pipeline.eval.checkpoint import load_model
@@ -85,11 +86,11 @@ def test_lowres_rows_equal_verification_of_degraded_bins(small_bin, tiny_checkpo
     from pipeline.eval.verify import evaluate_bin
 
     net, _ = load_model(tiny_checkpoint)
-    rows = evaluate_lowres_bin(net, small_bin, sizes=(7,), batch_size=100)
+    rows = evaluate_lowres_bin(net, lfw100_bin, sizes=(7,), batch_size=100)
     by = {(r["mode"], r["size"]): r for r in rows}
     assert set(by) == {("clean", None), ("lr", 7), ("cross", 7)}
-    assert by[("clean", None)]["accuracy"] == pytest.approx(evaluate_bin(net, small_bin, batch_size=100)["accuracy"])
-    written = degrade_bin(small_bin, tmp_path, lowres=(7,), cross=True, progress=False)
+    assert by[("clean", None)]["accuracy"] == pytest.approx(evaluate_bin(net, lfw100_bin, batch_size=100)["accuracy"])
+    written = degrade_bin(lfw100_bin, tmp_path, lowres=(7,), cross=True, progress=False)
     assert len(written) == 2
     for path in written:
         ref = evaluate_bin(net, path, batch_size=100)
@@ -101,7 +102,7 @@ def test_lowres_rows_equal_verification_of_degraded_bins(small_bin, tiny_checkpo
     assert "7 px" in table
 
 
-def test_lowres_cli_prints_table_and_json(small_bin, tiny_checkpoint, tmp_path, capsys):
+def test_lowres_cli_prints_table_and_json(lfw100_bin, tiny_checkpoint, tmp_path, capsys):
     import json
 
     from pipeline.eval.lowres import main
@@ -113,7 +114,7 @@ def test_lowres_cli_prints_table_and_json(small_bin, tiny_checkpoint, tmp_path, 
                 "--checkpoint",
                 str(tiny_checkpoint),
                 "--bin",
-                str(small_bin),
+                str(lfw100_bin),
                 "--sizes",
                 "7",
                 "--json",
@@ -131,13 +132,13 @@ def test_lowres_cli_prints_table_and_json(small_bin, tiny_checkpoint, tmp_path, 
     assert [(r["mode"], r["size"]) for r in data["results"]] == [("clean", None), ("lr", 7), ("cross", 7)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in data["results"])
     # bad input: one-line error, exit 2
-    assert main(["--checkpoint", str(tmp_path / "nope"), "--bin", str(small_bin)]) == 2
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--bin", str(lfw100_bin)]) == 2
     assert "error:" in capsys.readouterr().err
     assert main(["--checkpoint", str(tiny_checkpoint), "--bin", str(tmp_path / "missing.bin")]) == 2
-    assert main(["--checkpoint", str(tiny_checkpoint), "--bin", str(small_bin), "--sizes", "0"]) == 2
+    assert main(["--checkpoint", str(tiny_checkpoint), "--bin", str(lfw100_bin), "--sizes", "0"]) == 2
 
 
-def test_lowres_is_a_subcommand_of_pipeline_eval(small_bin, tiny_checkpoint, tmp_path, capsys):
+def test_lowres_is_a_subcommand_of_pipeline_eval(lfw100_bin, tiny_checkpoint, tmp_path, capsys):
     from pipeline.eval.__main__ import main
 
     out = tmp_path / "sub.json"
@@ -148,7 +149,7 @@ def test_lowres_is_a_subcommand_of_pipeline_eval(small_bin, tiny_checkpoint, tmp
                 "--checkpoint",
                 str(tiny_checkpoint),
                 "--bin",
-                str(small_bin),
+                str(lfw100_bin),
                 "--sizes",
                 "14",
                 "--json",

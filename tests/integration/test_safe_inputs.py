@@ -1,6 +1,6 @@
 """Inputs cannot run code, and bad inputs fail early in one line (issue 10, items 7-8).
 
-- ``.bin`` files are unpickled by one restricted reader (``data_prep.bin.read_bin``): the real LFW
+- ``.bin`` files are unpickled by one restricted reader (``pipeline.faces.io.read_bin``): the real LFW
   ``.bin``, numpy-array and Python 2 layouts load; a crafted pickle that calls ``os.system`` /
   ``builtins.eval`` is refused before anything runs, by the library and by both CLIs;
 - no loader in the source tree unpickles anything else (``torch.load`` always ``weights_only=True``);

@@ -20,11 +20,6 @@ def lfw(shared_data):
 
 
 @pytest.fixture(scope="module")
-def devtest(lfw) -> I.ImageSet:
-    return I.read_image_set(lfw / "devtest_112")
-
-
-@pytest.fixture(scope="module")
 def tiny_net():
     torch.manual_seed(0)
     return build_iresnet(18, width=0.0625, embedding_size=64, input_size=SIZE).embedder().eval()

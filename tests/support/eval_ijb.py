@@ -23,11 +23,6 @@ REF = ijb.ARCFACE_REFERENCE
 
 
 @pytest.fixture(scope="module")
-def devtest(shared_data) -> I.ImageSet:
-    return I.read_image_set(shared_data / "lfw_view1_112" / "devtest_112")
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A checkpoint directory (config.yaml + model.pt) of a tiny iresnet18 at 56 px, with random
     BatchNorm statistics (a 'trained' state: the ONNX graph folds them into the convolutions)."""

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.bin import degrade_bin, read_bin, write_bin
+from data_prep.bin import degrade_bin
 from pipeline import registry
 from pipeline.config import dump_config, load_config
+from pipeline.faces.io import read_bin, write_bin
 
 SIZE = 56  # network input (px): small keeps the 2-core CPU time down
 
@@ -18,7 +19,7 @@ COPY = {"blur:1": "blur1", "lr:7": "lr7", "cross:7": "lr7_cross", "blur-cross:1"
 
 
 @pytest.fixture(scope="module")
-def small_bin(lfw_bin, tmp_path_factory) -> Path:
+def lfw200_bin(lfw_bin, tmp_path_factory) -> Path:
     bins, issame = read_bin(lfw_bin)
     out = tmp_path_factory.mktemp("bins") / "lfw200.bin"
     write_bin(out, bins[:400], issame[:200])
@@ -26,12 +27,12 @@ def small_bin(lfw_bin, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def copies(small_bin) -> dict[str, Path]:
+def copies(lfw200_bin) -> dict[str, Path]:
     """label → the copy ``data_prep.bin degrade`` writes (blur σ 1 and 7 px, full and cross)."""
-    degrade_bin(small_bin, small_bin.parent / "deg", blur=[1], lowres=[7], cross=True, progress=False)
-    out = {"clean": small_bin}
+    degrade_bin(lfw200_bin, lfw200_bin.parent / "deg", blur=[1], lowres=[7], cross=True, progress=False)
+    out = {"clean": lfw200_bin}
     for label, suffix in COPY.items():
-        out[label] = small_bin.parent / "deg" / f"lfw200_{suffix}.bin"
+        out[label] = lfw200_bin.parent / "deg" / f"lfw200_{suffix}.bin"
         assert out[label].is_file()
     return out
 

@@ -14,28 +14,19 @@ from scipy import ndimage
 from data_prep import bin as B
 from data_prep.manifest import DataError
 from pipeline.data.degrade import bicubic_down_up, gaussian_blur
+from pipeline.faces import io as FIO
 
 
 def _decode(b: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
 
 
-@pytest.fixture(scope="module")
-def small_bin(tmp_path_factory, lfw_bin):
-    """The first 20 pairs of the real LFW .bin (2 folds' worth: both kinds present)."""
-    bins, issame = B.read_bin(lfw_bin)
-    idx = list(range(0, 10)) + list(range(50, 60))  # 10 same + 10 different
-    path = tmp_path_factory.mktemp("bins") / "lfw_small.bin"
-    B.write_bin(path, [bins[j] for i in idx for j in (2 * i, 2 * i + 1)], [issame[i] for i in idx])
-    return path
-
-
 def test_round_trip(tmp_path):
     bins = [bytes([i]) * (i + 1) for i in range(6)]
     issame = [True, False, True]
     p = tmp_path / "x.bin"
-    B.write_bin(p, bins, issame)
-    assert B.read_bin(p) == (bins, issame)
+    FIO.write_bin(p, bins, issame)
+    assert FIO.read_bin(p) == (bins, issame)
     with open(p, "rb") as f:  # readable the way insightface reads it
         got_bins, got_same = pickle.load(f, encoding="bytes")
     assert list(got_bins) == bins and list(got_same) == issame
@@ -46,7 +37,7 @@ def test_reads_python2_style_and_numpy_issame(tmp_path):
     p = tmp_path / "py2.bin"
     with open(p, "wb") as f:  # bins as numpy byte arrays, issame as a numpy bool array
         pickle.dump(([np.frombuffer(b"ab", np.uint8), np.frombuffer(b"cd", np.uint8)], np.array([True])), f, protocol=2)
-    assert B.read_bin(p) == ([b"ab", b"cd"], [True])
+    assert FIO.read_bin(p) == ([b"ab", b"cd"], [True])
 
 
 def test_from_pairs_reproduces_the_shared_bin(tmp_path, shared_data, lfw_bin, capsys):
@@ -65,7 +56,7 @@ def test_from_pairs_reproduces_the_shared_bin(tmp_path, shared_data, lfw_bin, ca
     )
     assert rc == 0 and "1000 pairs" in capsys.readouterr().out
     # same JPEG bytes in the same fold-interleaved order as lfw_devtest_112.bin (see its SOURCE.md)
-    assert B.read_bin(out) == B.read_bin(lfw_bin)
+    assert FIO.read_bin(out) == FIO.read_bin(lfw_bin)
 
 
 def test_view2_pairs_layout(tmp_path):
@@ -77,7 +68,7 @@ def test_view2_pairs_layout(tmp_path):
     pairs = tmp_path / "pairs.txt"
     # 2 folds of 1 matched + 1 mismatched: file order is kept
     pairs.write_text("2\t1\nA\t1\t2\nA\t1\tB\t2\nC\t1\t2\nB\t1\tC\t2\n")
-    paths, issame = B.read_pairs(pairs, root)
+    paths, issame = FIO.read_pairs(pairs, root)
     assert issame == [True, False, True, False]
     assert [(a.name, b.name) for a, b in paths] == [
         ("A_0001.jpg", "A_0002.jpg"),
@@ -88,7 +79,7 @@ def test_view2_pairs_layout(tmp_path):
     # View 1 ("N" header) is re-ordered into 10 folds of matched-then-mismatched
     lines = ["20"] + [f"A\t1\t{2}"] * 20 + ["A\t1\tB\t2"] * 20
     pairs.write_text("\n".join(lines) + "\n")
-    _, issame = B.read_pairs(pairs, root)
+    _, issame = FIO.read_pairs(pairs, root)
     assert issame == ([True] * 2 + [False] * 2) * 10
 
 
@@ -99,16 +90,16 @@ def test_pairs_errors(tmp_path):
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("1\nA\t1\t2\nA\t1\tB\t1\n")
     with pytest.raises(DataError, match=r"pairs.txt line 2: image .*A_0002.jpg does not exist"):
-        B.read_pairs(pairs, root)
+        FIO.read_pairs(pairs, root)
     pairs.write_text("1\nA\t1\tB\t1\nA\t1\t1\n")
     with pytest.raises(DataError, match=r"pairs.txt line 2: expected 'name n1 n2' \(matched\)"):
-        B.read_pairs(pairs, root, check_files=False)
+        FIO.read_pairs(pairs, root, check_files=False)
     pairs.write_text("2\nA\t1\t2\n")
     with pytest.raises(DataError, match="header promises 4 pairs, file has 1"):
-        B.read_pairs(pairs, root, check_files=False)
+        FIO.read_pairs(pairs, root, check_files=False)
     pairs.write_text("x y z\n")
     with pytest.raises(DataError, match="line 1: header must be"):
-        B.read_pairs(pairs, root, check_files=False)
+        FIO.read_pairs(pairs, root, check_files=False)
 
 
 def test_degraded_copies_equal_the_degradation(small_bin, tmp_path, capsys):
@@ -123,10 +114,10 @@ def test_degraded_copies_equal_the_degradation(small_bin, tmp_path, capsys):
         "lfw_small_lr14.bin",
         "lfw_small_lr14_cross.bin",
     ]
-    orig, issame = B.read_bin(small_bin)
+    orig, issame = FIO.read_bin(small_bin)
     for name, fn in (("blur2", lambda x: gaussian_blur(x, 2.0)), ("lr14", lambda x: bicubic_down_up(x, 14))):
-        full, same_full = B.read_bin(tmp_path / f"lfw_small_{name}.bin")
-        cross, same_cross = B.read_bin(tmp_path / f"lfw_small_{name}_cross.bin")
+        full, same_full = FIO.read_bin(tmp_path / f"lfw_small_{name}.bin")
+        cross, same_cross = FIO.read_bin(tmp_path / f"lfw_small_{name}_cross.bin")
         assert same_full == same_cross == issame
         for i in range(len(orig)):
             assert full[i][:8] == b"\x89PNG\r\n\x1a\n"  # lossless re-encode
@@ -141,10 +132,10 @@ def test_degraded_copies_equal_the_degradation(small_bin, tmp_path, capsys):
     # the blur itself against an independent implementation (scipy, mirror padding, radius 3σ)
     img = _decode(orig[0]).astype(np.float64)
     ref = np.stack([ndimage.gaussian_filter(img[..., c], 2.0, mode="mirror", truncate=3.0) for c in range(3)], -1)
-    got = _decode(B.read_bin(tmp_path / "lfw_small_blur2.bin")[0][0]).astype(np.float64)
+    got = _decode(FIO.read_bin(tmp_path / "lfw_small_blur2.bin")[0][0]).astype(np.float64)
     assert np.abs(got - ref).max() <= 0.5 + 1e-3
     # low resolution really removed detail: 14 px copy is smoother than the original
-    lr = _decode(B.read_bin(tmp_path / "lfw_small_lr14.bin")[0][0]).astype(np.float64)
+    lr = _decode(FIO.read_bin(tmp_path / "lfw_small_lr14.bin")[0][0]).astype(np.float64)
     assert np.abs(np.diff(lr, axis=1)).mean() < 0.6 * np.abs(np.diff(img, axis=1)).mean()
 
 
@@ -162,21 +153,21 @@ def test_bad_input(tmp_path, small_bin, capsys):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00\x01 not a pickle")
     with pytest.raises(DataError, match="junk.bin: not a pickle of \\(bins, issame\\)"):
-        B.read_bin(junk)
+        FIO.read_bin(junk)
     three = tmp_path / "three.bin"
     three.write_bytes(pickle.dumps(([b"a"], [True], 3)))
     with pytest.raises(DataError, match="three.bin: not a pickle of \\(bins, issame\\)"):
-        B.read_bin(three)
+        FIO.read_bin(three)
     odd = tmp_path / "odd.bin"
     odd.write_bytes(pickle.dumps(([b"a", b"b", b"c"], [True])))
     with pytest.raises(DataError, match="odd.bin: 3 images for 1 pairs"):
-        B.read_bin(odd)
+        FIO.read_bin(odd)
     ints = tmp_path / "ints.bin"
     ints.write_bytes(pickle.dumps(([1, 2], [True])))
     with pytest.raises(DataError, match="ints.bin: image 0 is a int"):
-        B.read_bin(ints)
+        FIO.read_bin(ints)
     undecodable = tmp_path / "undecodable.bin"
-    B.write_bin(undecodable, [b"\xff\xd8junk", b"junk"], [True])
+    FIO.write_bin(undecodable, [b"\xff\xd8junk", b"junk"], [True])
     rc = B.main(["degrade", "--bin", str(undecodable), "--out-dir", str(tmp_path / "o"), "--blur", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "undecodable.bin image 0: cannot decode" in err
@@ -187,4 +178,4 @@ def test_bad_input(tmp_path, small_bin, capsys):
     assert B.main(["info", str(tmp_path / "nope.bin")]) == 2
     assert "nope.bin: .bin file does not exist" in capsys.readouterr().err
     with pytest.raises(DataError, match="4 images for 1 pairs"):
-        B.write_bin(tmp_path / "w.bin", [b"a"] * 4, [True])
+        FIO.write_bin(tmp_path / "w.bin", [b"a"] * 4, [True])

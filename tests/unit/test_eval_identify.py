@@ -22,7 +22,6 @@ from pipeline.eval.__main__ import main as eval_main
 from tests.support.eval_identify import (  # noqa: F401 (fixtures)
     SIZE,
     brute_force_cmc,
-    devtest,
     devtest_feats,
     first_image_gallery,
     lfw,

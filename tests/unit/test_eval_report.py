@@ -16,7 +16,7 @@ from pipeline import report as R
 from pipeline.eval import verify as V
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
-from tests.support.eval_report import SIZE, copies, runs, small_bin  # noqa: F401 (fixtures)
+from tests.support.eval_report import SIZE, copies, lfw200_bin, runs  # noqa: F401 (fixtures)
 
 # --------------------------------------------------------------------------- item 4
 
@@ -30,9 +30,9 @@ class CountingEmbedder:
         return self.net(x)
 
 
-def test_each_distinct_image_embedded_once_per_degradation(runs, small_bin):
+def test_each_distinct_image_embedded_once_per_degradation(runs, lfw200_bin):
     net, _ = load_model(runs[0])
-    name, bins, issame = V.bin_source(small_bin)
+    name, bins, issame = V.bin_source(lfw200_bin)
     bins = bins[:80] + bins[:20]  # 50 pairs, the first 10 pairs repeated: 80 distinct images
     issame = np.concatenate([issame[:40], issame[:10]])
     distinct = len(set(bins))
@@ -51,14 +51,14 @@ def test_each_distinct_image_embedded_once_per_degradation(runs, small_bin):
     assert counter.images == 2 * (len(set(bins[0::2])) + distinct_second)
 
 
-def test_degrade_bad_input_is_one_line_exit_2(runs, small_bin, tmp_path, capsys):
+def test_degrade_bad_input_is_one_line_exit_2(runs, lfw200_bin, tmp_path, capsys):
     for args, needle in (
         (["--degrade", "occlude:3"], "--degrade 'occlude:3'"),
         (["--degrade", "lr:7.5"], "--degrade 'lr:7.5'"),
         (["--degrade", "blur:x"], "--degrade 'blur:x'"),
         (["--norms"], "--norms"),
     ):
-        assert eval_main(["verify", "--checkpoint", str(runs[0]), "--bin", str(small_bin), *args]) == 2
+        assert eval_main(["verify", "--checkpoint", str(runs[0]), "--bin", str(lfw200_bin), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and needle in err and "\n" not in err
     missing = tmp_path / "missing.bin"
@@ -72,12 +72,12 @@ def test_degrade_bad_input_is_one_line_exit_2(runs, small_bin, tmp_path, capsys)
 # --------------------------------------------------------------------------- items 5 and 6
 
 
-def test_report_bad_input_is_one_line_exit_2(runs, small_bin, tmp_path, capsys):
+def test_report_bad_input_is_one_line_exit_2(runs, lfw200_bin, tmp_path, capsys):
     cases = (
-        ([str(tmp_path / "nope"), "--bin", str(small_bin)], str(tmp_path / "nope")),
+        ([str(tmp_path / "nope"), "--bin", str(lfw200_bin)], str(tmp_path / "nope")),
         ([str(runs[0]), "--bin", str(tmp_path / "x.bin")], str(tmp_path / "x.bin")),
-        ([str(runs[0]), "--bin", str(small_bin), "--degrade", "occlude:2"], "--degrade 'occlude:2'"),
-        ([str(tmp_path), "--bin", str(small_bin)], "not a checkpoint"),
+        ([str(runs[0]), "--bin", str(lfw200_bin), "--degrade", "occlude:2"], "--degrade 'occlude:2'"),
+        ([str(tmp_path), "--bin", str(lfw200_bin)], "not a checkpoint"),
     )
     for args, needle in cases:
         assert R.main(args + ["--out", str(tmp_path / "o")]) == 2

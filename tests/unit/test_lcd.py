@@ -574,8 +574,8 @@ def test_eq8_diagnostic_of_the_ablation_runner(tmp_path):
     seeded masks on every call (a rerun gives the same numbers)."""
     import numpy as np
 
-    from data_prep.bin import encode_png, write_bin
     from pipeline.ablate import DiagnosticContext, EvalSet, eq8_mse_diagnostic
+    from pipeline.faces.io import encode_png, write_bin
 
     rng = np.random.default_rng(0)
     write_bin(
@@ -617,11 +617,11 @@ def test_occlusion_concentration_of_hand_made_changes():
 
 
 def test_occlude_faces_fills_the_bands_data_prep_draws():
-    """The tensor version equals ``data_prep.bin.occlude_image`` on the uint8 faces, read as model input."""
+    """The tensor version equals ``pipeline.faces.degrade.occlude_image`` on the uint8 faces, read as model input."""
     import numpy as np
 
-    from data_prep.bin import OcclusionParams, occlude_image
     from pipeline.eval.verify import to_model_input
+    from pipeline.faces.degrade import OcclusionParams, occlude_image
 
     u8 = torch.randint(0, 256, (2, 112, 112, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
     faces = to_model_input(u8)
@@ -638,11 +638,11 @@ def test_occlude_faces_fills_the_bands_data_prep_draws():
 
 def test_validation_monitors_of_lcd_against_hooks_and_loops():
     """Each value of ``LCD.validation_monitors`` recomputed from features the test captures with its own hooks,
-    occlusions drawn by ``data_prep.bin.occlude_image`` and per-sample loops in float64."""
+    occlusions drawn by ``pipeline.faces.degrade.occlude_image`` and per-sample loops in float64."""
     import numpy as np
 
-    from data_prep.bin import OcclusionParams, occlude_image
     from pipeline.eval.verify import to_model_input
+    from pipeline.faces.degrade import OcclusionParams, occlude_image
 
     torch.manual_seed(12)
     net = build_network(tiny_cfg().model).train()

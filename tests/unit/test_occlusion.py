@@ -24,8 +24,10 @@ from pipeline.config import ConfigError
 from pipeline.eval import verify as V
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.tarfar import count_pairs
+from pipeline.faces import degrade as D
+from pipeline.faces import io as FIO
 
-DEFAULTS = B.OcclusionParams()
+DEFAULTS = D.OcclusionParams()
 EYE_Y = (51.6963 + 51.5014) / 2  # the template's two eye centres
 
 
@@ -34,7 +36,7 @@ EYE_Y = (51.6963 + 51.5014) / 2  # the template's two eye centres
 
 @pytest.fixture(scope="module")
 def small_images(small_bin) -> list[np.ndarray]:
-    return [B.decode_image(b) for b in B.read_bin(small_bin)[0]]
+    return [FIO.decode_image(b) for b in FIO.read_bin(small_bin)[0]]
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +91,16 @@ def test_eye_band_and_mask_band_follow_the_template(face):
         ("eyes", (41, 63, 24, 88), (0, 0, 0)),
         ("mask", (76, 112, 0, 112), (173, 216, 230)),
     ):
-        out = B.occlude_image(face, kind, DEFAULTS)
+        out = D.occlude_image(face, kind, DEFAULTS)
         inside = box_mask(face.shape, *box)
         assert (out[inside] == fill).all(), kind
         assert np.array_equal(out[~inside], face[~inside]), kind  # bit for bit
     # every option moves the band, scaled to a 224-px image: eye rows 2·(51.6 ∓ 5) → 93..113, columns 60..160
     big = np.repeat(np.repeat(face, 2, axis=0), 2, axis=1)
-    params = B.OcclusionParams(eye_half_height=5, eye_x=(30, 80), mask_top=90, mask_color=(10, 20, 30))
+    params = D.OcclusionParams(eye_half_height=5, eye_x=(30, 80), mask_top=90, mask_color=(10, 20, 30))
     assert (round(2 * (EYE_Y - 5)), round(2 * (EYE_Y + 5))) == (93, 113)
     for kind, box, fill in (("eyes", (93, 113, 60, 160), (0, 0, 0)), ("mask", (180, 224, 0, 224), (10, 20, 30))):
-        out = B.occlude_image(big, kind, params)
+        out = D.occlude_image(big, kind, params)
         inside = box_mask(big.shape, *box)
         assert (out[inside] == fill).all() and np.array_equal(out[~inside], big[~inside]), kind
 
@@ -107,12 +109,12 @@ def test_random_rectangles_honour_area_aspect_and_uniform_position(face):
     h, w = face.shape[:2]
     areas, aspects, u_top, u_left = [], [], [], []
     for i in range(300):
-        out = B.occlude_image(face, "black", DEFAULTS, index=i)
+        out = D.occlude_image(face, "black", DEFAULTS, index=i)
         diff = changed(out, face)
         top, bottom, left, right = bounding_box(diff)
         assert diff.sum() == (bottom - top) * (right - left), i  # exactly one filled rectangle
         assert (out[diff] == 0).all() and np.array_equal(out[~diff], face[~diff])
-        assert B.occlusion_box(face.shape, "black", DEFAULTS, i) == (top, bottom, left, right)
+        assert D.occlusion_box(face.shape, "black", DEFAULTS, i) == (top, bottom, left, right)
         bh, bw = bottom - top, right - left
         areas.append(bh * bw / (h * w))
         aspects.append(bw / bh)
@@ -123,18 +125,18 @@ def test_random_rectangles_honour_area_aspect_and_uniform_position(face):
     assert 0.5 * 0.97 <= min(aspects) < 0.6 and 1.7 < max(aspects) <= 2 * 1.03
     assert stats.kstest(u_top, "uniform").pvalue > 1e-3 and stats.kstest(u_left, "uniform").pvalue > 1e-3
     # a fixed area and ratio give a fixed size: √(0.25 · 112²) = 56 px square; area 1 covers everything
-    square = B.OcclusionParams(area=(0.25, 0.25), aspect=(1, 1))
+    square = D.OcclusionParams(area=(0.25, 0.25), aspect=(1, 1))
     for i in range(20):
-        top, bottom, left, right = bounding_box(changed(B.occlude_image(face, "black", square, index=i), face))
+        top, bottom, left, right = bounding_box(changed(D.occlude_image(face, "black", square, index=i), face))
         assert (bottom - top, right - left) == (56, 56)
-    whole = B.occlude_image(face, "black", B.OcclusionParams(area=(1, 1), aspect=(1, 1)), index=3)
+    whole = D.occlude_image(face, "black", D.OcclusionParams(area=(1, 1), aspect=(1, 1)), index=3)
     assert not whole.any()
 
 
 def test_noise_fills_the_same_rectangle_with_uniform_pixels(face):
     for i in range(5):
-        out = B.occlude_image(face, "noise", DEFAULTS, index=i)
-        inside = box_mask(face.shape, *bounding_box(changed(B.occlude_image(face, "black", DEFAULTS, index=i), face)))
+        out = D.occlude_image(face, "noise", DEFAULTS, index=i)
+        inside = box_mask(face.shape, *bounding_box(changed(D.occlude_image(face, "black", DEFAULTS, index=i), face)))
         assert np.array_equal(out[~inside], face[~inside])
         noise = out[inside].astype(float)
         assert abs(noise.mean() - 127.5) < 6 and abs(noise.std() - 73.9) < 4  # U{0..255}: sd 73.9
@@ -142,13 +144,13 @@ def test_noise_fills_the_same_rectangle_with_uniform_pixels(face):
 
 
 def test_face_patch_comes_from_another_image_of_the_set(small_bin, small_images):
-    bins = B.read_bin(small_bin)[0]
+    bins = FIO.read_bin(small_bin)[0]
     assert len(set(bins)) < len(bins)  # LFW reuses images across pairs: "another image" means other bytes
-    pool = B.DonorPool([hashlib.sha1(b).hexdigest() for b in bins])
+    pool = D.DonorPool([hashlib.sha1(b).hexdigest() for b in bins])
     donors = set()
     for i in range(len(small_images)):
-        out = B.degrade_in_set(small_images, pool, i, "occ-face", None, DEFAULTS)
-        inside = box_mask(out.shape, *B.occlusion_box(out.shape, "face", DEFAULTS, i))
+        out = D.degrade_in_set(small_images, pool, i, "occ-face", None, DEFAULTS)
+        inside = box_mask(out.shape, *D.occlusion_box(out.shape, "face", DEFAULTS, i))
         assert np.array_equal(out[~inside], small_images[i][~inside])
         # search the whole set for images whose same region is the patch
         sources = [j for j, im in enumerate(small_images) if np.array_equal(im[inside], out[inside])]
@@ -160,37 +162,37 @@ def test_face_patch_comes_from_another_image_of_the_set(small_bin, small_images)
 def test_donor_is_never_a_copy_of_the_image():
     # "a" at indices 0-4 and 6-8, "b" at 5, "c" at 9: an "a" image may only borrow from 5 or 9
     keys = ["a"] * 5 + ["b"] + ["a"] * 3 + ["c"]
-    pool = B.DonorPool(keys)
+    pool = D.DonorPool(keys)
     picks = {(i, seed): pool.pick(i, seed) for i in range(len(keys)) for seed in range(60)}
     for (i, _), j in picks.items():
         assert keys[j] != keys[i], (i, j)
     assert {j for (i, _), j in picks.items() if keys[i] == "a"} == {5, 9}
     assert {j for (i, _), j in picks.items() if keys[i] == "b"} == set(range(len(keys))) - {5}
     with pytest.raises(DataError, match="at least two different images"):
-        B.DonorPool(["x", "x"]).pick(0, 0)
+        D.DonorPool(["x", "x"]).pick(0, 0)
 
 
 # --------------------------------------------------------------------------- determinism
 
 
 def test_seeded_and_independent_of_order_and_chunking(small_bin, small_images, tmp_path, capsys):
-    bins = B.read_bin(small_bin)[0]
+    bins = FIO.read_bin(small_bin)[0]
     keys = [hashlib.sha1(b).hexdigest() for b in bins]
     n = len(small_images)
     for kind in ("occ-black", "occ-noise", "occ-face"):
-        forward = [B.degrade_in_set(small_images, B.DonorPool(keys), i, kind, None, DEFAULTS) for i in range(n)]
+        forward = [D.degrade_in_set(small_images, D.DonorPool(keys), i, kind, None, DEFAULTS) for i in range(n)]
         backward = {
-            i: B.degrade_in_set(small_images, B.DonorPool(keys), i, kind, None, DEFAULTS) for i in reversed(range(n))
+            i: D.degrade_in_set(small_images, D.DonorPool(keys), i, kind, None, DEFAULTS) for i in reversed(range(n))
         }
         halves = {}  # two "workers", each with its own pool and half of the indices
         for part in (range(0, n, 2), range(1, n, 2)):
-            pool = B.DonorPool(keys)
-            halves.update({i: B.degrade_in_set(small_images, pool, i, kind, None, DEFAULTS) for i in part})
+            pool = D.DonorPool(keys)
+            halves.update({i: D.degrade_in_set(small_images, pool, i, kind, None, DEFAULTS) for i in part})
         for i in range(n):
             assert np.array_equal(forward[i], backward[i]) and np.array_equal(forward[i], halves[i]), (kind, i)
-        other_seed = B.OcclusionParams(seed=1)
+        other_seed = D.OcclusionParams(seed=1)
         assert any(
-            not np.array_equal(forward[i], B.degrade_in_set(small_images, B.DonorPool(keys), i, kind, None, other_seed))
+            not np.array_equal(forward[i], D.degrade_in_set(small_images, D.DonorPool(keys), i, kind, None, other_seed))
             for i in range(n)
         ), kind
     # the CLI: the same seed writes the same bytes; another seed moves the rectangles, not the bands
@@ -217,18 +219,18 @@ def test_bin_copies_and_cross_keep_the_first_images(small_bin, small_images, tmp
     names = sorted(p.name for p in tmp_path.glob("*.bin"))
     assert names == [f"lfw_small_occ-{k}{c}.bin" for k in ("face", "mask") for c in ("", "_cross")]
     assert capsys.readouterr().out.count("wrote ") == 4
-    bins, issame = B.read_bin(small_bin)
+    bins, issame = FIO.read_bin(small_bin)
     for kind in ("face", "mask"):
-        full, full_same = B.read_bin(tmp_path / f"lfw_small_occ-{kind}.bin")
-        cross, cross_same = B.read_bin(tmp_path / f"lfw_small_occ-{kind}_cross.bin")
+        full, full_same = FIO.read_bin(tmp_path / f"lfw_small_occ-{kind}.bin")
+        cross, cross_same = FIO.read_bin(tmp_path / f"lfw_small_occ-{kind}_cross.bin")
         assert full_same == cross_same == issame
         assert cross[0::2] == bins[0::2]  # first image of every pair: the original bytes
         assert cross[1::2] == full[1::2] and all(b[:8] == b"\x89PNG\r\n\x1a\n" for b in full)
         assert all(c != o for c, o in zip(cross[1::2], bins[1::2]))
     # the mask copy is exactly the band (PNG is lossless): white (240, 240, 240) from row 76 down
     mask = box_mask((112, 112), 76, 112, 0, 112)
-    for i, b in enumerate(B.read_bin(tmp_path / "lfw_small_occ-mask.bin")[0]):
-        img = B.decode_image(b)
+    for i, b in enumerate(FIO.read_bin(tmp_path / "lfw_small_occ-mask.bin")[0]):
+        img = FIO.decode_image(b)
         assert (img[mask] == 240).all() and np.array_equal(img[~mask], small_images[i][~mask])
 
 
@@ -268,9 +270,9 @@ def test_verify_degrade_applies_the_bands_as_the_copies_hold_them(small_bin, sma
     assert B.main(["degrade", "--bin", str(small_bin), "--out-dir", str(tmp_path), "--occlude", "eyes", "mask"]) == 0
     capsys.readouterr()
     for kind in ("eyes", "mask"):
-        copy = B.read_bin(tmp_path / f"lfw_small_occ-{kind}.bin")[0]
+        copy = FIO.read_bin(tmp_path / f"lfw_small_occ-{kind}.bin")[0]
         for i in (0, 7, 33):
-            assert np.array_equal(B.degrade_image(small_images[i], f"occ-{kind}", None), B.decode_image(copy[i]))
+            assert np.array_equal(D.degrade_image(small_images[i], f"occ-{kind}", None), FIO.decode_image(copy[i]))
 
     # a cheap embedder (8×8 average pool): verify --degrade's row equals verify on the written copy
     def embed(x):
@@ -299,14 +301,14 @@ def test_folder_copies_keep_the_layout_and_tarfar_reads_them(tiny_folder, random
         assert sorted(p.relative_to(folder) for p in folder.rglob("*.png")) == [s.with_suffix(".png") for s in sources]
         assert json.loads((folder / "occlusion.json").read_text())["kind"] == f"occ-{kind}"
     eyes = box_mask((112, 112), 41, 63, 24, 88)
-    originals = [B.decode_image((tiny_folder / s).read_bytes()) for s in sources]
+    originals = [FIO.decode_image((tiny_folder / s).read_bytes()) for s in sources]
     for i, s in enumerate(sources):  # index i: the sorted <identity>/<file> order tarfar reads
-        img = B.decode_image((out / "occ-eyes" / s.with_suffix(".png")).read_bytes())
+        img = FIO.decode_image((out / "occ-eyes" / s.with_suffix(".png")).read_bytes())
         assert (img[eyes] == 0).all() and np.array_equal(img[~eyes], originals[i][~eyes])
-        black = B.decode_image((out / "occ-black" / s.with_suffix(".png")).read_bytes())
-        assert np.array_equal(black, B.occlude_image(originals[i], "black", DEFAULTS, index=i))
-        patched = B.decode_image((out / "occ-face" / s.with_suffix(".png")).read_bytes())
-        inside = box_mask(patched.shape, *B.occlusion_box(patched.shape, "face", DEFAULTS, i))
+        black = FIO.decode_image((out / "occ-black" / s.with_suffix(".png")).read_bytes())
+        assert np.array_equal(black, D.occlude_image(originals[i], "black", DEFAULTS, index=i))
+        patched = FIO.decode_image((out / "occ-face" / s.with_suffix(".png")).read_bytes())
+        inside = box_mask(patched.shape, *D.occlusion_box(patched.shape, "face", DEFAULTS, i))
         donors = [j for j, o in enumerate(originals) if np.array_equal(o[inside], patched[inside])]
         assert donors and i not in donors
     err = one_line_error(capsys, argv)

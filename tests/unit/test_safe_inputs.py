@@ -1,6 +1,6 @@
 """Inputs cannot run code, and bad inputs fail early in one line (issue 10, items 7-8).
 
-- ``.bin`` files are unpickled by one restricted reader (``data_prep.bin.read_bin``): the real LFW
+- ``.bin`` files are unpickled by one restricted reader (``pipeline.faces.io.read_bin``): the real LFW
   ``.bin``, numpy-array and Python 2 layouts load; a crafted pickle that calls ``os.system`` /
   ``builtins.eval`` is refused before anything runs, by the library and by both CLIs;
 - no loader in the source tree unpickles anything else (``torch.load`` always ``weights_only=True``);
@@ -25,13 +25,13 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep import bin as B
 from data_prep.manifest import DataError
 from pipeline.eval import verify as V
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
 from pipeline.eval.lowres import evaluate_lowres_bin
 from pipeline.export import main as export_main
+from pipeline.faces import io as B
 from tests.helpers import REPO
 from tests.support.safe_inputs import (
     _crafted,
@@ -198,7 +198,7 @@ def test_crafted_file_really_runs_code_with_plain_pickle(tmp_path):
 
 
 _SOURCE_DIRS = ("pipeline", "data_prep", "scripts", "benchmarks")
-_BIN_READER = Path("data_prep/bin.py")
+_BIN_READER = Path("pipeline/faces/io.py")
 
 
 def _sources() -> list[Path]:

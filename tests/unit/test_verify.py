@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import accuracy_score, confusion_matrix
 
-from data_prep.bin import read_bin, write_bin
 from data_prep.manifest import DataError
 from pipeline import registry
 from pipeline.config import ConfigError, dump_config, load_config
 from pipeline.eval import verify as V
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
+from pipeline.faces.io import read_bin, write_bin
 
 # --------------------------------------------------------------------------- protocol by hand
 
