@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from scipy.stats import t as student_t
 
-from pipeline import ablate as ablate_module
-from pipeline.ablate import build_grid, load_spec
 from pipeline.checkpoint import load_json
 from pipeline.config import load_config, to_dict
+from pipeline.experiments import grid as grid_module
+from pipeline.experiments.grid import build_grid
+from pipeline.experiments.spec import load_spec
 from tests.helpers import REPO
 from tests.support.ablate import (  # noqa: F401 (fixtures)
     _flat,
@@ -83,7 +84,7 @@ def test_spec_to_tables_whose_numbers_are_the_cells(grid):
         assert summary[label][2:4] == ["2", want]
         assert (
             summary[label][1]
-            == f"{ablate_module.parameter_count(load_config([grid.out / 'cells' / arm / 'seed_0' / 'config.yaml'])):,}"
+            == f"{grid_module.parameter_count(load_config([grid.out / 'cells' / arm / 'seed_0' / 'config.yaml'])):,}"
         )
     diffs = [b - a for a, b in zip(acc["plain"], acc["scan"])]
     half = student_t.ppf(0.975, 1) * statistics.stdev(diffs) / math.sqrt(2)

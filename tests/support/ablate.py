@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.ablate import SpecError
+from pipeline.experiments.spec import SpecError
 from tests.helpers import REPO
 
 EXAMPLE = REPO / "configs" / "ablations" / "smoke_scan.yaml"

@@ -14,9 +14,14 @@ import pytest
 import yaml
 from scipy.stats import t as student_t
 
-from pipeline import ablate as ablate_module
-from pipeline.ablate import SpecError, build_grid, build_report, find_cell, load_spec, render_markdown, summarize
 from pipeline.config import load_config
+from pipeline.experiments import grid as grid_module
+from pipeline.experiments import runner, stats
+from pipeline.experiments.cli import find_cell
+from pipeline.experiments.grid import build_grid
+from pipeline.experiments.render import render_markdown
+from pipeline.experiments.spec import SpecError, load_spec
+from pipeline.experiments.stats import build_report, summarize
 from pipeline.models.network import build_network
 from tests.helpers import REPO
 from tests.support.ablate import _one_line_error, ablate, bad_spec, grid, markdown_rows  # noqa: F401 (fixtures)
@@ -99,7 +104,7 @@ def test_runner_names_cells_by_arm_and_seed_so_spec_edits_cannot_swap_them(bad_s
     data = {"overrides": [f"data.train={lfw_shards}"]}
     out = str(tmp_path / "out")
     before = build_grid(load_spec(bad_spec(**data), output=out))
-    commands = {c.key: ablate_module._cell_command(load_spec(bad_spec(**data), output=out), c) for c in before}
+    commands = {c.key: runner.cell_command(load_spec(bad_spec(**data), output=out), c) for c in before}
     arms = ["a", "z", {"name": "b", "overrides": ["optim.lr=0.05"]}]
     after = build_grid(load_spec(bad_spec(arms=arms, seeds=[0, 1, 2], **data), output=out))
     assert [c.key for c in before] == ["a@0", "a@1", "b@0", "b@1"]
@@ -118,13 +123,13 @@ def test_runner_names_cells_by_arm_and_seed_so_spec_edits_cannot_swap_them(bad_s
     b0.dir.mkdir(parents=True)
     record = {"index": b0.index, "arm": "b", "seed": 0, "status": "ok", "metrics": {}}
     (b0.dir / "cell.json").write_text(json.dumps({**record, "train_hash": b0.train_hash, "eval_hash": b0.eval_hash}))
-    got = [r for r in ablate_module.collect_records(after) if r["status"] == "ok"]
+    got = [r for r in stats.collect_records(after) if r["status"] == "ok"]
     assert [(r["arm"], r["seed"], r["index"]) for r in got] == [("b", 0, 6)] and b0.index == 2
     # a subprocess that ran an edited config: the runner says so and keeps that cell.json (valid for the new spec)
     stale = {**record, "train_hash": "0" * 16, "eval_hash": b0.eval_hash}
     (b0.dir / "cell.json").write_text(json.dumps(stale))
-    runner = ablate_module.GridRunner(load_spec(bad_spec(**data), output=out), before, ablate_module.Plan(1, 1))
-    said = runner._record_of(b0, 0, b0.dir / "cell.log")
+    grid_runner = runner.GridRunner(load_spec(bad_spec(**data), output=out), before, runner.Plan(1, 1))
+    said = grid_runner._record_of(b0, 0, b0.dir / "cell.log")
     assert said["status"] == "failed" and "changed while the cell ran" in said["error"]
     assert json.loads((b0.dir / "cell.json").read_text()) == stale
 
@@ -134,27 +139,26 @@ def test_runner_names_cells_by_arm_and_seed_so_spec_edits_cannot_swap_them(bad_s
 
 def test_cells_share_the_cores_and_each_gets_its_own_gpus(bad_spec, monkeypatch):
     """No GPU here: the visible GPUs are faked; what is checked is the split of cores and devices among cells."""
-    import pipeline.ablate as ablate_module
 
     spec = load_spec(bad_spec(processes=8, nproc=2))
     cells = [SimpleNamespace(config=SimpleNamespace(device="auto"))] * 6
-    monkeypatch.setattr(ablate_module, "_visible_gpus", lambda: [])
-    plan = ablate_module.plan_resources(spec, cells, None, cells_to_run=6)
+    monkeypatch.setattr(runner, "_visible_gpus", lambda: [])
+    plan = runner.plan_resources(spec, cells, None, cells_to_run=6)
     assert (plan.jobs, plan.threads, plan.gpu_sets) == (4, 1, ())  # 8 cores / 2 processes per cell
-    assert ablate_module.plan_resources(spec, cells, 2, cells_to_run=6).threads == 2
-    monkeypatch.setattr(ablate_module, "_visible_gpus", lambda: ["0", "1", "2", "3"])
-    plan = ablate_module.plan_resources(spec, cells, None, cells_to_run=6)
+    assert runner.plan_resources(spec, cells, 2, cells_to_run=6).threads == 2
+    monkeypatch.setattr(runner, "_visible_gpus", lambda: ["0", "1", "2", "3"])
+    plan = runner.plan_resources(spec, cells, None, cells_to_run=6)
     assert (plan.jobs, plan.gpu_sets) == (2, ("0,1", "2,3"))  # 4 GPUs / 2 per cell
-    assert ablate_module.plan_resources(spec, cells, None, cells_to_run=1).jobs == 1  # never more than to run
+    assert runner.plan_resources(spec, cells, None, cells_to_run=1).jobs == 1  # never more than to run
     cpu_only = [SimpleNamespace(config=SimpleNamespace(device="cpu"))] * 6
-    assert ablate_module.plan_resources(spec, cpu_only, None, cells_to_run=6).gpu_sets == ()
+    assert runner.plan_resources(spec, cpu_only, None, cells_to_run=6).gpu_sets == ()
 
 
 def test_kernel_dc_share_against_hand_computation():
     """dc_share: box kernels 1, zero-sum kernels 0, a random weight equal to an explicit loop over filters."""
     import torch
 
-    from pipeline.ablate import dc_share
+    from pipeline.experiments.diagnostics import dc_share
 
     assert dc_share(torch.ones(4, 3, 3, 3) * 0.7) == pytest.approx(1.0, abs=1e-12)
     lap = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).expand(4, 3, 3, 3)
@@ -167,8 +171,8 @@ def test_kernel_dc_share_against_hand_computation():
 
 def test_scan_diagnostics_on_a_network():
     """conv_monitors reports SCAN's t statistics (t = 1 at init); kernel_dc_share reads the folded k_u."""
-    from pipeline.ablate import conv_monitors, kernel_dc_share
     from pipeline.config import load_config
+    from pipeline.experiments.diagnostics import conv_monitors, kernel_dc_share
 
     cfg = load_config([REPO / "configs/scan_r18_casia.yaml"], ["model.width=0.0625", "model.conv.t_init=0.5"])
     net = build_network(cfg.model).eval()
@@ -186,8 +190,8 @@ def test_train_hash_ignores_options_at_their_defaults():
     import copy
     from dataclasses import asdict
 
-    from pipeline.ablate import train_hash
     from pipeline.config import AugmentConfig
+    from pipeline.experiments.grid import train_hash
 
     cfg = load_config([REPO / "configs" / "arcface_r50.yaml", REPO / "configs" / "smoke.yaml"], ["data.train=x"])
     base = train_hash(cfg, 1)
@@ -213,20 +217,20 @@ def test_a_dropped_override_stops_the_grid(tmp_path):
     """check_overrides_applied: every key=value of the spec and arm must be in the resolved config."""
     spec = SimpleNamespace(path=Path("spec.yaml"))
     cfg = load_config([REPO / "configs/arcface_r50.yaml"], ["model.head.embedding_size=128", "model.head.kind=lgaf"])
-    ablate_module.check_overrides_applied(
+    grid_module.check_overrides_applied(
         spec, "LGAF", cfg, ["model.head.embedding_size=128", "optim.weight_decay=5e-4", "model.head.kind=lgaf"]
     )
     with pytest.raises(SpecError, match=r"spec.yaml: arm 'LGAF': override model.head.embedding_size=128 .* holds 512"):
-        ablate_module.check_overrides_applied(
+        grid_module.check_overrides_applied(
             spec, "LGAF", load_config([REPO / "configs/lgaf_r100.yaml"]), ["model.head.embedding_size=128"]
         )
     # a whole block written after its keys replaces them; a part block given by its kind name
     scan = load_config([REPO / "configs/scan_r18_casia.yaml"], ["model.conv=plain"])
-    ablate_module.check_overrides_applied(spec, "plain", scan, ["model.conv.rmo_weight=0.5", "model.conv=plain"])
+    grid_module.check_overrides_applied(spec, "plain", scan, ["model.conv.rmo_weight=0.5", "model.conv=plain"])
     lcd = load_config([REPO / "configs/lcd_r50.yaml"], ["model.inserts=[{kind: lcd, at: layer3, sam: false}]"])
-    ablate_module.check_overrides_applied(spec, "lcd", lcd, ["model.inserts=[{kind: lcd, at: layer3, sam: false}]"])
+    grid_module.check_overrides_applied(spec, "lcd", lcd, ["model.inserts=[{kind: lcd, at: layer3, sam: false}]"])
     with pytest.raises(SpecError, match="model.inserts"):
-        ablate_module.check_overrides_applied(spec, "lcd", lcd, ["model.inserts=[{kind: lcd, at: layer3, sam: true}]"])
+        grid_module.check_overrides_applied(spec, "lcd", lcd, ["model.inserts=[{kind: lcd, at: layer3, sam: true}]"])
 
 
 def test_parameter_count_is_the_built_networks():
@@ -237,7 +241,7 @@ def test_parameter_count_is_the_built_networks():
             ["model.backbone=iresnet18", "model.width=0.125", "model.head.embedding_size=128", *overrides],
         )
         net = build_network(cfg.model)
-        assert ablate_module.parameter_count(cfg) == sum(p.numel() for p in net.parameters())
+        assert grid_module.parameter_count(cfg) == sum(p.numel() for p in net.parameters())
 
 
 def test_resolved_list_under_each_table(tmp_path):

@@ -574,7 +574,8 @@ def test_eq8_diagnostic_of_the_ablation_runner(tmp_path):
     seeded masks on every call (a rerun gives the same numbers)."""
     import numpy as np
 
-    from pipeline.ablate import DiagnosticContext, EvalSet, eq8_mse_diagnostic
+    from pipeline.experiments.diagnostics import DiagnosticContext, eq8_mse_diagnostic
+    from pipeline.experiments.spec import EvalSet
     from pipeline.faces.io import encode_png, write_bin
 
     rng = np.random.default_rng(0)
@@ -709,13 +710,13 @@ def test_occlusion_locality_diagnostic_reads_the_point_lcd_reads_in_any_network(
     """The ablation diagnostic on real faces: for an LCD network it equals what LCD's own validation monitor
     measures on the same faces (LCD's input = bn3's output of stage 3's last block); for the baseline it is the
     same computation on bn3's output, captured here by a hook; a uniform split is ⌈0.1·c⌉/c."""
-    from pipeline.ablate import (
+    from pipeline.eval.verify import load_bin, to_model_input
+    from pipeline.experiments.diagnostics import (
         DiagnosticContext,
-        EvalSet,
         occlusion_locality_diagnostic,
         validation_monitors_diagnostic,
     )
-    from pipeline.eval.verify import load_bin, to_model_input
+    from pipeline.experiments.spec import EvalSet
 
     eval_set = EvalSet(name="t", bin=str(small_bin))
     eval_set.validate("test")

@@ -352,8 +352,9 @@ def test_attention_png_from_a_probe_trace(tmp_path):
 def test_sample_values_diagnostic_means_the_probe_values_per_eval_set(tmp_path):
     """The ablation runner's ``sample_values``: per set, the mean of each per-sample value (here CQA's Ŝ_i) over
     its images, equal to quality_scores on the same images; nothing for the fc head."""
-    from pipeline.ablate import DiagnosticContext, EvalSet, sample_values
     from pipeline.eval.verify import load_bin, to_model_input
+    from pipeline.experiments.diagnostics import DiagnosticContext, sample_values
+    from pipeline.experiments.spec import EvalSet
     from pipeline.faces.io import encode_png, write_bin
 
     rng = np.random.default_rng(0)
