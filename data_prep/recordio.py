@@ -1,7 +1,7 @@
 """Pure-Python reader and writer of MXNet RecordIO (``.rec`` + ``.idx``), no mxnet needed.
 
 Format (dmlc-core ``recordio.h``; checked byte-identical against MXNet 1.9.1's own writer by
-``tests/fixtures/make_mxnet_rec.py`` and ``tests/test_rec2wds.py``):
+``tests/fixtures/make_mxnet_rec.py`` and ``tests/{unit,integration}/test_rec2wds.py``):
 
 * A record is ``uint32 magic 0xced7230a``, ``uint32 lrecord``, payload, zero padding to a multiple
   of 4 bytes. ``lrecord``: low 29 bits = payload length, high 3 bits = continuation flag

@@ -223,7 +223,7 @@ class TarStream:
     """Deterministic USTAR writer: every member ``mode 0644, uid/gid 0, empty uname/gname, mtime 0``.
 
     Its bytes equal what :mod:`tarfile` writes (``USTAR_FORMAT``) for the same members — checked
-    by ``tests/test_rec2wds.py::test_tar_stream_matches_tarfile`` — at a fraction of the cost
+    by ``tests/unit/test_rec2wds.py::test_tar_stream_matches_tarfile`` — at a fraction of the cost
     (tarfile builds each 512-byte header through ~40 Python calls, which dominated the run time).
     Everything written goes through sha256, so a shard's digest costs no second read.
     """

@@ -10,7 +10,7 @@
 # Any #SBATCH value can be overridden on the sbatch command line, e.g. 2 nodes × 8 GPUs:
 #   sbatch --nodes=2 jobs/lgaf_r100.sh ...
 # The header asks for GPUs (GRES gpu); on a CPU-only cluster pass --gpus-per-node=0, e.g. the
-# smoke run of tests/test_slurm.py:
+# smoke run of tests/cluster/test_slurm.py:
 #   sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 \
 #          jobs/lgaf_r100.sh --config configs/smoke.yaml data.train=DIR output.dir=OUT
 # One task per GPU (--ntasks-per-node = --gpus-per-node). data.batch_size is per GPU.

@@ -5,7 +5,7 @@ run, so host-side values (the preemption flag) travel over gloo without touching
 device tensors (embeddings, logits statistics, metrics) over NCCL. A tensor on a device the group does
 not serve — the classic crash at step 1 of a first GPU run, e.g. a CPU tensor all-reduced on an
 NCCL-only group — is a one-line error naming the operation and the device, raised before
-``torch.distributed`` sees it. ``tests/test_collectives.py`` checks that a 2-process training run of each
+``torch.distributed`` sees it. ``tests/integration/test_collectives.py`` checks that a 2-process training run of each
 procedure issues no collective outside this module (DeepSpeed's own engine aside).
 """
 

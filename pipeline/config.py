@@ -98,7 +98,7 @@ def parse_range(text: str) -> Range:
 
 def field_ranges(cls: type) -> dict[str, Range]:
     """The valid range of each numeric field of a config dataclass: its class attribute ``RANGES`` (a mapping of
-    field name → interval text; every int/float field has one, tests/test_config_ranges.py walks them all)."""
+    field name → interval text; every int/float field has one, tests/unit/test_config_ranges.py walks them all)."""
     cached = cls.__dict__.get("_parsed_ranges")
     if cached is None:
         cached = {}

@@ -20,7 +20,7 @@ def bicubic_down_up(img: torch.Tensor, size: int, out_size: int | None = None) -
     PyTorch's antialiased bicubic, which is PIL's filter (Keys cubic, a = −0.5, support scaled by the
     down-sampling factor). For the *up* step that matters too: PyTorch's plain ``mode="bicubic"`` uses
     a = −0.75 (OpenCV's), which differed from PIL and DALI by 0.0075 mean |Δ| at 7 px on LFW faces.
-    ``tests/test_augment.py`` checks the result against PIL (float mode) within 1e-6 on a [0, 1] scale.
+    ``tests/unit/test_augment.py`` checks the result against PIL (float mode) within 1e-6 on a [0, 1] scale.
     """
     squeeze = img.dim() == 3
     x = img.unsqueeze(0) if squeeze else img

@@ -44,7 +44,7 @@ therefore grow the DC share of the effective kernel ~87× faster than its zero-s
 reparametrises every 3×3 conv as an ill-conditioned low-pass, and in short runs the network settles as
 "blur + 1×1": in ``configs/ablations/scan_table1.yaml`` (RESULTS.md) 90 % of the folded 3×3 kernels' energy is
 DC for SAC and 94 % for SAC + RMO, against 29 % for plain, and both lose ~23 points; LSC's independent k_i
-restores a well-conditioned path (SAC + LSC: 38 %, within a point of plain). ``tests/test_scan.py::test_t1_operator_conditioning`` checks the number
+restores a well-conditioned path (SAC + LSC: 38 %, within a point of plain). ``tests/unit/test_scan.py::test_t1_operator_conditioning`` checks the number
 against ``numpy.kron(G, G)``. Two switches for readers of the paper: ``t_init`` (the paper: 1) and ``rmo_on``
 (``ku``: eq. 6 on the layer's output ``k_u ⊛ f_in``, as written; ``ks``: on the scale-attended branch
 ``k_s ⊛ f_in`` alone, Fig. 8's reading, at the price of one more convolution per layer in training).
@@ -70,7 +70,7 @@ runs, one batched :func:`sac_kernels` call per (out, in) shape group (``ScanConv
 r100, each ``k_s = k · Mᵀ`` with ``M = t^γm c(t) kron(G, G)`` one bmm), and turns all layers' norms into eq. 6-7's
 loss at once after it (``ScanConvKind.end``); the t statistics are computed at log steps only. An r100 step
 (forward, backward, SGD) dispatches 1.8× the plain network's launching ops, 8.0× before
-(``tests/test_scan.py::test_scan_step_launches_at_most_twice_plain``). Outside training each layer builds its
+(``tests/integration/test_scan.py::test_scan_step_launches_at_most_twice_plain``). Outside training each layer builds its
 own kernel with the same function.
 
 **Configuration.** ``model.conv: {kind: scan, sac, lsc, rmo, rmo_weight, ...}`` (:class:`ScanConvOptions`);

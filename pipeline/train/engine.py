@@ -12,12 +12,12 @@ fp32              0            the client optimizer on fp32 parameters; DeepSpee
 bf16              1, 2         DeepSpeed's BF16_Optimizer / ZeRO: bf16 parameters, fp32 master weights and gradient
                                accumulation, optimizer state partitioned over ranks (for models whose state matters)
 fp16              ≥ 1          DeepSpeed's ZeRO optimizer with a dynamic loss scale (stage 0 is raised to 1: its
-                               stage-0 wrapper mis-scales fp16 updates, tests/test_mixed_precision.py)
+                               stage-0 wrapper mis-scales fp16 updates, tests/integration/test_mixed_precision.py)
 ================  ===========  =====================================================================================
 
 Why bf16 at stage 0 is autocast (issue 21 item 2): BF16_Optimizer's step costs, per parameter, a norm kernel, an fp32
 gradient accumulation (``to`` + ``add_``) and a clip multiply, plus a host read of the global norm — an r100 step
-dispatched 2.0× the launching ops of a bare autocast + foreach-SGD loop (tests/test_engine.py counts them), and for
+dispatched 2.0× the launching ops of a bare autocast + foreach-SGD loop (tests/integration/test_engine.py counts them), and for
 a 65 M-parameter backbone ZeRO-1 saves under 0.8 GB. The autocast engine dispatches what the bare loop does.
 """
 

@@ -14,7 +14,7 @@
 # GPU_CHECK_MORE_PYTEST_ARGS, GPU_CHECK_DALI_PYTEST_ARGS, GPU_CHECK_BENCH, GPU_CHECK_BENCH_ARGS,
 # GPU_CHECK_DALI_BENCH_ARGS, GPU_CHECK_BENCH_EVAL, GPU_CHECK_BENCH_EVAL_ARGS, GPU_CHECK_BENCH_EVAL_S,
 # GPU_CHECK_IMPORTS, GPU_CHECK_PYTHON, LOWQ_GPU_STAGE, LOWQ_GPU_SITE.
-# GPU_CHECK_ALLOW_CPU=1 only for the CPU rehearsal in tests/test_gpu_check.py.
+# GPU_CHECK_ALLOW_CPU=1 only for the CPU rehearsal in tests/integration/test_gpu_check.py.
 set -uo pipefail
 
 if [ -z "${GPU_CHECK_ALLOW_CPU:-}" ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then

@@ -2,7 +2,7 @@
 
 ``python -m tests.golden.losses --shards DIR`` runs each case below through the real trainer (smoke layer,
 fixed seed, 1 and 2 gloo processes, real LFW faces) and writes ``tests/golden/losses.json``: every
-``loss/*`` TensorBoard term at every optimizer step (rank-mean). ``tests/test_golden_losses.py`` reruns
+``loss/*`` TensorBoard term at every optimizer step (rank-mean). ``tests/integration/test_golden_losses.py`` reruns
 the same commands and compares. The file was recorded on the commit *before* the composable-model
 redesign (issue 8), so the test proves the redesign changed no number beyond float noise.
 """

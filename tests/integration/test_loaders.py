@@ -225,7 +225,7 @@ def plain_images(shards4):
 
 def test_both_loaders_agree_on_deterministic_low_res(shards4):
     """lowres_p = 1 with a fixed side (int(0.33·112) = 36 px) and one filter, Lanczos-3 (the least exact of
-    the four in tests/test_augment.py's per-filter measurement, 5.1e-4 on [0, 1] with identical input).
+    the four in tests/unit/test_augment.py's per-filter measurement, 5.1e-4 on [0, 1] with identical input).
     Measured here through both loaders (DALI's CPU operators), on [-1, 1]: max |Δ| 9.9e-4 over the 128
     faces, largest per-image mean 6.7e-5. Bounds 1.5×."""
     root, _ = shards4

@@ -1,4 +1,4 @@
-"""Worker of tests/test_collectives.py: a short real training run that records every collective call.
+"""Worker of tests/integration/test_collectives.py: a short real training run that records every collective call.
 
     torchrun --nproc_per_node 2 tests/collective_audit.py OUT_DIR --config A.yaml ... key=value ...
 

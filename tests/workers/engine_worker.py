@@ -1,4 +1,4 @@
-"""Worker of tests/test_engine.py: one process, the real Trainer on the CPU.
+"""Worker of tests/integration/test_engine.py: one process, the real Trainer on the CPU.
 
 1. The host work of one r100 bf16 training step (``Trainer.train_step``: forward, margin classifier, backward,
    optimizer steps, the NaN guard) in launching aten ops and host syncs, and the same for a bare loop (autocast

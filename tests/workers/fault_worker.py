@@ -1,4 +1,4 @@
-"""Worker of tests/test_no_hang.py: the real trainer (``pipeline.train``'s own entry point) with one fault
+"""Worker of tests/integration/test_no_hang.py: the real trainer (``pipeline.train``'s own entry point) with one fault
 injected on one rank at one stage. Launched as ``torchrun --nproc_per_node=2 tests/fault_worker.py TRAIN_ARGS…``.
 
 Environment: ``FAULT_STAGE`` (loader | forward | backward | step | logging | eval | checkpoint | finalize),

@@ -1,4 +1,4 @@
-"""Worker of tests/test_faults.py: three optimizer steps of the real Trainer, the second on a batch with a NaN.
+"""Worker of tests/integration/test_faults.py: three optimizer steps of the real Trainer, the second on a batch with a NaN.
 
 python tests/nan_step_worker.py SHARDS OUT_DIR   → prints one JSON line
 """

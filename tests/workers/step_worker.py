@@ -1,4 +1,4 @@
-"""Worker of tests/test_mixed_precision.py and tests/test_mixed_precision.py: one optimizer step of the real Trainer, one
+"""Worker of tests/integration/test_mixed_precision.py and tests/integration/test_mixed_precision.py: one optimizer step of the real Trainer, one
 rank, at a given precision, on a fixed batch; then a second step under torch.profiler to count device→host reads.
 Writes the update of every weight (the optimizer's fp32 master copy) and the counts to a .pt file.
 

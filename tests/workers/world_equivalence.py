@@ -1,4 +1,4 @@
-"""Worker of tests/test_world_equivalence.py: a few optimizer steps of the real Trainer on fixed samples.
+"""Worker of tests/integration/test_world_equivalence.py: a few optimizer steps of the real Trainer on fixed samples.
 
     torchrun --nproc_per_node W tests/world_equivalence.py --shards DIR --list LIST --per-rank B --out OUT.pt
 
