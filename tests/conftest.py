@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import restore_environ
+from tests.helpers import REPO, restore_environ
 
-REPO = Path(__file__).resolve().parents[1]
+# The fixtures a topic's unit and integration halves share (tests/support/<topic>.py), visible to every test as
+# conftest's are: a fixture another support fixture needs is then found too. tests/unit/test_test_layout.py keeps
+# every fixture name defined once, so none shadows another.
+pytest_plugins = sorted(
+    f"tests.support.{p.stem}" for p in (REPO / "tests" / "support").glob("*.py") if p.stem != "__init__"
+)
+
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 

@@ -24,17 +24,7 @@ from pipeline.experiments import grid as grid_module
 from pipeline.experiments.grid import build_grid
 from pipeline.experiments.spec import load_spec
 from tests.helpers import REPO
-from tests.support.ablate import (  # noqa: F401 (fixtures)
-    _flat,
-    _one_line_error,
-    ablate,
-    bad_spec,
-    describe,
-    grid,
-    markdown_rows,
-    markdown_table,
-    write_spec,
-)
+from tests.support.ablate import _flat, _one_line_error, ablate, describe, markdown_rows, markdown_table, write_spec
 
 
 def cell_records(out: Path) -> dict[tuple[str, int], dict]:

@@ -19,16 +19,7 @@ from pipeline.eval import identify as I
 from pipeline.eval import tarfar as T
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
-from tests.support.eval_identify import (  # noqa: F401 (fixtures)
-    SIZE,
-    brute_force_cmc,
-    devtest_feats,
-    first_image_gallery,
-    make_scface,
-    tiny_net,
-    train_distractors,
-    write_list,
-)
+from tests.support.eval_identify import SIZE, brute_force_cmc, first_image_gallery, make_scface, write_list
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -28,7 +28,7 @@ from pipeline.eval import ijb
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_embedder, load_model
 from pipeline.eval.verify import embed_images, load_bin
-from tests.support.eval_ijb import SIZE, IJBFixture, checkpoint, decode, fixture, loose_crop, onnx_model  # noqa: F401 (fixtures)
+from tests.support.eval_ijb import SIZE, IJBFixture, decode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,7 @@ from pipeline.eval import verify as V
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
 from pipeline.faces.io import read_bin
-from tests.support.eval_report import SIZE, copies, lfw200_bin, runs  # noqa: F401 (fixtures)
+from tests.support.eval_report import SIZE
 
 SPECS = ["clean", "blur:1", "lr:7", "cross:7", "blur-cross:1"]
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tests.helpers import REPO
-from tests.support.gpu_check import GC, device, image_site, receive, stage, staged  # noqa: F401 (fixtures)
+from tests.support.gpu_check import GC, device, receive, stage
 
 
 def receive_all(st, man, outside, tmp_path):

@@ -14,15 +14,7 @@ from PIL import Image
 
 from pipeline.config import AugmentConfig
 from pipeline.data.loader import build_train_loader
-from tests.support.loaders import (
-    NO_RANDOM,
-    B,
-    _cfg,
-    _keys,
-    _run,
-    make_shards,
-    shards4,  # noqa: F401 (fixtures)
-)
+from tests.support.loaders import NO_RANDOM, B, _cfg, _keys, _run, make_shards
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])

@@ -16,12 +16,7 @@ import subprocess
 import sys
 
 from tests.helpers import REPO
-from tests.support.safe_inputs import (
-    _crafted,
-    _one_error_line,
-    _System,
-    tiny,  # noqa: F401 (fixtures)
-)
+from tests.support.safe_inputs import _crafted, _one_error_line, _System
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -13,16 +13,7 @@ import pytest
 import torch
 
 from pipeline.losses.sharded_classifier import shard_range, take_shard
-from tests.support.sharded_classifier import (
-    EXACT_CASES,
-    SAMPLE_C,
-    TOL,
-    D,
-    global_data,
-    local_rows,
-    reference,
-    spawned,  # noqa: F401 (fixtures)
-)
+from tests.support.sharded_classifier import EXACT_CASES, SAMPLE_C, TOL, D, global_data, local_rows, reference
 
 
 @pytest.mark.timeout(120)

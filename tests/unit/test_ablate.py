@@ -24,7 +24,7 @@ from pipeline.experiments.spec import SpecError, load_spec
 from pipeline.experiments.stats import build_report, summarize
 from pipeline.models.network import build_network
 from tests.helpers import REPO
-from tests.support.ablate import _one_line_error, ablate, bad_spec, grid, markdown_rows  # noqa: F401 (fixtures)
+from tests.support.ablate import _one_line_error, markdown_rows
 
 
 def report_spec(tmp_path: Path, arms: list[str]):

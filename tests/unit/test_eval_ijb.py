@@ -21,7 +21,7 @@ from PIL import Image
 from pipeline.eval import ijb
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import OnnxEmbedder, load_model
-from tests.support.eval_ijb import REF, SIZE, checkpoint, decode, fixture, loose_crop, onnx_model  # noqa: F401 (fixtures)
+from tests.support.eval_ijb import REF, SIZE, decode, loose_crop
 
 # --------------------------------------------------------------------------- fixtures
 

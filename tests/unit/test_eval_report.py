@@ -16,7 +16,7 @@ from pipeline import report as R
 from pipeline.eval import verify as V
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
-from tests.support.eval_report import SIZE, copies, lfw200_bin, runs  # noqa: F401 (fixtures)
+from tests.support.eval_report import SIZE
 
 # --------------------------------------------------------------------------- item 4
 

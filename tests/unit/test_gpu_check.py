@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tests.support.gpu_check import (
-    PART,
-    device,
-    staged,  # noqa: F401 (fixtures)
-)
+from tests.support.gpu_check import PART, device
 
 
 def test_split_parts_and_manifest(staged):

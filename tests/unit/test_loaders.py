@@ -7,13 +7,7 @@ import pytest
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
 from pipeline.data.loader import build_train_loader
-from tests.support.loaders import (
-    _cfg,
-    _keys,
-    _run,
-    make_shards,
-    shards4,  # noqa: F401 (fixtures)
-)
+from tests.support.loaders import _cfg, _keys, _run, make_shards
 
 
 def test_dali_ranks_disjoint_and_cover(shards4):

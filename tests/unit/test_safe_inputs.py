@@ -33,13 +33,7 @@ from pipeline.eval.lowres import evaluate_lowres_bin
 from pipeline.export import main as export_main
 from pipeline.faces import io as B
 from tests.helpers import REPO
-from tests.support.safe_inputs import (
-    _crafted,
-    _dotted,
-    _one_error_line,
-    _System,
-    tiny,  # noqa: F401 (fixtures)
-)
+from tests.support.safe_inputs import _crafted, _dotted, _one_error_line, _System
 
 
 def _png(seed: int) -> bytes:

@@ -13,13 +13,7 @@ import torch.distributed as dist
 
 from pipeline.losses.margin import CombinedMargin
 from pipeline.losses.sharded_classifier import ShardedMarginClassifier, shard_range, take_shard
-from tests.support.sharded_classifier import (
-    TOL,
-    D,
-    global_data,
-    reference,
-    spawned,  # noqa: F401 (fixtures)
-)
+from tests.support.sharded_classifier import TOL, D, global_data, reference
 
 
 def test_shard_range_and_take_shard():
