@@ -99,11 +99,12 @@ def random_checkpoint(tmp_path_factory) -> Path:
     return ck
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def one_rank_group():
-    """This pytest process as a world of one gloo rank, for tests that build the real Trainer in-process. One group
-    for the session, destroyed at its end: DeepSpeed keeps the group it saw at its first initialize, so a group
-    destroyed and made again would leave it pointing at a dead one. ``distributed.init`` exports RANK, WORLD_SIZE,
+    """This pytest process as a world of one gloo rank, for a module whose tests build the real Trainer in-process.
+    One group for the module, destroyed at its end, so no later test finds a process group (DeepSpeed keeps the
+    group it saw at its first initialize: one module per session may build Trainers in-process, or a group destroyed
+    and made again would leave DeepSpeed pointing at a dead one). ``distributed.init`` exports RANK, WORLD_SIZE,
     MASTER_PORT…: the environment is put back at once, so the trainers later tests start as subprocesses do not
     inherit them (each in-process Trainer exports them again; ``restore_environ`` puts them back after its test)."""
     from pipeline import distributed
