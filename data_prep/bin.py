@@ -266,7 +266,7 @@ def occlusion_from_args(args) -> OcclusionParams:
     ).validate()
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m data_prep.bin",
         description="insightface .bin verification sets: inspect, build from LFW pairs.txt, degrade.",
@@ -305,7 +305,11 @@ def main(argv=None) -> int:
     p.add_argument("--images", required=True, help="folder of <identity>/<image> files (as tarfar --images reads)")
     p.add_argument("--out-dir", required=True, help="one sub-folder per degradation: blur2, lr14, occ-eyes, ...")
     _add_degradation_arguments(p)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.cmd == "info":
             for k, v in info(args.bin).items():

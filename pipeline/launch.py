@@ -193,6 +193,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CKPT",
         help="passed to pipeline.train (resume from CKPT, or output.dir's latest)",
     )
+    _add_job_arguments(p)
+    args = p.parse_intermixed_args(argv)
+    if not args.config:
+        p.error("at least one --config is required")
+    return args
+
+
+def _add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how the job runs: executor, nodes, tasks, CPUs, time, Slurm options."""
     p.add_argument(
         "--executor",
         default="slurm",
@@ -228,10 +237,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--folder", default="logs/submitit/%j", help="submitit folder for pickles and logs (default logs/submitit/%%j)"
     )
     p.add_argument("--wait", action="store_true", help="with --executor slurm: block until the job ends")
-    args = p.parse_intermixed_args(argv)
-    if not args.config:
-        p.error("at least one --config is required")
-    return args
 
 
 def train_argv(args: argparse.Namespace) -> list[str]:

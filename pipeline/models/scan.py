@@ -110,6 +110,7 @@ __all__ = [
     "ScanConvKind",
     "fold",
     "sac_layers",
+    "rmo_from_norms",
     "rmo_per_sample",
     "build_scan_iresnet",
     "plot_t_density",
@@ -126,9 +127,15 @@ def sample_norms(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(y.flatten(1), dim=1, dtype=_norm_dtype(y))
 
 
+def rmo_from_norms(norms: torch.Tensor, neg_lambda_over_area) -> torch.Tensor:
+    """Eq. 6 from the maps' norms: exp(-λ ‖y[n]‖₂ / (H·W)), with ``neg_lambda_over_area`` = -λ/(H·W) (a float, or a
+    (layers, 1) tensor for ``norms`` of shape (layers, N)). The one place eq. 6 is written."""
+    return torch.exp(norms * neg_lambda_over_area)
+
+
 def rmo_per_sample(y: torch.Tensor, lam: float) -> torch.Tensor:
     """Eq. 6 per sample: exp(-λ ‖y[n]‖₂ / (H·W)) for y of shape (N, C, H, W) → (N,), ≥ float32."""
-    return torch.exp(sample_norms(y) * (-lam / (y.shape[-2] * y.shape[-1])))
+    return rmo_from_norms(sample_norms(y), -lam / (y.shape[-2] * y.shape[-1]))
 
 
 class _ConvWithNorm(torch.autograd.Function):
@@ -347,7 +354,7 @@ class ScaleAttentionConv(Reporter):
             state.norms.append(norm)
             state.areas.append(area)
         else:  # a layer used outside a SCAN network: eq. 6 here, eq. 7's sum by the trace
-            trace.add_loss("rmo", self.rmo_weight * torch.exp(norm * (-self.rmo_lambda / area)).mean())
+            trace.add_loss("rmo", self.rmo_weight * rmo_from_norms(norm, -self.rmo_lambda / area).mean())
         return y
 
     @torch.no_grad()
@@ -471,7 +478,7 @@ class ScanConvKind(ConvKind):
             return
         norms = torch.stack(state.norms)  # (layers, N)
         scale = self._neg_lambda_over_area(tuple(state.areas), norms.device, norms.dtype)  # (layers, 1)
-        trace.add_loss("rmo", torch.exp(norms * scale).mean(dim=1).sum() * self.opts.rmo_weight)
+        trace.add_loss("rmo", rmo_from_norms(norms, scale).mean(dim=1).sum() * self.opts.rmo_weight)
 
     def _groups(self, net: nn.Module) -> list[list[ScaleAttentionConv]]:
         """The network's SAC layers grouped by kernel shape and dtype (cached per network object)."""
