@@ -19,7 +19,14 @@ from pipeline.eval import identify as I
 from pipeline.eval import tarfar as T
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
-from tests.support.eval_identify import SIZE, brute_force_cmc, first_image_gallery, make_scface, write_list
+from tests.support.eval_identify import (
+    SIZE,
+    brute_force_cmc,
+    first_image_gallery,
+    make_scface,
+    sklearn_tar_at_far,
+    write_list,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,3 +151,24 @@ def test_cli_tarfar_two_checkpoints(tmp_path, capsys, devtest, trained_run, rand
 
 
 # --------------------------------------------------------------------------- bad input
+
+
+def test_pair_counts_and_scores_on_lfw_devtest(devtest, devtest_feats):
+    labels = np.asarray(devtest.labels)
+    same = labels[:, None] == labels[None, :]
+    upper = np.triu_indices(len(labels), 1)
+    direct_genuine = int(same[upper].sum())
+    direct = (direct_genuine, len(upper[0]) - direct_genuine)
+    assert T.count_pairs(labels) == direct == (983, 1_197_943)  # issue 12: 983 and ≈ 1.2 M
+    feats = devtest_feats.astype(np.float64)
+    scores = (feats @ feats.T)[upper]
+    ref_genuine, ref_impostor = np.sort(scores[same[upper]]), np.sort(scores[~same[upper]])
+    for block in (3, 100, 5000):  # 1,549 rows: 3 leaves a last block of 1
+        genuine, impostor = T.pair_scores(feats, labels, block)
+        np.testing.assert_allclose(np.sort(genuine), ref_genuine, atol=1e-12, err_msg=f"block {block}")
+        np.testing.assert_allclose(np.sort(impostor), ref_impostor, atol=1e-12, err_msg=f"block {block}")
+    points = T.tar_at_far(ref_genuine, ref_impostor, T.FARS)
+    for p in points:  # 1.2 M impostors: every FAR down to 1e-6 is measurable
+        assert p.tar == sklearn_tar_at_far(ref_genuine, ref_impostor, p.far), p.far
+        assert p.achieved_far <= p.far and p.achieved_far == (ref_impostor > p.threshold).mean()
+    assert 0 < points[0].tar < 1

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_curve
 
 from pipeline.eval import identify as I
 from pipeline.models.iresnet import build_iresnet
@@ -79,3 +80,10 @@ def make_scface(root, images: I.ImageSet, subjects: int = 4, cameras=range(1, 7)
                 folder = root / f"surveillance_cameras_distance_{d}" / f"cam_{c}"
                 folder.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(next(source), folder / f"{s:03d}_cam{c}_{d}.jpg")
+
+
+def sklearn_tar_at_far(genuine, impostor, far) -> float:
+    """Reference: the best TPR among the ROC points whose FPR ≤ far (every point kept)."""
+    y = np.r_[np.ones(len(genuine)), np.zeros(len(impostor))]
+    fpr, tpr, _ = roc_curve(y, np.r_[genuine, impostor], drop_intermediate=False)
+    return float(tpr[fpr <= far].max())
