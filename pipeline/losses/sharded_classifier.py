@@ -347,7 +347,9 @@ class ClassifierState:
             )
 
     def _read(self, folder) -> dict:
-        return torch.load(folder / CLASSIFIER_FILE, map_location="cpu", weights_only=True)
+        # memory-mapped: check() looks at the weight's shape only, load() reads the rows; a classifier of millions of
+        # classes (and its moments) is not read from disk twice on a resume
+        return torch.load(folder / CLASSIFIER_FILE, map_location="cpu", weights_only=True, mmap=True)
 
     def check(self, folder, meta: dict) -> None:
         rows = self._read(folder)["weight"].shape[0]

@@ -58,9 +58,9 @@ class TrainMetrics:
 
     def log(self, step: int, total_steps: int, scalars: dict, host: dict[str, float], samples_per_s: float) -> None:
         """``scalars``: this rank's tensors (``loss/*``, ``monitor/*``, ``data/corrupt_samples`` — summed over
-        ranks —, ``grad_norm/classifier_shard_sq`` — summed into the full norm); ``host``: values already known on
-        every rank (``lr``; fp16's ``train/skipped_steps`` and ``train/loss_scale``; ``grad_norm/backbone``), written
-        when finite. Every rank calls (the mean is a collective)."""
+        ranks —, ``grad_norm/classifier_shard_sq`` — summed into the full norm); ``host``: values written as they
+        are, when finite (``lr``; fp16's ``train/skipped_steps`` and ``train/loss_scale``; ``grad_norm/backbone``),
+        read on the writing rank only (empty elsewhere). Every rank calls (the mean is a collective)."""
         means = self.mean_over_ranks(scalars)
         means[CORRUPT] *= self.world  # the sum over ranks
         self.check_bad_fraction(step, means[CORRUPT])

@@ -412,11 +412,18 @@ class Trainer:
         if self._cls_grad_norm is not None:
             scalars[CLASSIFIER_SHARD_SQ] = self._cls_grad_norm.double() ** 2
         scalars[CORRUPT] = torch.tensor(float(self.loader.stats()["corrupt_samples"]))
+        self.metrics.log(
+            self.step, self.total_steps, scalars, self._host_values() if self.writer else {}, samples_per_s
+        )
+
+    def _host_values(self) -> dict[str, float | None]:
+        """What rank 0 writes as it is: the lr, fp16's skip count and loss scale, the backbone's gradient norm (a
+        device→host read: the writing rank's alone, as before the metrics had a module)."""
         host = {"lr": self.lr}
         if self.cfg.deepspeed.precision == "fp16":
             host.update({"train/skipped_steps": self.skipped_steps, "train/loss_scale": self.engine.loss_scale})
         host["grad_norm/backbone"] = self.engine.grad_norm()
-        self.metrics.log(self.step, self.total_steps, scalars, host, samples_per_s)
+        return host
 
     def _log_histograms(self) -> None:
         self.metrics.histograms(self.step, {**self.model.histograms(), **self._step_histograms})
