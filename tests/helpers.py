@@ -16,28 +16,17 @@ SMOKE = ["--config", str(CONFIGS / "arcface_r50.yaml"), "--config", str(CONFIGS 
 
 
 def env(**extra: str) -> dict[str, str]:
-    """The environment of a child process: one OpenMP thread each (two cores are shared by every child)."""
-    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    """The environment of a child process: one OpenMP thread each (two cores are shared by every child), output
+    unbuffered (tests read a running trainer's lines as they come)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
-def train_command(*args, configs: list[str] | None = None) -> list[str]:
-    """``python -m pipeline.train`` on the smoke ArcFace recipe (or ``configs``, each a --config) + ``args``."""
+def train_command(*args, configs: list[str] | None = None, nproc: int = 1) -> list[str]:
+    """``python -m pipeline.train`` on the smoke ArcFace recipe (or ``configs``, each a --config; ``[]``: none) +
+    ``args``; with ``nproc`` > 1 under torchrun (``--standalone``) with that many ranks."""
     layers = SMOKE if configs is None else [x for c in configs for x in ("--config", str(c))]
-    return [sys.executable, "-m", "pipeline.train", *layers, *map(str, args)]
-
-
-def torchrun_command(nproc: int, *args) -> list[str]:
-    """``pipeline.train`` under torchrun (``--standalone``) with ``nproc`` ranks; ``args`` as for the trainer."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "pipeline.train",
-        *map(str, args),
-    ]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return [sys.executable, *launcher, "-m", "pipeline.train", *layers, *map(str, args)]
 
 
 def run(cmd, timeout: float = 600, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:

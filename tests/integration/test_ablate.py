@@ -1,6 +1,9 @@
 """pipeline.ablate: the example spec (configs/ablations/smoke_scan.yaml: plain vs SCAN, 2 seeds, 4 steps) run end to
 end with the real trainer on the real LFW View-1 faces, then cached, resumed, changed, run cell by cell, reported
-from disk; the table arithmetic against a hand computation; one-line errors for bad specs."""
+from disk; the table arithmetic against a hand computation; one-line errors for bad specs.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_ablate.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""python -m benchmarks.bench_gpu: the --cpu-smoke mode runs every part on the CPU and writes every section."""
+"""python -m benchmarks.bench_gpu: the --cpu-smoke mode runs every part on the CPU and writes every section.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_bench_gpu.py.
+"""
 
 from __future__ import annotations
 

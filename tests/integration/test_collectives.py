@@ -5,6 +5,8 @@ a CPU tensor, the cpu:gloo,cuda:nccl group accepts both) without a GPU; the audi
 procedure for 2 steps on 2 gloo processes (logging, histograms, a checkpoint and verification included)
 with every torch.distributed collective wrapped, and finds none issued outside the module except by
 DeepSpeed's engine.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_collectives.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ Trace and SCAN's per-call state included), and a compiled network computes what 
 
 On the CPU the tests compile with the ``aot_eager`` backend: Dynamo's capture and AOT autograd's forward/backward
 graphs (what inductor receives on a GPU) without generating kernels, so a test takes seconds, not minutes.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_compile.py.
 """
 
 from __future__ import annotations

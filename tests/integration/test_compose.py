@@ -4,6 +4,8 @@ Unit level (tiny widths): the forward returns aux losses / monitors as values an
 module; inserts sit exactly at their named point; heads read the points they ask for; the classifier
 width comes from the head; registration and renamed keys. End to end (real LFW faces, the real trainer):
 SCAN × LRFR, SCAN × fc folded → ONNX, and the test insert + test head through checkpoint → eval → export.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_compose.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import pytest
 import torch
 
 from pipeline.models.network import build_network
-from tests.support.compose import PROBE, SMOKE, run, train
+from tests.helpers import run, train_command
+from tests.support.compose import PROBE, SMOKE
 
 # --------------------------------------------------------------------------- the network object
 
@@ -42,16 +45,13 @@ def lfw_faces(lfw_bin, n=6):
 def test_scan_convs_under_lrfr_pairing(lfw_shards, tmp_path):
     out = tmp_path / "scan_lrfr"
     run(
-        train(
-            "--config",
-            "configs/compose/scan_lrfr.yaml",
-            "--config",
-            SMOKE,
+        train_command(
             "schedule.max_steps=4",
             "output.log_every=2",
             "model.backbone=iresnet18",
             f"data.train={lfw_shards}",
             f"output.dir={out}",
+            configs=["configs/compose/scan_lrfr.yaml", SMOKE],
         )
     )
     tags = tb_scalars(out / "tb")
@@ -81,14 +81,11 @@ def test_scan_fc_folded_onnx_agrees_on_real_faces(lfw_shards, lfw_bin, tmp_path)
 
     out = tmp_path / "scan_fc"
     run(
-        train(
-            "--config",
-            "configs/compose/scan_fc.yaml",
-            "--config",
-            SMOKE,
+        train_command(
             "schedule.max_steps=3",
             f"data.train={lfw_shards}",
             f"output.dir={out}",
+            configs=["configs/compose/scan_fc.yaml", SMOKE],
         )
     )
     onnx_path, folded_pt = tmp_path / "scan.onnx", tmp_path / "folded.pt"
@@ -134,17 +131,14 @@ def test_probe_insert_and_head_roundtrip_checkpoint_eval_export(lfw_shards, lfw_
 
     out = tmp_path / "probe"
     run(
-        train(
-            "--config",
-            PROBE,
-            "--config",
-            SMOKE,
+        train_command(
             "schedule.max_steps=4",
             "output.log_every=2",
             "output.histogram_every=2",
             f"data.train={lfw_shards}",
             f"output.dir={out}",
             f"data.val=[{lfw_bin}]",
+            configs=[PROBE, SMOKE],
         )
     )
     tags = tb_scalars(out / "tb")

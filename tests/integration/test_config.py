@@ -1,4 +1,7 @@
-"""Config layering, overrides and one-line errors; schedules stated in epochs."""
+"""Config layering, overrides and one-line errors; schedules stated in epochs.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_config.py.
+"""
 
 from __future__ import annotations
 

@@ -3,14 +3,13 @@
 References are computed independently here: the CMC by sorting the full similarity matrix
 (numpy argsort), pair scores from the full matrix's upper triangle, TAR@FAR from scikit-learn's
 ``roc_curve``; the faces are the real LFW View-1 dev-test images.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_eval_identify.py.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from pipeline.eval import identify as I
 from pipeline.eval import tarfar as T
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
+from tests.helpers import run, train_command
 from tests.support.eval_identify import (
     SIZE,
     brute_force_cmc,
@@ -28,8 +28,6 @@ from tests.support.eval_identify import (
     write_list,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -37,22 +35,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def trained_run(lfw_shards, tmp_path_factory):
     """A run directory trained for 2 steps on the LFW shards by the real trainer."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.train",
-        "--config",
-        "configs/arcface_r50.yaml",
-        "--config",
-        "configs/smoke.yaml",
-        "model.backbone=iresnet18",
-        f"model.input_size={SIZE}",
-        "schedule.max_steps=2",
-        f"data.train={lfw_shards}",
-        f"output.dir={out}",
-    ]
-    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
+    run(
+        train_command(
+            "model.backbone=iresnet18",
+            f"model.input_size={SIZE}",
+            "schedule.max_steps=2",
+            f"data.train={lfw_shards}",
+            f"output.dir={out}",
+        )
+    )
     return out
 
 

@@ -7,6 +7,8 @@ shifts, 2× pixel repetition, quarter turns) with the landmarks moved along, so 
 must give back the original face bit for bit. The reference is computed here independently: the
 original faces through the PyTorch network one at a time, plain loops over templates and media,
 dot products per pair, scikit-learn's ``roc_curve`` for the TAR.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_eval_ijb.py.
 """
 
 from __future__ import annotations
@@ -28,10 +30,8 @@ from pipeline.eval import ijb
 from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_embedder, load_model
 from pipeline.eval.verify import embed_images, load_bin
+from tests.helpers import REPO
 from tests.support.eval_ijb import SIZE, IJBFixture, decode
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -188,7 +188,7 @@ def test_ijb_two_processes_give_the_same_scores(fixture, checkpoint, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "pipeline.eval", *common, "--out", str(two), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
     assert r.stdout.count("FAR ") == 1  # the table comes from rank 0 only
     n = len(fixture.originals)

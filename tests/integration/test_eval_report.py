@@ -5,6 +5,8 @@ Independent references: ``verify`` on the copies that ``data_prep.bin degrade`` 
 counting embedder, and norms computed here straight from the network on the written copies.
 The faces are the first 200 pairs (two folds' worth, 100 same / 100 different) of the real LFW
 View-1 dev-test ``.bin``.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_eval_report.py.
 """
 
 from __future__ import annotations

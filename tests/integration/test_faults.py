@@ -11,6 +11,8 @@
 | `optim.lr=1e6` (NaN from step 3) | steps skipped and counted, exit 3 after 5 in a row, finite checkpoint kept |
 | one NaN batch in the middle of a run | that step skipped, training goes on, weights finite |
 | `output.log_every=0` and friends | one-line error at start-up |
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_faults.py.
 """
 
 from __future__ import annotations
@@ -26,30 +28,13 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
-from tests.helpers import REPO
-from tests.support.faults import env, run
-
-SMOKE = ["--config", "configs/arcface_r50.yaml", "--config", "configs/smoke.yaml", "model.backbone=iresnet18"]
+from tests.helpers import REPO, env, last_line, train_command
+from tests.support.faults import run
 
 
 def train_cmd(*args, nproc: int = 1):
-    if nproc == 1:
-        return [sys.executable, "-m", "pipeline.train", *SMOKE, *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "pipeline.train",
-        *SMOKE,
-        *args,
-    ]
-
-
-def last_line(text: str) -> str:
-    return text.strip().splitlines()[-1]
+    """The smoke ArcFace run on an iresnet18 (torchrun with ``nproc`` > 1)."""
+    return train_command("model.backbone=iresnet18", *args, nproc=nproc)
 
 
 # --------------------------------------------------------------------------- checkpoints

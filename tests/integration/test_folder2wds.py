@@ -1,5 +1,8 @@
 """folder2wds on the real LFW faces (folder tree and train_list.txt), read back with tarfile,
-webdataset and DALI; determinism; corrupt and bad input."""
+webdataset and DALI; determinism; corrupt and bad input.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_folder2wds.py.
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,10 @@ Offline, with small hand-made wheels: split into parts, receive each part from a
 tree" into an outside folder, reassemble, sha256 checks (a corrupt or missing part gives one line),
 `pip install --no-index --no-deps --target`, the namespace fix for `nvidia/`, the fallback wheels
 (`if_image_lacks`), the whole gpu_check.sh orchestration (GPU_CHECK_ALLOW_CPU=1, timeouts), the
-fast one-line failure without CUDA, and the length of every device command."""
+fast one-line failure without CUDA, and the length of every device command.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_gpu_check.py.
+"""
 
 from __future__ import annotations
 

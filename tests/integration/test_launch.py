@@ -1,5 +1,8 @@
 """pipeline.launch: argument handling, the sbatch file submitit would submit, and a real 2-task
-run of the trainer through submitit's local executor on shards of real LFW faces (CPU)."""
+run of the trainer through submitit's local executor on shards of real LFW faces (CPU).
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_launch.py.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ ranks equal to the statistics of the concatenated batch, no gradient through γ,
 the buffers through ``model.pt`` and ONNX, the spatial LANet map (eq. 11), GAP∘SE = SE∘GAP, the parameter counts of
 §A.9. CQA-Face: CAL (eq. 2) and L_D (eq. 3) on hand-made maps (B.3 values), the relation vectors and the whole head
 against an explicit loop, the parameter counts of §B.9. Both: config errors and composition by YAML alone.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_lgaf_cqa.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Both training loaders on real LFW shards: layout, parity, rank/worker splits, corrupt data, resume."""
+"""Both training loaders on real LFW shards: layout, parity, rank/worker splits, corrupt data, resume.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_loaders.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The lrfr recipe: forward contract, eq. 7 assembled as the trainer does, configs, buckets."""
+"""The lrfr recipe: forward contract, eq. 7 assembled as the trainer does, configs, buckets.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_lrfr.py.
+"""
 
 from __future__ import annotations
 

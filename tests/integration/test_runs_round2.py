@@ -1,5 +1,8 @@
 """Runs that survive, round 2 (issue 22): one run per folder (a lock that names its holder), resumes that name what
-changed, config ranges with the types."""
+changed, config ranges with the types.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_runs_round2.py.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ import time
 import pytest
 
 from pipeline.runlock import FolderLock, FolderLocked, is_locked
-from tests.helpers import REPO
-from tests.support.runs_round2 import SMOKE, env, train
+from tests.helpers import REPO, env, train_command
+from tests.support.runs_round2 import R18, train
 
 
 def last_line(text: str) -> str:
@@ -51,7 +54,7 @@ def test_two_trainers_into_one_folder_the_second_refuses_naming_the_first(lfw_sh
     out = tmp_path / "run"
     args = [f"data.train={lfw_shards}", f"output.dir={out}", "schedule.max_steps=40", "output.log_every=1"]
     first = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", *SMOKE, *args], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+        train_command(R18, *args), cwd=REPO, env=env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

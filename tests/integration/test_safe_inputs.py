@@ -8,6 +8,8 @@
   ``--out`` are each one ``error:`` line and exit 2;
 - non-finite embeddings are a one-line error naming the set and the count;
 - an arcface_torch ``checkpoint_gpu_0.pt`` (backbone under ``state_dict_backbone``) evaluates.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_safe_inputs.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """SCAN-CNN: SAC kernel (eqs. 2, 4) vs scipy, LSC (eq. 8), RMO (eq. 6) and its efficient gradient
-(App. E), folding (eq. 5) against the plain IResNet, and the recipe's contract."""
+(App. E), folding (eq. 5) against the plain IResNet, and the recipe's contract.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_scan.py.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Each spawned rank takes its own slice of one global batch (uneven per-rank sizes) and its shard
 of one global weight; the parent recomputes everything with F.cross_entropy on full logits whose
 margin is applied by the direct formula below, and compares loss and gradients within 1e-5.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_sharded_classifier.py.
 """
 
 from __future__ import annotations

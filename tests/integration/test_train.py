@@ -5,34 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from tests.helpers import REPO
-
-
-def run(cmd, timeout=600, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def torchrun(nproc: int, *args):
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "pipeline.train",
-        *args,
-    ]
+from tests.helpers import run, train_command
 
 
 def scalars(tb_dir: Path) -> dict[str, list]:
@@ -43,11 +21,7 @@ def scalars(tb_dir: Path) -> dict[str, list]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-COMMON = [
-    "--config",
-    "configs/arcface_r50.yaml",
-    "--config",
-    "configs/smoke.yaml",
+COMMON = [  # after the smoke ArcFace layers (tests.helpers.train_command)
     "model.backbone=iresnet18",
     "schedule.max_steps=8",
     "output.checkpoint_every=4",
@@ -59,7 +33,7 @@ COMMON = [
 
 def test_train_resume_verify_two_processes(lfw_shards, lfw_bin, tmp_path):
     full = tmp_path / "full"
-    run(torchrun(2, *COMMON, f"data.train={lfw_shards}", f"output.dir={full}", f"data.val=[{lfw_bin}]"))
+    run(train_command(*COMMON, f"data.train={lfw_shards}", f"output.dir={full}", f"data.val=[{lfw_bin}]", nproc=2))
     ck = full / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step_0000008"
     assert {p.name for p in ck.iterdir() if p.is_dir()} == {"step_0000004", "step_0000008"}  # no .tmp left
@@ -78,7 +52,7 @@ def test_train_resume_verify_two_processes(lfw_shards, lfw_bin, tmp_path):
     (part / "checkpoints").mkdir(parents=True)
     os.symlink(ck / "step_0000004", part / "checkpoints" / "step_0000004")
     (part / "checkpoints" / "latest").write_text("step_0000004\n")
-    proc = run(torchrun(2, *COMMON, f"data.train={lfw_shards}", f"output.dir={part}", "--resume"))
+    proc = run(train_command(*COMMON, f"data.train={lfw_shards}", f"output.dir={part}", "--resume", nproc=2))
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
     a = torch.load(ck / "step_0000008" / "recipe.pt")
     b = torch.load(part / "checkpoints" / "step_0000008" / "recipe.pt")
@@ -101,15 +75,12 @@ def test_resume_on_other_world_size_and_errors(lfw_shards, tmp_path):
     """A 2-process checkpoint resumes on 1 process (classifier re-sharded); a checkpoint of
     another architecture is a one-line error."""
     first = tmp_path / "w2"
-    run(torchrun(2, *COMMON, "schedule.max_steps=4", f"data.train={lfw_shards}", f"output.dir={first}"))
-    one = [
-        sys.executable,
-        "-m",
-        "pipeline.train",
+    run(train_command(*COMMON, "schedule.max_steps=4", f"data.train={lfw_shards}", f"output.dir={first}", nproc=2))
+    one = train_command(
         *COMMON,
         f"data.train={lfw_shards}",
         f"output.dir={first}",
-    ]
+    )
     proc = run([*one, "--resume"], check=False)  # 1 process × 16 is not the saved global batch 2 × 16: refused
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "global batch of 32" in last and "data.batch_size=32" in last, last
@@ -118,16 +89,13 @@ def test_resume_on_other_world_size_and_errors(lfw_shards, tmp_path):
     assert (first / "checkpoints" / "step_0000008").is_dir()
 
     proc = run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.train",
+        train_command(
             *COMMON,
             "model.backbone=iresnet34",
             f"data.train={lfw_shards}",
             f"output.dir={tmp_path / 'x'}",
             f"--resume={first / 'checkpoints'}",
-        ],
+        ),
         check=False,
     )
     assert proc.returncode == 2
@@ -138,8 +106,7 @@ def test_resume_on_other_world_size_and_errors(lfw_shards, tmp_path):
 def test_grad_accumulation_and_empty_shard_dir(lfw_shards, tmp_path):
     out = tmp_path / "acc"
     run(
-        torchrun(
-            2,
+        train_command(
             *COMMON,
             "schedule.max_steps=2",
             "deepspeed.grad_accum=2",
@@ -148,6 +115,7 @@ def test_grad_accumulation_and_empty_shard_dir(lfw_shards, tmp_path):
             "optim.lr=0.001",
             f"data.train={lfw_shards}",
             f"output.dir={out}",
+            nproc=2,
         )
     )
     meta = json.loads((out / "checkpoints" / "step_0000002" / "trainer.json").read_text())
@@ -156,17 +124,14 @@ def test_grad_accumulation_and_empty_shard_dir(lfw_shards, tmp_path):
     # fp32 weights (pipeline/train/engine.py), so the checkpoint holds fp32 weights
     bf16 = tmp_path / "bf16"
     proc = run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.train",
+        train_command(
             *COMMON,
             "schedule.max_steps=2",
             "deepspeed.precision=bf16",
             "output.log_every=1",
             f"data.train={lfw_shards}",
             f"output.dir={bf16}",
-        ]
+        )
     )
     assert "loss nan" not in proc.stdout and "step 2/2 epoch" in proc.stdout and " eta 0:" in proc.stdout
     state = torch.load(bf16 / "checkpoints" / "step_0000002" / "model.pt")
@@ -174,7 +139,7 @@ def test_grad_accumulation_and_empty_shard_dir(lfw_shards, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = run(
-        [sys.executable, "-m", "pipeline.train", *COMMON, f"data.train={empty}", f"output.dir={tmp_path / 'y'}"],
+        train_command(*COMMON, f"data.train={empty}", f"output.dir={tmp_path / 'y'}"),
         check=False,
     )
     assert proc.returncode == 2 and str(empty) in proc.stderr.strip().splitlines()[-1]

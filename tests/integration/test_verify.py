@@ -1,4 +1,7 @@
-"""Verification: the insightface 10-fold protocol by hand, against scikit-learn, and on real LFW pairs."""
+"""Verification: the insightface 10-fold protocol by hand, against scikit-learn, and on real LFW pairs.
+
+The integration half (tests that start processes or outgrow the unit tier); the unit half is tests/unit/test_verify.py.
+"""
 
 from __future__ import annotations
 

@@ -1,20 +1,14 @@
-"""Shared by tests/unit/test_runs_round2.py and tests/integration/test_runs_round2.py: fixtures and helpers of both halves."""
+"""Shared by tests/unit/test_runs_round2.py and tests/integration/test_runs_round2.py: the smoke trainer run."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
-from tests.helpers import REPO
+from tests import helpers
 
-SMOKE = ["--config", "configs/arcface_r50.yaml", "--config", "configs/smoke.yaml", "model.backbone=iresnet18"]
-
-
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+R18 = "model.backbone=iresnet18"
 
 
 def train(*args, timeout=600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline.train", *SMOKE, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    """The smoke ArcFace run on an iresnet18 with ``args``, to its end whatever its exit code."""
+    return helpers.run(helpers.train_command(R18, *args), timeout, check=False)

@@ -1,6 +1,9 @@
 """pipeline.ablate: the example spec (configs/ablations/smoke_scan.yaml: plain vs SCAN, 2 seeds, 4 steps) run end to
 end with the real trainer on the real LFW View-1 faces, then cached, resumed, changed, run cell by cell, reported
-from disk; the table arithmetic against a hand computation; one-line errors for bad specs."""
+from disk; the table arithmetic against a hand computation; one-line errors for bad specs.
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_ablate.py.
+"""
 
 from __future__ import annotations
 

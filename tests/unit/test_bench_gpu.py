@@ -1,4 +1,7 @@
-"""python -m benchmarks.bench_gpu: the --cpu-smoke mode runs every part on the CPU and writes every section."""
+"""python -m benchmarks.bench_gpu: the --cpu-smoke mode runs every part on the CPU and writes every section.
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_bench_gpu.py.
+"""
 
 from __future__ import annotations
 

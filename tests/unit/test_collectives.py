@@ -1,10 +1,6 @@
 """Every collective goes through pipeline.collectives, which checks devices (issue 9, item 1).
 
-The device check itself is exercised for the backends a CUDA run uses (an NCCL-only group would reject
-a CPU tensor, the cpu:gloo,cuda:nccl group accepts both) without a GPU; the audit runs each training
-procedure for 2 steps on 2 gloo processes (logging, histograms, a checkpoint and verification included)
-with every torch.distributed collective wrapped, and finds none issued outside the module except by
-DeepSpeed's engine.
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_collectives.py.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """``model.compile`` (issue 21 item 1): every network the configs compose traces into one graph (no graph break,
 Trace and SCAN's per-call state included), and a compiled network computes what the eager one does.
 
-On the CPU the tests compile with the ``aot_eager`` backend: Dynamo's capture and AOT autograd's forward/backward
-graphs (what inductor receives on a GPU) without generating kernels, so a test takes seconds, not minutes.
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_compile.py.
 """
 
 from __future__ import annotations

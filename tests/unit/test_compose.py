@@ -1,9 +1,6 @@
 """Composable face models: trunk + conv kind + inserts + head, trained by any procedure (issue 8).
 
-Unit level (tiny widths): the forward returns aux losses / monitors as values and keeps nothing on a
-module; inserts sit exactly at their named point; heads read the points they ask for; the classifier
-width comes from the head; registration and renamed keys. End to end (real LFW faces, the real trainer):
-SCAN × LRFR, SCAN × fc folded → ONNX, and the test insert + test head through checkpoint → eval → export.
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_compose.py.
 """
 
 from __future__ import annotations

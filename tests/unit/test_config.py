@@ -1,4 +1,7 @@
-"""Config layering, overrides and one-line errors; schedules stated in epochs."""
+"""Config layering, overrides and one-line errors; schedules stated in epochs.
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_config.py.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """Identification (rank-k / CMC, TinyFace and SCface layouts) and TAR@FAR over all pairs.
 
-References are computed independently here: the CMC by sorting the full similarity matrix
-(numpy argsort), pair scores from the full matrix's upper triangle, TAR@FAR from scikit-learn's
-``roc_curve``; the faces are the real LFW View-1 dev-test images.
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_eval_identify.py.
 """
 
 from __future__ import annotations

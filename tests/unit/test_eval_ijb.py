@@ -1,12 +1,6 @@
 """IJB-B / IJB-C 1:1 (``pipeline.eval ijb``) and ONNX evaluation (``--onnx`` on every subcommand).
 
-The IJB fixture is built from the real LFW View-1 dev-test faces in IJB's layout: 30 people, two or
-three templates each (1-4 images over 1-2 media; some images in two templates), loose crops that
-are the aligned faces placed in bigger noisy canvases by *exact* similarity transforms (integer
-shifts, 2× pixel repetition, quarter turns) with the landmarks moved along, so aligning a loose crop
-must give back the original face bit for bit. The reference is computed here independently: the
-original faces through the PyTorch network one at a time, plain loops over templates and media,
-dot products per pair, scikit-learn's ``roc_curve`` for the TAR.
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_eval_ijb.py.
 """
 
 from __future__ import annotations

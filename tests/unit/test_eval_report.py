@@ -1,10 +1,7 @@
 """Degraded benchmarks in one call (``verify --degrade``), reports (``pipeline.report``) and the
 embedding-norm analysis (issue 12, items 4–6).
 
-Independent references: ``verify`` on the copies that ``data_prep.bin degrade`` writes to disk, a
-counting embedder, and norms computed here straight from the network on the written copies.
-The faces are the first 200 pairs (two folds' worth, 100 same / 100 different) of the real LFW
-View-1 dev-test ``.bin``.
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_eval_report.py.
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
 """Fault injection (issue 10): real trainer processes on gloo and the real LFW shards, one scenario per test.
 
-| scenario | expected |
-|---|---|
-| a fresh run in an output.dir that holds a run | one-line error (exit 2); `output.overwrite=true` starts over |
-| pruning with an older run's `step_0000040` beside new `step_0000004` | by step number, the new one kept |
-| `latest` naming a missing directory | newest complete checkpoint, with a warning |
-| SIGTERM to the process group (DataLoader workers included), 1 process | checkpoint written, exit 4 |
-| SIGTERM to torchrun, 2 processes | every rank stops at the same step, checkpoint written |
-| SIGINT (Ctrl-C) | checkpoint written, exit 4 |
-| `optim.lr=1e6` (NaN from step 3) | steps skipped and counted, exit 3 after 5 in a row, finite checkpoint kept |
-| one NaN batch in the middle of a run | that step skipped, training goes on, weights finite |
-| `output.log_every=0` and friends | one-line error at start-up |
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_faults.py.
 """
 
 from __future__ import annotations

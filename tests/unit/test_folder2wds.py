@@ -1,5 +1,8 @@
 """folder2wds on the real LFW faces (folder tree and train_list.txt), read back with tarfile,
-webdataset and DALI; determinism; corrupt and bad input."""
+webdataset and DALI; determinism; corrupt and bad input.
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_folder2wds.py.
+"""
 
 from __future__ import annotations
 

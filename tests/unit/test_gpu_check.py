@@ -1,10 +1,7 @@
 """CPU rehearsal of `make gpu-stage` / receive.sh / `make gpu-check` (docs/gpu-check.md).
 
-Offline, with small hand-made wheels: split into parts, receive each part from a fresh "device work
-tree" into an outside folder, reassemble, sha256 checks (a corrupt or missing part gives one line),
-`pip install --no-index --no-deps --target`, the namespace fix for `nvidia/`, the fallback wheels
-(`if_image_lacks`), the whole gpu_check.sh orchestration (GPU_CHECK_ALLOW_CPU=1, timeouts), the
-fast one-line failure without CUDA, and the length of every device command."""
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_gpu_check.py.
+"""
 
 from __future__ import annotations
 

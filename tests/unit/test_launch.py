@@ -1,5 +1,8 @@
 """pipeline.launch: argument handling, the sbatch file submitit would submit, and a real 2-task
-run of the trainer through submitit's local executor on shards of real LFW faces (CPU)."""
+run of the trainer through submitit's local executor on shards of real LFW faces (CPU).
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_launch.py.
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
 """LGAF and CQA-Face heads (issue 13), each piece against an independent computation (spec lgaf_cqa.md Part C).
 
-LGAF: the worked example of eqs. 6/9/10 (A.3), the EMA update and its order, the EMA all-reduced over two gloo
-ranks equal to the statistics of the concatenated batch, no gradient through γ, eval never touching the buffers,
-the buffers through ``model.pt`` and ONNX, the spatial LANet map (eq. 11), GAP∘SE = SE∘GAP, the parameter counts of
-§A.9. CQA-Face: CAL (eq. 2) and L_D (eq. 3) on hand-made maps (B.3 values), the relation vectors and the whole head
-against an explicit loop, the parameter counts of §B.9. Both: config errors and composition by YAML alone.
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_lgaf_cqa.py.
 """
 
 from __future__ import annotations

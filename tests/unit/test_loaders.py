@@ -1,4 +1,7 @@
-"""Both training loaders on real LFW shards: layout, parity, rank/worker splits, corrupt data, resume."""
+"""Both training loaders on real LFW shards: layout, parity, rank/worker splits, corrupt data, resume.
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_loaders.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The lrfr recipe: forward contract, eq. 7 assembled as the trainer does, configs, buckets."""
+"""The lrfr recipe: forward contract, eq. 7 assembled as the trainer does, configs, buckets.
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_lrfr.py.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """A checkpoint of an earlier release (tests/fixtures/ckpt_01e6669: written by the trainer at commit 01e6669, before
-the engine / core / SCAN changes of 2026-12-05) still loads in eval and export and still resumes (issue 20 item 3)."""
+the engine / core / SCAN changes of 2026-12-05) still loads in eval and export and still resumes (issue 20 item 3).
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_old_checkpoint.py.
+"""
 
 from __future__ import annotations
 

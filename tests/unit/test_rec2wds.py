@@ -1,6 +1,9 @@
 """rec2wds against RecordIO files written by real MXNet 1.9.1 (tests/fixtures/mxnet_rec, made by
 tests/fixtures/make_mxnet_rec.py), cross-checked with DALI's fn.readers.mxnet; corrupt input,
-resumability, idempotence, identity mixing; the dataset-count check."""
+resumability, idempotence, identity mixing; the dataset-count check.
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_rec2wds.py.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Runs that survive, round 2 (issue 22): one run per folder (a lock that names its holder), resumes that name what
-changed, config ranges with the types."""
+changed, config ranges with the types.
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_runs_round2.py.
+"""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
 """Inputs cannot run code, and bad inputs fail early in one line (issue 10, items 7-8).
 
-- ``.bin`` files are unpickled by one restricted reader (``pipeline.faces.io.read_bin``): the real LFW
-  ``.bin``, numpy-array and Python 2 layouts load; a crafted pickle that calls ``os.system`` /
-  ``builtins.eval`` is refused before anything runs, by the library and by both CLIs;
-- no loader in the source tree unpickles anything else (``torch.load`` always ``weights_only=True``);
-- ``pipeline.export``: a truncated/empty ``model.pt``, a garbage ``config.yaml``, an unwritable
-  ``--out`` are each one ``error:`` line and exit 2;
-- non-finite embeddings are a one-line error naming the set and the count;
-- an arcface_torch ``checkpoint_gpu_0.pt`` (backbone under ``state_dict_backbone``) evaluates.
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_safe_inputs.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Verification: the insightface 10-fold protocol by hand, against scikit-learn, and on real LFW pairs."""
+"""Verification: the insightface 10-fold protocol by hand, against scikit-learn, and on real LFW pairs.
+
+The unit half (in-process, each test under 5 s); the rest is in tests/integration/test_verify.py.
+"""
 
 from __future__ import annotations
 
