@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
-    from pipeline.eval.verify import embed_images, load_bin, to_model_input
+    from pipeline.eval.embed import embed_images, to_model_input
+    from pipeline.eval.sets import load_bin
     from pipeline.models.iresnet import build_iresnet
 
     device = torch.device(args.device)

@@ -2,7 +2,7 @@
 
 For each run directory (a trainer ``output.dir``, a checkpoint root or a checkpoint directory: its
 latest checkpoint, :func:`pipeline.checkpoint.find_checkpoint`) the ``.bin`` sets are verified under
-every ``--degrade`` setting in one pass (:func:`pipeline.eval.verify.evaluate_degraded`: each distinct
+every ``--degrade`` setting in one pass (:func:`pipeline.eval.run.evaluate`: each distinct
 image embedded once per degradation). Results are cached in ``OUT/report_cache/<run>.json`` keyed by
 the sha256 of the checkpoint's ``model.pt`` and ``config.yaml`` and by the evaluation settings (sets
 with their size and mtime, degradations, norms): a rerun with nothing changed embeds nothing.
@@ -35,7 +35,7 @@ from pathlib import Path
 from data_prep.manifest import DataError, sha256_file
 from pipeline.config import ConfigError
 from pipeline.core.device import resolve_device
-from pipeline.eval.verify import NORMS_EXPECTED, format_norm
+from pipeline.eval.tables import NORMS_EXPECTED, format_norm
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BIN = REPO.parent / "shared" / "data" / "lfw_view1_112" / "lfw_devtest_112.bin"
@@ -83,7 +83,8 @@ def evaluate_run(
     """(result of one run, whether it came from the cache)."""
     from pipeline.checkpoint import find_checkpoint
     from pipeline.eval.checkpoint import load_model
-    from pipeline.eval.verify import bin_source, evaluate_degraded
+    from pipeline.eval.run import evaluate
+    from pipeline.eval.sets import EvalSet
 
     checkpoint = find_checkpoint(run)
     key = cache_key(checkpoint, bins, [d.label for d in degradations], norms)
@@ -96,9 +97,9 @@ def evaluate_run(
         if isinstance(cached, dict) and cached.get("key") == key:
             return cached, True
     net, info = load_model(checkpoint, device=device)
-    out = evaluate_degraded(
+    out = evaluate(
         net,
-        [bin_source(b) for b in bins],
+        [EvalSet.from_bin(b) for b in bins],
         degradations,
         info["input_size"],
         batch_size,
@@ -210,7 +211,7 @@ def plot_norms(results: list[dict], path: Path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.eval.verify import DEGRADE_HELP
+    from pipeline.eval.degradations import DEGRADE_HELP
 
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -229,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from pipeline.eval.verify import parse_degradations
+    from pipeline.eval.degradations import parse_degradations
 
     degradations = parse_degradations(args.degrade)
     bins = [Path(b) for b in (args.bin or [DEFAULT_BIN])]

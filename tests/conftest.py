@@ -45,7 +45,7 @@ def lfw_bin(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def devtest(shared_data):
     """The LFW View-1 dev-test images as a labelled set (1,549 images of 963 people)."""
-    from pipeline.eval.identify import read_image_set
+    from pipeline.eval.sets import read_image_set
 
     return read_image_set(shared_data / "lfw_view1_112" / "devtest_112")
 

@@ -47,13 +47,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.preprocessing import normalize
 
-from data_prep.folder2wds import identity_folder_images, image_files
+from data_prep.folder2wds import image_files
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
 from pipeline.core.device import resolve_device
-from pipeline.faces.io import decode_image
+from pipeline.eval.arguments import add_model_arguments
+from pipeline.eval.embed import embed_paths
+from pipeline.eval.sets import ImageSet, concat_image_sets, file_digest, read_image_set
 
 RANKS = (1, 5, 10, 20)
 DEFAULT_CHUNK = 16384
@@ -67,19 +68,7 @@ _SCFACE_MUGSHOT = re.compile(r"^(\d+)_frontal$", re.IGNORECASE)
 _SCFACE_PROBE = re.compile(r"^(\d+)_cam(\d+)_(\d+)$", re.IGNORECASE)
 
 
-# --------------------------------------------------------------------------- image sets
-
-
-@dataclass
-class ImageSet:
-    """Images with identity labels (strings: list labels and folder names share one namespace)."""
-
-    paths: list[Path]
-    labels: list[str]
-    source: str  # the list file or folder it was read from, for messages
-
-    def __len__(self) -> int:
-        return len(self.paths)
+# --------------------------------------------------------------------------- protocols
 
 
 @dataclass
@@ -91,69 +80,13 @@ class IdentificationSet:
     distractors: ImageSet | None = None
 
 
-def read_image_list(path: str | Path, labelled: bool = True) -> ImageSet:
-    """``<image path> <label>`` lines (paths relative to the list's folder); every image must exist.
-
-    ``labelled=False`` (distractors): a line may be a path alone (without spaces, or it reads as
-    ``<path> <label>``); labels of distractors match nothing in the search."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
-    paths, labels = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
-        if not s or s.startswith("#"):
-            continue
-        fields = s.rsplit(None, 1)
-        if len(fields) == 2:
-            image, label = fields
-        elif not labelled:
-            image, label = s, ""
-        else:
-            raise DataError(f"{path}:{lineno}: expected '<image path> <label>', got {s[:80]!r}")
-        p = path.parent / image
-        if not p.is_file():
-            raise DataError(f"{path}:{lineno}: image {p} does not exist")
-        paths.append(p)
-        labels.append(label)
-    if not paths:
-        raise DataError(f"{path}: lists no images")
-    return ImageSet(paths, labels, str(path))
-
-
-def read_identity_folder(path: str | Path) -> ImageSet:
-    """A folder of ``<identity>/<images>`` (images searched recursively; top-level files ignored)."""
-    images = identity_folder_images(path)
-    return ImageSet([p for p, _ in images], [label for _, label in images], str(path))
-
-
-def read_image_set(path: str | Path, labelled: bool = True) -> ImageSet:
-    """A list file or an identity folder, whichever ``path`` is."""
-    path = Path(path)
-    if path.is_dir():
-        return read_identity_folder(path)
-    if path.is_file():
-        return read_image_list(path, labelled)
-    raise DataError(f"{path}: does not exist (expected a list of '<image path> <label>' lines or an identity folder)")
-
-
-def _concat(sets: list[ImageSet]) -> ImageSet:
-    return ImageSet(
-        [p for s in sets for p in s.paths], [lab for s in sets for lab in s.labels], ", ".join(s.source for s in sets)
-    )
-
-
 def read_lists(
     gallery: str | Path, probe: str | Path, distractors: list[str | Path] | None = None
 ) -> IdentificationSet:
     """The generic protocol: one gallery, one probe set (named after its file), optional distractors."""
     gallery_set, probe_set = read_image_set(gallery), read_image_set(probe)
     dis = [read_image_set(d, labelled=False) for d in distractors or []]
-    return IdentificationSet(gallery_set, {Path(probe).stem: probe_set}, _concat(dis) if dis else None)
+    return IdentificationSet(gallery_set, {Path(probe).stem: probe_set}, concat_image_sets(dis) if dis else None)
 
 
 def _tinyface_label(path: Path) -> str:
@@ -251,48 +184,6 @@ def integer_labels(protocol: IdentificationSet) -> tuple[np.ndarray, np.ndarray 
 # --------------------------------------------------------------------------- features
 
 
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
-    return decode_image(data, str(path))
-
-
-def load_image_set(images: ImageSet, image_size: int) -> torch.Tensor:
-    """uint8 (N, S, S, 3) of every image of ``images``, decoded and resized to ``image_size`` (one array: for
-    sets that fit in memory, e.g. the LFW dev-test images; :func:`embed_paths` walks a large gallery in batches)."""
-    from pipeline.eval.verify import stack_images
-
-    if not len(images):
-        raise DataError(f"{images.source}: no images")
-    return stack_images([_read_image(p) for p in images.paths], images.source, image_size)
-
-
-def embed_paths(
-    embed_fn,
-    paths: list[Path],
-    image_size: int,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> np.ndarray:
-    """L2-normalised flip-summed embeddings (float32, (N, D)) of image files, decoded a batch at a
-    time (a 160 k-image gallery never sits decoded in memory), resized to ``image_size``."""
-    from pipeline.eval.verify import check_finite, embed_images, stack_images
-    from pipeline.progress import progress as report
-
-    out = []
-    starts = range(0, len(paths), batch_size)
-    for s in report(starts, len(starts), "embed", enabled=progress):  # a bar on a terminal, lines in a log
-        batch = paths[s : s + batch_size]
-        images = stack_images([_read_image(p) for p in batch], str(batch[0]), image_size)
-        plain, flipped = embed_images(embed_fn, images, batch_size, device)
-        check_finite(plain, flipped, f"{batch[0]} (batch of {len(batch)})")
-        out.append(normalize(plain + flipped).astype(np.float32))
-    return np.concatenate(out)
-
-
 # --------------------------------------------------------------------------- search
 
 
@@ -388,17 +279,6 @@ def evaluate_identification(
     return rows
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (a probe that *is* a gallery image scores rank 1 by construction)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def trivial_rank(probe_labels: np.ndarray, gallery_labels: np.ndarray) -> int:
     """The smallest k at which every probe is found whatever the features: a probe's first same-identity entry
     can sit at most behind all the other identities' entries, so rank-k with k ≥ max over probes of
@@ -462,34 +342,6 @@ def plot_cmc(rows: list[dict], path: str | Path, title: str = "") -> None:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def add_model_arguments(p: argparse.ArgumentParser, several: bool = False) -> None:
-    """The model to evaluate — ``--checkpoint`` or ``--onnx`` (exactly one; with ``several``, each
-    repeatable and combinable: checkpoints first, then ONNX models) — the options of a state-dict
-    file, and ``--batch-size``, ``--device``, ``--no-progress``, as every subcommand takes them."""
-    group = p if several else p.add_mutually_exclusive_group(required=True)
-    group.add_argument(
-        "--checkpoint",
-        action="append" if several else "store",
-        help="trainer checkpoint dir (config.yaml + model.pt), a run dir (its latest checkpoint), or a state-dict .pth"
-        + (" (repeat to compare several)" if several else ""),
-    )
-    group.add_argument(
-        "--onnx",
-        action="append" if several else "store",
-        metavar="MODEL.onnx",
-        help="an exported ONNX model (python -m pipeline.export), run by onnxruntime (CUDA provider when the "
-        "device is CUDA and the provider is installed, else CPU); input size read from the model"
-        + (" (repeatable)" if several else ""),
-    )
-    p.add_argument("--backbone", help="registry backbone name for a state-dict file (e.g. iresnet50)")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier for --backbone (default 1.0)")
-    p.add_argument("--embedding-size", type=int, default=512, help="embedding size for --backbone (default 512)")
-    p.add_argument("--input-size", type=int, default=112, help="input size for --backbone (default 112)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_identify_parser(subparsers) -> argparse.ArgumentParser:

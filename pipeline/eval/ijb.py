@@ -374,7 +374,7 @@ def embed_faces(
 ) -> np.ndarray:
     """Flip-summed, unnormalised features (float32 (N, D)) of face images: decoded, aligned from
     their landmarks (None: taken as aligned), resized to ``image_size``, a batch at a time."""
-    from pipeline.eval.verify import check_finite, embed_images, stack_images
+    from pipeline.eval.embed import check_finite, embed_images, stack_images
 
     out = []
     for s in range(0, len(paths), batch_size):
@@ -526,7 +526,7 @@ def merge_slices(cache_dir: Path, keys: list[str], bounds: list[tuple[int, int]]
 
 def add_ijb_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``ijb`` on the ``python -m pipeline.eval`` sub-parsers; returns the parser."""
-    from pipeline.eval.identify import add_model_arguments
+    from pipeline.eval.arguments import add_model_arguments
 
     p = subparsers.add_parser(
         "ijb",

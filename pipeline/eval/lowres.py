@@ -12,7 +12,7 @@ For each set and each size s (default 7, 14, 20 px, the LRFR paper's resolutions
 
 Verification uses :mod:`pipeline.eval.verify`'s insightface 10-fold protocol unchanged (flip-sum
 embeddings, squared L2, thresholds 0..4 step 0.01, KFold 10), through
-:func:`pipeline.eval.verify.evaluate_degraded`: each distinct image is embedded once clean and once per size; the
+:func:`pipeline.eval.run.evaluate`: each distinct image is embedded once clean and once per size; the
 cross setting pairs the clean first image with the degraded second image (each image is embedded independently in
 eval mode, so this equals embedding a half-degraded copy).
 
@@ -31,12 +31,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
 from pipeline.core.device import resolve_device
+from pipeline.eval.arguments import add_model_arguments
+from pipeline.eval.degradations import CLEAN, Degradation
+from pipeline.eval.run import evaluate
+from pipeline.eval.sets import EvalSet
 
 DEFAULT_SIZES = (7, 14, 20)
 MODES = ("clean", "lr", "cross")
@@ -47,29 +50,27 @@ def _slim(res: dict) -> dict:
     return {k: res[k] for k in _KEEP if k in res}
 
 
-def evaluate_lowres_sources(
+def evaluate_lowres(
     embed_fn: Callable[[torch.Tensor], torch.Tensor],
-    sources: list[tuple[str, list[bytes], np.ndarray]],
+    sets: list[EvalSet],
     sizes=DEFAULT_SIZES,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     image_size: int = 112,
     progress: bool = False,
 ) -> list[dict]:
-    """Rows ``{"set", "mode" (clean|lr|cross), "size" (px, None for clean), accuracy, std, ...}`` of every source
-    (``verify.bin_source`` / ``verify.pairs_source``). One implementation with ``pipeline.eval verify --degrade
-    lr:S cross:S`` and with ``data_prep.bin degrade``'s copies (:func:`pipeline.eval.verify.evaluate_degraded`): each
-    image degraded at its stored size (bicubic down to S px and back up), then resized to the model's input — the
-    same pixels and the same numbers whatever size the set is stored at (issue 20 item 4)."""
-    from pipeline.eval.verify import Degradation, evaluate_degraded
-
+    """Rows ``{"set", "mode" (clean|lr|cross), "size" (px, None for clean), accuracy, std, ...}`` of every pair set,
+    through the one front-end (:func:`pipeline.eval.run.evaluate`, as ``pipeline.eval verify --degrade lr:S cross:S``
+    and ``data_prep.bin degrade``'s copies): each image degraded at its stored size (bicubic down to S px and back
+    up), then resized to the model's input — the same pixels and the same numbers whatever size the set is stored at
+    (issue 20 item 4)."""
     for s in sizes:
         if int(s) < 1:
             raise ConfigError(f"--sizes: resolution must be a positive number of px, got {s}")
-    degradations = [Degradation("clean")]
+    degradations = [CLEAN]
     for s in sizes:
         degradations += [Degradation("lr", int(s)), Degradation("lr", int(s), True)]
-    res = evaluate_degraded(embed_fn, sources, degradations, image_size, batch_size, device, progress)
+    res = evaluate(embed_fn, sets, degradations, image_size, batch_size, device, progress)
     rows = []
     for r in res["results"]:
         mode = "clean" if r["kind"] == "clean" else ("cross" if r["cross"] else "lr")
@@ -86,10 +87,8 @@ def evaluate_lowres_bin(
     image_size: int = 112,
     progress: bool = False,
 ) -> list[dict]:
-    """:func:`evaluate_lowres_sources` on an insightface ``.bin`` (name = file stem)."""
-    from pipeline.eval.verify import bin_source
-
-    return evaluate_lowres_sources(embed_fn, [bin_source(bin_path)], sizes, batch_size, device, image_size, progress)
+    """:func:`evaluate_lowres` on an insightface ``.bin`` (name = file stem)."""
+    return evaluate_lowres(embed_fn, [EvalSet.from_bin(bin_path)], sizes, batch_size, device, image_size, progress)
 
 
 def markdown_table(rows: list[dict], label: str | None = None) -> str:
@@ -134,8 +133,6 @@ def add_lowres_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from pipeline.eval.identify import add_model_arguments
-
     add_model_arguments(p)  # --checkpoint | --onnx, state-dict options, --batch-size, --device, --no-progress
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bin", nargs="+", help="insightface .bin file(s), e.g. lfw.bin")
@@ -151,7 +148,6 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def run_lowres(args) -> list[dict]:
     """Run the ``lowres`` subcommand; prints the markdown table, returns the rows."""
     from pipeline.eval.checkpoint import embedder_from_args
-    from pipeline.eval.verify import bin_source, pairs_source
 
     if args.pairs and not args.root:
         raise ConfigError("--pairs needs --root (the image folder)")
@@ -160,10 +156,10 @@ def run_lowres(args) -> list[dict]:
     device = resolve_device(args.device)
     net, info = embedder_from_args(args, device)
     size = info["input_size"]
-    sources = [bin_source(b) for b in args.bin] if args.bin else [pairs_source(args.pairs, args.root, args.ext)]
-    rows = evaluate_lowres_sources(
-        net, sources, args.sizes, args.batch_size, device, size, progress=not args.no_progress
+    sets = (
+        [EvalSet.from_bin(b) for b in args.bin] if args.bin else [EvalSet.from_pairs(args.pairs, args.root, args.ext)]
     )
+    rows = evaluate_lowres(net, sets, args.sizes, args.batch_size, device, size, progress=not args.no_progress)
     print(markdown_table(rows), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from pipeline.eval.tarfar import (
 
 def add_tarfar_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``tarfar`` on the ``python -m pipeline.eval`` sub-parsers; returns the parser."""
-    from pipeline.eval.identify import add_model_arguments
+    from pipeline.eval.arguments import add_model_arguments
 
     p = subparsers.add_parser(
         "tarfar",
@@ -66,7 +66,7 @@ def run_tarfar(args) -> list[dict]:
     """Run the ``tarfar`` subcommand; prints the table, returns one result per checkpoint."""
     from pipeline.core.device import resolve_device
     from pipeline.eval.checkpoint import embedder_from_args
-    from pipeline.eval.identify import embed_paths
+    from pipeline.eval.embed import embed_paths
 
     models = [(c, None) for c in args.checkpoint or []] + [(None, o) for o in getattr(args, "onnx", None) or []]
     if not models:
@@ -118,7 +118,7 @@ def run_tarfar(args) -> list[dict]:
 def read_without_duplicates(source: str, keep_duplicates: bool):
     """(the labelled image set, how many of its files are byte-identical to an earlier one); those are left out
     unless ``keep_duplicates`` (an image paired with its own copy scores 1 by construction)."""
-    from pipeline.eval.identify import ImageSet, file_digest, read_image_set
+    from pipeline.eval.sets import ImageSet, file_digest, read_image_set
 
     images = read_image_set(source)
     seen: set[str] = set()

@@ -133,32 +133,31 @@ def _device(setting: str):
 
 
 def evaluate_cell(spec: Spec, cell: Cell, threads: int) -> tuple[dict, dict, Path, float]:
-    """(metrics per set, diagnostics, checkpoint, seconds) of the cell's final checkpoint."""
+    """(metrics per set, diagnostics, checkpoint, seconds) of the cell's final checkpoint, through the one
+    evaluation front-end (:func:`pipeline.eval.run.evaluate`), keeping the embeddings for the diagnostics."""
     import torch
 
     from pipeline.eval.checkpoint import load_network_checked
-    from pipeline.eval.tarfar import all_pairs_metrics
-    from pipeline.eval.verify import check_finite, embed_images, verification_metrics
+    from pipeline.eval.run import evaluate, metrics_of
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
     net, model_cfg, weights = load_network_checked(cell.run_dir)
     device = _device(cell.config.device)
     net = net.to(device).eval()
-    embed = net.embedder().eval()
-    metrics, embeddings = {}, {}
-    for eval_set in spec.eval:
-        images, target = eval_set.load(model_cfg.input_size)  # target: issame per pair, or a label per image
-        # what pipeline.eval.verify.evaluate_images / pipeline.eval tarfar do, keeping the embeddings for diagnostics
-        emb, emb_flip = embed_images(embed, images, EVAL_BATCH, device)
-        if eval_set.images:
-            check_finite(emb, emb_flip, eval_set.name)
-            feats = torch.nn.functional.normalize(torch.from_numpy(emb + emb_flip), dim=1)
-            metrics[eval_set.name] = all_pairs_metrics(feats, target, eval_set.fars(), device)
-        else:
-            res = verification_metrics(emb, emb_flip, target, eval_set.name)
-            metrics[eval_set.name] = {k: res[k] for k in KEPT_METRICS if k in res}
-        embeddings[eval_set.name] = emb
-    ctx = DiagnosticContext(cell.run_dir, spec.eval, device, model_cfg.input_size, embeddings)
+    sets = [entry.to_eval_set() for entry in spec.eval]
+    out = evaluate(
+        net.embedder().eval(),
+        sets,
+        image_size=model_cfg.input_size,
+        batch_size=EVAL_BATCH,
+        device=device,
+        keep_embeddings=True,
+    )
+    metrics = {}
+    for eval_set, row in zip(sets, out["results"]):
+        kept = metrics_of(row)
+        metrics[eval_set.name] = kept if not eval_set.is_pairs else {k: kept[k] for k in KEPT_METRICS if k in kept}
+    ctx = DiagnosticContext(cell.run_dir, sets, device, model_cfg.input_size, out["embeddings"])
     diagnostics = run_diagnostics(spec.diagnostics, net, cell.config, ctx)
     return metrics, diagnostics, weights.parent, round(time.perf_counter() - started, 1)

@@ -9,7 +9,8 @@ from typing import Any
 
 from data_prep.manifest import DataError
 from pipeline.config import Config, ConfigError
-from pipeline.experiments.spec import EVAL_BATCH, EvalSet
+from pipeline.eval.sets import EvalSet
+from pipeline.experiments.spec import EVAL_BATCH
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class DiagnosticContext:
     """What a diagnostic may read besides the network and its config."""
 
     run_dir: Path  # the cell's trainer output.dir (tb/, checkpoints/)
-    eval_sets: list[EvalSet]  # the spec's evaluation sets, in order (``.load(input_size)`` → images, issame)
+    eval_sets: list[EvalSet]  # the spec's evaluation sets, in order (``.load(input_size)`` → images, target)
     device: Any  # torch.device the network is on
     input_size: int
     embeddings: dict  # set name → float32 (2P, D) embeddings of its images, no flip, not normalised (numpy)
@@ -90,7 +91,7 @@ def sample_values(net, cfg: Config, ctx: DiagnosticContext) -> dict[str, float]:
     (does the local branch gain weight on degraded faces?) or CQA-Face's ``q0/…`` … ``q3/…`` (do the quality
     scores fall on occluded faces?); nothing for a network without such values (the fc head)."""
 
-    from pipeline.eval.verify import to_model_input
+    from pipeline.eval.embed import to_model_input
 
     out: dict[str, float] = {}
     for eval_set in ctx.eval_sets:
@@ -118,7 +119,7 @@ def eq8_sweep(net, ctx: DiagnosticContext, name: str) -> dict[str, float]:
     (L2-normalised embeddings; the same seeded masks for every network of one width)."""
     import torch
 
-    from pipeline.eval.verify import to_model_input
+    from pipeline.eval.embed import to_model_input
     from pipeline.models.lcd import eq8_mse
 
     images, _ = ctx.eval_sets[0].load(ctx.input_size)
@@ -152,7 +153,7 @@ FIXED_FACES = 256  # occlusion_locality / validation_monitors: distinct faces of
 def fixed_faces(ctx: DiagnosticContext, n: int = FIXED_FACES):
     """(n, 3, S, S) model input on ``ctx.device``: the first image of each of the first n pairs of the first
     evaluation set (distinct faces; for an ``images`` set every other image)."""
-    from pipeline.eval.verify import to_model_input
+    from pipeline.eval.embed import to_model_input
 
     images, _ = ctx.eval_sets[0].load(ctx.input_size)
     return to_model_input(images[0 : 2 * n : 2]).to(ctx.device)

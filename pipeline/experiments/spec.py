@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any, ClassVar
 import yaml
 
 from pipeline.config import ConfigError, parse_override, read_yaml_mapping
+from pipeline.eval.sets import EvalSet
 
 METRICS = ("accuracy", "accuracy_noflip", "auc")  # what the table may report; all are fractions, shown in %
 IMAGES_FARS = (1e-2, 1e-3, 1e-4)  # TAR kept for an ``images`` eval set (plus its metric's FAR)
@@ -147,7 +147,7 @@ class Arm:
 
 
 @dataclass
-class EvalSet:
+class EvalSetSpec:
     """An evaluation set: an insightface ``.bin`` or an LFW pairs list with its image folder (verification of its
     pairs, 10-fold), or a labelled image set (``images``: identity folders or a list file; TAR at FAR over all its
     pairs, :mod:`pipeline.eval.tarfar`)."""
@@ -212,27 +212,13 @@ class EvalSet:
 
         return tuple(sorted({*IMAGES_FARS, parse_far_key(self.metric or DEFAULT_IMAGES_METRIC)}, reverse=True))
 
-    def load(self, image_size: int):
-        """Pair sets: (uint8 images (2P, S, S, 3), issame (P,)); ``images`` sets: (uint8 images (N, S, S, 3),
-        labels (N,)). Decoded once per process."""
-        import numpy as np
-
-        from pipeline.eval.identify import load_image_set, read_image_set
-        from pipeline.eval.verify import load_bin, load_pairs
-
-        key = (json.dumps(self.identity(), sort_keys=True), image_size)
-        if key not in _LOADED:  # load_bin caches itself; the pairs' JPEGs are decoded once here
-            if self.images:
-                image_set = read_image_set(self.images)
-                _LOADED[key] = (load_image_set(image_set, image_size), np.asarray(image_set.labels))
-            elif self.bin:
-                _LOADED[key] = load_bin(self.bin, image_size)
-            else:
-                _LOADED[key] = load_pairs(self.pairs, self.root, image_size, self.ext)
-        return _LOADED[key]
-
-
-_LOADED: dict[tuple, tuple] = {}
+    def to_eval_set(self) -> EvalSet:
+        """The set itself (:class:`pipeline.eval.sets.EvalSet`, the one type every evaluation reads)."""
+        if self.images:
+            return EvalSet.from_images(self.images, self.name, self.fars())
+        if self.bin:
+            return EvalSet.from_bin(self.bin, self.name)
+        return EvalSet.from_pairs(self.pairs, self.root, self.ext, self.name)
 
 
 @dataclass
@@ -243,7 +229,7 @@ class Spec:
     arms: list[Arm]
     seeds: list[int]
     budget: dict
-    eval: list[EvalSet]
+    eval: list[EvalSetSpec]
     overrides: list[str] = field(default_factory=list)
     reference: str = ""
     output: str = ""

@@ -1,5 +1,5 @@
-"""In-training evaluation (rank 0): every ``data.val`` set through :func:`pipeline.eval.verify.evaluate_bin` — the
-same code as ``python -m pipeline.eval verify`` — with accuracy, TAR@FAR and the network's own per-sample values
+"""In-training evaluation (rank 0): every ``data.val`` set through :func:`pipeline.eval.run.evaluate` — the
+same front-end as ``python -m pipeline.eval verify`` — with accuracy, TAR@FAR and the network's own per-sample values
 to TensorBoard (``val/<set>/…``) and ``eval_latest.json``; and the fixed faces the networks' validation monitors
 and checkpoint figures read."""
 
@@ -44,7 +44,8 @@ class Validator:
         ``data.val`` set, else the start of the first training batch. The attention-map figure draws the first 8;
         the networks' validation monitors (:meth:`FaceNetwork.validation_monitors`) read them all."""
         if self._faces is None and self.cfg.data.val:
-            from pipeline.eval.verify import load_bin, to_model_input
+            from pipeline.eval.embed import to_model_input
+            from pipeline.eval.sets import load_bin
 
             try:
                 images, _ = load_bin(self.cfg.data.val[0], self.cfg.model.input_size)
@@ -86,7 +87,9 @@ class Validator:
         return results
 
     def _evaluate_set(self, path: str, step: int) -> dict | None:
-        from pipeline.eval.verify import evaluate_bin, load_bin, to_model_input
+        from pipeline.eval.embed import to_model_input
+        from pipeline.eval.run import evaluate_bin
+        from pipeline.eval.sets import load_bin
 
         name = Path(path).stem
         try:
@@ -96,11 +99,12 @@ class Validator:
                 batch_size=self.cfg.data.batch_size,
                 device=str(self.device),
                 progress=f"[eval] step {step} {name}: embedding",
+                image_size=self.cfg.model.input_size,
             )
         except DataError as exc:  # rank 0 alone evaluates: report, never leave the others at the barrier
             print(f"[eval] step {step} {name}: skipped: {exc}", flush=True)
             return None
-        result = {k: v for k, v in res.items() if not k.startswith("roc_")}
+        result = dict(res)
         # the network's own per-sample values on this set (LGAF's γ_l, CQA's quality scores), if any
         images, _ = load_bin(path, self.cfg.model.input_size)
         values = self.model.net.sample_value_means(images, self.cfg.data.batch_size, to_model_input)

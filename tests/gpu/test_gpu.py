@@ -225,7 +225,7 @@ def test_scan_fold_on_cuda():
 
 
 def test_eval_on_cuda_equals_eval_on_cpu(lfw_bin):
-    from pipeline.eval.verify import evaluate_bin
+    from pipeline.eval.run import evaluate_bin
     from pipeline.models.iresnet import build_iresnet
 
     torch.manual_seed(0)

@@ -35,7 +35,8 @@ def tb_scalars(tb_dir: Path) -> dict[str, list[float]]:
 
 def lfw_faces(lfw_bin, n=6):
     """The first n real faces of the LFW dev-test .bin as model input: (n, 3, 112, 112) in [-1, 1]."""
-    from pipeline.eval.verify import load_bin, to_model_input
+    from pipeline.eval.embed import to_model_input
+    from pipeline.eval.sets import load_bin
 
     imgs, _ = load_bin(lfw_bin, 112)
     return to_model_input(imgs[:n]).contiguous()

@@ -14,10 +14,12 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.eval import embed as EM
 from pipeline.eval import identify as I
+from pipeline.eval import sets as ES
 from pipeline.eval import tarfar as T
-from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
+from pipeline.eval.cli import main as eval_main
 from tests.helpers import run, train_command
 from tests.support.eval_identify import (
     SIZE,
@@ -55,7 +57,7 @@ def test_cmc_on_lfw_devtest_against_brute_force(devtest, devtest_feats, tiny_net
     other dev-test images; embeddings of a random-init tiny network."""
     gallery_rows, probe_rows = first_image_gallery(devtest)
     labels = np.unique(devtest.labels, return_inverse=True)[1]
-    distractor_feats = I.embed_paths(tiny_net, train_distractors.paths, SIZE, batch_size=256)
+    distractor_feats = EM.embed_paths(tiny_net, train_distractors.paths, SIZE, batch_size=256)
     gallery = np.concatenate([devtest_feats[gallery_rows], distractor_feats]).astype(np.float64)
     gallery_labels = np.concatenate([labels[gallery_rows], np.full(len(distractor_feats), I.DISTRACTOR)])
     probes = devtest_feats[probe_rows].astype(np.float64)
@@ -76,7 +78,7 @@ def test_cmc_on_lfw_devtest_against_brute_force(devtest, devtest_feats, tiny_net
 def test_cli_identify_lists_and_scface(tmp_path, capsys, devtest, train_distractors, trained_run, random_checkpoint):
     people = [lab for lab in dict.fromkeys(devtest.labels) if devtest.labels.count(lab) >= 2][:30]
     subset = [(p, lab) for p, lab in zip(devtest.paths, devtest.labels) if lab in people]
-    sub = I.ImageSet([p for p, _ in subset], [lab for _, lab in subset], "subset")
+    sub = ES.ImageSet([p for p, _ in subset], [lab for _, lab in subset], "subset")
     g_rows, p_rows = first_image_gallery(sub)
     g = write_list(tmp_path / "gallery.txt", [sub.paths[i] for i in g_rows], [sub.labels[i] for i in g_rows])
     p = write_list(tmp_path / "probe.txt", [sub.paths[i] for i in p_rows], [sub.labels[i] for i in p_rows])
@@ -95,7 +97,7 @@ def test_cli_identify_lists_and_scface(tmp_path, capsys, devtest, train_distract
     # the same CMC from the loaded network and the brute-force reference
     net, info = load_model(trained_run)
     assert info["input_size"] == SIZE
-    feats = I.embed_paths(net, sub.paths + train_distractors.paths[:20], SIZE).astype(np.float64)
+    feats = EM.embed_paths(net, sub.paths + train_distractors.paths[:20], SIZE).astype(np.float64)
     labels = np.unique(sub.labels, return_inverse=True)[1]
     gallery = np.concatenate([feats[g_rows], feats[len(sub) :]])
     gallery_labels = np.concatenate([labels[g_rows], np.full(20, -1)])

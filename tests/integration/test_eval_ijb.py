@@ -27,9 +27,10 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 
 from pipeline.eval import ijb
-from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_embedder, load_model
-from pipeline.eval.verify import embed_images, load_bin
+from pipeline.eval.cli import main as eval_main
+from pipeline.eval.embed import embed_images
+from pipeline.eval.sets import load_bin
 from tests.helpers import REPO
 from tests.support.eval_ijb import SIZE, IJBFixture, decode
 

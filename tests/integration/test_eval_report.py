@@ -20,9 +20,12 @@ import pytest
 import torch
 
 from pipeline import report as R
+from pipeline.eval import embed as EM
+from pipeline.eval import run as ER
+from pipeline.eval import sets as ES
 from pipeline.eval import verify as V
-from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
+from pipeline.eval.cli import main as eval_main
 from pipeline.faces.io import read_bin
 from tests.support.eval_report import SIZE
 
@@ -70,7 +73,7 @@ def test_report_table_cache_bold_and_norms(runs, lfw200_bin, copies, tmp_path, c
         net, _ = load_model(run)
         by = {r["degradation"]: r for r in ck["results"]}
         for label, path in copies.items():
-            ref = V.evaluate_bin(net, path, image_size=SIZE)
+            ref = ER.evaluate_bin(net, path, image_size=SIZE)
             assert by[label]["accuracy"] == ref["accuracy"], (run.name, label)
             assert by[label]["std"] == ref["std"], (run.name, label)
             acc[(ck["run"], label)] = ref["accuracy"]
@@ -98,9 +101,9 @@ def test_report_table_cache_bold_and_norms(runs, lfw200_bin, copies, tmp_path, c
         norms = {r["degradation"]: r for r in ck["norms"]}
         assert sorted(norms) == sorted(["clean", "blur:1", "lr:7"])  # cross settings: their degradation
         for label in ("clean", "blur:1", "lr:7"):
-            images, _ = V.load_bin(copies[label], SIZE)
+            images, _ = ES.load_bin(copies[label], SIZE)
             with torch.inference_mode():
-                e = net(V.to_model_input(images)).numpy()
+                e = net(EM.to_model_input(images)).numpy()
             bins, _ = read_bin(copies[label])
             first = list({b: i for i, b in reversed(list(enumerate(bins)))}.values())  # one row per distinct image
             n = np.linalg.norm(e[sorted(first)], axis=1)

@@ -20,7 +20,8 @@ def test_occlusion_locality_diagnostic_reads_the_point_lcd_reads_in_any_network(
     """The ablation diagnostic on real faces: for an LCD network it equals what LCD's own validation monitor
     measures on the same faces (LCD's input = bn3's output of stage 3's last block); for the baseline it is the
     same computation on bn3's output, captured here by a hook; a uniform split is ⌈0.1·c⌉/c."""
-    from pipeline.eval.verify import load_bin, to_model_input
+    from pipeline.eval.embed import to_model_input
+    from pipeline.eval.sets import load_bin
     from pipeline.experiments.diagnostics import (
         DiagnosticContext,
         occlusion_locality_diagnostic,

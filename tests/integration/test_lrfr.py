@@ -58,8 +58,10 @@ def test_lowres_verify_and_copies_agree_on_a_set_stored_at_another_size(lfw100_b
 
     from data_prep.bin import degrade_bin
     from pipeline.eval.checkpoint import load_model
+    from pipeline.eval.degradations import parse_degradations
     from pipeline.eval.lowres import evaluate_lowres_bin
-    from pipeline.eval.verify import bin_source, evaluate_bin, evaluate_degraded, parse_degradations
+    from pipeline.eval.run import evaluate, evaluate_bin
+    from pipeline.eval.sets import EvalSet
     from pipeline.faces.io import read_bin, write_bin
 
     bins, issame = read_bin(lfw100_bin)
@@ -72,7 +74,7 @@ def test_lowres_verify_and_copies_agree_on_a_set_stored_at_another_size(lfw100_b
     write_bin(stored, big, issame[:40])
     net, _ = load_model(tiny_checkpoint)
     rows = {(r["mode"], r["size"]): r for r in evaluate_lowres_bin(net, stored, sizes=(7,), batch_size=80)}
-    verify = evaluate_degraded(net, [bin_source(stored)], parse_degradations(["lr:7", "cross:7"]), 112, 80)
+    verify = evaluate(net, [EvalSet.from_bin(stored)], parse_degradations(["lr:7", "cross:7"]), 112, 80)
     by_label = {r["degradation"]: r for r in verify["results"]}
     for copy in degrade_bin(stored, tmp_path / "copies", lowres=(7,), cross=True, progress=False):
         mode, label = ("cross", "cross:7") if copy.stem.endswith("_cross") else ("lr", "lr:7")
@@ -86,7 +88,7 @@ def test_lowres_rows_equal_verification_of_degraded_bins(lfw100_bin, tiny_checkp
     from data_prep.bin import degrade_bin
     from pipeline.eval.checkpoint import load_model
     from pipeline.eval.lowres import evaluate_lowres_bin, markdown_table
-    from pipeline.eval.verify import evaluate_bin
+    from pipeline.eval.run import evaluate_bin
 
     net, _ = load_model(tiny_checkpoint)
     rows = evaluate_lowres_bin(net, lfw100_bin, sizes=(7,), batch_size=100)
@@ -142,7 +144,7 @@ def test_lowres_cli_prints_table_and_json(lfw100_bin, tiny_checkpoint, tmp_path,
 
 
 def test_lowres_is_a_subcommand_of_pipeline_eval(lfw100_bin, tiny_checkpoint, tmp_path, capsys):
-    from pipeline.eval.__main__ import main
+    from pipeline.eval.cli import main
 
     out = tmp_path / "sub.json"
     assert (

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.eval import run as ER
+from pipeline.eval import sets as ES
 from pipeline.eval import verify as V
 
 # --------------------------------------------------------------------------- protocol by hand
@@ -22,16 +24,16 @@ def pixel_embed(x: torch.Tensor) -> torch.Tensor:
 
 def test_bin_and_pairs_give_same_result(lfw_bin, shared_data):
     root = shared_data / "lfw_view1_112"
-    r_bin = V.evaluate_bin(pixel_embed, lfw_bin, batch_size=250)
-    images, issame = V.load_pairs(root / "pairsDevTest.txt", root / "devtest_112")
-    bin_images, bin_issame = V.load_bin(lfw_bin)
+    r_bin = ER.evaluate_bin(pixel_embed, lfw_bin, batch_size=250)
+    images, issame = ES.load_pairs(root / "pairsDevTest.txt", root / "devtest_112")
+    bin_images, bin_issame = ES.load_bin(lfw_bin)
     assert torch.equal(images, bin_images) and np.array_equal(issame, bin_issame)
     r_pairs = V.evaluate_images(pixel_embed, images, issame, "pairsDevTest", batch_size=250)
     assert r_bin["name"] == "lfw_devtest_112" and r_bin["num_pairs"] == 1000
     assert r_pairs["fold_accuracies"] == r_bin["fold_accuracies"]
     assert r_pairs["accuracy"] == r_bin["accuracy"]
     assert 0.55 < r_bin["accuracy"] < 0.8, r_bin["accuracy"]  # above chance, far from a face model
-    assert V.load_bin(lfw_bin)[0] is bin_images  # cached
+    assert ES.load_bin(lfw_bin)[0] is bin_images  # cached
 
 
 def test_random_tiny_iresnet_on_lfw(lfw_bin):
@@ -42,7 +44,7 @@ def test_random_tiny_iresnet_on_lfw(lfw_bin):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        r = V.evaluate_bin(net, lfw_bin, batch_size=200)
+        r = ER.evaluate_bin(net, lfw_bin, batch_size=200)
     finally:
         torch.set_num_threads(threads)
     assert 0.4 <= r["accuracy"] <= 0.7, r["accuracy"]

@@ -9,7 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
+from pipeline.eval import embed as EM
 from pipeline.eval import identify as I
+from pipeline.eval import sets as ES
 from pipeline.models.iresnet import build_iresnet
 
 SIZE = 56  # network input (px): small keeps the 2-core CPU time down
@@ -29,17 +31,17 @@ def tiny_net():
 @pytest.fixture(scope="module")
 def devtest_feats(tiny_net, devtest) -> np.ndarray:
     """Embeddings of all 1,549 dev-test images by a random-init tiny network (the production path)."""
-    return I.embed_paths(tiny_net, devtest.paths, SIZE, batch_size=256)
+    return EM.embed_paths(tiny_net, devtest.paths, SIZE, batch_size=256)
 
 
 @pytest.fixture(scope="module")
-def train_distractors(lfw) -> I.ImageSet:
+def train_distractors(lfw) -> ES.ImageSet:
     """Every 18th LFW training image (101 images of people disjoint from dev-test)."""
-    full = I.read_image_list(lfw / "train_list.txt")
-    return I.ImageSet(full.paths[::18], full.labels[::18], full.source)
+    full = ES.read_image_list(lfw / "train_list.txt")
+    return ES.ImageSet(full.paths[::18], full.labels[::18], full.source)
 
 
-def first_image_gallery(images: I.ImageSet) -> tuple[list[int], list[int]]:
+def first_image_gallery(images: ES.ImageSet) -> tuple[list[int], list[int]]:
     """(gallery rows: the first image of every identity, probe rows: all the others)."""
     gallery, probes, seen = [], [], set()
     for row, label in enumerate(images.labels):
@@ -68,7 +70,7 @@ def write_list(path, paths, labels=None):
     return path
 
 
-def make_scface(root, images: I.ImageSet, subjects: int = 4, cameras=range(1, 7)):
+def make_scface(root, images: ES.ImageSet, subjects: int = 4, cameras=range(1, 7)):
     """SCface's layout from LFW images: mugshot_frontal_cropped_all/<id>_frontal.JPG and
     surveillance_cameras_distance_<d>/cam_<c>/<id>_cam<c>_<d>.jpg (cam 6: infrared)."""
     (root / I.SCFACE_MUGSHOTS).mkdir(parents=True)

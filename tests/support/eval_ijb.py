@@ -12,8 +12,8 @@ from PIL import Image
 
 from pipeline import registry
 from pipeline.config import dump_config, load_config
-from pipeline.eval import identify as I
 from pipeline.eval import ijb
+from pipeline.eval import sets as ES
 from pipeline.export import main as export_main
 
 SIZE = 56  # network input (px): small keeps the 2-core CPU time down
@@ -85,7 +85,7 @@ class IJBFixture:
     pairs: list[tuple[int, int, int]]  # (template 1, template 2, label)
 
 
-def build_ijb(root: Path, devtest: I.ImageSet, people: int = 30, seed: int = 0) -> IJBFixture:
+def build_ijb(root: Path, devtest: ES.ImageSet, people: int = 30, seed: int = 0) -> IJBFixture:
     """IJB-C's layout (meta/ijbc_*.txt, loose_crop/) from LFW dev-test faces."""
     rng = np.random.default_rng(seed)
     (root / "loose_crop").mkdir(parents=True)

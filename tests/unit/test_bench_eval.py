@@ -40,7 +40,8 @@ def test_bench_eval_runs_and_writes_its_figures(lfw_bin, tmp_path, capsys):
 
 def test_the_two_timed_paths_embed_alike(lfw_bin):
     """The ratio only means something if the evaluation path and the plain loop compute the same thing."""
-    from pipeline.eval.verify import embed_images, load_bin
+    from pipeline.eval.embed import embed_images
+    from pipeline.eval.sets import load_bin
     from pipeline.models.iresnet import build_iresnet
 
     images, _ = load_bin(lfw_bin, 112)

@@ -14,8 +14,9 @@ import pytest
 
 from data_prep.manifest import DataError
 from pipeline.eval import identify as I
+from pipeline.eval import sets as ES
 from pipeline.eval import tarfar as T
-from pipeline.eval.__main__ import main as eval_main
+from pipeline.eval.cli import main as eval_main
 from tests.support.eval_identify import (
     SIZE,
     brute_force_cmc,
@@ -76,13 +77,13 @@ def test_list_and_folder_readers(tmp_path, lfw, devtest):
     for p in devtest.paths[:3]:
         shutil.copyfile(p, imgs / p.name)
     lst = write_list(tmp_path / "list.txt", [f"imgs/{p.name}" for p in devtest.paths[:3]], devtest.labels[:3])
-    got = I.read_image_set(lst)  # paths relative to the list's folder
+    got = ES.read_image_set(lst)  # paths relative to the list's folder
     assert got.paths == [imgs / p.name for p in devtest.paths[:3]] and got.labels == devtest.labels[:3]
-    dis = I.read_image_set(write_list(tmp_path / "dis.txt", [f"imgs/{p.name}" for p in devtest.paths[:2]]), False)
+    dis = ES.read_image_set(write_list(tmp_path / "dis.txt", [f"imgs/{p.name}" for p in devtest.paths[:2]]), False)
     assert len(dis) == 2 and dis.labels == ["", ""]
 
 
-def make_tinyface(root, devtest: I.ImageSet, train: I.ImageSet, testing_set: bool = True):
+def make_tinyface(root, devtest: ES.ImageSet, train: ES.ImageSet, testing_set: bool = True):
     """TinyFace's layout from LFW images: identity k's first image in Gallery_Match as
     ``<k>_1.jpg``, its others in Probe as ``<k>_<n>.jpg``; distractors named like matches of the
     same ids (their names must not count). Returns (gallery labels, probe labels)."""
@@ -228,10 +229,10 @@ def test_trivial_rank_by_hand():
 def test_small_gallery_ranks_are_na_and_a_probe_that_is_the_gallery_is_excluded(devtest, tiny_net):
     people = [lab for lab in dict.fromkeys(devtest.labels) if devtest.labels.count(lab) >= 2][:6]
     rows = [i for i, lab in enumerate(devtest.labels) if lab in people]
-    sub = I.ImageSet([devtest.paths[i] for i in rows], [devtest.labels[i] for i in rows], "six")
+    sub = ES.ImageSet([devtest.paths[i] for i in rows], [devtest.labels[i] for i in rows], "six")
     g_rows, p_rows = first_image_gallery(sub)
-    gallery = I.ImageSet([sub.paths[i] for i in g_rows], [sub.labels[i] for i in g_rows], "gallery")
-    probes = I.ImageSet([sub.paths[i] for i in p_rows], [sub.labels[i] for i in p_rows], "probe")
+    gallery = ES.ImageSet([sub.paths[i] for i in g_rows], [sub.labels[i] for i in g_rows], "gallery")
+    probes = ES.ImageSet([sub.paths[i] for i in p_rows], [sub.labels[i] for i in p_rows], "probe")
     protocol = I.IdentificationSet(gallery, {"probe": probes, "itself": gallery})
     result = {r["set"]: r for r in I.evaluate_identification(tiny_net, protocol, SIZE)}
     probe, itself = result["probe"], result["itself"]

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from pipeline.eval import ijb
-from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import OnnxEmbedder, load_model
+from pipeline.eval.cli import main as eval_main
 from tests.support.eval_ijb import REF, SIZE, decode, loose_crop
 
 # --------------------------------------------------------------------------- fixtures

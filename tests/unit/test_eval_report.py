@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from pipeline import report as R
-from pipeline.eval import verify as V
-from pipeline.eval.__main__ import main as eval_main
+from pipeline.eval import degradations as DG
+from pipeline.eval import run as ER
+from pipeline.eval import sets as ES
 from pipeline.eval.checkpoint import load_model
+from pipeline.eval.cli import main as eval_main
 from tests.support.eval_report import SIZE
 
 # --------------------------------------------------------------------------- item 4
@@ -27,24 +29,28 @@ class CountingEmbedder:
         return self.net(x)
 
 
-def test_each_distinct_image_embedded_once_per_degradation(runs, lfw200_bin):
+def test_each_distinct_image_embedded_once_per_degradation(runs, lfw200_bin, tmp_path):
+    from pipeline.faces.io import read_bin, write_bin
+
     net, _ = load_model(runs[0])
-    name, bins, issame = V.bin_source(lfw200_bin)
+    bins, issame = read_bin(lfw200_bin)
     bins = bins[:80] + bins[:20]  # 50 pairs, the first 10 pairs repeated: 80 distinct images
     issame = np.concatenate([issame[:40], issame[:10]])
+    write_bin(tmp_path / "repeats.bin", bins, [bool(x) for x in issame])
+    one = ES.EvalSet.from_bin(tmp_path / "repeats.bin")
     distinct = len(set(bins))
     distinct_second = len(set(bins[1::2]))
     counter = CountingEmbedder(net)
-    degs = V.parse_degradations(["clean", "lr:7", "cross:7", "blur-cross:1"])
+    degs = DG.parse_degradations(["clean", "lr:7", "cross:7", "blur-cross:1"])
     # the same set twice (two names): its images are embedded once
-    out = V.evaluate_degraded(counter, [(name, bins, issame), ("again", bins, issame)], degs, SIZE)
+    out = ER.evaluate(counter, [one, ES.EvalSet.from_bin(one.path, name="again")], degs, SIZE)
     # embed_images runs each image and its mirror: 2 passes per distinct image and degradation;
     # cross:7 reuses clean (image 1) and lr:7 (image 2); blur-cross:1 needs only the second images blurred
     assert counter.images == 2 * (distinct + distinct + distinct_second)
     assert len(out["results"]) == 8
     # a cross setting alone: clean first images, degraded second images, nothing else
     counter.images = 0
-    V.evaluate_degraded(counter, [(name, bins, issame)], V.parse_degradations(["cross:14"]), SIZE)
+    ER.evaluate(counter, [one], DG.parse_degradations(["cross:14"]), SIZE)
     assert counter.images == 2 * (len(set(bins[0::2])) + distinct_second)
 
 

@@ -611,7 +611,7 @@ def test_occlude_faces_fills_the_bands_data_prep_draws():
     """The tensor version equals ``pipeline.faces.degrade.occlude_image`` on the uint8 faces, read as model input."""
     import numpy as np
 
-    from pipeline.eval.verify import to_model_input
+    from pipeline.eval.embed import to_model_input
     from pipeline.faces.degrade import OcclusionParams, occlude_image
 
     u8 = torch.randint(0, 256, (2, 112, 112, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
@@ -632,7 +632,7 @@ def test_validation_monitors_of_lcd_against_hooks_and_loops():
     occlusions drawn by ``pipeline.faces.degrade.occlude_image`` and per-sample loops in float64."""
     import numpy as np
 
-    from pipeline.eval.verify import to_model_input
+    from pipeline.eval.embed import to_model_input
     from pipeline.faces.degrade import OcclusionParams, occlude_image
 
     torch.manual_seed(12)

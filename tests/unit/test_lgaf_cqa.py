@@ -348,7 +348,8 @@ def test_attention_png_from_a_probe_trace(tmp_path):
 def test_sample_values_diagnostic_means_the_probe_values_per_eval_set(tmp_path):
     """The ablation runner's ``sample_values``: per set, the mean of each per-sample value (here CQA's Ŝ_i) over
     its images, equal to quality_scores on the same images; nothing for the fc head."""
-    from pipeline.eval.verify import load_bin, to_model_input
+    from pipeline.eval.embed import to_model_input
+    from pipeline.eval.sets import load_bin
     from pipeline.experiments.diagnostics import DiagnosticContext, sample_values
     from pipeline.experiments.spec import EvalSet
     from pipeline.faces.io import encode_png, write_bin

@@ -21,8 +21,10 @@ from scipy import stats
 from data_prep import bin as B
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
-from pipeline.eval import verify as V
-from pipeline.eval.__main__ import main as eval_main
+from pipeline.eval import degradations as DG
+from pipeline.eval import run as ER
+from pipeline.eval.cli import main as eval_main
+from pipeline.eval.sets import EvalSet
 from pipeline.eval.tarfar import count_pairs
 from pipeline.faces import degrade as D
 from pipeline.faces import io as FIO
@@ -260,13 +262,13 @@ def test_bad_options_are_one_line_naming_the_option(small_bin, tmp_path, capsys)
 
 
 def test_verify_degrade_applies_the_bands_as_the_copies_hold_them(small_bin, small_images, tmp_path, capsys):
-    assert V.parse_degradation("occ-eyes") == V.Degradation("occ-eyes", None, False)
-    assert V.parse_degradation("OCC-MASK-cross") == V.Degradation("occ-mask", None, True)
-    assert [d.label for d in V.parse_degradations(["occ-eyes", "occ-mask-cross"])] == ["occ-eyes", "occ-mask-cross"]
+    assert DG.parse_degradation("occ-eyes") == DG.Degradation("occ-eyes", None, False)
+    assert DG.parse_degradation("OCC-MASK-cross") == DG.Degradation("occ-mask", None, True)
+    assert [d.label for d in DG.parse_degradations(["occ-eyes", "occ-mask-cross"])] == ["occ-eyes", "occ-mask-cross"]
     with pytest.raises(ConfigError, match="data_prep.bin degrade --occlude face"):
-        V.parse_degradation("occ-face")
+        DG.parse_degradation("occ-face")
     with pytest.raises(ConfigError, match="--degrade 'occ-eyes:2'"):
-        V.parse_degradation("occ-eyes:2")
+        DG.parse_degradation("occ-eyes:2")
     assert B.main(["degrade", "--bin", str(small_bin), "--out-dir", str(tmp_path), "--occlude", "eyes", "mask"]) == 0
     capsys.readouterr()
     for kind in ("eyes", "mask"):
@@ -278,9 +280,8 @@ def test_verify_degrade_applies_the_bands_as_the_copies_hold_them(small_bin, sma
     def embed(x):
         return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
 
-    name, bins, issame = V.bin_source(small_bin)
-    out = V.evaluate_degraded(embed, [(name, bins, issame)], V.parse_degradations(["occ-eyes"]), 112)
-    ref = V.evaluate_bin(embed, tmp_path / "lfw_small_occ-eyes.bin")
+    out = ER.evaluate(embed, [EvalSet.from_bin(small_bin)], DG.parse_degradations(["occ-eyes"]), 112)
+    ref = ER.evaluate_bin(embed, tmp_path / "lfw_small_occ-eyes.bin")
     row = out["results"][0]
     assert row["degradation"] == "occ-eyes" and row["level"] is None
     assert (row["accuracy"], row["threshold"]) == (ref["accuracy"], ref["threshold"])

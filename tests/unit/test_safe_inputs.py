@@ -19,9 +19,11 @@ import torch
 from PIL import Image
 
 from data_prep.manifest import DataError
+from pipeline.eval import run as ER
+from pipeline.eval import sets as ES
 from pipeline.eval import verify as V
-from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
+from pipeline.eval.cli import main as eval_main
 from pipeline.eval.lowres import evaluate_lowres_bin
 from pipeline.export import main as export_main
 from pipeline.faces import io as B
@@ -139,7 +141,7 @@ def test_crafted_bin_is_refused_before_running(tmp_path, protocol):
         assert not marker.exists()
     # verify.load_bin goes through the same reader
     with pytest.raises(DataError, match="refused pickle global"):
-        V.load_bin(tmp_path / "lfw.bin")
+        ES.load_bin(tmp_path / "lfw.bin")
     assert not marker.exists()
 
 
@@ -342,12 +344,12 @@ def _nan_rows(rows: list[int]):
 
 
 def test_non_finite_embeddings_are_one_line(small_bin):
-    images, issame = V.load_bin(small_bin, 16)
+    images, issame = ES.load_bin(small_bin, 16)
     with pytest.raises(DataError) as ei:
         V.evaluate_images(_nan_rows([3, 4, 17]), images, issame, "lfw_small", batch_size=8)
     assert str(ei.value) == "lfw_small: 3 of 40 embeddings are not finite (NaN/inf: a diverged model?)"
     with pytest.raises(DataError, match=r"^lfw_small: 40 of 40 embeddings are not finite"):
-        V.evaluate_bin(lambda x: torch.full((len(x), 8), float("nan")), small_bin, image_size=16)
+        ER.evaluate_bin(lambda x: torch.full((len(x), 8), float("nan")), small_bin, image_size=16)
     with pytest.raises(DataError, match=r"^lfw_small \[clean\]: [12] of 40 embeddings are not finite"):
         evaluate_lowres_bin(_nan_rows([0]), small_bin, sizes=(7,), batch_size=8, image_size=16)
     # finite embeddings: unchanged behaviour

@@ -18,9 +18,11 @@ from sklearn.metrics import accuracy_score, confusion_matrix
 from data_prep.manifest import DataError
 from pipeline import registry
 from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.eval import run as ER
+from pipeline.eval import sets as ES
 from pipeline.eval import verify as V
-from pipeline.eval.__main__ import main as eval_main
 from pipeline.eval.checkpoint import load_model
+from pipeline.eval.cli import main as eval_main
 from pipeline.faces.io import read_bin, write_bin
 
 # --------------------------------------------------------------------------- protocol by hand
@@ -172,23 +174,23 @@ def test_bad_bin_files(tmp_path, lfw_bin):
     bad = tmp_path / "junk.bin"
     bad.write_bytes(b"this is not a pickle")
     with pytest.raises(DataError, match="junk.bin: not a pickle of \\(bins, issame\\)"):
-        V.load_bin(bad)
+        ES.load_bin(bad)
     wrong = tmp_path / "wrong.bin"
     wrong.write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(DataError, match="wrong.bin: not a pickle"):
-        V.load_bin(wrong)
+        ES.load_bin(wrong)
     bins, issame = read_bin(lfw_bin)
     short = tmp_path / "short.bin"
     short.write_bytes(pickle.dumps((bins[:5], issame[:3])))
     with pytest.raises(DataError, match="short.bin: 5 images for 3 pairs"):
-        V.load_bin(short)
+        ES.load_bin(short)
     broken = tmp_path / "broken.bin"
     write_bin(broken, [bins[0], b"\xff\xd8garbage"] + bins[2:20], issame[:10])
     with pytest.raises(DataError, match="broken.bin image 1: cannot decode") as ei:
-        V.load_bin(broken)
+        ES.load_bin(broken)
     assert "\n" not in str(ei.value)
     with pytest.raises(DataError, match="does not exist"):
-        V.load_bin(tmp_path / "missing.bin")
+        ES.load_bin(tmp_path / "missing.bin")
 
 
 # --------------------------------------------------------------------------- checkpoints and CLI
@@ -226,7 +228,7 @@ def test_cli_verify_checkpoint_dir(tmp_path, lfw_bin, capsys):
     # same numbers as the library call on the loaded network
     loaded, _ = load_model(ck)
     net.eval()
-    r = V.evaluate_bin(loaded, small)
+    r = ER.evaluate_bin(loaded, small)
     assert r["accuracy"] == data["results"][0]["accuracy"]
     with torch.no_grad():
         x = torch.rand(2, 3, 112, 112) * 2 - 1
