@@ -48,7 +48,7 @@ def synthetic_dataset(out: Path, train_ids: int, val_ids: int, per_id: int, pair
     return train_root, bin_path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -58,7 +58,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun)")
     p.add_argument("--epochs", type=float, default=None, help="override the demo's schedule.epochs")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra trainer overrides")
-    args = p.parse_args(argv)
+    return p
+
+
+def train(args, shards: Path, val_bin: Path | None, run_dir: Path) -> None:
+    """The demo config on ``shards`` under torchrun (``args.nproc`` processes), into ``run_dir``."""
+    overrides = [f"data.train={shards}", f"output.dir={run_dir}", "output.overwrite=true"]  # a rerun starts over
+    if val_bin:
+        overrides.append(f"data.val=[{val_bin}]")
+    if args.epochs:
+        overrides.append(f"schedule.epochs={args.epochs}")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    run([*launcher, "-m", "pipeline.train", "--config", "configs/demo.yaml", *overrides, *args.overrides], env=env)
+
+
+def verify(run_dir: Path, val_bin: Path, result_json: Path) -> dict:
+    """``pipeline.eval verify`` of the run's latest checkpoint on ``val_bin``; its JSON."""
+    checkpoint = run_dir / "checkpoints"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.eval",
+            "verify",
+            "--checkpoint",
+            checkpoint,
+            "--bin",
+            val_bin,
+            "--json",
+            result_json,
+        ]
+    )
+    return json.loads(result_json.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -75,50 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             val_bin = Path(args.val).resolve()
     shards = out / "shards"
     run([sys.executable, "-m", "data_prep.folder2wds", "--root", train_root, "--out", shards, "--shard-size", "500"])
-
     run_dir = out / "run"
-    overrides = [f"data.train={shards}", f"output.dir={run_dir}", "output.overwrite=true"]  # a rerun starts over
-    if val_bin:
-        overrides.append(f"data.val=[{val_bin}]")
-    if args.epochs:
-        overrides.append(f"schedule.epochs={args.epochs}")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.nproc}",
-            "-m",
-            "pipeline.train",
-            "--config",
-            "configs/demo.yaml",
-            *overrides,
-            *args.overrides,
-        ],
-        env=env,
-    )
+    train(args, shards, val_bin, run_dir)
     t_train = time.time() - t0
-
-    report = {}
-    if val_bin:
-        result_json = out / "verify.json"
-        run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.eval",
-                "verify",
-                "--checkpoint",
-                run_dir / "checkpoints",
-                "--bin",
-                val_bin,
-                "--json",
-                result_json,
-            ]
-        )
-        report = json.loads(result_json.read_text())
+    report = verify(run_dir, val_bin, out / "verify.json") if val_bin else {}
     print(f"\n[demo] finished in {(time.time() - t0) / 60:.1f} min")
     print(f"[demo] training took {t_train / 60:.1f} min on {args.nproc} processes")
     print(f"[demo] checkpoint:   {run_dir / 'checkpoints'}")

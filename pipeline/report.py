@@ -34,6 +34,7 @@ from pathlib import Path
 
 from data_prep.manifest import DataError, sha256_file
 from pipeline.config import ConfigError
+from pipeline.core.cache import read_record, write_record
 from pipeline.core.device import resolve_device
 from pipeline.eval.tables import NORMS_EXPECTED, format_norm
 
@@ -89,13 +90,9 @@ def evaluate_run(
     checkpoint = find_checkpoint(run)
     key = cache_key(checkpoint, bins, [d.label for d in degradations], norms)
     cache = cache_dir / f"{name}.json"
-    if cache.is_file():
-        try:
-            cached = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            cached = None  # unreadable or half-written: evaluate again
-        if isinstance(cached, dict) and cached.get("key") == key:
-            return cached, True
+    cached = read_record(cache, key)
+    if cached is not None:
+        return cached, True
     net, info = load_model(checkpoint, device=device)
     out = evaluate(
         net,
@@ -107,12 +104,9 @@ def evaluate_run(
         progress=progress,
         norms=norms,
     )
-    result = {"run": name, "run_dir": str(run), "checkpoint": str(checkpoint), "info": info, "key": key, **out}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(cache)
-    return result, False
+    result = {"run": name, "run_dir": str(run), "checkpoint": str(checkpoint), "info": info, **out}
+    write_record(cache, key, result)
+    return {**result, "key": key}, False
 
 
 def columns(results: list[dict]) -> list[tuple[str, str]]:

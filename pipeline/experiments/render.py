@@ -53,11 +53,17 @@ def _cell_state(record: dict) -> str:
 
 
 def render_markdown(spec: Spec, report: dict) -> str:
-    sets = [e.name for e in spec.eval]
-    arms = [a.name for a in spec.arms]
-    summary, diags = report["summary"], report["diagnostics"]
-    budget = ", ".join(f"{k}={v}" for k, v in spec.budget.items())
+    """The ablation's report: what was run, the metric per arm, the paired differences, the diagnostics, the cells."""
     reported = {e.name: e.reported(spec.metric) for e in spec.eval}
+    lines = _header(spec, report, reported)
+    lines += _metric_tables(spec, report, reported)
+    lines += _diagnostic_tables(spec, report["diagnostics"])
+    lines += _cells_table(spec, report, reported)
+    return "\n".join(lines)
+
+
+def _header(spec: Spec, report: dict, reported: dict[str, str]) -> list[str]:
+    budget = ", ".join(f"{k}={v}" for k, v in spec.budget.items())
     own = [e for e in spec.eval if reported[e.name] != spec.metric]
     what = f"{spec.metric} in % (insightface 10-fold protocol on each set)"
     if own:
@@ -81,7 +87,13 @@ def render_markdown(spec: Spec, report: dict) -> str:
             f"**Incomplete: {counts}** of {len(report['cells'])} cells; the tables use the cells that finished.",
             "",
         ]
-    params = report.get("params", {})
+    return lines
+
+
+def _metric_tables(spec: Spec, report: dict, reported: dict[str, str]) -> list[str]:
+    sets = [e.name for e in spec.eval]
+    arms = [a.name for a in spec.arms]
+    summary, params = report["summary"], report.get("params", {})
     rows = [
         [
             f"{arm}{' (ref)' if arm == spec.reference else ''}",
@@ -92,7 +104,7 @@ def render_markdown(spec: Spec, report: dict) -> str:
         for arm in arms
     ]
     heads = [s if reported[s] == spec.metric else f"{s} ({reported[s]})" for s in sets]
-    lines += [
+    lines = [
         f"## {spec.metric} (%): mean ± sd over seeds",
         "",
         *_table(["arm", "params", "n", *heads], rows),
@@ -100,11 +112,9 @@ def render_markdown(spec: Spec, report: dict) -> str:
         "params: the network's (trunk, inserts, head; the classifier adds classes × embedding size).",
         "",
     ]
-    rows = [
-        [arm] + [_diff(summary["paired"][arm][s], 100, "+.2f") for s in sets] for arm in arms if arm != spec.reference
-    ]
-    if rows:
-        others = [a for a in arms if a != spec.reference]
+    others = [a for a in arms if a != spec.reference]
+    if others:
+        rows = [[arm] + [_diff(summary["paired"][arm][s], 100, "+.2f") for s in sets] for arm in others]
         resolved = resolved_comparisons(summary["paired"], others, sets, 100, "+.2f")
         lines += [
             f"## Paired difference vs `{spec.reference}` (points, 95 % interval)",
@@ -115,24 +125,35 @@ def render_markdown(spec: Spec, report: dict) -> str:
             *resolved,
             "",
         ]
+    return lines
+
+
+def _diagnostic_tables(spec: Spec, diags: dict) -> list[str]:
+    arms = [a.name for a in spec.arms]
     dcols = diags["columns"]
-    if dcols:
-        rows = [[arm] + [_mean_sd(diags["per_arm"][arm][c], _num) for c in dcols] for arm in arms]
-        lines += ["## Diagnostics: mean ± sd over seeds", "", *_table(["arm", *dcols], rows), ""]
-        rows = [
-            [arm] + [_diff(diags["paired"][arm][c], 1, "+.4g") for c in dcols] for arm in arms if arm != spec.reference
+    if not dcols:
+        return []
+    rows = [[arm] + [_mean_sd(diags["per_arm"][arm][c], _num) for c in dcols] for arm in arms]
+    lines = ["## Diagnostics: mean ± sd over seeds", "", *_table(["arm", *dcols], rows), ""]
+    others = [a for a in arms if a != spec.reference]
+    if others:
+        rows = [[arm] + [_diff(diags["paired"][arm][c], 1, "+.4g") for c in dcols] for arm in others]
+        resolved = resolved_comparisons(diags["paired"], others, dcols, 1, "+.4g")
+        lines += [
+            f"Paired difference vs `{spec.reference}` (95 % interval):",
+            "",
+            *_table(["arm", *dcols], rows),
+            "",
+            "Resolved (the 95 % interval excludes 0): " + ("" if resolved else "none."),
+            *resolved,
+            "",
         ]
-        if rows:
-            resolved = resolved_comparisons(diags["paired"], [a for a in arms if a != spec.reference], dcols, 1, "+.4g")
-            lines += [
-                f"Paired difference vs `{spec.reference}` (95 % interval):",
-                "",
-                *_table(["arm", *dcols], rows),
-                "",
-                "Resolved (the 95 % interval excludes 0): " + ("" if resolved else "none."),
-                *resolved,
-                "",
-            ]
+    return lines
+
+
+def _cells_table(spec: Spec, report: dict, reported: dict[str, str]) -> list[str]:
+    sets = [e.name for e in spec.eval]
+    dcols = report["diagnostics"]["columns"]
     rows = []
     for r in report["cells"]:
         ok = r["status"] == "ok"
@@ -142,8 +163,7 @@ def render_markdown(spec: Spec, report: dict) -> str:
         row += [str(r.get("train_s", "–")), str(r.get("eval_s", "–"))]
         rows.append(row)
     head = ["#", "arm", "seed", "status", *sets, *dcols, "train s", "eval s"]
-    lines += ["## Cells", "", *_table(head, rows), ""]
-    return "\n".join(lines)
+    return ["## Cells", "", *_table(head, rows), ""]
 
 
 def arm_parameters(cells: list[Cell]) -> dict[str, int]:

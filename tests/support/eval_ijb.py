@@ -12,14 +12,14 @@ from PIL import Image
 
 from pipeline import registry
 from pipeline.config import dump_config, load_config
-from pipeline.eval import ijb
+from pipeline.eval import ijb_protocol
 from pipeline.eval import sets as ES
 from pipeline.export import main as export_main
 
 SIZE = 56  # network input (px): small keeps the 2-core CPU time down
 
 
-REF = ijb.ARCFACE_REFERENCE
+REF = ijb_protocol.ARCFACE_REFERENCE
 
 
 @pytest.fixture(scope="module")

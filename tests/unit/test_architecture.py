@@ -23,7 +23,6 @@ MODULE_ALLOWLIST = {
     "data_prep/shards.py",
     "pipeline/config.py",
     "pipeline/data/dali_loader.py",
-    "pipeline/eval/ijb.py",
     "pipeline/models/lcd.py",
     "pipeline/models/scan.py",
 }

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.eval import ijb
+from pipeline.eval import ijb, ijb_protocol
 from pipeline.eval.checkpoint import OnnxEmbedder, load_model
 from pipeline.eval.cli import main as eval_main
 from tests.support.eval_ijb import REF, SIZE, decode, loose_crop
@@ -30,11 +30,11 @@ def test_similarity_transform_recovers_known_transforms():
         m = np.array([[scale * c, -scale * s, shift[0]], [scale * s, scale * c, shift[1]]])
         src = rng.uniform(0, 200, (5, 2))
         dst = src @ m[:, :2].T + m[:, 2]
-        np.testing.assert_allclose(ijb.similarity_transform(src, dst), m, atol=1e-9)
+        np.testing.assert_allclose(ijb_protocol.similarity_transform(src, dst), m, atol=1e-9)
     # noisy points: the least-squares optimum (no other similarity fits better), a proper rotation
     src = rng.uniform(0, 100, (5, 2))
     dst = src @ m[:, :2].T + m[:, 2] + rng.normal(0, 2, (5, 2))
-    best = ijb.similarity_transform(src, dst)
+    best = ijb_protocol.similarity_transform(src, dst)
 
     def err(mm):
         return float(((src @ mm[:, :2].T + mm[:, 2] - dst) ** 2).sum())
@@ -45,10 +45,10 @@ def test_similarity_transform_recovers_known_transforms():
         assert err(nudged) >= err(best)
     assert np.linalg.det(best[:, :2]) > 0
     # mirrored landmarks: still a rotation (det > 0), never a reflection
-    mirrored = ijb.similarity_transform(REF, REF * [-1, 1])
+    mirrored = ijb_protocol.similarity_transform(REF, REF * [-1, 1])
     assert np.linalg.det(mirrored[:, :2]) > 0
     with pytest.raises(ValueError, match="coincide"):
-        ijb.similarity_transform(np.ones((5, 2)), REF)
+        ijb_protocol.similarity_transform(np.ones((5, 2)), REF)
 
 
 def test_alignment_exact_and_against_pillow(devtest):
@@ -59,10 +59,10 @@ def test_alignment_exact_and_against_pillow(devtest):
     for kind in range(4):
         crop, marks = loose_crop(face, kind, rng)
         assert crop.shape != face.shape or kind == 0
-        np.testing.assert_array_equal(ijb.align_face(crop, marks), face, err_msg=f"kind {kind}")
+        np.testing.assert_array_equal(ijb_protocol.align_face(crop, marks), face, err_msg=f"kind {kind}")
     c, s = 1.3 * np.cos(0.3), 1.3 * np.sin(0.3)
     m = np.array([[c, -s, 20.25], [s, c, -31.5]])
-    ours = ijb.warp_affine(face, m).astype(int)
+    ours = ijb_protocol.warp_affine(face, m).astype(int)
     # Pillow samples output pixel centres (x + ½, y + ½) at data · (x + ½, y + ½, 1) in the same
     # half-pixel coordinates; our pixel centres are integers: data = shift(½) ∘ M⁻¹ ∘ shift(−½)
     inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
