@@ -1,6 +1,6 @@
 """Feature-extraction speed of the evaluation path (issue 12, item 8).
 
-Times ``pipeline.eval.verify.embed_images`` (what verify / lowres / identify / tarfar / ijb / report use: uint8
+Times ``pipeline.eval.embed.embed_images`` (what verify / lowres / identify / tarfar / ijb / report use: uint8
 batches → model input → embedding, plus the flipped pass, copied back to the host) against a plain PyTorch loop over
 the same decoded tensors (normalise, forward, flip, forward), alternating the two in one process and reporting the
 median of ``--repeats`` rounds, as images/s (each image embedded twice: plain + flipped) and as the ratio

@@ -83,7 +83,7 @@ def load_model(
 class OnnxEmbedder:
     """An exported ONNX model (``pipeline.export``: input (N, 3, H, W) float32 in [-1, 1], output
     (N, D)) behind the interface of the PyTorch embedder: a callable on a float tensor returning a
-    float tensor, so :func:`pipeline.eval.verify.embed_images` and every benchmark run it unchanged.
+    float tensor, so :func:`pipeline.eval.embed.embed_images` and every benchmark run it unchanged.
 
     Runs on onnxruntime's CUDAExecutionProvider when ``device`` is a CUDA device and the installed
     onnxruntime has that provider, else on CPUExecutionProvider (with ``torch.get_num_threads()``

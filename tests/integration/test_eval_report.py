@@ -23,7 +23,6 @@ from pipeline import report as R
 from pipeline.eval import embed as EM
 from pipeline.eval import run as ER
 from pipeline.eval import sets as ES
-from pipeline.eval import verify as V
 from pipeline.eval.checkpoint import load_model
 from pipeline.eval.cli import main as eval_main
 from pipeline.faces.io import read_bin
@@ -118,7 +117,7 @@ def test_report_table_cache_bold_and_norms(runs, lfw200_bin, copies, tmp_path, c
     def no_embedding(*a, **k):
         raise AssertionError("re-embedded although the cache matches")
 
-    monkeypatch.setattr(V, "embed_images", no_embedding)
+    monkeypatch.setattr(ER, "embed_images", no_embedding)
     assert R.main(args + ["--no-progress"]) == 0
     again = capsys.readouterr()
     assert again.err.count("cached") == 2

@@ -33,7 +33,7 @@ def test_bin_and_pairs_give_same_result(lfw_bin, shared_data):
     assert r_pairs["fold_accuracies"] == r_bin["fold_accuracies"]
     assert r_pairs["accuracy"] == r_bin["accuracy"]
     assert 0.55 < r_bin["accuracy"] < 0.8, r_bin["accuracy"]  # above chance, far from a face model
-    assert ES.load_bin(lfw_bin)[0] is bin_images  # cached
+    assert ES.EvalSet.from_bin(lfw_bin).decoded() is ES.EvalSet.from_bin(lfw_bin).decoded()  # decoded once
 
 
 def test_random_tiny_iresnet_on_lfw(lfw_bin):
