@@ -328,7 +328,7 @@ def run_ijb(args) -> dict | None:
     cache_dir = _mkdir(out / "features")
     rank, world, _ = distributed.detect()
     if world > 1:
-        kind = "cpu" if args.device == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
+        kind = "cuda" if resolve_device(args.device).startswith("cuda") else "cpu"
         device = distributed.init(kind, timeout_s=12 * 3600).device  # a slow rank may embed for hours
     else:
         device = resolve_device(args.device)
