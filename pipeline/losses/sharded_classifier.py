@@ -173,9 +173,9 @@ class ShardedMarginClassifier(nn.Module):
         if num_classes < world_size:
             raise ConfigError(f"classifier: num_classes ({num_classes}) must be >= the number of ranks ({world_size})")
         if not 0.0 < sample_rate <= 1.0:
-            raise ConfigError(f"classifier.sample_rate: must be in (0, 1], got {sample_rate}")
+            raise ValueError(f"ShardedMarginClassifier: sample_rate must be in (0, 1], got {sample_rate}")
         if embedding_size < 1:
-            raise ConfigError(f"model.head.embedding_size: must be >= 1, got {embedding_size}")
+            raise ValueError(f"ShardedMarginClassifier: embedding_size must be >= 1, got {embedding_size}")
         if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"ShardedMarginClassifier: world_size={world_size} needs an initialised process group")
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
@@ -185,7 +185,7 @@ class ShardedMarginClassifier(nn.Module):
         self.embedding_grad_scale = float(embedding_grad_scale)
         self.uniform_batch = bool(uniform_batch)
         if logits not in ("fp32", "bf16", "tf32"):
-            raise ConfigError(f"classifier.logits: must be fp32, bf16 or tf32, got {logits!r}")
+            raise ValueError(f"ShardedMarginClassifier: logits must be fp32, bf16 or tf32, got {logits!r}")
         self.logits_bf16 = logits == "bf16"  # tf32 is a CUDA backend switch (pipeline.train.configure_backends)
         self.class_start, end = shard_range(self.num_classes, rank, world_size)
         self.num_local = end - self.class_start
