@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import shards
+from data_prep import shard_cli
 from data_prep.manifest import DataError
-from data_prep.shards import BadRecord, Sample, Source
+from data_prep.shard_source import BadRecord, Sample, Source
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm", ".pbm"}
 
@@ -46,6 +46,30 @@ def identity_folder_images(root: str | Path) -> list[tuple[Path, str]]:
     return out
 
 
+def read_list_file(lf: Path) -> list[tuple[str, int]]:
+    """``(path, label)`` of each ``<path> <label>`` line of a list file (``#`` comments and blank lines skipped); a line
+    of another shape or with a negative label is a DataError naming the line."""
+    items = []
+    with open(lf, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            fields = s.rsplit(None, 1)
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                label = int(fields[1])
+                if label < 0:
+                    raise ValueError
+            except ValueError:
+                raise DataError(
+                    f"{lf}:{lineno}: expected '<path> <non-negative integer label>', got {s[:80]!r}"
+                ) from None
+            items.append((fields[0], label))
+    return items
+
+
 class FolderSource(Source):
     tool = "data_prep.folder2wds"
 
@@ -54,56 +78,53 @@ class FolderSource(Source):
             raise DataError("give exactly one of --root DIR or --list FILE")
         self.pre_corrupt = []
         self.extra = {}
-        items: list[tuple[str, int]] = []  # (path relative to base, label)
         if root is not None:
-            self.base = Path(root)
-            self.kind = "folder"
-            if not self.base.exists():
-                raise DataError(f"{self.base}: --root does not exist")
-            if not self.base.is_dir():
-                raise DataError(f"{self.base}: --root is not a directory")
-            per_class = {}
-            for d in sorted(p for p in self.base.iterdir() if p.is_dir()):
-                files = sorted(str(f.relative_to(self.base)) for f in image_files(d))  # sorted as strings, as before
-                if files:
-                    per_class[d.name] = files
-            if not per_class:
-                raise DataError(
-                    f"{self.base}: --root holds no class sub-folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-                )
-            names = sorted(per_class)
-            for label, name in enumerate(names):
-                items += [(f, label) for f in per_class[name]]
-            self.num_classes = len(names)
-            self.extra["class_names"] = names
-            self.extra["ignored_top_level_files"] = sum(1 for p in self.base.iterdir() if p.is_file())
+            items = self._list_root(Path(root))
         else:
-            lf = Path(list_file)
-            self.kind = "list"
-            if not lf.is_file():
-                raise DataError(f"{lf}: --list file does not exist")
-            self.base = lf.parent
-            self.list_file = lf
-            with open(lf, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    s = line.strip()
-                    if not s or s.startswith("#"):
-                        continue
-                    fields = s.rsplit(None, 1)
-                    try:
-                        if len(fields) != 2:
-                            raise ValueError
-                        label = int(fields[1])
-                        if label < 0:
-                            raise ValueError
-                    except ValueError:
-                        raise DataError(
-                            f"{lf}:{lineno}: expected '<path> <non-negative integer label>', got {s[:80]!r}"
-                        ) from None
-                    items.append((fields[0], label))
-            if not items:
-                raise DataError(f"{lf}: --list file lists no images")
-            self.num_classes = max(lab for _, lab in items) + 1
+            items = self._list_from_file(Path(list_file))
+        self._index(items)
+        self.extra["source_kind"] = self.kind
+
+    def _list_root(self, base: Path) -> list[tuple[str, int]]:
+        """(path relative to ``base``, label) of every image under the class sub-folders of ``base``."""
+        self.base = base
+        self.kind = "folder"
+        if not self.base.exists():
+            raise DataError(f"{self.base}: --root does not exist")
+        if not self.base.is_dir():
+            raise DataError(f"{self.base}: --root is not a directory")
+        per_class = {}
+        for d in sorted(p for p in self.base.iterdir() if p.is_dir()):
+            files = sorted(str(f.relative_to(self.base)) for f in image_files(d))  # sorted as strings, as before
+            if files:
+                per_class[d.name] = files
+        if not per_class:
+            raise DataError(
+                f"{self.base}: --root holds no class sub-folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        names = sorted(per_class)
+        items = [(f, label) for label, name in enumerate(names) for f in per_class[name]]
+        self.num_classes = len(names)
+        self.extra["class_names"] = names
+        self.extra["ignored_top_level_files"] = sum(1 for p in self.base.iterdir() if p.is_file())
+        return items
+
+    def _list_from_file(self, lf: Path) -> list[tuple[str, int]]:
+        """(path relative to the list file's directory, label) of every line of the list file ``lf``."""
+        self.kind = "list"
+        if not lf.is_file():
+            raise DataError(f"{lf}: --list file does not exist")
+        self.base = lf.parent
+        self.list_file = lf
+        items = read_list_file(lf)
+        if not items:
+            raise DataError(f"{lf}: --list file lists no images")
+        self.num_classes = max(lab for _, lab in items) + 1
+        return items
+
+    def _index(self, items: list[tuple[str, int]]) -> None:
+        """Stat every listed file: the listing (refs, sizes) of those present, a ``missing_file`` record for each of
+        the others, and the listing's sha256."""
         refs, sizes = [], []
         h = hashlib.sha256()
         for i, (rel, label) in enumerate(items):
@@ -128,7 +149,6 @@ class FolderSource(Source):
         self._refs = refs
         self._sizes = np.array(sizes, dtype=np.int64)
         self._digest = h.hexdigest()
-        self.extra["source_kind"] = self.kind
 
     def sizes(self) -> np.ndarray:
         return self._sizes
@@ -188,15 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--root", help="directory with one sub-folder of images per identity")
     src.add_argument("--list", help="text file of '<path> <label>' lines, paths relative to the file's directory")
     p.add_argument("--out", required=True, help="output shard directory (created)")
-    shards.add_common_args(p)
+    shard_cli.add_common_args(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     source = FolderSource(root=args.root, list_file=args.list)
-    return shards.run_cli(source, args)
+    return shard_cli.run_cli(source, args)
 
 
 if __name__ == "__main__":
-    sys.exit(shards.main_wrapper(main))
+    sys.exit(shard_cli.main_wrapper(main))

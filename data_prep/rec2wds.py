@@ -29,9 +29,24 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import recordio, shards
+from data_prep import recordio, shard_cli
 from data_prep.manifest import DataError, sha256_file
-from data_prep.shards import BadRecord, Sample, Source
+from data_prep.shard_source import BadRecord, Sample, Source
+from data_prep.shard_summary import MAX_LISTED_CORRUPT
+
+
+def index_lookup(keys: np.ndarray, offs: np.ndarray):
+    """A function mapping an array of record keys to their offsets in the index (-1 where a key is not in it)."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+
+    def lookup(wanted: np.ndarray) -> np.ndarray:
+        """Offsets of ``wanted`` keys (-1 where a key is not in the index)."""
+        pos = np.clip(np.searchsorted(sorted_keys, wanted), 0, len(sorted_keys) - 1)
+        found = sorted_keys[pos] == wanted
+        return np.where(found, offs[order[pos]], -1)
+
+    return lookup
 
 
 class RecSource(Source):
@@ -40,12 +55,37 @@ class RecSource(Source):
     def __init__(self, rec: str | Path, idx: str | Path, property_path: str | Path | None = None):
         self.rec = Path(rec)
         self.idx = Path(idx)
+        self._check_rec()
+        keys, offs = recordio.read_index_arrays(self.idx)
+        prop = self._read_property(property_path)
+        self._fd = None
+        self._fd_pid = None
+        self.pre_corrupt = []
+        self.extra = {}
+        lookup = index_lookup(keys, offs)
+        image_keys, header_classes = self._find_layout(keys, lookup)
+        if prop and header_classes is not None and prop[0] != header_classes:
+            raise DataError(
+                f"{self.property_path}: says {prop[0]} classes but the header record of {self.rec} "
+                f"has {header_classes} identity records"
+            )
+        self.num_classes = prop[0] if prop else header_classes
+        self._list_images(image_keys, lookup(image_keys), offs)
+        self.extra["layout"] = self.layout
+        self.extra["property"] = list(prop) if prop else None
+
+    # ---- listing
+    def _check_rec(self) -> None:
+        """The record file must exist and not be empty; sets ``rec_size``."""
         if not self.rec.is_file():
             raise DataError(f"{self.rec}: record file does not exist")
         self.rec_size = self.rec.stat().st_size
         if self.rec_size == 0:
             raise DataError(f"{self.rec}: record file is empty")
-        keys, offs = recordio.read_index_arrays(self.idx)
+
+    def _read_property(self, property_path: str | Path | None) -> tuple | None:
+        """The property file's values (the given one, which must exist, else ``property`` next to the rec if there
+        is one); sets ``property_path`` (None when there is no property file)."""
         self.property_path = Path(property_path) if property_path else self.rec.parent / "property"
         prop = None
         if property_path and not self.property_path.is_file():
@@ -54,41 +94,27 @@ class RecSource(Source):
             prop = recordio.read_property(self.property_path)
         else:
             self.property_path = None
-        self._fd = None
-        self._fd_pid = None
-        self.pre_corrupt = []
-        self.extra = {}
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
+        return prop
 
-        def lookup(wanted: np.ndarray) -> np.ndarray:
-            """Offsets of ``wanted`` keys (-1 where a key is not in the index)."""
-            pos = np.clip(np.searchsorted(sorted_keys, wanted), 0, len(sorted_keys) - 1)
-            found = sorted_keys[pos] == wanted
-            return np.where(found, offs[order[pos]], -1)
-
+    def _find_layout(self, keys: np.ndarray, lookup) -> tuple[np.ndarray, int | None]:
+        """(image keys, number of classes the header names or None) of the insightface layout (record 0 is a header)
+        or of im2rec (every indexed key is an image); sets ``layout`` and checks insightface's identity records."""
         header = self._read_header(int(lookup(np.array([0]))[0]))
-        if header is not None:
-            id_idx, widx = header
-            self.layout = "insightface"
-            image_keys = np.arange(1, id_idx, dtype=np.int64)
-            header_classes = widx - id_idx
-            self.extra["identity_records"] = self._check_identity_records(
-                np.arange(id_idx, widx, dtype=np.int64), lookup(np.arange(id_idx, widx, dtype=np.int64))
-            )
-        else:
+        if header is None:
             self.layout = "im2rec"
-            image_keys = keys
-            header_classes = None
-        if prop and header_classes is not None and prop[0] != header_classes:
-            raise DataError(
-                f"{self.property_path}: says {prop[0]} classes but the header record of {self.rec} "
-                f"has {header_classes} identity records"
-            )
-        self.num_classes = prop[0] if prop else header_classes
-        image_offs = lookup(image_keys)
+            return keys, None
+        id_idx, widx = header
+        self.layout = "insightface"
+        self.extra["identity_records"] = self._check_identity_records(
+            np.arange(id_idx, widx, dtype=np.int64), lookup(np.arange(id_idx, widx, dtype=np.int64))
+        )
+        return np.arange(1, id_idx, dtype=np.int64), widx - id_idx
+
+    def _list_images(self, image_keys: np.ndarray, image_offs: np.ndarray, offs: np.ndarray) -> None:
+        """The listing (keys, offsets, size estimates) of the image keys found in the index, and a
+        ``missing_from_index`` record for each of the others (too many of them is a DataError)."""
         missing = image_keys[image_offs < 0]
-        for k in missing[: shards.MAX_LISTED_CORRUPT].tolist():
+        for k in missing[:MAX_LISTED_CORRUPT].tolist():
             self.pre_corrupt.append(
                 {
                     "index": k,
@@ -98,7 +124,7 @@ class RecSource(Source):
                     "message": f"key {k} (an image key of the header) is not in {self.idx.name}",
                 }
             )
-        if len(missing) > shards.MAX_LISTED_CORRUPT:
+        if len(missing) > MAX_LISTED_CORRUPT:
             raise DataError(f"{self.idx}: {len(missing)} image keys of the header record are missing from the index")
         self._keys = image_keys[image_offs >= 0]
         self._offs = image_offs[image_offs >= 0]
@@ -106,8 +132,6 @@ class RecSource(Source):
         starts = np.unique(np.append(offs, self.rec_size))
         nxt = starts[np.minimum(np.searchsorted(starts, self._offs, side="right"), len(starts) - 1)]
         self._sizes = np.maximum(nxt - self._offs, 0)
-        self.extra["layout"] = self.layout
-        self.extra["property"] = list(prop) if prop else None
 
     # ---- reading
     def _fdesc(self) -> int:
@@ -229,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the property file 'num_classes,h,w' (default: 'property' next to the .rec, if present)",
     )
     p.add_argument("--out", required=True, help="output shard directory (created)")
-    shards.add_common_args(p)
+    shard_cli.add_common_args(p)
     return p
 
 
@@ -237,8 +261,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     idx = args.idx or str(Path(args.rec).with_suffix(".idx"))
     source = RecSource(args.rec, idx, args.property)
-    return shards.run_cli(source, args)
+    return shard_cli.run_cli(source, args)
 
 
 if __name__ == "__main__":
-    sys.exit(shards.main_wrapper(main))
+    sys.exit(shard_cli.main_wrapper(main))
