@@ -21,16 +21,14 @@ def test_occlusion_locality_diagnostic_reads_the_point_lcd_reads_in_any_network(
     measures on the same faces (LCD's input = bn3's output of stage 3's last block); for the baseline it is the
     same computation on bn3's output, captured here by a hook; a uniform split is ⌈0.1·c⌉/c."""
     from pipeline.eval.embed import to_model_input
-    from pipeline.eval.sets import load_bin
+    from pipeline.eval.sets import EvalSet, load_bin
     from pipeline.experiments.diagnostics import (
         DiagnosticContext,
         occlusion_locality_diagnostic,
         validation_monitors_diagnostic,
     )
-    from pipeline.experiments.spec import EvalSet
 
-    eval_set = EvalSet(name="t", bin=str(small_bin))
-    eval_set.validate("test")
+    eval_set = EvalSet.from_bin(str(small_bin), name="t")
     ctx = DiagnosticContext(tmp_path, [eval_set], torch.device("cpu"), 112, {})
     images, _ = load_bin(small_bin, 112)
     faces = to_model_input(images[0::2])

@@ -564,8 +564,8 @@ def test_eq8_diagnostic_of_the_ablation_runner(tmp_path):
     seeded masks on every call (a rerun gives the same numbers)."""
     import numpy as np
 
+    from pipeline.eval.sets import EvalSet
     from pipeline.experiments.diagnostics import DiagnosticContext, eq8_mse_diagnostic
-    from pipeline.experiments.spec import EvalSet
     from pipeline.faces.io import encode_png, write_bin
 
     rng = np.random.default_rng(0)
@@ -574,8 +574,7 @@ def test_eq8_diagnostic_of_the_ablation_runner(tmp_path):
         [encode_png(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)) for _ in range(8)],
         [True] * 4,
     )
-    eval_set = EvalSet(name="t", bin=str(tmp_path / "t.bin"))
-    eval_set.validate("test")
+    eval_set = EvalSet.from_bin(str(tmp_path / "t.bin"), name="t")
     net = build_network(tiny_cfg().model)
     ctx = DiagnosticContext(tmp_path, [eval_set], torch.device("cpu"), 112, {})
     got = eq8_mse_diagnostic(net, None, ctx)

@@ -349,16 +349,14 @@ def test_sample_values_diagnostic_means_the_probe_values_per_eval_set(tmp_path):
     """The ablation runner's ``sample_values``: per set, the mean of each per-sample value (here CQA's Ŝ_i) over
     its images, equal to quality_scores on the same images; nothing for the fc head."""
     from pipeline.eval.embed import to_model_input
-    from pipeline.eval.sets import load_bin
+    from pipeline.eval.sets import EvalSet, load_bin
     from pipeline.experiments.diagnostics import DiagnosticContext, sample_values
-    from pipeline.experiments.spec import EvalSet
     from pipeline.faces.io import encode_png, write_bin
 
     rng = np.random.default_rng(0)
     faces = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
     write_bin(tmp_path / "tiny.bin", [encode_png(f) for f in faces], [True, False, True])
-    eval_set = EvalSet(name="tiny", bin=str(tmp_path / "tiny.bin"))
-    eval_set.validate("test")
+    eval_set = EvalSet.from_bin(str(tmp_path / "tiny.bin"), name="tiny")
     net = net_for({"kind": "cqa", "embedding_size": 16}).eval()
     ctx = DiagnosticContext(tmp_path, [eval_set], torch.device("cpu"), 32, {})
     got = sample_values(net, None, ctx)
