@@ -20,7 +20,6 @@ MAX_FUNCTION_LINES = 60
 # The debt of issue 20, measured 2026-12-05: may only shrink (a listed entry that fits the limit fails the test
 # until it is removed from here).
 MODULE_ALLOWLIST = {
-    "pipeline/config.py",
     "pipeline/models/lcd.py",
     "pipeline/models/scan.py",
 }
