@@ -282,7 +282,7 @@ def build_pipeline(
             img = _crop(img, aug.crop_scale, aug.crop_p, size)
         if aug.lowres_p > 0:
             img = _low_res(img, aug, size)
-        # 2. flip: applied by crop_mirror_normalize in _outputs (later steps are mirror-symmetric; cutout mirrors its box)
+        # 2. flip: crop_mirror_normalize mirrors in _outputs (later steps are mirror-symmetric; cutout mirrors its box)
         mirror = fn.random.coin_flip(probability=float(aug.flip)) if aug.flip > 0 else 0
         if aug.photometric_p > 0:
             img = _photometric(img, aug.photometric_p, *photometric)

@@ -1,7 +1,7 @@
 """DALI operators of the augmentation spec's pixel operations, each the counterpart of a function of
 :mod:`pipeline.data.augment` or :mod:`pipeline.data.degrade` on DataNodes (tests/unit/test_augment.py checks them
 against the torch engine): the multi-resolution size draw, the low-resolution down-and-up resize with per-sample
-interpolations, and the Cutout square. The DALI graph that uses them is :func:`pipeline.data.dali_loader.build_pipeline`.
+interpolations, and the Cutout square. The DALI graph that uses them: :func:`pipeline.data.dali_loader.build_pipeline`.
 """
 
 from __future__ import annotations
