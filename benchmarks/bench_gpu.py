@@ -60,12 +60,8 @@ if not __package__:  # run as a file: its imports need the repository root, whic
 
 import torch
 
-# the machinery and the parts live in benchmarks/gpu/; these names stay importable from here (scale_on_paper.py
-# imports the classifier's peak model and tracer, tests/unit/test_bench_gpu.py the shards)
-from benchmarks.gpu.classifier import LiveTensorPeak as LiveTensorPeak
-from benchmarks.gpu.classifier import expected_positive_rows as expected_positive_rows
+# the machinery and the parts live in benchmarks/gpu/
 from benchmarks.gpu.classifier import part_classifier
-from benchmarks.gpu.classifier import predicted_classifier_peak as predicted_classifier_peak
 from benchmarks.gpu.dali import part_dali
 from benchmarks.gpu.flops import flops_section, peak_tflops
 from benchmarks.gpu.loader import part_loader

@@ -6,7 +6,7 @@ embedding 512, the ArcFace margin in ``ShardedMarginClassifier``, the backbone u
 * class-centre shard: rows C/W, weight + momentum + (dense) gradient, fp32;
 * logits: global batch N = 128·W × sampled rows S per shard, fp32 (the trainer casts the embeddings to fp32
   and the classifier has no autocast), and the classifier's peak from the buffers live at its high-water
-  marks (``bench_gpu.predicted_classifier_peak``: the softmax forward, ``F.normalize``'s backward, the
+  marks (``benchmarks.gpu.classifier.predicted_classifier_peak``: the softmax forward, ``F.normalize``'s backward, the
   sampled rows' index backward);
 * collectives per step: the all-gather of embeddings (fp32) and labels (int64), the all-reduce of the
   gathered embeddings' gradient and of the softmax statistics; the backbone's gradient reduction and
@@ -26,7 +26,7 @@ embedding 512, the ArcFace margin in ``ShardedMarginClassifier``, the backbone u
 the CPU) with the same buffer count, and its step times with a two-term model t = a·N·S + c·C/W calibrated on
 the W = 1 rows, printing measured / predicted.
 
-``--trace``: the live-tensor peak of one step (``bench_gpu.LiveTensorPeak``) vs the buffer count, in one CPU
+``--trace``: the live-tensor peak of one step (``benchmarks.gpu.classifier.LiveTensorPeak``) vs the buffer count, in one CPU
 process; ``--comm``: the bytes through ``dist.all_gather`` / ``dist.all_reduce`` in a 2-rank gloo step vs the
 formulas; ``--verify-meta``: the meta-device activation count equals a real CPU forward.
 
@@ -49,7 +49,7 @@ if not __package__:  # run as a file: its imports need the repository root, whic
 
 import torch
 
-from benchmarks.bench_gpu import expected_positive_rows, predicted_classifier_peak
+from benchmarks.gpu.classifier import expected_positive_rows, predicted_classifier_peak
 
 MiB, GB = 1024**2, 1e9
 WEBFACE42M_CLASSES = 2_059_906
@@ -403,8 +403,8 @@ def check(paths: list[Path], dim: int, cores: int) -> str:
 
 
 def trace_check(configs, dim: int = 512) -> str:
-    """Live-tensor peak of one step (bench_gpu.LiveTensorPeak) vs the buffer count, one process."""
-    from benchmarks.bench_gpu import LiveTensorPeak
+    """Live-tensor peak of one step (benchmarks.gpu.classifier.LiveTensorPeak) vs the buffer count, one process."""
+    from benchmarks.gpu.classifier import LiveTensorPeak
     from pipeline.losses.margin import CombinedMargin
     from pipeline.losses.sharded_classifier import ShardedMarginClassifier
 

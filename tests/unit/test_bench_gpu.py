@@ -11,7 +11,7 @@ import pytest
 def test_the_faces_are_found_through_lowq_shared(tmp_path, monkeypatch, shared_data):
     """On the GPU machine ../shared does not travel: gpu_check.sh carries a copy and points LOWQ_SHARED at it,
     and the bench must read it there (the 2026-11-27 H100 check lost its bench to the old fixed default)."""
-    from benchmarks import bench_gpu
+    from benchmarks.gpu import shards as bench_gpu  # the bench's shard maker
 
     carried = tmp_path / "carried"
     (carried / "data").mkdir(parents=True)
