@@ -24,7 +24,8 @@ of every block, named ``se.fc1`` / ``se.fc2``; ``input_size``: the fc input is l
 input_size halved (ceil) four times (7 for 112 px, 9 for 144 px).
 
 Branch inserts sit right after ``bn3`` (the BN of the block's last 3×3 conv, so they see "conv → BN" output,
-LCD's F), before SE and before the shortcut addition.
+LCD's F), before SE and before the shortcut addition. :meth:`IResNetTrunk.point_modules` names the modules around
+each point (the block, its last conv and BN, the next block's first BN) for the parts that work on them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,17 @@ from torch import nn
 
 from pipeline import registry
 from pipeline.config import PartOptions
-from pipeline.models.network import ConvKind, FaceNetwork, Head, InsertPoint, PointInfo, Trace, build_network, call
+from pipeline.models.network import (
+    ConvKind,
+    FaceNetwork,
+    Head,
+    InsertPoint,
+    PointInfo,
+    PointModules,
+    Trace,
+    build_network,
+    call,
+)
 
 LAYERS = {
     18: (2, 2, 2, 2),
@@ -174,6 +185,30 @@ class IResNetTrunk(nn.Module):
     def blocks(self) -> list[IBasicBlock]:
         """The residual blocks, in forward order (``model.compile: blocks`` compiles each)."""
         return [block for name in self.stages for block in getattr(self, name)]
+
+    def point_modules(self, at: str) -> PointModules:
+        """The modules around the point ``at`` (:class:`PointModules`); KeyError for a name that is not a point.
+        ``layerK.branch`` and ``layerK`` lie in / end stage K's last block (its ``conv2`` → ``bn3``; the branch point
+        is ``bn3``'s output, the stage point the block's); the BatchNorm after ``layerK`` is ``bn1`` of stage K+1's
+        first block (none after ``layer4``: ``bn2`` is the trunk's output BN, not a block's)."""
+        if at == "stem":
+            return PointModules(source="prelu", conv="conv1", norm="bn1", next_norm=f"{self.stages[0]}.0.bn1")
+        if at == "out":
+            return PointModules(source="bn2")
+        stage, dot, rest = at.partition(".")
+        if stage not in self.stages or (dot and rest != "branch"):
+            raise KeyError(at)
+        last = len(getattr(self, stage)) - 1
+        block = f"{stage}.{last}"
+        later = self.stages[self.stages.index(stage) + 1 :]
+        return PointModules(
+            source=f"{block}.bn3" if dot else block,
+            block=block,
+            conv=f"{block}.conv2",
+            norm=f"{block}.bn3",
+            shortcut=f"{block}.downsample" if getattr(self, stage)[last].downsample is not None else None,
+            next_norm=f"{later[0]}.0.bn1" if later and not dot else None,
+        )
 
     def forward(
         self, x: torch.Tensor, trace: Trace | None = None, keep: frozenset[str] = frozenset()

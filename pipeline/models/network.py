@@ -117,6 +117,40 @@ class PointInfo:
     spatial: int
 
 
+@dataclass(frozen=True)
+class PointModules:
+    """The trunk modules around one named point, as qualified names inside the trunk (``trunk.get_submodule``);
+    None where the trunk has no such module. A trunk answers ``point_modules(at)`` with one, so that an insert or a
+    probe that works on the modules around a point (LCD's SR loss, eq. 6, eq. 8) never spells the trunk's internals.
+    ``conv``, ``norm`` and ``shortcut`` lie inside ``block``."""
+
+    source: str  # the module whose output is the point's tensor, before the point's inserts (hook it to read/change it)
+    block: str | None = None  # the residual block whose branch holds the point, or whose output is the point
+    conv: str | None = None  # the last convolution before the point
+    norm: str | None = None  # the BatchNorm right after that convolution
+    shortcut: str | None = None  # the block's projection shortcut; None: the identity
+    next_norm: str | None = None  # the BatchNorm the next residual block opens with, reading the point's tensor first
+
+
+def point_modules(trunk: nn.Module, at: str) -> PointModules | None:
+    """The trunk's :class:`PointModules` of point ``at``; None for a trunk that does not name them, or a name that is
+    not one of its points."""
+    answer = getattr(trunk, "point_modules", None)
+    if not callable(answer):
+        return None
+    try:
+        return answer(at)
+    except KeyError:
+        return None
+
+
+def to_model_input(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) RGB → float (N, 3, H, W) in [-1, 1], the network's input (insightface: (x/255 - 0.5)/0.5;
+    the evaluation's ``to_model_input``, here for the diagnostics that live with the models, below
+    ``pipeline.eval``)."""
+    return images_u8.permute(0, 3, 1, 2).float().div(255.0).sub(0.5).div(0.5)
+
+
 class ConvKind:
     """How a trunk's 3×3 convolutions are built, and the network-wide view of them (monitors, folding).
 
@@ -182,7 +216,8 @@ class Insert(Reporter):
 
     Optional ``bind(trunk, at)``: if an insert defines it, :func:`build_network` calls it once, after the trunk
     is built, with the trunk and the insert's point name, so that the insert can reach the modules around its
-    point (e.g. LCD's filter-orthogonality loss reads the weight of the 3×3 conv before it). Keep any such
+    point (e.g. LCD's filter-orthogonality loss reads the weight of the 3×3 conv before it), named by the trunk
+    (:func:`point_modules`). Keep any such
     reference *unregistered* (``object.__setattr__(self, "_block", block)``), so the trunk's parameters are not
     listed twice in ``state_dict`` / ``parameters()``; raise :class:`~pipeline.config.ConfigError` if the point
     does not offer what the insert needs.
@@ -289,7 +324,7 @@ class FaceNetwork(nn.Module):
         """Mean over ``images`` of every per-sample value the modules report on a probe forward (LGAF's
         ``gamma_l``, CQA's ``q0``…); {} for a network that reports none (known after the first batch). ``images``:
         (N,3,H,W) in [-1, 1], or anything ``transform`` turns into that batch by batch (e.g. uint8 faces through
-        ``pipeline.eval.verify.to_model_input``, so a whole set is never converted at once)."""
+        ``pipeline.eval.embed.to_model_input``, so a whole set is never converted at once)."""
         p = next(self.parameters())
         sums: dict[str, float] = {}
         for start in range(0, len(images), batch_size):
