@@ -17,6 +17,11 @@ config block (its keys besides ``kind``); validation errors name the key. Every 
 packages :data:`_PACKAGES` is imported the first time a table is read, so a new part is one new file
 in one of them: no existing file lists it. Parts defined outside this package (a lab's own head) are
 named in the config's ``plugins:`` list and imported by the config loader.
+
+Ablation diagnostics (``diagnostics:`` of an ablation spec, :mod:`pipeline.experiments`) have their own table:
+``@register_diagnostic(name)`` on ``fn(net, cfg, ctx: DiagnosticContext) -> {column: float}``. The generic ones
+live with the runner (:mod:`pipeline.experiments.diagnostics`), a model's own with the model (e.g. LCD's in
+``pipeline/models/lcd_probes.py``); :func:`diagnostics` imports the model and recipe packages before answering.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 KINDS = ("backbone", "conv", "insert", "head", "recipe")
 _PACKAGES = ("pipeline.models", "pipeline.recipes")
@@ -121,3 +127,40 @@ def recipe_names() -> list[str]:
 def build_recipe(cfg):
     """The training procedure (an ``nn.Module`` holding the network) described by a whole Config."""
     return lookup("recipe", cfg.recipe, "recipe").build(cfg)
+
+
+# --------------------------------------------------------------------------- ablation diagnostics
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnosticContext:
+    """What a diagnostic may read besides the network and its config (built by the ablation runner)."""
+
+    run_dir: Path  # the cell's trainer output.dir (tb/, checkpoints/)
+    eval_sets: list  # the spec's evaluation sets, in order (``.name``; ``.load(input_size)`` → uint8 images, target)
+    device: Any  # torch.device the network is on
+    input_size: int
+    embeddings: dict  # set name → float32 (2P, D) embeddings of its images, no flip, not normalised (numpy)
+
+
+DiagnosticFn = Callable[[Any, Any, DiagnosticContext], dict[str, float]]
+_DIAGNOSTICS: dict[str, DiagnosticFn] = {}
+
+
+def register_diagnostic(name: str) -> Callable[[DiagnosticFn], DiagnosticFn]:
+    """``@register_diagnostic("name")`` on ``fn(net, cfg, ctx) -> {column: float}``; a spec lists it by name."""
+
+    def register_fn(fn: DiagnosticFn) -> DiagnosticFn:
+        if name in _DIAGNOSTICS and _DIAGNOSTICS[name] is not fn:
+            raise ValueError(f"diagnostic '{name}' is registered twice")
+        _DIAGNOSTICS[name] = fn
+        return fn
+
+    return register_fn
+
+
+def diagnostics() -> dict[str, DiagnosticFn]:
+    """Every registered diagnostic by name, the model and recipe packages imported first (their diagnostics
+    register there); a copy."""
+    _discover()
+    return dict(_DIAGNOSTICS)

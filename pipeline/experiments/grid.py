@@ -13,7 +13,7 @@ from typing import Any
 from data_prep.manifest import DataError, read_manifest
 from pipeline.checkpoint import latest_or_none, load_json
 from pipeline.config import Config, ConfigError, load_config, parse_override
-from pipeline.experiments.diagnostics import DIAGNOSTICS
+from pipeline.experiments.diagnostics import diagnostics
 from pipeline.experiments.spec import CELL_JSON, DATA_ORDER_KEYS, TRAIN_STATE, Spec, SpecError
 from pipeline.runlock import is_locked
 
@@ -195,9 +195,10 @@ def parameter_count(cfg: Config) -> int:
 
 
 def _check_diagnostics(spec: Spec) -> None:
+    table = diagnostics()  # the generic ones (imported above) and the models' (their packages imported)
     for name in spec.diagnostics:
-        if name not in DIAGNOSTICS:
-            known = ", ".join(sorted(DIAGNOSTICS))
+        if name not in table:
+            known = ", ".join(sorted(table))
             raise SpecError(f"{spec.path}: key 'diagnostics': unknown diagnostic '{name}' (known: {known})")
 
 

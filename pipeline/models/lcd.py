@@ -22,10 +22,11 @@ then still reads ``layerK[-1].conv2`` and f_i of eq. 2 is no longer a single fil
 
 **BN statistics (eqs. 5-6).** At ``layerK.branch`` the BN before LCD (``bn3``) sees every sample, i.e. eq. 5 is
 the right statistic and eq. 6 (BN over the non-dropped samples only) is not needed: the paper's own choice
-(Sec. III-B). At ``layerK`` the next BN (``layer{K+1}[0].bn1``) sees zeroed channels, the "LCD before BN" case
-eqs. 5-6 warn about; ``masked_next_bn: true`` swaps it for :class:`MaskedBatchNorm2d`, eq. 6: its training
-statistics run over the samples whose channel was not dropped (the downsample branch's BN reads a 1×1 conv of the
-dropped tensor, whose channels mix kept and dropped ones: eq. 6 does not apply there and it is left as it is).
+(Sec. III-B). At ``layerK`` the next BN (the trunk's ``next_norm``: ``layer{K+1}[0].bn1``) sees zeroed channels,
+the "LCD before BN" case eqs. 5-6 warn about; ``masked_next_bn: true`` swaps it for :class:`MaskedBatchNorm2d`,
+eq. 6: its training statistics run over the samples whose channel was not dropped (the downsample branch's BN reads
+a 1×1 conv of the dropped tensor, whose channels mix kept and dropped ones: eq. 6 does not apply there and it is
+left as it is).
 
 **Choices not from the paper** (each a config value, marked [C] in :class:`LCDOptions`):
 
@@ -78,23 +79,18 @@ term's gradient norm on it and its ratio to the classification term's, ``grad_no
 ``grad_ratio/lcd_conv/<term>`` (spec §8: SR's share of the conv's gradient).
 
 **On a fixed batch of clean validation faces, at every evaluation** (:meth:`LCD.validation_monitors`, logged as
-``monitor/<name>``; spec §8's locality, occlusion and shift measurements): ``lcd/spatial_entropy_val`` and
-``lcd/top10_energy_val`` (the locality above, on those faces); ``lcd/occlusion_concentration`` (and ``/eyes``,
-``/mask``): each face's eye band and lower face (:func:`occlude_faces`, the geometry of ``data_prep.bin degrade
---occlude eyes mask``) are occluded, each channel's relative change ‖F_i(occluded) − F_i‖ / ‖F_i‖ of the feature LCD
-reads is measured, and the share of the summed change carried by the top 10 % of channels is reported (0.1 = spread
-evenly; the paper's claim is that SR raises it, :func:`occlusion_concentration`); with SAM,
-``sam/theta_clean_vs_occluded`` (and per band): mean θ of the occluded face on its 10 % most-changed channels minus
-mean θ on the rest (< 0: SAM turns down what the occlusion corrupted) and ``sam/theta_shift_on_changed``: θ(occluded)
-− θ(clean) on those channels; ``lcd/next_bn_mean_gap`` / ``lcd/next_bn_logvar_gap``: for the first BatchNorm that
-runs after LCD, mean over channels of |μ_batch − μ_running| / σ_running and |log(σ²_batch / σ²_running)| on those
-faces (the train/eval shift LCD's dropping may cause, spec §8 "escape and shift"); ``lcd/eq8_mse@0.3``: eq. 8 on
-the final unit-norm embeddings with 30 % of the channels dropped at LCD's point (:func:`eq8_mse`, seed 0).
+``monitor/<name>``; spec §8's locality, occlusion and shift measurements, computed by
+:func:`pipeline.models.lcd_probes.insert_validation_monitors`, whose module docstring lists them).
+
+**Where the parts live.** This module: the insert (options, the module, its SR losses, its binding to the trunk,
+its registration). :mod:`pipeline.models.lcd_parts`: the channel mask, channel locality, SAM and the masked BN.
+:mod:`pipeline.models.lcd_probes`: the analysis probes (eq. 8 on the final embedding, occlusion locality, SAM's
+constant control) and LCD's ablation diagnostics. The modules around the point (the block, its last conv, the next
+BN) are named by the trunk (:func:`pipeline.models.network.point_modules`), never spelled here.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -104,7 +100,24 @@ from torch import nn
 
 from pipeline import registry
 from pipeline.config import ConfigError, InsertOptions, Invalid
-from pipeline.models.network import Insert, PointInfo, Trace
+from pipeline.models.lcd_parts import (
+    GATES,
+    MaskedBatchNorm2d,
+    SpatialAttention,
+    channel_keep_mask,
+    drop_count,
+    locality_stats,
+)
+from pipeline.models.lcd_probes import (
+    eq8_mse,
+    freeze_sam_to_mean,
+    insert_validation_monitors,
+    occlude_faces,
+    occlusion_concentration,
+    occlusion_locality,
+    point_features,
+)
+from pipeline.models.network import Insert, PointInfo, PointModules, Trace, point_modules
 
 __all__ = [
     "LCDOptions",
@@ -117,6 +130,7 @@ __all__ = [
     "locality_stats",
     "eq8_mse",
     "drop_count",
+    "freeze_sam_to_mean",
     "occlude_faces",
     "occlusion_concentration",
     "occlusion_locality",
@@ -125,40 +139,6 @@ __all__ = [
 
 REDUCTIONS = ("pair_mean", "sum")
 RESPONSE_FNS = ("identity", "relu", "softplus")
-GATES = ("sigmoid", "2sigmoid", "constant")
-THETA_BAR_INIT = 0.5  # sam_gate: constant at initialisation: sigmoid's centre (trained sigmoid gates: 0.41–0.46)
-
-
-def drop_count(fraction: float, channels: int) -> int:
-    """⌊fraction·c⌋ (γ as a channel count, spec §1.3), robust to float round-off (0.29·100 → 29, not 28)."""
-    return int(math.floor(fraction * channels + 1e-9))
-
-
-# --------------------------------------------------------------------------- eqs. 3-4: the channel mask
-
-
-def channel_keep_mask(
-    n: int,
-    channels: int,
-    gamma_min: int,
-    gamma_max: int,
-    device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eqs. 3-4's mask M per sample: (keep (n, c) bool, γ (n,) int64).
-
-    γ_t ~ U{gamma_min, …, gamma_max} (integers, inclusive); exactly γ_t channels of row t are dropped, every
-    γ_t-subset equally likely (the ranks of i.i.d. uniforms are a uniform random permutation; drop the ranks < γ_t).
-    Draws from ``generator`` (on its device) or torch's global RNG, then moves to ``device``."""
-    if not 0 <= gamma_min <= gamma_max <= channels:
-        raise ValueError(
-            f"channel_keep_mask: need 0 <= gamma_min <= gamma_max <= c, got {gamma_min}, {gamma_max}, {channels}"
-        )
-    where = generator.device if generator is not None else device
-    gamma = torch.randint(gamma_min, gamma_max + 1, (n,), device=where, generator=generator)
-    rank = torch.rand(n, channels, device=where, generator=generator).argsort(dim=1).argsort(dim=1)
-    keep = rank >= gamma[:, None]
-    return keep.to(device), gamma.to(device)
 
 
 # --------------------------------------------------------------------------- eqs. 1-2: spatial regularisation
@@ -216,108 +196,7 @@ def response_orthogonality(
     return loss, g
 
 
-def locality_stats(features: torch.Tensor, top_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel locality (spec §8), per (sample, channel), float32, no gradient:
-
-    - normalised spatial entropy of p = relu(f)/Σ relu(f) over the h·w positions (1 = spread evenly, 0 = one
-      position); NaN where a channel has no positive response;
-    - the share of the channel's energy f² in its top ``top_fraction`` positions (at least one)."""
-    with torch.no_grad():
-        x = features.detach().float().flatten(2)
-        hw = x.shape[-1]
-        positive = x.clamp_min(0)
-        mass = positive.sum(-1, keepdim=True)
-        p = positive / mass.clamp_min(1e-30)
-        entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1) / math.log(max(hw, 2))
-        entropy = entropy.masked_fill(mass.squeeze(-1) <= 0, float("nan"))
-        energy = x.pow(2)
-        k = max(1, math.ceil(top_fraction * hw))
-        top = energy.topk(k, dim=-1).values.sum(-1) / energy.sum(-1).clamp_min(1e-30)
-    return entropy, top
-
-
-# --------------------------------------------------------------------------- eq. 7: SAM
-
-
-class SpatialAttention(nn.Module):
-    """θ ∈ R^c per sample (eq. 7): 1×1 conv → BN → PReLU → flatten → FC → PReLU → FC → gate (sizes: [C]).
-
-    No global pooling: FC1 reads the whole flattened c_r×h×w map, so θ depends on *where* the response is.
-    ``forward(x, update_stats=False)`` in training mode uses batch statistics without updating the running ones
-    (the clean-feature pass of the ``lcd/eq8_mse_insert`` monitor)."""
-
-    def __init__(self, channels: int, spatial: int, reduced: int = 16, hidden: int = 64, gate: str = "sigmoid"):
-        super().__init__()
-        if gate not in GATES:
-            raise ValueError(f"SpatialAttention: gate must be one of {GATES}, got {gate!r}")
-        self.channels, self.spatial, self.gate = channels, spatial, gate
-        if gate == "constant":
-            # The control of spec §7.1: a per-channel θ̄ that ignores the input (frozen: a buffer, no gradient).
-            # It scales the branch as a sigmoid gate does, without seeing which channels were dropped.
-            self.register_buffer("theta_bar", torch.full((channels,), THETA_BAR_INIT))
-            return
-        self.reduce = nn.Conv2d(channels, reduced, kernel_size=1, bias=False)
-        self.reduce_bn = nn.BatchNorm2d(reduced, eps=1e-05)
-        self.reduce_act = nn.PReLU(reduced)
-        self.fc1 = nn.Linear(reduced * spatial * spatial, hidden)
-        self.fc1_act = nn.PReLU(hidden)
-        self.fc2 = nn.Linear(hidden, channels)
-
-    def forward(self, x: torch.Tensor, update_stats: bool = True) -> torch.Tensor:
-        if not torch.jit.is_tracing() and x.shape[-2:] != (self.spatial, self.spatial):  # (ONNX export traces)
-            raise ValueError(
-                f"SAM was built for {self.spatial}×{self.spatial} maps (model.input_size), got {tuple(x.shape[-2:])}"
-            )
-        if self.gate == "constant":
-            return self.theta_bar.to(x.dtype).expand(x.shape[0], -1)
-        y = self.reduce(x)
-        if update_stats or not self.training:
-            y = self.reduce_bn(y)
-        else:
-            bn = self.reduce_bn
-            y = F.batch_norm(y, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
-        y = self.reduce_act(y)
-        z = self.fc2(self.fc1_act(self.fc1(torch.flatten(y, 1))))
-        theta = torch.sigmoid(z)
-        return 2 * theta if self.gate == "2sigmoid" else theta
-
-
-def constant_gate(sam: SpatialAttention, theta_bar: torch.Tensor) -> SpatialAttention:
-    """A ``constant`` SAM applying ``theta_bar`` (C,) to every sample: the post-hoc control of a trained gate
-    (θ̄ = its per-channel mean θ over a set of faces, see :func:`freeze_sam_to_mean`)."""
-    frozen = SpatialAttention(sam.channels, sam.spatial, gate="constant").to(theta_bar.device)
-    frozen.theta_bar.copy_(theta_bar.detach().float())
-    return frozen
-
-
-@torch.no_grad()
-def freeze_sam_to_mean(net: nn.Module, images: torch.Tensor) -> int:
-    """Replace every LCD insert's input-dependent SAM by a ``constant`` gate holding its per-channel mean θ̄ over
-    ``images`` (eval mode). Returns how many SAMs were frozen. If eq. 8 barely changes, SAM's benefit there is its
-    mean scale on the branch (spec §7.1's escape route), not its reading of which channels were dropped."""
-    lcds = [m for m in net.modules() if isinstance(m, LCD) and m.sam is not None and m.sam.gate != "constant"]
-    sums: dict[int, torch.Tensor] = {}
-    handles = [
-        m.sam.register_forward_hook(lambda mod, a, out, i=i: sums.__setitem__(i, out.float().mean(0)))
-        for i, m in enumerate(lcds)
-    ]
-    was_training = net.training
-    net.eval()
-    try:
-        net.embed(images)
-    finally:
-        net.train(was_training)
-        for h in handles:
-            h.remove()
-    for i, m in enumerate(lcds):
-        m.sam = constant_gate(m.sam, sums[i])
-    return len(lcds)
-
-
 # --------------------------------------------------------------------------- the insert
-
-
-_STAGE_POINT = re.compile(r"^(layer\d+)(\.branch)?$")
 
 
 @dataclass
@@ -402,6 +281,8 @@ class LCD(Insert):
         # The block holding the conv before the insert: set by bind(), deliberately NOT a registered submodule
         # (its parameters belong to the trunk; registering it would list them twice in the state dict).
         object.__setattr__(self, "_block", None)
+        self._conv_path = self._norm_path = None  # inside the block, named by the trunk (bind)
+        self._identity_shortcut = True
         self.masked_next_bn = opts.masked_next_bn
 
     def extra_repr(self) -> str:
@@ -413,42 +294,46 @@ class LCD(Insert):
 
     # ------------------------------------------------------------------ binding to the trunk
     def bind(self, trunk: nn.Module, at: str) -> None:
-        """Find the last block of the insert's stage (its ``conv2`` is "the last 3×3 convolution layer in the
-        stage"); keep it as an unregistered reference and hook its output for ``lcd/branch_to_identity``."""
-        match = _STAGE_POINT.match(at)
-        layer = getattr(trunk, match.group(1), None) if match else None
+        """Find the residual block the point lies in or ends (the trunk's :func:`point_modules`; its last conv is
+        "the last 3×3 convolution layer in the stage"); keep it as an unregistered reference and hook its output for
+        ``lcd/branch_to_identity``."""
+        where = point_modules(trunk, at)
         if self.masked_next_bn:
-            _mask_next_bn(trunk, at)
-        block = layer[-1] if isinstance(layer, nn.Sequential) and len(layer) else None
-        conv = getattr(block, "conv2", None) if block is not None else None
+            _mask_next_bn(trunk, at, where)
+        block = trunk.get_submodule(where.block) if where is not None and where.block is not None else None
+        conv = trunk.get_submodule(where.conv) if block is not None and where.conv is not None else None
         if conv is None or _kernel_reader(conv) is None:
             if self.sr:
                 raise ConfigError(
                     f"model.inserts: lcd at '{at}': the SR filter loss (eq. 1) needs the last 3×3 conv of a stage "
-                    "(a point layerK.branch or layerK of an iresnet trunk, whose layerK[-1].conv2 has a 4-d weight or "
-                    "a kernel()); set sr: false to use LCD without SR here"
+                    "(a point layerK.branch or layerK of an iresnet trunk, whose block's last conv has a 4-d weight "
+                    "or a kernel()); set sr: false to use LCD without SR here"
                 )
             return
         object.__setattr__(self, "_block", block)
+        self._conv_path, self._norm_path = _inside(where.conv, where.block), _inside(where.norm, where.block)
+        self._identity_shortcut = where.shortcut is None
         block.register_forward_hook(self._block_output_hook)
 
     def conv_kernel(self) -> torch.Tensor | None:
         """The weight eq. 1 regularises: the bound conv's effective kernel (SCAN: k_u), or None if unbound."""
         if self._block is None:
             return None
-        return _kernel_reader(self._block.conv2)()
+        return _kernel_reader(_child(self._block, self._conv_path))()
 
     def _block_output_hook(self, block: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """After the LCD block: ‖output - x‖ / ‖x‖ per sample (the block's branch over its identity shortcut)."""
         trace = args[1] if len(args) > 1 else None
-        if not isinstance(trace, Trace) or trace.probing or not self.training or block.downsample is not None:
+        if not isinstance(trace, Trace) or trace.probing or not self.training or not self._identity_shortcut:
             return  # (a projection shortcut would have to be re-run, updating its BN: not measured)
         with torch.no_grad():
             identity = args[0].detach().float().flatten(1)
             branch = output.detach().float().flatten(1) - identity
             ratio = branch.norm(dim=1) / identity.norm(dim=1).clamp_min(1e-12)
             trace.monitor("lcd/branch_to_identity", ratio.mean())
-            trace.monitor("lcd/bn3_gamma_absmean", block.bn3.weight.detach().float().abs().mean())
+            if self._norm_path is not None:
+                norm = _child(block, self._norm_path)
+                trace.monitor("lcd/bn3_gamma_absmean", norm.weight.detach().float().abs().mean())
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
@@ -527,157 +412,44 @@ class LCD(Insert):
                 trace.monitor("sam/theta_var_over_samples", over_samples.mean())
 
     # ------------------------------------------------------------------ at every evaluation (spec §8)
-    @torch.no_grad()
     def validation_monitors(self, net: nn.Module, faces: torch.Tensor) -> dict[str, float]:
         """Spec §8's locality, occlusion-concentration, θ and BN-shift values on ``faces`` ((N,3,H,W) in [-1, 1],
-        a fixed batch of clean validation faces), the network in eval mode (see the module docstring)."""
-        seen: list[torch.Tensor] = []
-        bn_inputs: list[tuple[nn.Module, torch.Tensor]] = []
-        after = []  # [index into bn_inputs at which LCD ran]
-        own = {id(m) for m in self.modules()}
-
-        def read_input(module, args):
-            seen.append(args[0].detach())  # the network's dtype (SAM runs on it below)
-
-        def mark(module, args, output):
-            after.append(len(bn_inputs))
-
-        def record_bn(module, args):
-            bn_inputs.append((module, args[0].detach().float()))
-
-        handles = [self.register_forward_pre_hook(read_input), self.register_forward_hook(mark)]
-        handles += [
-            m.register_forward_pre_hook(record_bn)
-            for m in net.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in own
-        ]
-        try:
-            net.embed(faces)
-            for h in handles[2:]:
-                h.remove()
-            del handles[2:]
-            for kind in OCCLUSION_BANDS:
-                net.embed(occlude_faces(faces, kind))
-        finally:
-            for h in handles:
-                h.remove()
-        clean, by_kind = seen[0], dict(zip(OCCLUSION_BANDS, seen[1:]))
-        locality = occlusion_locality(clean, by_kind)
-        out = {f"lcd/{k}": v for k, v in locality.items() if k.startswith("occlusion_concentration")}
-        out["lcd/spatial_entropy_val"], out["lcd/top10_energy_val"] = (
-            locality["spatial_entropy"],
-            locality["top10_energy"],
-        )
-        if self.sam is not None:
-            theta_clean = self.sam(clean).float()
-            for kind, feat in by_kind.items():
-                changed = occlusion_concentration(clean, feat)[1]
-                theta = self.sam(feat).float()
-                on = (theta * changed).sum(1) / changed.sum(1)
-                rest = (theta * ~changed).sum(1) / (~changed).sum(1).clamp_min(1)
-                out[f"sam/theta_clean_vs_occluded/{kind}"] = float((on - rest).mean())
-                shift = ((theta - theta_clean) * changed).sum(1) / changed.sum(1)
-                out[f"sam/theta_shift_on_changed/{kind}"] = float(shift.mean())
-            for name in ("sam/theta_clean_vs_occluded", "sam/theta_shift_on_changed"):
-                out[name] = sum(out[f"{name}/{kind}"] for kind in by_kind) / len(by_kind)
-        if after and after[0] < len(bn_inputs):
-            bn, x = bn_inputs[after[0]]
-            if bn.running_mean is not None and bn.running_var is not None:
-                dims = [0] + list(range(2, x.dim()))
-                mean, var = x.mean(dim=dims), x.var(dim=dims, correction=0)
-                run_mean, run_var = bn.running_mean.float(), bn.running_var.float()
-                out["lcd/next_bn_mean_gap"] = float(((mean - run_mean).abs() / (run_var + bn.eps).sqrt()).mean())
-                out["lcd/next_bn_logvar_gap"] = float(((var + bn.eps) / (run_var + bn.eps)).log().abs().mean())
-        if _STAGE_POINT.match(self.at):
-            gen = torch.Generator(device=faces.device).manual_seed(0)
-            out["lcd/eq8_mse@0.3"] = float(eq8_mse(net, faces, 0.3, self.at, gen)["mse_unit"])
-        return out
+        a fixed batch of clean validation faces), the network in eval mode
+        (:func:`pipeline.models.lcd_probes.insert_validation_monitors`)."""
+        return insert_validation_monitors(self, net, faces)
 
 
-def occlude_faces(faces: torch.Tensor, kind: str) -> torch.Tensor:
-    """A copy of ``faces`` ((N,3,H,W) in [-1, 1], insightface-aligned) with ``kind``'s band filled as
-    ``data_prep.bin degrade --occlude`` fills it: ``eyes`` black over both eyes, ``mask`` a flat surgical-mask
-    blue from just below the nose tip to the chin (default :class:`~pipeline.faces.degrade.OcclusionParams`)."""
-    from pipeline.faces.degrade import OcclusionParams, occlusion_box
-
-    if kind not in ("eyes", "mask"):
-        raise ValueError(f"occlude_faces: kind must be 'eyes' or 'mask', got {kind!r}")
-    params = OcclusionParams()
-    top, bottom, left, right = occlusion_box(tuple(faces.shape[-2:]), kind, params)
-    rgb = (0, 0, 0) if kind == "eyes" else params.mask_color
-    fill = torch.tensor(rgb, dtype=faces.dtype, device=faces.device) / 127.5 - 1.0
-    out = faces.clone()
-    out[:, :, top:bottom, left:right] = fill[:, None, None]
-    return out
+# --------------------------------------------------------------------------- the modules around the point
 
 
-def occlusion_concentration(
-    clean: torch.Tensor, occluded: torch.Tensor, top_fraction: float = 0.1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spec §8: per sample, the share of the summed relative channel change r_i = ‖F_i(occluded) − F_i‖ / ‖F_i‖
-    (norms over h×w) carried by the ⌈top_fraction·c⌉ most-changed channels (top_fraction = spread evenly, 1 = all
-    the change in those channels), and the (N, c) bool mask of those channels. Float32, no gradient."""
-    with torch.no_grad():
-        c, o = clean.detach().float().flatten(2), occluded.detach().float().flatten(2)
-        change = (o - c).norm(dim=-1) / c.norm(dim=-1).clamp_min(1e-12)  # (N, c)
-        k = max(1, math.ceil(top_fraction * change.shape[1]))
-        top = change.topk(k, dim=1)
-        share = top.values.sum(1) / change.sum(1).clamp_min(1e-30)
-        changed = torch.zeros_like(change, dtype=torch.bool).scatter_(1, top.indices, True)
-    return share, changed
+def _inside(name: str | None, block: str) -> str | None:
+    """The trunk's qualified ``name`` of a module inside ``block``, relative to the block (the LCD keeps the block
+    and reads the module through it at every call: folding replaces the conv, so no module is kept)."""
+    return None if name is None else name.removeprefix(f"{block}.")
 
 
-class MaskedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose training statistics skip dropped channels: LCD's eq. 6 (spec §1.2). For channel i the mean
-    and the variance run over the (n − η_i)·h·w values of the samples whose channel i is not all zero (η_i = the
-    samples whose channel i was dropped); the running statistics are updated from them (the variance unbiased, as
-    ``nn.BatchNorm2d``), a channel dropped in every sample is normalised with its running statistics and leaves
-    them unchanged. Every value is then normalised with those statistics (a dropped channel's zeros too: eq. 6
-    corrects the statistics only). Eval mode, parameters and buffers: ``nn.BatchNorm2d``'s (checkpoints and ONNX
-    export are unchanged). A channel that is exactly zero over a whole map without dropout is taken as dropped."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not self.track_running_stats:
-            return super().forward(x)
-        xf = x.float()
-        kept = xf.flatten(2).ne(0).any(dim=2)  # (n, c): channel i of sample t was not dropped
-        weight = kept.to(xf.dtype)[:, :, None, None]
-        count = kept.sum(0).to(xf.dtype) * (x.shape[2] * x.shape[3])  # (n - η_i)·h·w
-        seen = count > 0
-        mean = (xf * weight).sum((0, 2, 3)) / count.clamp_min(1)
-        var = ((xf - mean[None, :, None, None]).pow(2) * weight).sum((0, 2, 3)) / count.clamp_min(1)
-        mean = torch.where(seen, mean, self.running_mean.float())
-        var = torch.where(seen, var, self.running_var.float())
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.float()
-            unbiased = var * count / (count - 1).clamp_min(1)
-            self.running_mean.copy_(
-                torch.where(seen, torch.lerp(self.running_mean.float(), mean, factor), self.running_mean.float())
-            )
-            self.running_var.copy_(
-                torch.where(seen, torch.lerp(self.running_var.float(), unbiased, factor), self.running_var.float())
-            )
-        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.affine:
-            y = y * self.weight.float()[None, :, None, None] + self.bias.float()[None, :, None, None]
-        return y.to(x.dtype)
+def _child(module: nn.Module, path: str) -> nn.Module:
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
 
 
-def _mask_next_bn(trunk: nn.Module, at: str) -> None:
-    """Swap the first BN of the stage after ``at`` (= "layerK") for a :class:`MaskedBatchNorm2d` holding the same
-    parameters and buffers; ConfigError when no such stage exists."""
-    k = int(re.fullmatch(r"layer(\d+)", at).group(1))
-    stage = getattr(trunk, f"layer{k + 1}", None)
-    bn = getattr(stage[0], "bn1", None) if isinstance(stage, nn.Sequential) and len(stage) else None
+def _mask_next_bn(trunk: nn.Module, at: str, where: PointModules | None) -> None:
+    """Swap the BatchNorm the trunk names after ``at`` (= "layerK"; :attr:`PointModules.next_norm`, the first BN of
+    the next stage's first block) for a :class:`MaskedBatchNorm2d` holding the same parameters and buffers;
+    ConfigError when there is none."""
+    name = where.next_norm if where is not None else None
+    bn = trunk.get_submodule(name) if name is not None else None
     if not isinstance(bn, nn.BatchNorm2d):
+        k = int(re.fullmatch(r"layer(\d+)", at).group(1))
         raise ConfigError(
             f"model.inserts: lcd at '{at}' with masked_next_bn: there is no next stage layer{k + 1} whose first "
-            "block starts with a BatchNorm2d (bn1) to apply eq. 6 to"
+            "block starts with a BatchNorm2d to apply eq. 6 to"
         )
     masked = MaskedBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     masked.load_state_dict(bn.state_dict())
-    stage[0].bn1 = masked
+    parent, _, leaf = name.rpartition(".")
+    setattr(trunk.get_submodule(parent), leaf, masked)
 
 
 def _kernel_reader(conv: nn.Module):
@@ -695,91 +467,3 @@ def _kernel_reader(conv: nn.Module):
 @registry.register("insert", "lcd", LCDOptions)
 def build_lcd(opts: LCDOptions, point: PointInfo) -> LCD:
     return LCD(point.channels, point.spatial, opts)
-
-
-# --------------------------------------------------------------------------- eq. 8 on the final feature
-
-
-def _point_target(net: nn.Module, at: str, caller: str) -> nn.Module:
-    """The module whose output is the feature an LCD insert at ``at`` reads: ``layerK[-1].bn3`` for
-    ``layerK.branch`` (the branch before "+ identity"), the last block of stage K for ``layerK``."""
-    match = _STAGE_POINT.match(at)
-    if match is None:
-        raise ValueError(f"{caller}: at must be layerK or layerK.branch, got {at!r}")
-    block = getattr(net.trunk, match.group(1))[-1]
-    return block.bn3 if match.group(2) else block
-
-
-@torch.no_grad()
-def point_features(net: nn.Module, batches: list[torch.Tensor], at: str = "layer3.branch") -> list[torch.Tensor]:
-    """The feature at ``at`` (what an LCD insert there reads, :func:`_point_target`) for each image batch, the
-    network in eval mode; any iresnet FaceNetwork, with LCD or not."""
-    target = _point_target(net, at, "point_features")
-    seen: list[torch.Tensor] = []
-    handle = target.register_forward_hook(lambda module, args, output: seen.append(output.detach()))
-    was_training = net.training
-    net.eval()
-    try:
-        for images in batches:
-            net.embed(images)
-    finally:
-        handle.remove()
-        net.train(was_training)
-    return seen
-
-
-OCCLUSION_BANDS = ("eyes", "mask")  # spec §8: "occlude a band (eyes or lower face)"
-
-
-def occlusion_locality(clean: torch.Tensor, occluded: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Spec §8's locality of a feature map: ``spatial_entropy`` / ``top10_energy`` of the clean ``(N, c, h, w)``
-    feature (:func:`locality_stats`, means over samples and channels) and, for each occluded version of it,
-    ``occlusion_concentration/<kind>`` (:func:`occlusion_concentration`, mean over samples) and their mean
-    ``occlusion_concentration``."""
-    entropy, top = locality_stats(clean)
-    out = {"spatial_entropy": float(entropy.nanmean()), "top10_energy": float(top.mean())}
-    shares = {kind: float(occlusion_concentration(clean, feat)[0].mean()) for kind, feat in occluded.items()}
-    out.update({f"occlusion_concentration/{kind}": v for kind, v in shares.items()})
-    if shares:
-        out["occlusion_concentration"] = sum(shares.values()) / len(shares)
-    return out
-
-
-@torch.no_grad()
-def eq8_mse(
-    net: nn.Module,
-    images: torch.Tensor,
-    drop_fraction: float,
-    at: str = "layer3.branch",
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """Eq. 8 (Sec. V-C, Fig. 3/4): MSE = 1/L Σ_i (f_i^original - f_i^dropped)² between the final embeddings of
-    ``images`` without and with ⌊drop_fraction·c⌋ channels dropped per sample at ``at``, in eval mode (BN running
-    statistics), averaged over the images. Works for any iresnet FaceNetwork, with LCD or not (the baseline): the
-    mask is applied by a temporary hook on the feature LCD reads (``layerK[-1].bn3`` output for
-    ``layerK.branch``, the last block's output for ``layerK``), so an LCD insert there sees the dropped feature
-    (its SAM included). The same ``generator`` seed gives the same masks for two models of equal width.
-
-    Returns ``mse`` (raw embeddings) and ``mse_unit`` (L2-normalised embeddings, comparable across models)."""
-    target = _point_target(net, at, "eq8_mse")
-
-    def drop_channels(module, args, output):
-        n, c = output.shape[:2]
-        gamma = drop_count(drop_fraction, c)
-        keep, _ = channel_keep_mask(n, c, gamma, gamma, output.device, generator)
-        return output * keep.to(output.dtype)[:, :, None, None]
-
-    was_training = net.training
-    net.eval()
-    try:
-        original = net.embed(images).float()
-        handle = target.register_forward_hook(drop_channels)
-        try:
-            dropped = net.embed(images).float()
-        finally:
-            handle.remove()
-    finally:
-        net.train(was_training)
-    mse = (original - dropped).pow(2).mean(dim=1)
-    unit = (F.normalize(original, dim=1) - F.normalize(dropped, dim=1)).pow(2).mean(dim=1)
-    return {"mse": mse.mean(), "mse_unit": unit.mean()}
