@@ -13,6 +13,7 @@ from sklearn.preprocessing import normalize
 
 from data_prep.manifest import DataError
 from pipeline.faces.io import decode_image
+from pipeline.models.network import to_model_input  # the one definition (the models room owns it)
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,11 +40,6 @@ def read_image(path: Path) -> np.ndarray:
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
     return decode_image(data, str(path))
-
-
-def to_model_input(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) RGB → float (N, 3, H, W) in [-1, 1] (insightface: (x/255 - 0.5)/0.5)."""
-    return images_u8.permute(0, 3, 1, 2).float().div(255.0).sub(0.5).div(0.5)
 
 
 @torch.inference_mode()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 from data_prep.manifest import DataError, read_manifest
 from pipeline.checkpoint import latest_or_none, load_json
 from pipeline.config import Config, ConfigError, load_config, parse_override
+from pipeline.core.cache import digest
 from pipeline.experiments.diagnostics import diagnostics
 from pipeline.experiments.spec import CELL_JSON, DATA_ORDER_KEYS, TRAIN_STATE, Spec, SpecError
 from pipeline.runlock import is_locked
@@ -64,7 +64,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(obj, 16)  # the one cache's key digest (pipeline.core.cache)
 
 
 def _non_default(obj: Any) -> Any:

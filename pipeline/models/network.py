@@ -145,9 +145,8 @@ def point_modules(trunk: nn.Module, at: str) -> PointModules | None:
 
 
 def to_model_input(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) RGB → float (N, 3, H, W) in [-1, 1], the network's input (insightface: (x/255 - 0.5)/0.5;
-    the evaluation's ``to_model_input``, here for the diagnostics that live with the models, below
-    ``pipeline.eval``)."""
+    """uint8 (N, H, W, 3) RGB → float (N, 3, H, W) in [-1, 1], the network's input (insightface: (x/255 - 0.5)/0.5).
+    The one definition: evaluation (:mod:`pipeline.eval.embed`) and the models' own diagnostics both use it."""
     return images_u8.permute(0, 3, 1, 2).float().div(255.0).sub(0.5).div(0.5)
 
 
