@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import shard_cli
-from data_prep.manifest import DataError
+from data_prep.manifest import READ_EXTENSIONS, DataError
 from data_prep.shard_source import BadRecord, Sample, Source
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm", ".pbm"}
+IMAGE_SUFFIXES = frozenset(f".{e}" for e in READ_EXTENSIONS)
 
 
 def image_files(folder: Path) -> list[Path]:

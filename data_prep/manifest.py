@@ -34,6 +34,9 @@ from pathlib import Path
 FORMAT = "lowq-face-wds/1"
 #: Image member extensions a shard may hold (loaders: DALI ext "jpg;png;...", webdataset decoders).
 IMAGE_EXTENSIONS = ("jpg", "png", "bmp", "webp", "tif", "gif", "pgm", "ppm", "pbm")
+#: The one list of image extensions read: a shard's image member (the torch loader, the start-up scan) and an image
+#: file in a folder (folder2wds, identity folders): the above and the long spellings other writers use.
+READ_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "pgm", "pbm", "ppm")
 MANIFEST = "manifest.json"
 
 

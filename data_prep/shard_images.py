@@ -14,9 +14,9 @@ from data_prep.manifest import IMAGE_EXTENSIONS, DataError
 from data_prep.shard_source import BadRecord
 
 #: PIL format → tar extension. Loaders should accept every value here (``jpg`` and ``png`` in practice).
-IMAGE_EXTS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif", "GIF": "gif"}
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif", "GIF": "gif"}
 _PNM_EXT = {b"P1": "pbm", b"P4": "pbm", b"P2": "pgm", b"P5": "pgm", b"P3": "ppm", b"P6": "ppm"}
-assert set(IMAGE_EXTS.values()) | set(_PNM_EXT.values()) == set(IMAGE_EXTENSIONS)
+assert set(FORMAT_EXTENSIONS.values()) | set(_PNM_EXT.values()) == set(IMAGE_EXTENSIONS)
 
 
 def image_crc(data: bytes) -> str:
@@ -65,6 +65,6 @@ def image_ext(data: bytes, verify: str = "decode") -> str:
         raise BadRecord("undecodable", f"undecodable image ({type(exc).__name__}: {str(exc)[:80]})") from None
     if fmt == "PPM":
         return _PNM_EXT.get(data[:2], "ppm")
-    if fmt not in IMAGE_EXTS:
+    if fmt not in FORMAT_EXTENSIONS:
         raise BadRecord("unsupported_format", f"image format {fmt} is not supported by the loaders")
-    return IMAGE_EXTS[fmt]
+    return FORMAT_EXTENSIONS[fmt]

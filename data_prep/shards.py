@@ -19,7 +19,7 @@ A *source* (:mod:`data_prep.shard_source`) lists its samples once, in a canonica
    writes ``OUT/corrupt.json`` and exits with status 1 (:mod:`data_prep.shard_summary`).
 
 Per sample the tar holds ``<key>.<ext>`` (the original image bytes, ``ext`` from the bytes' real format, see
-:data:`IMAGE_EXTS` in :mod:`data_prep.shard_images`), ``<key>.cls`` (ASCII integer label), ``<key>.src`` (source path
+:data:`FORMAT_EXTENSIONS` in :mod:`data_prep.shard_images`), ``<key>.cls`` (ASCII integer label), ``<key>.src`` (source path
 or ``file:key``), ``<key>.crc`` (the CRC-32 of the image bytes, 8 lowercase hex digits: both loaders check it, so an
 image whose bytes were damaged after sharding — a flipped bit in the JPEG body, which decoders decode into a wrong
 picture without an error — is skipped and counted instead of trained on) and, when a RecordIO record carries several
@@ -30,7 +30,7 @@ options and error handling are in :mod:`data_prep.shard_cli`.
 from __future__ import annotations
 
 from data_prep.shard_cli import add_common_args, finish, main_wrapper, run_cli
-from data_prep.shard_images import IMAGE_EXTS, check_crc, image_crc, image_ext
+from data_prep.shard_images import FORMAT_EXTENSIONS, check_crc, image_crc, image_ext
 from data_prep.shard_journal import JOURNAL
 from data_prep.shard_plan import TOOL_VERSION, Plan, make_plan
 from data_prep.shard_run import STOP_ENV, run
@@ -40,7 +40,7 @@ from data_prep.shard_writer import SHARD_PATTERN, TarStream
 
 __all__ = [
     "CORRUPT_REPORT",
-    "IMAGE_EXTS",
+    "FORMAT_EXTENSIONS",
     "JOURNAL",
     "MAX_LISTED_CORRUPT",
     "SHARD_PATTERN",

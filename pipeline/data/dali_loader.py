@@ -61,7 +61,7 @@ from pipeline.data.dali_ops import (
     dali_low_res,
 )
 from pipeline.data.shard_scan import (  # noqa: F401  (cache_dir re-exported: pipeline.data.dali_loader.cache_dir)
-    IMAGE_EXTS,
+    DALI_EXTENSIONS,
     cache_dir,
     scan_shard,
     scan_shard_cached,
@@ -98,7 +98,7 @@ def _read_samples(paths, index_paths, *, seed: int, shard_id: int, num_shards: i
     return fn.readers.webdataset(
         paths=paths,
         index_paths=index_paths,
-        ext=[";".join(IMAGE_EXTS[:-1]), "cls"] + (["src"] if with_keys else []),
+        ext=[";".join(DALI_EXTENSIONS), "cls"] + (["src"] if with_keys else []),
         missing_component_behavior="skip",
         shard_id=shard_id,
         num_shards=num_shards,

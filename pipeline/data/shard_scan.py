@@ -19,13 +19,14 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.manifest import DataError, atomic_write_text
+from data_prep.manifest import READ_EXTENSIONS, DataError, atomic_write_text
 from data_prep.shards import check_crc
 
 log = logging.getLogger("pipeline.data")
 
-# Formats data_prep writes that DALI's image decoder reads (GIF is not among them), with their magic.
-IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "pgm", "pbm", "ppm", "gif")
+#: what DALI's image decoder reads of :data:`data_prep.manifest.READ_EXTENSIONS` (not GIF)
+DALI_EXTENSIONS = tuple(e for e in READ_EXTENSIONS if e != "gif")
+# the formats' magic
 _MAGIC = (
     b"\xff\xd8\xff",
     b"\x89PNG\r\n\x1a\n",
@@ -88,7 +89,7 @@ def scan_shard(path: str | Path, num_classes: int) -> ShardScan:
     with open(path, "rb") as f:
         for key in order:
             comps = groups[key]
-            img = next((comps[e] for e in IMAGE_EXTS if e in comps), None)
+            img = next((comps[e] for e in READ_EXTENSIONS if e in comps), None)
             if img is None or "cls" not in comps:
                 scan.bad_samples.append((key, "missing " + ("image" if img is None else ".cls")))
                 continue
@@ -162,4 +163,12 @@ def write_index(scan: ShardScan, path: str | Path) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-__all__ = ["IMAGE_EXTS", "SCAN_VERSION", "ShardScan", "cache_dir", "scan_shard", "scan_shard_cached", "write_index"]
+__all__ = [
+    "DALI_EXTENSIONS",
+    "SCAN_VERSION",
+    "ShardScan",
+    "cache_dir",
+    "scan_shard",
+    "scan_shard_cached",
+    "write_index",
+]

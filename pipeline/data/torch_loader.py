@@ -33,13 +33,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.manifest import DataError
+from data_prep.manifest import READ_EXTENSIONS, DataError
 from data_prep.shards import check_crc
 from pipeline.config import DataConfig
 from pipeline.data.augment import Augmenter, decode, sample_generator, validate
 from pipeline.data.base import TrainLoaderBase
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "pgm", "pbm", "ppm")  # all data_prep writes
 _PENDING: list = []  # corrupt items seen in this process since the last chunk (worker-local)
 
 
@@ -121,7 +120,7 @@ class _ShardStream(IterableDataset):
     def _decode(self, sample, augment: bool = True) -> tuple[dict | None, str | None]:
         key = f"{Path(sample.get('__url__', '?')).name}/{sample.get('__key__', '?')}"
         try:
-            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            data = next((sample[e] for e in READ_EXTENSIONS if e in sample), None)
             if data is None:
                 raise DataError("no image member (.jpg/.png/...)")
             if "cls" not in sample:
