@@ -24,37 +24,15 @@ if not __package__:  # run as a file: its imports need the repository root, whic
     raise SystemExit(f"run it from the repository root: python -m benchmarks.{Path(__file__).stem}")
 
 import torch
-import webdataset as wds
 
-from benchmarks.common import REPO, machine
-from data_prep.manifest import Manifest, ShardInfo, sha256_file, write_manifest
+from benchmarks.common import machine
+from benchmarks.gpu.shards import default_shared, make_shards
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data.dali_loader import DaliTrainLoader
 from pipeline.data.torch_loader import TorchTrainLoader
 
 FULL = AugmentConfig(flip=0.5, crop_p=1.0, photometric_p=1.0, blur_p=1.0, multires_p=1.0, paired=True)
 DECODE = AugmentConfig(flip=0.0)
-
-
-def make_shards(lfw: Path, out: Path, per_shard: int = 256) -> Path:
-    people = sorted(p for p in lfw.iterdir() if p.is_dir())
-    files = [(f, c) for c, p in enumerate(people) for f in sorted(p.glob("*.jpg"))]
-    shards = []
-    for i in range(0, len(files), per_shard):
-        name = f"shard-{i // per_shard:06d}.tar"
-        with wds.TarWriter(str(out / name)) as w:
-            for f, c in files[i : i + per_shard]:
-                w.write(
-                    {
-                        "__key__": f"{c:04d}_{f.stem}",
-                        "jpg": f.read_bytes(),
-                        "cls": str(c).encode(),
-                        "src": f.name.encode(),
-                    }
-                )
-        shards.append(ShardInfo(name, len(files[i : i + per_shard]), sha256_file(out / name)))
-    write_manifest(out, Manifest(num_classes=len(people), num_images=len(files), shards=shards))
-    return out
 
 
 def measure(make, n_images: int) -> float:
@@ -95,11 +73,7 @@ def main(argv=None) -> int:
         f"load average {os.getloadavg()[0]:.1f} at start"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        root = (
-            Path(args.shards)
-            if args.shards
-            else make_shards(REPO.parent / "shared/data/lfw_view1_112/train_112", Path(tmp))
-        )
+        root = Path(args.shards) if args.shards else make_shards(Path(tmp), default_shared(), per_shard=256)
         if args.device == "gpu":
             if not torch.cuda.is_available():
                 print("DALI gpu, batch 512, 112x112, full augmentation: unmeasured: no CUDA")

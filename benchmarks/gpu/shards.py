@@ -1,5 +1,5 @@
 """The LFW faces (../shared/data, or $LOWQ_SHARED/data) as WebDataset shards: what the loader, training and DALI
-parts of bench_gpu read."""
+parts of bench_gpu and benchmarks.bench_loaders read."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def default_shared() -> Path:
 def make_shards(
     root: Path, shared: Path, repeat: int = 1, num_classes: int | None = None, per_shard: int = 512
 ) -> Path:
-    """The LFW training faces (1,814 JPEGs, 111 people) as WebDataset shards, as bench_loaders.make_shards,
+    """The LFW training faces (1,814 JPEGs, 111 people) as WebDataset shards,
     each image written ``repeat`` times under distinct keys: one epoch at batch 512 must be long enough that
     the loaders' per-epoch start-up (DataLoader workers, a fresh DALI pipeline) is not what is timed. The
     manifest may claim more classes than the faces have (classes without images), so that the training-step
