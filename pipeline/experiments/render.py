@@ -114,17 +114,8 @@ def _metric_tables(spec: Spec, report: dict, reported: dict[str, str]) -> list[s
     ]
     others = [a for a in arms if a != spec.reference]
     if others:
-        rows = [[arm] + [_diff(summary["paired"][arm][s], 100, "+.2f") for s in sets] for arm in others]
-        resolved = resolved_comparisons(summary["paired"], others, sets, 100, "+.2f")
-        lines += [
-            f"## Paired difference vs `{spec.reference}` (points, 95 % interval)",
-            "",
-            *_table(["arm", *sets], rows),
-            "",
-            "Resolved (the 95 % interval excludes 0): " + ("" if resolved else "none."),
-            *resolved,
-            "",
-        ]
+        title = f"## Paired difference vs `{spec.reference}` (points, 95 % interval)"
+        lines += _paired_section(title, summary["paired"], others, sets, 100, "+.2f")
     return lines
 
 
@@ -137,18 +128,26 @@ def _diagnostic_tables(spec: Spec, diags: dict) -> list[str]:
     lines = ["## Diagnostics: mean ± sd over seeds", "", *_table(["arm", *dcols], rows), ""]
     others = [a for a in arms if a != spec.reference]
     if others:
-        rows = [[arm] + [_diff(diags["paired"][arm][c], 1, "+.4g") for c in dcols] for arm in others]
-        resolved = resolved_comparisons(diags["paired"], others, dcols, 1, "+.4g")
-        lines += [
-            f"Paired difference vs `{spec.reference}` (95 % interval):",
-            "",
-            *_table(["arm", *dcols], rows),
-            "",
-            "Resolved (the 95 % interval excludes 0): " + ("" if resolved else "none."),
-            *resolved,
-            "",
-        ]
+        title = f"Paired difference vs `{spec.reference}` (95 % interval):"
+        lines += _paired_section(title, diags["paired"], others, dcols, 1, "+.4g")
     return lines
+
+
+def _paired_section(
+    title: str, paired: dict, others: list[str], columns: list[str], scale: float, fmt: str
+) -> list[str]:
+    """Each arm's paired difference vs the reference per column (its 95 % interval), then the resolved ones."""
+    rows = [[arm] + [_diff(paired[arm][c], scale, fmt) for c in columns] for arm in others]
+    resolved = resolved_comparisons(paired, others, columns, scale, fmt)
+    return [
+        title,
+        "",
+        *_table(["arm", *columns], rows),
+        "",
+        "Resolved (the 95 % interval excludes 0): " + ("" if resolved else "none."),
+        *resolved,
+        "",
+    ]
 
 
 def _cells_table(spec: Spec, report: dict, reported: dict[str, str]) -> list[str]:
