@@ -113,3 +113,20 @@ def one_rank_group():
         info = distributed.init("cpu")
     yield info
     distributed.cleanup()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, shared_data) -> Path:
+    """12 dev-test images in <identity>/ folders: 2 of each of 4 people, 1 of each of 4 others."""
+    import shutil
+
+    src = shared_data / "lfw_view1_112" / "devtest_112"
+    people = sorted(d for d in src.iterdir() if d.is_dir())
+    twice = [d for d in people if len(list(d.glob("*.jpg"))) >= 2][:4]
+    once = [d for d in people if d not in twice][:4]
+    out = tmp_path_factory.mktemp("tiny") / "devtest_tiny"
+    for d in twice + once:
+        (out / d.name).mkdir(parents=True)
+        for f in sorted(d.glob("*.jpg"))[: 2 if d in twice else 1]:
+            shutil.copyfile(f, out / d.name / f.name)  # a tmp copy, never into the repo
+    return out

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,21 +43,6 @@ def small_images(small_bin) -> list[np.ndarray]:
 def face(small_images) -> np.ndarray:
     """A real face with no black pixel, so a black fill changes every pixel it covers."""
     return np.maximum(small_images[0], 1)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, shared_data) -> Path:
-    """12 dev-test images in <identity>/ folders: 2 of each of 4 people, 1 of each of 4 others."""
-    src = shared_data / "lfw_view1_112" / "devtest_112"
-    people = sorted(d for d in src.iterdir() if d.is_dir())
-    twice = [d for d in people if len(list(d.glob("*.jpg"))) >= 2][:4]
-    once = [d for d in people if d not in twice][:4]
-    out = tmp_path_factory.mktemp("tiny") / "devtest_tiny"
-    for d in twice + once:
-        (out / d.name).mkdir(parents=True)
-        for f in sorted(d.glob("*.jpg"))[: 2 if d in twice else 1]:
-            shutil.copyfile(f, out / d.name / f.name)  # a tmp copy, never into the repo
-    return out
 
 
 def box_mask(shape, top, bottom, left, right) -> np.ndarray:
