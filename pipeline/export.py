@@ -34,6 +34,7 @@ import torch
 
 from pipeline.checkpoint import describe
 from pipeline.config import ConfigError
+from pipeline.core.errors import print_error
 
 
 def load_for_export(checkpoint: str | Path):
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         net, model_cfg, path = load_for_export(args.checkpoint)
         return _export(args, net, model_cfg, path)
     except ConfigError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print_error(exc)
         return 2
 
 

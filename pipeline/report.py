@@ -36,6 +36,7 @@ from data_prep.manifest import DataError, sha256_file
 from pipeline.config import ConfigError
 from pipeline.core.cache import read_record, write_record
 from pipeline.core.device import resolve_device
+from pipeline.core.errors import print_error
 from pipeline.eval.tables import NORMS_EXPECTED, format_norm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (ConfigError, DataError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print_error(exc)
         return 2
     return 0
 

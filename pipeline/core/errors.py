@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "Invalid"]
+__all__ = ["ConfigError", "Invalid", "print_error"]
 
 
 class ConfigError(ValueError):
@@ -16,3 +16,11 @@ class Invalid(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key, self.message = key, message
+
+
+def print_error(exc: BaseException) -> None:
+    """``error: <message>`` on stderr as one line, whatever the message holds (how every command ends on a
+    ConfigError or DataError, with exit code 2)."""
+    import sys
+
+    print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)

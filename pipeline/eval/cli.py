@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ import numpy as np
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
 from pipeline.core.device import resolve_device
+from pipeline.core.errors import print_error
 from pipeline.eval.arguments import add_model_arguments
 from pipeline.eval.degradations import CLEAN, DEGRADE_HELP, parse_degradations
 from pipeline.eval.identify import add_identify_parser, run_identify
@@ -171,6 +171,6 @@ def main(argv=None) -> int:
     try:
         commands[args.cmd](args)
     except (ConfigError, DataError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
+        print_error(exc)
         return 2
     return 0

@@ -36,6 +36,7 @@ import torch
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
 from pipeline.core.device import resolve_device
+from pipeline.core.errors import print_error
 from pipeline.eval.arguments import add_model_arguments
 from pipeline.eval.degradations import CLEAN, Degradation
 from pipeline.eval.run import evaluate
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     try:
         run_lowres(args)
     except (ConfigError, DataError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever the message
+        print_error(exc)
         return 2
     return 0
 

@@ -9,6 +9,7 @@ import sys
 
 from data_prep.manifest import DataError
 from pipeline.config import ConfigError
+from pipeline.core.errors import print_error
 from pipeline.experiments.cell import run_cell
 from pipeline.experiments.grid import STATUS_TEXT, Cell, build_grid, cell_status
 from pipeline.experiments.render import write_report
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         finished = True if args.report_only else run_grid(spec, cells, args.jobs)
         report = write_report(spec, cells)
     except (SpecError, ConfigError, DataError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        print_error(exc)
         return EXIT_SPEC
     print(report["markdown"], flush=True)
     print(f"[ablate] wrote {spec.out_dir / 'results.md'} and {spec.out_dir / 'results.json'}", flush=True)
