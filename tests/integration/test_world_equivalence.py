@@ -30,20 +30,25 @@ WORKER = REPO / "tests" / "workers" / "world_equivalence.py"
 NATIVE_ABORT = "terminate called without an active exception"
 
 
+def _command(world: int, shards: Path, list_file: Path, out: Path, *extra: str) -> list[str]:
+    args = [str(WORKER), "--shards", str(shards), "--list", str(list_file), "--out", str(out), *extra]
+    if world == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
+
+
 def _run(world: int, shards: Path, list_file: Path, out: Path, *extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = [str(WORKER), "--shards", str(shards), "--list", str(list_file), "--out", str(out), *extra]
-    cmd = (
-        [sys.executable, *args]
-        if world == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
-    )
+    cmd = _command(world, shards, list_file, out, *extra)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and NATIVE_ABORT in proc.stderr:
-        # torch 2.13 CPU + gloo: in 2 of ~10 clean-clone runs (2026-12-04/05) one rank died at start-up with this
+        # torch 2.13 CPU + gloo: in 3 of ~12 clean-clone runs (2026-12-04/06) one rank died at start-up with this
         # C++ abort before any step, never with a wrong number; one rerun, said on the console. A second abort, or
-        # any other failure, still fails the test.
+        # any other failure, still fails the test. The rerun writes beside the first (``--out`` names the run's
+        # output.dir, which the aborted start has already claimed: one run per output folder).
         print(f"world {world}: a rank aborted natively ({NATIVE_ABORT!r}); running it once more")
+        out = out.with_name(f"{out.stem}_rerun{out.suffix}")
+        cmd = _command(world, shards, list_file, out, *extra)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return torch.load(out, weights_only=True)
