@@ -33,13 +33,17 @@ def stack_images(images: list[np.ndarray], where: str, image_size: int | None) -
     return torch.from_numpy(out)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """One image file decoded to uint8 RGB; a one-line DataError naming the file otherwise."""
+def read_file(path: Path) -> bytes:
+    """A file's bytes; a one-line DataError naming the file when it cannot be read."""
     try:
-        data = path.read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
-    return decode_image(data, str(path))
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One image file decoded to uint8 RGB; a one-line DataError naming the file otherwise."""
+    return decode_image(read_file(path), str(path))
 
 
 @torch.inference_mode()

@@ -71,9 +71,9 @@ import torch
 from data_prep.manifest import DataError, sha256_file
 from pipeline.config import ConfigError
 from pipeline.core.cache import load_array, read_record, save_array, write_record
+from pipeline.eval.embed import check_finite, embed_images, read_image, stack_images
 from pipeline.eval.ijb_protocol import TARGETS, IJBProtocol, align_face, read_ijb
 from pipeline.eval.tarfar import format_table, plot_roc, tar_at_far
-from pipeline.faces.io import decode_image
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 PAIR_BATCH = 16384  # template pairs scored at a time: 2 × 16384 × 512 float64 = 134 MB
@@ -124,11 +124,7 @@ def template_pair_scores(
 
 
 def _load_face(path: Path, landmarks: np.ndarray | None) -> np.ndarray:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
-    image = decode_image(data, str(path))
+    image = read_image(path)
     return image if landmarks is None else align_face(image, landmarks, str(path))
 
 
@@ -143,8 +139,6 @@ def embed_faces(
 ) -> np.ndarray:
     """Flip-summed, unnormalised features (float32 (N, D)) of face images: decoded, aligned from
     their landmarks (None: taken as aligned), resized to ``image_size``, a batch at a time."""
-    from pipeline.eval.embed import check_finite, embed_images, stack_images
-
     out = []
     for s in range(0, len(paths), batch_size):
         batch = paths[s : s + batch_size]

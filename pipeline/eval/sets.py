@@ -14,7 +14,7 @@ import torch
 
 from data_prep.folder2wds import identity_folder_images
 from data_prep.manifest import DataError
-from pipeline.eval.embed import read_image, stack_images
+from pipeline.eval.embed import read_file, read_image, stack_images
 from pipeline.faces.io import decode_image, read_bin, read_pairs
 
 PAIRS, LABELLED = "pairs", "labelled"
@@ -212,13 +212,6 @@ class EvalSet:
         """(uint8 images (N, S, S, 3) in set order, resized to ``image_size``; target)."""
         d = self.decoded()
         return stack_images([d.images[k] for k in d.keys], self.path, image_size), d.target
-
-
-def read_file(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
 
 
 def _stamp(path: str, what: str) -> tuple[int, int]:
