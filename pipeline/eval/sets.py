@@ -15,10 +15,10 @@ import torch
 from data_prep.folder2wds import identity_folder_images
 from data_prep.manifest import DataError
 from pipeline.eval.embed import read_file, read_image, stack_images
+from pipeline.eval.tarfar import ALL_PAIRS_FARS
 from pipeline.faces.io import decode_image, read_bin, read_pairs
 
 PAIRS, LABELLED = "pairs", "labelled"
-TARFAR_FARS = (1e-2, 1e-3, 1e-4)  # what a labelled set reports by default (TAR at these FARs over all its pairs)
 _CACHE_MAX = 8  # decoded sets kept per process (LFW dev-test: 2,000 faces, 75 MB)
 _DECODED: dict[tuple, tuple] = {}
 
@@ -154,7 +154,7 @@ class EvalSet:
     path: str  # the .bin, the pairs list or the labelled images
     root: str = ""  # the image folder of a pairs list
     ext: str = "jpg"
-    fars: tuple[float, ...] = field(default=TARFAR_FARS)
+    fars: tuple[float, ...] = field(default=ALL_PAIRS_FARS)
 
     @classmethod
     def from_bin(cls, path: str | Path, name: str = "") -> EvalSet:
@@ -165,7 +165,7 @@ class EvalSet:
         return cls(name or Path(pairs).stem, PAIRS, str(pairs), str(root), ext)
 
     @classmethod
-    def from_images(cls, path: str | Path, name: str = "", fars=TARFAR_FARS) -> EvalSet:
+    def from_images(cls, path: str | Path, name: str = "", fars=ALL_PAIRS_FARS) -> EvalSet:
         return cls(name or Path(path).stem, LABELLED, str(path), fars=tuple(fars))
 
     @property

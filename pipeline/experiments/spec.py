@@ -13,9 +13,9 @@ import yaml
 
 from pipeline.config import ConfigError, parse_override, read_yaml_mapping
 from pipeline.eval.sets import EvalSet
+from pipeline.eval.tarfar import ALL_PAIRS_FARS  # TAR kept for an ``images`` set (plus its metric's FAR)
 
 METRICS = ("accuracy", "accuracy_noflip", "auc")  # what the table may report; all are fractions, shown in %
-IMAGES_FARS = (1e-2, 1e-3, 1e-4)  # TAR kept for an ``images`` eval set (plus its metric's FAR)
 DEFAULT_IMAGES_METRIC = "tar@far=1e-3"
 KEPT_METRICS = ("accuracy", "std", "accuracy_noflip", "std_noflip", "auc", "tar_at_far", "threshold", "xnorm")
 # Keys the runner sets in every cell: an arm's override of one is an error (it would be ignored).
@@ -210,7 +210,7 @@ class EvalSetSpec:
         """An ``images`` set's FARs: 1e-2, 1e-3, 1e-4 and its metric's."""
         from pipeline.eval.tarfar import parse_far_key
 
-        return tuple(sorted({*IMAGES_FARS, parse_far_key(self.metric or DEFAULT_IMAGES_METRIC)}, reverse=True))
+        return tuple(sorted({*ALL_PAIRS_FARS, parse_far_key(self.metric or DEFAULT_IMAGES_METRIC)}, reverse=True))
 
     def to_eval_set(self) -> EvalSet:
         """The set itself (:class:`pipeline.eval.sets.EvalSet`, the one type every evaluation reads)."""
