@@ -45,13 +45,12 @@ from data_prep.manifest import DataError
 from pipeline.config import ConfigError
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import print_error
-from pipeline.eval.arguments import add_model_arguments
+from pipeline.eval.arguments import add_model_arguments, add_pair_set_arguments, pair_sets_from_args
 from pipeline.eval.degradations import CLEAN, DEGRADE_HELP, parse_degradations
 from pipeline.eval.identify import add_identify_parser, run_identify
 from pipeline.eval.ijb import add_ijb_parser, run_ijb
 from pipeline.eval.lowres import add_lowres_parser, run_lowres
 from pipeline.eval.run import evaluate, metrics_of
-from pipeline.eval.sets import EvalSet
 from pipeline.eval.tables import degraded_table, norms_table
 from pipeline.eval.tarfar_cli import add_tarfar_parser, run_tarfar
 from pipeline.eval.verify import plot_roc
@@ -68,11 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Prints 'NAME: accuracy MEAN ± STD' per set (insightface 10-fold protocol).",
     )
     add_model_arguments(v)
-    src = v.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bin", nargs="+", help="insightface .bin file(s)")
-    src.add_argument("--pairs", help="LFW pairs file ('N' or 'FOLDS N' header); needs --root")
-    v.add_argument("--root", help="image folder for --pairs (ROOT/name/name_%%04d.jpg)")
-    v.add_argument("--ext", default="jpg", help="image extension for --pairs (default jpg)")
+    add_pair_set_arguments(v)
     v.add_argument("--json", help="write all results to this JSON file")
     v.add_argument("--roc", help="write the ROC curves to this PNG (default: beside --json)")
     v.add_argument(
@@ -99,16 +94,12 @@ def verify(args) -> dict:
     as stored) through :func:`pipeline.eval.run.evaluate`; a line per set, or one table with ``--degrade``."""
     from pipeline.eval.checkpoint import embedder_from_args
 
-    if args.pairs and not args.root:
-        raise ConfigError("--pairs needs --root (the image folder)")
+    sets = pair_sets_from_args(args)
     if args.norms and not args.degrade:
         raise ConfigError("--norms needs --degrade (the degradation levels)")
     degradations = parse_degradations(args.degrade) if args.degrade else [CLEAN]
     device = resolve_device(args.device)
     net, info = embedder_from_args(args, device)
-    sets = (
-        [EvalSet.from_bin(b) for b in args.bin] if args.bin else [EvalSet.from_pairs(args.pairs, args.root, args.ext)]
-    )
     out = evaluate(
         net,
         sets,

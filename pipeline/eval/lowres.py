@@ -37,7 +37,7 @@ from data_prep.manifest import DataError
 from pipeline.config import ConfigError
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import print_error
-from pipeline.eval.arguments import add_model_arguments
+from pipeline.eval.arguments import add_model_arguments, add_pair_set_arguments, pair_sets_from_args
 from pipeline.eval.degradations import CLEAN, Degradation
 from pipeline.eval.run import evaluate
 from pipeline.eval.sets import EvalSet
@@ -135,11 +135,7 @@ def add_lowres_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)  # --checkpoint | --onnx, state-dict options, --batch-size, --device, --no-progress
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bin", nargs="+", help="insightface .bin file(s), e.g. lfw.bin")
-    src.add_argument("--pairs", help="LFW pairs file ('N' or 'FOLDS N' header); needs --root")
-    p.add_argument("--root", help="image folder for --pairs (ROOT/name/name_%%04d.jpg)")
-    p.add_argument("--ext", default="jpg", help="image extension for --pairs (default jpg)")
+    add_pair_set_arguments(p, bin_help="insightface .bin file(s), e.g. lfw.bin")
     p.add_argument(
         "--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="LR resolutions in px (default: 7 14 20)"
     )
@@ -150,16 +146,12 @@ def run_lowres(args) -> list[dict]:
     """Run the ``lowres`` subcommand; prints the markdown table, returns the rows."""
     from pipeline.eval.checkpoint import embedder_from_args
 
-    if args.pairs and not args.root:
-        raise ConfigError("--pairs needs --root (the image folder)")
+    sets = pair_sets_from_args(args)
     if any(s < 1 for s in args.sizes):
         raise ConfigError(f"--sizes: resolutions must be positive px, got {args.sizes}")
     device = resolve_device(args.device)
     net, info = embedder_from_args(args, device)
     size = info["input_size"]
-    sets = (
-        [EvalSet.from_bin(b) for b in args.bin] if args.bin else [EvalSet.from_pairs(args.pairs, args.root, args.ext)]
-    )
     rows = evaluate_lowres(net, sets, args.sizes, args.batch_size, device, size, progress=not args.no_progress)
     print(markdown_table(rows), flush=True)
     if args.json:
