@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.manifest import atomic_write_text
+
 
 def digest(obj: Any, length: int | None = None) -> str:
     """sha256 of ``obj`` as canonical JSON (sorted keys; other types by ``str``), the first ``length`` hex digits."""
@@ -29,9 +31,7 @@ def write_record(path: str | Path, key: Any, record: dict) -> None:
     """``record`` with its ``key`` (under ``"key"``), atomically; the folder is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp(path)
-    tmp.write_text(json.dumps({**record, "key": key}, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({**record, "key": key}, indent=1) + "\n")
 
 
 def read_record(path: str | Path, key: Any) -> dict | None:

@@ -121,7 +121,7 @@ def verify(args) -> dict:
         for row in out["results"]:
             print(set_line(row), flush=True)
     issames = [s.decoded().target for s in sets for _ in degradations]
-    _write_outputs(args, info, out, issames, dists)
+    _write_outputs(args, info, out, degradations, issames, dists)
     return out
 
 
@@ -136,7 +136,9 @@ def set_line(row: dict) -> str:
     )
 
 
-def _write_outputs(args, info: dict, out: dict, issames: list[np.ndarray], dists: list[np.ndarray]) -> None:
+def _write_outputs(
+    args, info: dict, out: dict, degradations: list, issames: list[np.ndarray], dists: list[np.ndarray]
+) -> None:
     """The ROC PNG (``--roc``, default beside ``--json``) and the JSON (``--json``) of ``verify``."""
     named = [
         {**r, "name": r["set"] if not args.degrade else f"{r['set']} [{r['degradation']}]"} for r in out["results"]
@@ -149,7 +151,7 @@ def _write_outputs(args, info: dict, out: dict, issames: list[np.ndarray], dists
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         if args.degrade:
-            payload = {**info, "degradations": [d.label for d in parse_degradations(args.degrade)], **out}
+            payload = {**info, "degradations": [d.label for d in degradations], **out}
         else:  # one row per set, named as before --degrade existed
             payload = {**info, "results": [{"name": r["set"], **metrics_of(r)} for r in out["results"]]}
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")

@@ -54,7 +54,7 @@ def evaluate(
         if not s.is_pairs and any(d.cross for d in degradations):
             raise ConfigError(f"{s.name}: a cross degradation needs pairs; '{s.path}' is a labelled image set")
     decoded = [s.decoded() for s in sets]
-    wanted = _wanted(sets, decoded, degradations, norms, keep_embeddings)
+    wanted = _wanted(decoded, degradations, norms, keep_embeddings)
     tagged = degradations != [CLEAN]  # an error names the degradation when there was a choice
     emb = _embed_wanted(embed_fn, wanted, image_size, batch_size, device, progress)
     results, norm_rows, embeddings = [], [], {}
@@ -90,7 +90,7 @@ def metrics_of(row: dict) -> dict:
 
 
 def _wanted(
-    sets: list[EvalSet], decoded: list[Decoded], degradations: list[Degradation], norms: bool, keep_embeddings: bool
+    decoded: list[Decoded], degradations: list[Degradation], norms: bool, keep_embeddings: bool
 ) -> dict[tuple, dict[str, np.ndarray]]:
     """Image degradation (kind, level) → the distinct images (sha1 → decoded) to embed under it."""
     wanted: dict[tuple, dict[str, np.ndarray]] = {CLEAN.image_key: {}}

@@ -63,10 +63,6 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def _digest(obj: Any) -> str:
-    return digest(obj, 16)  # the one cache's key digest (pipeline.core.cache)
-
-
 def _non_default(obj: Any) -> Any:
     """A config object as a dict of the values that differ from their field's default (nested, recursively):
     a release that adds an option (with a default that keeps the old behaviour) leaves the hash unchanged."""
@@ -104,11 +100,11 @@ def train_hash(cfg: Config, nproc: int) -> str:
         resolved.get("optim", {}).pop("reference_batch", None)
         if not resolved.get("optim", True):
             resolved.pop("optim")
-    return _digest({"config": resolved, "nproc": nproc})
+    return digest({"config": resolved, "nproc": nproc}, 16)  # the one cache's key digest
 
 
 def eval_hash(spec: Spec) -> str:
-    return _digest({"eval": [e.identity() for e in spec.eval], "diagnostics": spec.diagnostics})
+    return digest({"eval": [e.identity() for e in spec.eval], "diagnostics": spec.diagnostics}, 16)
 
 
 def build_grid(spec: Spec) -> list[Cell]:
