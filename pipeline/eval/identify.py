@@ -49,12 +49,12 @@ import numpy as np
 import torch
 
 from data_prep.folder2wds import image_files
-from data_prep.manifest import DataError
+from data_prep.manifest import DataError, sha256_file
 from pipeline.config import ConfigError
 from pipeline.core.device import resolve_device
 from pipeline.eval.arguments import add_model_arguments
 from pipeline.eval.embed import embed_paths
-from pipeline.eval.sets import ImageSet, concat_image_sets, file_digest, read_image_set
+from pipeline.eval.sets import ImageSet, concat_image_sets, read_image_set
 
 RANKS = (1, 5, 10, 20)
 DEFAULT_CHUNK = 16384
@@ -253,11 +253,12 @@ def evaluate_identification(
     searched = protocol.gallery.paths + (protocol.distractors.paths if protocol.distractors else [])
     gallery_feats = feats[[row_of[p] for p in searched]]
     all_labels = np.concatenate([gallery_labels] + ([distractor_labels] if distractor_labels is not None else []))
-    gallery_digests = {file_digest(p) for p in searched}
+    # sha256 of the files: a probe that *is* a gallery image scores rank 1 by construction
+    gallery_digests = {sha256_file(p) for p in searched}
     rows = []
     for name, ps in protocol.probes.items():
         labels = probe_labels[name]
-        duplicate = np.array([file_digest(p) in gallery_digests for p in ps.paths], dtype=bool)
+        duplicate = np.array([sha256_file(p) in gallery_digests for p in ps.paths], dtype=bool)
         keep = np.ones(len(ps), dtype=bool) if keep_duplicates else ~duplicate
         probe_feats = feats_of(ps)[keep]
         cmc = rank_k_cmc(probe_feats, labels[keep], gallery_feats, all_labels, max_rank, chunk, device)

@@ -103,15 +103,6 @@ def load_image_set(images: ImageSet, image_size: int) -> torch.Tensor:
     return stack_images([read_image(p) for p in images.paths], images.source, image_size)
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (a probe that *is* a gallery image scores rank 1 by construction)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- pair sets
 
 

@@ -118,11 +118,12 @@ def run_tarfar(args) -> list[dict]:
 def read_without_duplicates(source: str, keep_duplicates: bool):
     """(the labelled image set, how many of its files are byte-identical to an earlier one); those are left out
     unless ``keep_duplicates`` (an image paired with its own copy scores 1 by construction)."""
-    from pipeline.eval.sets import ImageSet, file_digest, read_image_set
+    from data_prep.manifest import sha256_file
+    from pipeline.eval.sets import ImageSet, read_image_set
 
     images = read_image_set(source)
     seen: set[str] = set()
-    first = [not (d in seen or seen.add(d)) for d in map(file_digest, images.paths)]  # first copy of each file
+    first = [not (d in seen or seen.add(d)) for d in map(sha256_file, images.paths)]  # first copy of each file
     duplicates = len(first) - sum(first)
     if duplicates:
         what = "kept (--keep-duplicates)" if keep_duplicates else "excluded (--keep-duplicates keeps them)"
