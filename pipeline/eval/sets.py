@@ -14,7 +14,7 @@ import torch
 
 from data_prep.folder2wds import identity_folder_images
 from data_prep.manifest import DataError
-from pipeline.eval.embed import read_file, read_image, stack_images
+from pipeline.eval.embed import read_file, stack_images
 from pipeline.eval.tarfar import ALL_PAIRS_FARS
 from pipeline.faces.io import decode_image, read_bin, read_pairs
 
@@ -92,15 +92,6 @@ def concat_image_sets(sets: list[ImageSet]) -> ImageSet:
     return ImageSet(
         [p for s in sets for p in s.paths], [lab for s in sets for lab in s.labels], ", ".join(s.source for s in sets)
     )
-
-
-def load_image_set(images: ImageSet, image_size: int) -> torch.Tensor:
-    """uint8 (N, S, S, 3) of every image of ``images``, decoded and resized to ``image_size`` (one array: for
-    sets that fit in memory, e.g. the LFW dev-test images; :func:`pipeline.eval.embed.embed_paths` walks a large
-    gallery in batches)."""
-    if not len(images):
-        raise DataError(f"{images.source}: no images")
-    return stack_images([read_image(p) for p in images.paths], images.source, image_size)
 
 
 # --------------------------------------------------------------------------- pair sets
